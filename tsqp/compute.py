@@ -1,0 +1,70 @@
+"""The untrusted side's math: embedding, fused Q/K/V, O, fused gate/up, down, LM head (and, for the
+`seed` policy, Q K^T and P V). Weights stay resident on the device; inputs and outputs are host tensors
+(views of a shared-memory arena or of received frames)."""
+from __future__ import annotations
+
+import time
+
+import torch
+
+from .config import ModelConfig
+from .weights import layer_names
+
+
+class Compute:
+    def __init__(self, cfg: ModelConfig, weights: dict[str, torch.Tensor], device: str):
+        self.cfg, self.device = cfg, torch.device(device)
+        self.dtype = weights["model.embed_tokens.weight"].dtype
+        to = dict(device=self.device)
+        self.embed = weights["model.embed_tokens.weight"].to(**to)
+        self.lm_head = self.embed if cfg.tie_word_embeddings else weights["lm_head.weight"].to(**to)
+        self.layers = []
+        for i in range(cfg.num_layers):
+            n = layer_names(i)
+            self.layers.append({
+                "qkv": torch.cat([weights[n["q"]], weights[n["k"]], weights[n["v"]]]).to(**to),  # [Q+2KV, D]
+                "o": weights[n["o"]].to(**to),                                                 # [D, Q]
+                "gate_up": torch.cat([weights[n["gate"]], weights[n["up"]]]).to(**to),         # [2I, D]
+                "down": weights[n["down"]].to(**to),                                           # [D, I]
+            })
+        self.cuda = self.device.type == "cuda"
+        self.stream = torch.cuda.Stream(self.device) if self.cuda else None
+
+    def forward(self, op: str, layer: int | None, *xs: torch.Tensor) -> torch.Tensor:
+        """Device tensors in, device tensor out."""
+        if op == "embed":
+            return self.embed[xs[0]]                                    # [T, D]
+        if op == "lm_head":
+            return xs[0] @ self.lm_head.T                               # [T, V]
+        if op == "qk":   # q [H, T, hd], k [KV, S, hd] -> [H, T, S]
+            q, k = xs
+            g = q.shape[0] // k.shape[0]
+            return q @ k.repeat_interleave(g, 0).transpose(1, 2)
+        if op == "av":   # p [H, T, S], v [KV, S, hd] -> [H, T, hd]
+            p, v = xs
+            g = p.shape[0] // v.shape[0]
+            return p @ v.repeat_interleave(g, 0)
+        return xs[0] @ self.layers[layer][op].T                       # [T, out]
+
+    def run(self, op: str, layer: int | None, inputs: list[torch.Tensor],
+            out: torch.Tensor | None = None) -> tuple[torch.Tensor, float]:
+        """Host tensors in; the result lands in `out` (host) when given. Returns (result, compute seconds),
+        the time measured here with the device synchronised."""
+        t0 = time.perf_counter()
+        if not self.cuda:
+            if out is not None and op not in ("embed", "qk", "av"):
+                torch.matmul(inputs[0], self.layers[layer][op].T if op != "lm_head" else self.lm_head.T, out=out)
+                return out, time.perf_counter() - t0
+            y = self.forward(op, layer, *inputs)
+            if out is not None:
+                out.copy_(y)
+                y = out
+            return y, time.perf_counter() - t0
+        with torch.cuda.stream(self.stream):
+            xs = [x.to(self.device, non_blocking=True) for x in inputs]
+            y = self.forward(op, layer, *xs)
+            if out is None:
+                out = torch.empty(y.shape, dtype=y.dtype)  # pageable: frames mode copies it anyway
+            out.copy_(y, non_blocking=True)
+        self.stream.synchronize()
+        return out, time.perf_counter() - t0

@@ -1,0 +1,143 @@
+"""Model blueprint: a dataclass, named presets, and the mapping from a Hugging Face config.json."""
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+
+class ConfigError(ValueError):
+    """A model config that tsqp cannot run; the message names the file and the field."""
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    vocab_size: int
+    hidden_size: int          # D
+    intermediate_size: int    # I
+    num_layers: int           # L
+    num_heads: int            # H
+    num_kv_heads: int         # KV
+    head_dim: int             # hd
+    rms_norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    rope_scaling: dict | None = None   # {"rope_type": "llama3", "factor": .., ...} or None
+    max_position_embeddings: int = 2048
+    tie_word_embeddings: bool = False
+    bos_token_id: int | None = None
+    eos_token_id: list[int] = field(default_factory=list)
+
+    @property
+    def q_size(self) -> int:
+        return self.num_heads * self.head_dim
+
+    @property
+    def kv_size(self) -> int:
+        return self.num_kv_heads * self.head_dim
+
+    @property
+    def qkv_size(self) -> int:
+        return self.q_size + 2 * self.kv_size
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ModelConfig":
+        return cls(**d)
+
+    @classmethod
+    def from_hf(cls, hf: dict, source: str = "config.json") -> "ModelConfig":
+        """Map a transformers LlamaConfig dict; unsupported models fail naming the field."""
+        def need(key):
+            if key not in hf:
+                raise ConfigError(f"{source}: missing field '{key}'")
+            return hf[key]
+
+        model_type = hf.get("model_type", "llama")
+        if model_type not in ("llama",):
+            raise ConfigError(f"{source}: field 'model_type' is '{model_type}', only 'llama' is supported")
+        act = hf.get("hidden_act", "silu")
+        if act != "silu":
+            raise ConfigError(f"{source}: field 'hidden_act' is '{act}', only 'silu' is supported")
+        for flag in ("attention_bias", "mlp_bias"):
+            if hf.get(flag):
+                raise ConfigError(f"{source}: field '{flag}' is true; biases are not supported")
+        heads = need("num_attention_heads")
+        hidden = need("hidden_size")
+        head_dim = hf.get("head_dim") or hidden // heads
+        scaling = hf.get("rope_scaling")
+        rope_theta = hf.get("rope_theta")
+        params = hf.get("rope_parameters")  # transformers >= 5 moves theta and scaling here
+        if isinstance(params, dict):
+            rope_theta = params.get("rope_theta", rope_theta)
+            if params.get("rope_type", "default") != "default":
+                scaling = params
+        if scaling is not None:
+            kind = scaling.get("rope_type", scaling.get("type"))
+            if kind in (None, "default"):
+                scaling = None
+            elif kind != "llama3":
+                raise ConfigError(f"{source}: field 'rope_scaling' has type '{kind}', only 'llama3' is supported")
+            else:
+                scaling = {k: scaling[k] for k in
+                           ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")}
+                scaling["rope_type"] = "llama3"
+        eos = hf.get("eos_token_id")
+        eos = [] if eos is None else ([eos] if isinstance(eos, int) else list(eos))
+        cfg = cls(
+            vocab_size=need("vocab_size"),
+            hidden_size=hidden,
+            intermediate_size=need("intermediate_size"),
+            num_layers=need("num_hidden_layers"),
+            num_heads=heads,
+            num_kv_heads=hf.get("num_key_value_heads") or heads,
+            head_dim=head_dim,
+            rms_norm_eps=hf.get("rms_norm_eps", 1e-5),
+            rope_theta=float(rope_theta if rope_theta is not None else 10000.0),
+            rope_scaling=scaling,
+            max_position_embeddings=hf.get("max_position_embeddings", 2048),
+            tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
+            bos_token_id=hf.get("bos_token_id"),
+            eos_token_id=eos,
+        )
+        if cfg.num_heads % cfg.num_kv_heads:
+            raise ConfigError(f"{source}: field 'num_key_value_heads' ({cfg.num_kv_heads}) "
+                              f"does not divide 'num_attention_heads' ({cfg.num_heads})")
+        return cfg
+
+    @classmethod
+    def from_dir(cls, path: Path) -> "ModelConfig":
+        file = Path(path) / "config.json"
+        if not file.is_file():
+            raise ConfigError(f"{file}: not found (expected a Hugging Face model directory)")
+        try:
+            hf = json.loads(file.read_text())
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"{file}: not valid JSON ({e})") from None
+        return cls.from_hf(hf, str(file))
+
+
+LLAMA3_SCALING = {"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0,
+                  "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
+
+PRESETS: dict[str, ModelConfig] = {
+    # seconds on a laptop CPU; GQA, llama3 rope, head_dim != hidden/heads is covered by the tests' checkpoints
+    "tiny": ModelConfig(vocab_size=512, hidden_size=128, intermediate_size=384, num_layers=2, num_heads=4,
+                        num_kv_heads=2, head_dim=32, rope_theta=500000.0, rope_scaling=LLAMA3_SCALING,
+                        max_position_embeddings=4096, tie_word_embeddings=True, bos_token_id=1, eos_token_id=[2]),
+    # a CPU-sized model for benchmarks on machines without a GPU
+    "small": ModelConfig(vocab_size=32000, hidden_size=512, intermediate_size=1536, num_layers=8, num_heads=8,
+                         num_kv_heads=4, head_dim=64, rope_theta=500000.0, rope_scaling=LLAMA3_SCALING,
+                         max_position_embeddings=8192, tie_word_embeddings=True, bos_token_id=1, eos_token_id=[2]),
+    # Llama-3.2-1B's exact shapes
+    "llama-3.2-1b": ModelConfig(vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_layers=16,
+                                num_heads=32, num_kv_heads=8, head_dim=64, rms_norm_eps=1e-5,
+                                rope_theta=500000.0, rope_scaling=LLAMA3_SCALING,
+                                max_position_embeddings=131072, tie_word_embeddings=True,
+                                bos_token_id=128000, eos_token_id=[128001, 128008, 128009]),
+}
+
+DEFAULT_MODEL = "random:tiny"
+DEFAULT_ENDPOINT = "ipc:///tmp/tsqp_gpu_server.ipc"
+DTYPES = ("float32", "float16", "bfloat16")

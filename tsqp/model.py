@@ -1,0 +1,193 @@
+"""The trusted runner's math: RMSNorm, RoPE, attention, SiLU, residuals, the KV cache and control flow.
+
+Every heavy linear step goes through an `Offload` (offload.py), in-process or remote; this module imports
+nothing from transport or server. A forward pass over one chunk of tokens is a generator that yields
+each offloaded request and is resumed with its result, so several chunks can be interleaved: while the
+server computes chunk i+1's step, the runner does chunk i's non-linear math (see `run_interleaved`).
+"""
+from __future__ import annotations
+
+import math
+from contextlib import nullcontext
+
+import torch
+import torch.nn.functional as F
+
+from .config import ModelConfig
+from .weights import layer_names
+
+
+class Rope:
+    """Rotary tables (rotate-half convention), with Llama-3 frequency scaling when configured."""
+
+    def __init__(self, cfg: ModelConfig):
+        hd = cfg.head_dim
+        inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, hd, 2, dtype=torch.float64) / hd))
+        s = cfg.rope_scaling
+        if s:
+            old_len = s["original_max_position_embeddings"]
+            low_wavelen = old_len / s["low_freq_factor"]
+            high_wavelen = old_len / s["high_freq_factor"]
+            wavelen = 2 * math.pi / inv_freq
+            scaled = torch.where(wavelen > low_wavelen, inv_freq / s["factor"], inv_freq)
+            smooth = (old_len / wavelen - s["low_freq_factor"]) / (s["high_freq_factor"] - s["low_freq_factor"])
+            smoothed = (1 - smooth) * scaled / s["factor"] + smooth * scaled
+            medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
+            inv_freq = torch.where(medium, smoothed, scaled)
+        self.inv_freq = inv_freq.float()
+        self.cos = self.sin = torch.empty(0, hd)
+
+    def tables(self, start: int, T: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin for positions start..start+T-1: [T, hd/2] each."""
+        if start + T > self.cos.shape[0]:
+            n = max(start + T, 2 * self.cos.shape[0], 256)
+            freqs = torch.outer(torch.arange(n, dtype=torch.float32), self.inv_freq)   # [n, hd/2]
+            self.cos, self.sin = freqs.cos(), freqs.sin()
+        return self.cos[start:start + T], self.sin[start:start + T]
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x: [T, n, hd]; cos/sin: [T, hd/2]. Rotate-half: (x1, x2) -> (x1 cos - x2 sin, x2 cos + x1 sin)."""
+    x1, x2 = x.chunk(2, dim=-1)
+    c, s = cos[:, None], sin[:, None]
+    return torch.cat([x1 * c - x2 * s, x2 * c + x1 * s], dim=-1)
+
+
+def rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float, out: torch.Tensor) -> torch.Tensor:
+    """x: [T, D] float32; writes weight * x / rms(x) into `out` (the wire buffer), casting once."""
+    return torch.mul(x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps), weight, out=out)
+
+
+class KVCache:
+    """Keys and values after RoPE, kept on the trusted side only."""
+
+    def __init__(self, cfg: ModelConfig, max_len: int, dtype=torch.float32):
+        shape = (cfg.num_layers, cfg.num_kv_heads, max_len, cfg.head_dim)   # [L, KV, maxT, hd]
+        self.k, self.v = torch.zeros(shape, dtype=dtype), torch.zeros(shape, dtype=dtype)
+        self.max_len, self.length = max_len, 0
+
+
+class TrustedModel:
+    def __init__(self, cfg: ModelConfig, norms: dict[str, torch.Tensor], offload, policy: str = "linear",
+                 stats=None):
+        if policy not in ("linear", "seed"):
+            raise ValueError(f"unknown policy '{policy}'; choose linear or seed")
+        self.cfg, self.offload, self.policy = cfg, offload, policy
+        self.norms = {k: v.float() for k, v in norms.items()}
+        self.rope = Rope(cfg)
+        self.wire = offload.dtype
+        self.timer = stats.timer if stats is not None else (lambda name: nullcontext())
+
+    # ---- one chunk ---------------------------------------------------------------------------------
+    def forward(self, ids: torch.Tensor, cache: KVCache, start: int, want_logits: bool = True):
+        """Generator over one chunk: ids [T] at positions start..start+T-1. Yields pending requests,
+        returns the last position's logits [V] (float32) or None."""
+        cfg, T = self.cfg, ids.shape[0]
+        H, KV, hd, D, I = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.hidden_size, cfg.intermediate_size
+        h = (yield self.offload.submit("embed", None, ids)).to(torch.float32, copy=True)  # [T, D] residual
+        with self.timer("rope"):
+            cos, sin = self.rope.tables(start, T)
+        for layer in range(cfg.num_layers):
+            n = layer_names(layer)
+            x = self._norm(h, self.norms[n["attn_norm"]])
+            qkv = (yield self.offload.submit("qkv", layer, x))                # [T, Q+2KV]
+            with self.timer("rope"):
+                qkv = qkv.float()
+                q = apply_rope(qkv[:, :cfg.q_size].view(T, H, hd), cos, sin)                   # [T, H, hd]
+                k = apply_rope(qkv[:, cfg.q_size:cfg.q_size + cfg.kv_size].view(T, KV, hd), cos, sin)
+                cache.k[layer, :, start:start + T] = k.transpose(0, 1)                         # [KV, T, hd]
+                cache.v[layer, :, start:start + T] = qkv[:, cfg.q_size + cfg.kv_size:].view(T, KV, hd).transpose(0, 1)
+            attn = self.offload.empty((T, H * hd))                            # [T, H*hd] wire buffer
+            if self.policy == "linear":
+                with self.timer("attention"):
+                    self._attention(q, cache, layer, start, attn)
+            else:
+                yield from self._seed_attention(q, cache, layer, start, attn)
+            h += (yield self.offload.submit("o", layer, attn)).float()
+            x = self._norm(h, self.norms[n["mlp_norm"]])
+            gate_up = (yield self.offload.submit("gate_up", layer, x))         # [T, 2I]
+            act = self.offload.empty((T, I))
+            with self.timer("silu"):
+                act.copy_(F.silu(gate_up[:, :I].float()) * gate_up[:, I:].float())
+            h += (yield self.offload.submit("down", layer, act)).float()
+        cache.length = max(cache.length, start + T)
+        if not want_logits:
+            return None
+        x = self._norm(h[-1:], self.norms["model.norm.weight"])
+        return (yield self.offload.submit("lm_head", None, x)).float()[0]     # [V]
+
+    def _norm(self, h: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        out = self.offload.empty(tuple(h.shape))
+        with self.timer("rmsnorm"):
+            rmsnorm(h, weight, self.cfg.rms_norm_eps, out)
+        return out
+
+    def _mask(self, start: int, T: int) -> torch.Tensor | None:
+        """Causal mask for queries at start..start+T-1 over keys 0..start+T-1; None where SDPA needs none."""
+        if T == 1:
+            return None
+        qpos = torch.arange(start, start + T)[:, None]
+        return torch.arange(start + T)[None, :] <= qpos                            # [T, S] bool
+
+    def _attention(self, q, cache, layer, start, out):
+        T, H, hd = q.shape
+        S = start + T
+        k, v = cache.k[layer, :, :S], cache.v[layer, :, :S]                      # [KV, S, hd]
+        y = F.scaled_dot_product_attention(
+            q.transpose(0, 1)[None], k[None], v[None],                           # [1, H, T, hd]
+            attn_mask=None if start == 0 else self._mask(start, T),
+            is_causal=start == 0 and T > 1, enable_gqa=True)
+        out.view(T, H, hd).copy_(y[0].transpose(0, 1))                            # [T, H, hd]
+
+    def _seed_attention(self, q, cache, layer, start, out):
+        """The prototype's split: Q K^T and P V on the server, scale/mask/softmax here."""
+        T, H, hd = q.shape
+        S = start + T
+        q_wire = self.offload.empty((H, T, hd))
+        k_wire = self.offload.empty((self.cfg.num_kv_heads, S, hd))
+        with self.timer("attention"):
+            q_wire.copy_(q.transpose(0, 1))
+            k_wire.copy_(cache.k[layer, :, :S])
+        scores = yield self.offload.submit("qk", layer, q_wire, k_wire)           # [H, T, S]
+        probs = self.offload.empty((H, T, S))
+        v_wire = self.offload.empty((self.cfg.num_kv_heads, S, hd))
+        with self.timer("attention"):
+            s = scores.float() / math.sqrt(hd)
+            mask = self._mask(start, T)
+            if mask is not None:
+                s.masked_fill_(~mask, float("-inf"))
+            probs.copy_(torch.softmax(s, dim=-1))
+            v_wire.copy_(cache.v[layer, :, :S])
+        y = yield self.offload.submit("av", layer, probs, v_wire)                 # [H, T, hd]
+        with self.timer("attention"):
+            out.view(T, H, hd).copy_(y.transpose(0, 1))
+
+    # ---- whole prompts and single tokens -------------------------------------------------------------
+    def prefill(self, ids: torch.Tensor, cache: KVCache, chunks: int = 1) -> torch.Tensor:
+        """ids [T] -> last position's logits [V]. With chunks > 1 the prompt is split and the chunks are
+        interleaved so that runner and server work at the same time (causal attention allows it)."""
+        start = cache.length
+        parts = [p for p in torch.tensor_split(ids, chunks) if p.numel()]
+        offsets = [start + sum(len(p) for p in parts[:i]) for i in range(len(parts))]
+        gens = [self.forward(p, cache, o, want_logits=(i == len(parts) - 1))
+                for i, (p, o) in enumerate(zip(parts, offsets))]
+        return run_interleaved(gens)[-1]
+
+    def decode(self, token: int, cache: KVCache) -> torch.Tensor:
+        return run_interleaved([self.forward(torch.tensor([token]), cache, cache.length)])[-1]
+
+
+def run_interleaved(gens: list) -> list:
+    """Drive chunk generators round-robin: each waits for its pending request and runs to its next one.
+    The order keeps chunk i's K/V in the cache before chunk i+1 attends at the same layer."""
+    pending = [g.send(None) for g in gens]
+    results = [None] * len(gens)
+    active = list(range(len(gens)))
+    while active:
+        for i in list(active):
+            try:
+                pending[i] = gens[i].send(pending[i].result())
+            except StopIteration as stop:
+                results[i] = stop.value
+                active.remove(i)
+    return results

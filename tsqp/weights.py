@@ -1,0 +1,115 @@
+"""Weights: read a Hugging Face directory with safetensors, or build a deterministic random preset.
+
+Tensors keep their Hugging Face names; the server fuses what it needs (compute.py), the runner
+receives only the norm weights (trusted side).
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from .config import PRESETS, ConfigError, ModelConfig
+
+DTYPE = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def torch_dtype(name: str) -> torch.dtype:
+    if name not in DTYPE:
+        raise ValueError(f"unknown dtype '{name}'; choose one of {', '.join(DTYPE)}")
+    return DTYPE[name]
+
+
+def layer_names(i: int) -> dict[str, str]:
+    p = f"model.layers.{i}."
+    return {"q": p + "self_attn.q_proj.weight", "k": p + "self_attn.k_proj.weight",
+            "v": p + "self_attn.v_proj.weight", "o": p + "self_attn.o_proj.weight",
+            "gate": p + "mlp.gate_proj.weight", "up": p + "mlp.up_proj.weight",
+            "down": p + "mlp.down_proj.weight",
+            "attn_norm": p + "input_layernorm.weight", "mlp_norm": p + "post_attention_layernorm.weight"}
+
+
+def expected_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
+    D, I = cfg.hidden_size, cfg.intermediate_size
+    shapes = {"model.embed_tokens.weight": (cfg.vocab_size, D), "model.norm.weight": (D,)}
+    if not cfg.tie_word_embeddings:
+        shapes["lm_head.weight"] = (cfg.vocab_size, D)
+    for i in range(cfg.num_layers):
+        n = layer_names(i)
+        shapes |= {n["q"]: (cfg.q_size, D), n["k"]: (cfg.kv_size, D), n["v"]: (cfg.kv_size, D),
+                   n["o"]: (D, cfg.q_size), n["gate"]: (I, D), n["up"]: (I, D), n["down"]: (D, I),
+                   n["attn_norm"]: (D,), n["mlp_norm"]: (D,)}
+    return shapes
+
+
+def describe(spec: str) -> str:
+    return spec if spec.startswith("random:") else str(Path(spec).resolve())
+
+
+def load_config(spec: str) -> ModelConfig:
+    if spec.startswith("random:"):
+        name = spec.removeprefix("random:").split("@")[0]
+        if name not in PRESETS:
+            raise ConfigError(f"unknown preset '{spec}'; choose one of "
+                              + ", ".join("random:" + p for p in PRESETS))
+        return PRESETS[name]
+    return ModelConfig.from_dir(Path(spec))
+
+
+def load(spec: str, dtype: torch.dtype, device: str = "cpu") -> tuple[ModelConfig, dict[str, torch.Tensor]]:
+    """spec: a model directory, or 'random:PRESET[@SEED]'."""
+    cfg = load_config(spec)
+    if spec.startswith("random:"):
+        seed = int(spec.split("@")[1]) if "@" in spec else 0
+        return cfg, random_weights(cfg, dtype, device, seed)
+    return cfg, read_safetensors(Path(spec), cfg, dtype, device)
+
+
+def random_weights(cfg: ModelConfig, dtype: torch.dtype, device: str, seed: int = 0) -> dict[str, torch.Tensor]:
+    """Deterministic for a seed: each tensor draws from its own generator, so order does not matter."""
+    weights = {}
+    gen = torch.Generator(device=device)
+    for k, (name, shape) in enumerate(sorted(expected_shapes(cfg).items())):
+        gen.manual_seed(seed * 1_000_003 + k)
+        if len(shape) == 1:  # norm weights near 1, as trained models have
+            w = 1.0 + 0.1 * torch.randn(shape, generator=gen, device=device)
+        else:
+            w = 0.02 * torch.randn(shape, generator=gen, device=device)
+        weights[name] = w.to(dtype)
+    return weights
+
+
+def read_safetensors(path: Path, cfg: ModelConfig, dtype: torch.dtype, device: str) -> dict[str, torch.Tensor]:
+    from safetensors import safe_open
+
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        files = sorted({path / f for f in json.loads(index.read_text())["weight_map"].values()})
+    else:
+        files = sorted(path.glob("*.safetensors"))
+    if not files:
+        raise ConfigError(f"{path}: no *.safetensors files found")
+    shapes = expected_shapes(cfg)
+    weights = {}
+    for file in files:
+        if not file.is_file():
+            raise ConfigError(f"{file}: listed in the index but not found")
+        with safe_open(str(file), framework="pt", device="cpu") as f:
+            for name in f.keys():
+                if name not in shapes:
+                    continue  # e.g. rotary inv_freq buffers, or a tied lm_head saved anyway
+                t = f.get_tensor(name)
+                if tuple(t.shape) != shapes[name]:
+                    raise ConfigError(f"{file}: tensor '{name}' has shape {tuple(t.shape)}, "
+                                      f"config.json implies {shapes[name]}")
+                weights[name] = t.to(device=device, dtype=dtype)
+    missing = sorted(set(shapes) - set(weights))
+    if missing:
+        raise ConfigError(f"{path}: missing tensor(s) {', '.join(missing[:3])}"
+                          + (f" and {len(missing) - 3} more" if len(missing) > 3 else ""))
+    return weights
+
+
+def n_params(weights: dict[str, torch.Tensor]) -> int:
+    return sum(t.numel() for t in weights.values())
