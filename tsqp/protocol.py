@@ -7,6 +7,7 @@ JSON and raw bytes only: nothing that crosses the process boundary is pickled or
 from __future__ import annotations
 
 import json
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -91,7 +92,9 @@ def tensor_from_frame(meta: TensorMeta, buffer) -> torch.Tensor:
         raise ProtocolError(f"frame of {mv.nbytes} bytes, but {meta.dtype}{list(meta.shape)} needs {meta.nbytes}")
     if meta.nbytes == 0:
         return torch.empty(meta.shape, dtype=WIRE_DTYPES[meta.dtype])
-    return torch.frombuffer(mv, dtype=WIRE_DTYPES[meta.dtype]).view(meta.shape)
+    with warnings.catch_warnings():   # received frames are read-only; the server only reads its inputs
+        warnings.simplefilter("ignore", UserWarning)
+        return torch.frombuffer(mv, dtype=WIRE_DTYPES[meta.dtype]).view(meta.shape)
 
 
 def tensor_bytes(t: torch.Tensor) -> memoryview:

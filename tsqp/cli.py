@@ -1,0 +1,107 @@
+"""The `tsqp` command. Flags override the environment the team already uses (LLAMA_MODEL_PATH,
+LLAMA_IPC_PATH, LLAMA_DTYPE, LLAMA_GPU_DEVICE); both are mapped onto settings here and nowhere else."""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from .config import DEFAULT_ENDPOINT, DEFAULT_MODEL, DTYPES, ConfigError
+
+ENV = {"model": "LLAMA_MODEL_PATH", "endpoint": "LLAMA_IPC_PATH", "dtype": "LLAMA_DTYPE",
+       "device": "LLAMA_GPU_DEVICE"}
+
+
+def env_endpoint() -> tuple[str, str]:
+    """(endpoint, why): LLAMA_IPC_PATH may be a full endpoint or a bare socket path."""
+    value = os.environ.get(ENV["endpoint"])
+    if not value:
+        return DEFAULT_ENDPOINT, "default (LLAMA_IPC_PATH not set)"
+    endpoint = value if "://" in value else f"ipc://{value}"
+    return endpoint, f"LLAMA_IPC_PATH={value}"
+
+
+def default_device() -> str:
+    import torch
+    return "cuda:0" if torch.cuda.is_available() else "cpu"
+
+
+def add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default=os.environ.get(ENV["model"], DEFAULT_MODEL),
+                   help="a Hugging Face model directory or random:tiny|small|llama-3.2-1b[@seed] "
+                        f"(env {ENV['model']}; default {DEFAULT_MODEL})")
+    p.add_argument("--device", default=os.environ.get(ENV["device"]),
+                   help=f"cuda:N or cpu (env {ENV['device']}; default cuda:0 when CUDA is present)")
+    p.add_argument("--dtype", default=os.environ.get(ENV["dtype"], "float32"), choices=DTYPES,
+                   help=f"weights and wire dtype (env {ENV['dtype']}; default float32)")
+
+
+def add_client_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--endpoint", default=None, help=f"server endpoint (env {ENV['endpoint']}; "
+                                                    f"default {DEFAULT_ENDPOINT})")
+    p.add_argument("--transport", choices=("shm", "frames"), default=None,
+                   help="tensors through shared memory or as ZeroMQ frames (default: shm for ipc://, frames for tcp://)")
+    p.add_argument("--timeout", type=float, default=60.0, help="seconds to wait for any reply (default 60)")
+    p.add_argument("--connect-timeout", type=float, default=5.0,
+                   help="seconds to wait for the server's hello (default 5)")
+    p.add_argument("--arena-mb", type=int, default=None, help="shared-memory arena size (default: from the model)")
+
+
+def parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="tsqp", description="LLM inference split between a trusted CPU "
+                                 "runner and an untrusted GPU compute server.")
+    sub = ap.add_subparsers(dest="command", required=True)
+
+    s = sub.add_parser("serve", help="run the compute server (untrusted side)")
+    add_model_args(s)
+    s.add_argument("--endpoint", default=None, help=f"bind here (env {ENV['endpoint']}; default {DEFAULT_ENDPOINT})")
+    s.add_argument("--max-sessions", type=int, default=8, help="runners served at once (default 8)")
+    s.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+
+    r = sub.add_parser("run", help="run the trusted runner: one prefill, with statistics")
+    add_model_args(r)
+    add_client_args(r)
+    r.add_argument("--local", action="store_true", help="compute in-process, no transport (the baseline)")
+    r.add_argument("--tokens", type=int, default=128, help="a fixed prompt of N token ids (default 128)")
+    r.add_argument("--prompt-ids", default=None, help="comma-separated token ids instead of --tokens")
+    r.add_argument("--policy", choices=("linear", "seed"), default="linear",
+                   help="linear: attention on the trusted side; seed: the prototype's split (QK^T, PV offloaded)")
+    r.add_argument("--chunks", type=int, default=1, help="split the prefill into interleaved chunks (overlap)")
+    r.add_argument("--threads", type=int, default=None, help="torch CPU threads on the trusted side")
+    r.add_argument("--json", default=None, help="write settings and statistics here")
+    r.add_argument("--dump-logits", default=None, help="write the last position's logits (float32 .npy)")
+    r.add_argument("--no-warmup", action="store_true", help="time the first prefill")
+    return ap
+
+
+def resolve(args) -> None:
+    """Fill what flags left open from the environment and the defaults."""
+    if getattr(args, "endpoint", "unset") is None:
+        args.endpoint, args.endpoint_why = env_endpoint()
+    if getattr(args, "transport", "unset") is None:
+        args.transport = "shm" if args.endpoint.startswith("ipc://") else "frames"
+    if getattr(args, "device", "unset") is None:
+        args.device = default_device()
+    if getattr(args, "threads", None):
+        import torch
+        torch.set_num_threads(args.threads)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    try:
+        resolve(args)
+        if args.command == "serve":
+            from .serve import serve
+            serve(args)
+        elif args.command == "run":
+            from .runner import run
+            run(args)
+        return 0
+    except (ConfigError, ValueError, RuntimeError, OSError) as e:
+        print(f"tsqp {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,168 @@
+"""The remote offload: the trusted runner's side of the wire.
+
+Transport `shm`: tensors live in the session's arena (the runner's ops write their outputs straight
+into it via `empty`); messages carry offsets. Transport `frames`: tensors travel as raw ZeroMQ frames.
+"""
+from __future__ import annotations
+
+import contextlib
+import itertools
+import time
+
+import torch
+import zmq
+
+from . import protocol as P
+from .config import ModelConfig
+from .shm import Arena
+from .stats import Stats
+from .transport import Client, TransportError
+
+
+class RemoteError(RuntimeError):
+    """The server answered with an error; the message names the op."""
+
+
+class Pending:
+    def __init__(self, remote: "RemoteOffload", rid: int, op: str, layer, out: torch.Tensor | None, sent_at: float):
+        self.remote, self.rid, self.op, self.layer, self.out, self.sent_at = remote, rid, op, layer, out, sent_at
+        self.value = None
+
+    def result(self) -> torch.Tensor:
+        if self.value is None:
+            self.value = self.remote._wait(self)
+        return self.value
+
+    def __str__(self) -> str:
+        return f"op {self.op}" + (f" (layer {self.layer})" if self.layer is not None else "")
+
+
+class RemoteOffload:
+    def __init__(self, endpoint: str, transport: str = "shm", timeout_s: float = 30.0,
+                 connect_timeout_s: float = 5.0, arena_bytes=64 * 2**20, keep: int = 64,
+                 stats: Stats | None = None):
+        """arena_bytes: an int, or a function of the served model's config (known after the hello)."""
+        if transport not in ("shm", "frames"):
+            raise ValueError(f"unknown transport '{transport}'; choose shm or frames")
+        self.endpoint, self.transport, self.keep = endpoint, transport, keep
+        self.stats = stats or Stats()
+        self.client = Client(endpoint, timeout_s)
+        self.ids = itertools.count(1)
+        self.replies: dict[int, list] = {}
+        self.arena = None
+        try:
+            self._hello(connect_timeout_s)
+            if transport == "shm":
+                self._attach(arena_bytes(self.cfg) if callable(arena_bytes) else arena_bytes, connect_timeout_s)
+        except BaseException:
+            self.close()
+            raise
+
+    def _hello(self, timeout_s: float) -> None:
+        self.client.send([P.encode({"type": "hello"})])
+        frames = self.client.recv("the hello (connect)", timeout_s)
+        head = P.decode(frames[0])
+        if head["type"] == "error":
+            raise RemoteError(f"{self.endpoint}: {head['error']}")
+        self.info = head
+        self.cfg = ModelConfig.from_dict(head["config"])
+        self.dtype = P.WIRE_DTYPES[head["dtype"]]
+        metas = [P.TensorMeta.from_json(m) for m in head["tensors"]]
+        self.norms = {n: P.tensor_from_frame(m, f).clone() for n, m, f in zip(head["norms"], metas, frames[1:])}
+
+    def _attach(self, nbytes: int, timeout_s: float) -> None:
+        """Create the session's arena and have the server map it (the server then unlinks the file)."""
+        arena = Arena.create(nbytes)
+        try:
+            self.client.send([P.encode({"type": "attach", "arena": {"name": arena.name, "size": arena.size}})])
+            head = P.decode(self.client.recv("the arena attach", timeout_s)[0])
+            if head["type"] == "error":
+                raise RemoteError(f"{self.endpoint}: {head['error']}")
+        except BaseException:
+            arena.close()
+            raise
+        arena.path = None
+        if self.arena is not None:
+            self.arena.close()
+        self.arena = arena
+
+    # ---- the Offload interface -----------------------------------------------------------------------
+    def empty(self, shape: tuple[int, ...], dtype: torch.dtype | None = None) -> torch.Tensor:
+        if self.arena is None:
+            return torch.empty(shape, dtype=dtype or self.dtype)
+        return self.arena.empty(shape, dtype or self.dtype, self.keep)
+
+    def submit(self, op: str, layer: int | None, *xs: torch.Tensor) -> Pending:
+        t0 = time.perf_counter()
+        metas = []
+        frames = []
+        out = None
+        if self.arena is not None:
+            for x in xs:
+                off = self.arena.offset_of(x)
+                if off is None:         # not written in place: copy it in once
+                    buf = self.arena.empty(tuple(x.shape), x.dtype, self.keep)
+                    buf.copy_(x)
+                    off = self.arena.offset_of(buf)
+                metas.append(P.TensorMeta.of(x, off))
+                self.stats.shm_sent_bytes += x.numel() * x.element_size()
+            want = P.check_request(self.cfg, P.DTYPE_NAME[self.dtype], op, layer, metas)
+            out = self.arena.empty(want.shape, P.WIRE_DTYPES[want.dtype], self.keep)
+            header = {"type": "call", "op": op, "layer": layer, "inputs": [m.to_json() for m in metas],
+                      "output": {"offset": self.arena.offset_of(out)}}
+        else:
+            for x in xs:
+                metas.append(P.TensorMeta.of(x))
+                frames.append(P.tensor_bytes(x))
+            header = {"type": "call", "op": op, "layer": layer, "inputs": [m.to_json() for m in metas]}
+        rid = next(self.ids)
+        head = P.encode({**header, "id": rid})
+        t1 = time.perf_counter()
+        self.client.send([head] + frames)
+        self.stats.serialize_s += t1 - t0
+        self.stats.sent_bytes += len(head) + sum(f.nbytes for f in frames)
+        self.stats.rpc_calls += 1
+        return Pending(self, rid, op, layer, out, time.perf_counter())
+
+    def _wait(self, pending: Pending) -> torch.Tensor:
+        t0 = time.perf_counter()
+        while pending.rid not in self.replies:
+            frames = self.client.recv(f"{pending}")
+            head = P.decode(frames[0])
+            self.replies[head.get("id")] = (head, frames, time.perf_counter())
+        head, frames, got_at = self.replies.pop(pending.rid)
+        self.stats.wait_s += time.perf_counter() - t0
+        self.stats.rpc_time_s += got_at - pending.sent_at
+        self.stats.received_bytes += sum(len(f) for f in frames)
+        if head["type"] == "error":
+            raise RemoteError(f"server at {self.endpoint} failed {pending}: {head['error']}")
+        self.stats.server_compute_s += head.get("compute_s", 0.0)
+        t1 = time.perf_counter()
+        meta = P.TensorMeta.from_json(head["output"])
+        if pending.out is not None:
+            y = pending.out
+            self.stats.shm_received_bytes += meta.nbytes
+        else:
+            y = P.tensor_from_frame(meta, frames[1])
+        self.stats.deserialize_s += time.perf_counter() - t1
+        return y
+
+    def close(self) -> None:
+        if self.client is not None:
+            with contextlib.suppress(TransportError, zmq.ZMQError):  # best effort: the server may be gone
+                self.client.send([P.encode({"type": "bye"})])
+                self.client.recv("bye", timeout_s=1.0)
+            self.client.close()
+            self.client = None
+        if self.arena is not None:
+            self.arena.close()
+
+
+def default_arena_bytes(cfg: ModelConfig, tokens: int, chunks: int = 1, seed_policy: bool = False) -> int:
+    """Room for every request of `chunks` interleaved chunks in flight, twice over."""
+    T = -(-tokens // chunks)
+    itemsize = 4
+    per_layer = T * (cfg.hidden_size * 4 + cfg.qkv_size + cfg.q_size + 3 * cfg.intermediate_size) * itemsize
+    if seed_policy:
+        per_layer += 2 * cfg.num_heads * T * tokens * itemsize + 4 * cfg.kv_size * tokens * itemsize
+    return max(32 * 2**20, 2 * (chunks + 1) * per_layer + cfg.vocab_size * itemsize * 2)

@@ -1,0 +1,30 @@
+"""`tsqp serve`: load the weights onto the device, bind, announce, serve."""
+from __future__ import annotations
+
+import time
+
+from . import weights as W
+from .compute import Compute
+from .server import Server, describe_endpoint
+
+
+def serve(args) -> None:
+    t0 = time.perf_counter()
+    dtype = W.torch_dtype(args.dtype)
+    cfg, weights = W.load(args.model, dtype, "cpu" if args.device.startswith("cuda") else args.device)
+    n = W.n_params(weights)
+    compute = Compute(cfg, weights, args.device)
+    norms = {k: v for k, v in weights.items() if k.endswith("norm.weight")}
+    del weights
+    server = Server(compute, norms, args.endpoint, W.describe(args.model), args.max_sessions)
+
+    def ready():
+        print(f"Endpoint: {args.endpoint} (bound)")
+        print(f"Transport: {describe_endpoint(args.endpoint)}")
+        print(f"Device: {args.device}, Dtype: {args.dtype}")
+        print(f"Model: {W.describe(args.model)} ({cfg.num_layers} layers, {n / 1e6:.1f} M parameters, "
+              f"{n * dtype.itemsize / 2**20:.1f} MiB)")
+        print(f"ready in {time.perf_counter() - t0:.1f} s", flush=True)
+
+    server.serve_forever(on_ready=ready)
+    print("server stopped", flush=True)

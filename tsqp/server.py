@@ -1,0 +1,215 @@
+"""The compute server (untrusted side): holds the weights on its device and answers offload requests.
+
+One ROUTER socket, one thread, requests served in order. Each connected runner has a session (its
+shared-memory arena, if any). A bad request gets an error reply naming the op; the server keeps serving.
+"""
+from __future__ import annotations
+
+import os
+import signal
+import time
+from dataclasses import dataclass
+
+import torch
+import zmq
+
+from . import protocol as P
+from .compute import Compute
+from .shm import Arena, ArenaError
+from .transport import Client, ServerTimeout, TransportError, bind_server, ipc_path, transport_of
+
+POLL_MS = 100
+
+
+@dataclass
+class Session:
+    arena: Arena | None
+    last_seen: float
+
+
+class Server:
+    def __init__(self, compute: Compute, norms: dict[str, torch.Tensor], endpoint: str, model: str,
+                 max_sessions: int = 8):
+        self.compute, self.norms, self.endpoint, self.model = compute, norms, endpoint, model
+        self.cfg, self.wire = compute.cfg, P.DTYPE_NAME[compute.dtype]
+        self.max_sessions = max_sessions
+        self.sessions: dict[bytes, Session] = {}
+        self.stopping = False
+        self.requests = 0
+
+    # ---- message handling: frames in, frames out, never raises on bad input --------------------------
+    def handle(self, peer: bytes, frames: list) -> list:
+        header = {}
+        try:
+            if not frames:
+                raise P.ProtocolError("empty message")
+            header = P.decode(frames[0])
+            kind = header["type"]
+            if kind == "call":
+                return self.call(peer, header, frames[1:])
+            if kind == "hello":
+                return self.hello(peer)
+            if kind == "attach":
+                return self.attach(peer, header)
+            if kind == "bye":
+                self.drop(peer)
+                return [P.encode({"type": "bye"})]
+            if kind == "info":
+                return [P.encode({"type": "info", **self.info()})]
+            if kind == "echo":
+                return self.echo(peer, header, frames[1:])
+            raise P.ProtocolError(f"unknown message type {kind!r}")
+        except (P.ProtocolError, ArenaError, ValueError, TypeError, KeyError, IndexError, RuntimeError) as e:
+            op = header.get("op") if isinstance(header, dict) else None
+            where = f"op {op}" if isinstance(op, str) else f"message {header.get('type', '?')!r}"
+            return [P.encode({"type": "error", "id": header.get("id"), "op": op,
+                              "error": f"{where}: {type(e).__name__}: {e}"})]
+
+    def info(self) -> dict:
+        return {"model": self.model, "dtype": self.wire, "device": str(self.compute.device),
+                "config": self.cfg.to_dict(), "sessions": len(self.sessions), "pid": os.getpid()}
+
+    def hello(self, peer: bytes) -> list:
+        """Open a session; the runner gets the config, the norm weights and the rope parameters (config)."""
+        self.drop(peer)
+        if len(self.sessions) >= self.max_sessions:
+            raise P.ProtocolError(f"server is at its session limit ({self.max_sessions}); try again later")
+        self.sessions[peer] = Session(None, time.monotonic())
+        names = sorted(self.norms)
+        metas = [P.TensorMeta.of(self.norms[n]).to_json() for n in names]
+        head = {"type": "welcome", **self.info(), "norms": names, "tensors": metas}
+        return [P.encode(head)] + [P.tensor_bytes(self.norms[n]) for n in names]
+
+    def attach(self, peer: bytes, header: dict) -> list:
+        """Map the session's shared-memory arena (replacing an earlier one)."""
+        session = self.sessions.get(peer)
+        if session is None:
+            raise P.ProtocolError("no session: send hello first")
+        spec = header.get("arena")
+        if not isinstance(spec, dict) or not isinstance(spec.get("size"), int) or spec["size"] <= 0:
+            raise P.ProtocolError("attach: 'arena' must be {name, size}")
+        arena = Arena.attach(spec.get("name"), spec["size"])
+        if self.compute.cuda:
+            arena.register_cuda()
+        if session.arena is not None:
+            session.arena.close()
+        session.arena = arena
+        return [P.encode({"type": "attached", "size": arena.size})]
+
+    def drop(self, peer: bytes) -> None:
+        s = self.sessions.pop(peer, None)
+        if s is not None and s.arena is not None:
+            s.arena.close()
+
+    def call(self, peer: bytes, header: dict, frames: list) -> list:
+        session = self.sessions.get(peer)
+        if session is None:
+            raise P.ProtocolError("no session: send hello first")
+        session.last_seen = time.monotonic()
+        metas = header.get("inputs")
+        if not isinstance(metas, list):
+            raise P.ProtocolError("'inputs' must be a list")
+        metas = [P.TensorMeta.from_json(m) for m in metas]
+        out_meta = P.check_request(self.cfg, self.wire, header.get("op"), header.get("layer"), metas)
+        arena = session.arena
+        if arena is not None:
+            if frames:
+                raise P.ProtocolError("shared-memory session sent tensor frames")
+            inputs = [arena.view(m) for m in metas]
+            out_spec = header.get("output")
+            if not isinstance(out_spec, dict):
+                raise P.ProtocolError("'output' must be {offset}")
+            out_meta = P.TensorMeta(out_meta.dtype, out_meta.shape, out_spec.get("offset"))
+            out = arena.view(P.TensorMeta.from_json(out_meta.to_json()))
+            if self._overlaps(out, inputs):
+                raise P.ProtocolError("output region overlaps an input region")
+        else:
+            if len(frames) != len(metas):
+                raise P.ProtocolError(f"{len(metas)} tensor metas but {len(frames)} frames")
+            inputs = [P.tensor_from_frame(m, f) for m, f in zip(metas, frames)]
+            out = None
+        if header["op"] == "embed" and inputs[0].numel():
+            lo, hi = int(inputs[0].min()), int(inputs[0].max())
+            if lo < 0 or hi >= self.cfg.vocab_size:
+                raise P.ProtocolError(f"token id {lo if lo < 0 else hi} outside the vocabulary 0..{self.cfg.vocab_size - 1}")
+        y, compute_s = self.compute.run(header["op"], header.get("layer"), inputs, out)
+        self.requests += 1
+        reply = {"type": "result", "id": header.get("id"), "compute_s": compute_s,
+                 "output": P.TensorMeta.of(y, out_meta.offset if arena is not None else None).to_json()}
+        return [P.encode(reply)] + ([] if arena is not None else [P.tensor_bytes(y)])
+
+    @staticmethod
+    def _overlaps(out: torch.Tensor, inputs: list[torch.Tensor]) -> bool:
+        o0 = out.data_ptr()
+        o1 = o0 + out.numel() * out.element_size()
+        return any(x.data_ptr() < o1 and o0 < x.data_ptr() + x.numel() * x.element_size() for x in inputs)
+
+    def echo(self, peer: bytes, header: dict, frames: list) -> list:
+        """For `tsqp diagnose`: frames come back as they are; in a shm session, `nbytes` are copied from
+        offset `src` to `dst` in the arena (the server consumes and produces that much)."""
+        session = self.sessions.get(peer)
+        if header.get("shm"):
+            if session is None or session.arena is None:
+                raise P.ProtocolError("echo over shm needs a shared-memory session")
+            n = header.get("nbytes")
+            src = session.arena.view(P.TensorMeta("float32", (n // 4,), header.get("src")))
+            dst = session.arena.view(P.TensorMeta("float32", (n // 4,), header.get("dst")))
+            dst.copy_(src)
+            return [P.encode({"type": "echo"})]
+        return [P.encode({"type": "echo"})] + list(frames)
+
+    # ---- the loop ------------------------------------------------------------------------------------
+    def serve_forever(self, on_ready=None) -> None:
+        ctx = zmq.Context.instance()
+        claim_endpoint(self.endpoint, ctx)
+        sock = bind_server(self.endpoint, ctx)
+        self._install_signals()
+        if on_ready:
+            on_ready()
+        poller = zmq.Poller()
+        poller.register(sock, zmq.POLLIN)
+        try:
+            while not self.stopping:
+                if not poller.poll(POLL_MS):
+                    continue
+                frames = sock.recv_multipart(copy=False)
+                peer, body = frames[0].bytes, frames[1:]
+                reply = self.handle(peer, body)
+                sock.send_multipart([peer] + reply, copy=False)
+        finally:
+            for peer in list(self.sessions):
+                self.drop(peer)
+            sock.close(linger=0)
+            path = ipc_path(self.endpoint)
+            if path is not None:
+                path.unlink(missing_ok=True)
+
+    def _install_signals(self) -> None:
+        def stop(signum, frame):
+            self.stopping = True
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, stop)
+
+
+def claim_endpoint(endpoint: str, ctx: zmq.Context) -> None:
+    """Refuse an ipc socket file that another user owns or a live server answers on; remove a stale one."""
+    path = ipc_path(endpoint)
+    if path is None or not path.exists():
+        return
+    st = path.lstat()
+    if st.st_uid != os.getuid():
+        raise TransportError(f"{path} belongs to uid {st.st_uid}; refusing to bind over another user's socket")
+    probe = Client(endpoint, timeout_s=1.0, ctx=ctx)
+    try:
+        probe.send([P.encode({"type": "info"})])
+        probe.recv("info")
+    except ServerTimeout:
+        path.unlink(missing_ok=True)     # stale: nobody answers
+        return
+    finally:
+        probe.close()
+    raise TransportError(f"a live server already answers on {endpoint}; refusing to take it over")
+
+
+def describe_endpoint(endpoint: str) -> str:
+    return {"ipc": "IPC (unix domain socket)", "tcp": "TCP"}[transport_of(endpoint)]

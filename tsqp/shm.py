@@ -1,0 +1,174 @@
+"""A session's shared-memory arena: one file in /dev/shm/tsqp-<uid>/ (0600 in a 0700 directory), mapped
+by the runner and the server. Tensors are views of it; control messages carry offsets.
+
+Lifecycle: the runner creates the file, the server maps it and unlinks it at once, so after that the
+memory lives exactly as long as the two mappings and no crash can leave a file behind. A runner that
+dies before the server attached leaves a file named after its pid; `remove_stale()` clears those.
+"""
+from __future__ import annotations
+
+import mmap
+import os
+import re
+import secrets
+import stat
+from pathlib import Path
+
+import torch
+
+from .protocol import WIRE_DTYPES, ProtocolError, TensorMeta
+
+SHM_ROOT = Path(os.environ.get("TSQP_SHM_ROOT", "/dev/shm"))
+NAME = re.compile(r"^(\d+)-[0-9a-f]{16}$")
+ALIGN = 256
+
+
+class ArenaError(RuntimeError):
+    """The arena cannot be created, attached, or cannot hold a request."""
+
+
+def arena_dir() -> Path:
+    d = SHM_ROOT / f"tsqp-{os.getuid()}"
+    d.mkdir(mode=0o700, exist_ok=True)
+    st = os.lstat(d)
+    if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.getuid():
+        raise ArenaError(f"{d} is not a directory owned by uid {os.getuid()}")
+    if stat.S_IMODE(st.st_mode) != 0o700:
+        os.chmod(d, 0o700)
+    return d
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def remove_stale() -> list[str]:
+    """Unlink arenas whose creating process is gone (a runner killed before the server attached)."""
+    removed = []
+    for f in arena_dir().iterdir():
+        m = NAME.match(f.name)
+        if m and not pid_alive(int(m.group(1))):
+            f.unlink(missing_ok=True)
+            removed.append(f.name)
+    return removed
+
+
+class Arena:
+    def __init__(self, mm: mmap.mmap, name: str, size: int, path: Path | None):
+        self.mm, self.name, self.size, self.path = mm, name, size, path
+        self.base = torch.frombuffer(mm, dtype=torch.uint8)        # [size] bytes
+        self.ptr = self.base.data_ptr()
+        self.cuda_registered = False
+        # ring allocator (runner side)
+        self.head, self.seq, self.regions = 0, 0, []                # regions: (start, end, seq)
+
+    @classmethod
+    def create(cls, size: int) -> "Arena":
+        size = (size + mmap.PAGESIZE - 1) // mmap.PAGESIZE * mmap.PAGESIZE
+        d = arena_dir()
+        remove_stale()
+        vfs = os.statvfs(d)
+        free = vfs.f_bavail * vfs.f_frsize
+        if free < size:
+            raise ArenaError(f"{SHM_ROOT} has {free / 2**20:.0f} MiB free, the arena needs {size / 2**20:.0f} MiB; "
+                             f"enlarge it (docker: --shm-size) or use --transport frames")
+        name = f"{os.getpid()}-{secrets.token_hex(8)}"
+        path = d / name
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+        try:
+            os.posix_fallocate(fd, 0, size)   # fail now, not with SIGBUS later, if tmpfs runs out
+            mm = mmap.mmap(fd, size)
+        except OSError as e:
+            os.close(fd)
+            path.unlink(missing_ok=True)
+            raise ArenaError(f"cannot create a {size / 2**20:.0f} MiB arena in {d}: {e}") from None
+        os.close(fd)
+        return cls(mm, name, size, path)
+
+    @classmethod
+    def attach(cls, name: str, size: int) -> "Arena":
+        """Map a runner's arena (server side) and unlink its file."""
+        if not isinstance(name, str) or not NAME.match(name):
+            raise ProtocolError(f"bad arena name {name!r}")
+        path = arena_dir() / name
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_NOFOLLOW)
+        except OSError as e:
+            raise ArenaError(f"cannot open arena {path}: {e.strerror}") from None
+        try:
+            st = os.fstat(fd)
+            if st.st_uid != os.getuid() or stat.S_IMODE(st.st_mode) & 0o077:
+                raise ArenaError(f"arena {path} is not owner-only (uid {st.st_uid}, mode {oct(st.st_mode)})")
+            if st.st_size != size:
+                raise ArenaError(f"arena {path} has {st.st_size} bytes, the hello said {size}")
+            mm = mmap.mmap(fd, size)
+        finally:
+            os.close(fd)
+        path.unlink(missing_ok=True)
+        return cls(mm, name, size, None)
+
+    # ---- views -------------------------------------------------------------------------------------
+    def view(self, meta: TensorMeta) -> torch.Tensor:
+        """The tensor at meta.offset; the region is checked against the arena's bounds."""
+        off, n = meta.offset, meta.nbytes
+        if off is None or off % 8 or off < 0 or off + n > self.size:
+            raise ProtocolError(f"region offset={off} nbytes={n} lies outside the {self.size}-byte arena "
+                                f"or is misaligned")
+        return self.base[off:off + n].view(WIRE_DTYPES[meta.dtype]).view(meta.shape)
+
+    def offset_of(self, t: torch.Tensor) -> int | None:
+        """The offset of a contiguous tensor that lives inside this arena, else None."""
+        p = t.data_ptr()
+        if t.is_contiguous() and self.ptr <= p and p + t.numel() * t.element_size() <= self.ptr + self.size:
+            return p - self.ptr
+        return None
+
+    # ---- ring allocation (runner side) -------------------------------------------------------------
+    def alloc(self, nbytes: int, keep: int) -> int:
+        """Take the next `nbytes` of the ring. The last `keep` allocations stay untouched (results not yet
+        consumed, inputs of requests in flight); a request that would overwrite them fails clearly."""
+        n = (max(nbytes, 1) + ALIGN - 1) // ALIGN * ALIGN
+        if n > self.size:
+            raise ArenaError(f"a {nbytes / 2**20:.1f} MiB tensor does not fit the {self.size / 2**20:.0f} MiB "
+                             f"arena; raise --arena-mb")
+        start = self.head if self.head + n <= self.size else 0
+        end = start + n
+        self.regions = [r for r in self.regions if r[2] > self.seq - keep]
+        for r0, r1, _ in self.regions:
+            if r0 < end and start < r1:
+                raise ArenaError(f"the {self.size / 2**20:.0f} MiB arena cannot hold the requests in flight "
+                                 f"(needs more than {self.size / 2**20:.0f} MiB); raise --arena-mb")
+        self.seq += 1
+        self.regions.append((start, end, self.seq))
+        self.head = end
+        return start
+
+    def empty(self, shape: tuple[int, ...], dtype: torch.dtype, keep: int) -> torch.Tensor:
+        n = dtype.itemsize
+        for s in shape:
+            n *= s
+        off = self.alloc(n, keep)
+        return self.base[off:off + n].view(dtype).view(shape)
+
+    # ---- pinned for DMA (server side, CUDA) ----------------------------------------------------------
+    def register_cuda(self) -> None:
+        rc = torch.cuda.cudart().cudaHostRegister(self.ptr, self.size, 0)
+        if int(rc) != 0:
+            raise ArenaError(f"cudaHostRegister of the {self.size}-byte arena failed with code {int(rc)}")
+        self.cuda_registered = True
+
+    def close(self) -> None:
+        if self.cuda_registered:
+            torch.cuda.cudart().cudaHostUnregister(self.ptr)
+            self.cuda_registered = False
+        if self.path is not None:
+            self.path.unlink(missing_ok=True)
+            self.path = None
+        # the mapping itself goes when the last tensor view of it is collected
+        self.base = None
