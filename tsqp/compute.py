@@ -6,6 +6,7 @@ from __future__ import annotations
 import time
 
 import torch
+import torch.nn.functional as F
 
 from .config import ModelConfig
 from .weights import layer_names
@@ -44,6 +45,16 @@ class Compute:
             p, v = xs
             g = p.shape[0] // v.shape[0]
             return p @ v.repeat_interleave(g, 0)
+        if op == "attn_o":   # q [T, H, hd], k/v [KV, S, hd]; queries are positions S-T..S-1
+            q, k, v = xs
+            T, H, hd = q.shape
+            S = k.shape[1]
+            mask = None
+            if 1 < T < S:
+                mask = torch.arange(S, device=q.device)[None, :] <= torch.arange(S - T, S, device=q.device)[:, None]
+            y = F.scaled_dot_product_attention(q.transpose(0, 1)[None], k[None], v[None], attn_mask=mask,
+                                               is_causal=T == S and T > 1, enable_gqa=True)  # [1, H, T, hd]
+            return y[0].transpose(0, 1).reshape(T, H * hd) @ self.layers[layer]["o"].T     # [T, D]
         return xs[0] @ self.layers[layer][op].T                       # [T, out]
 
     def run(self, op: str, layer: int | None, inputs: list[torch.Tensor],
@@ -51,8 +62,11 @@ class Compute:
         """Host tensors in; the result lands in `out` (host) when given. Returns (result, compute seconds),
         the time measured here with the device synchronised."""
         t0 = time.perf_counter()
+        if self.cuda and out is None and all(x.device == self.device for x in inputs):
+            y = self.forward(op, layer, *inputs)     # everything on the device already: the no-split reference
+            return y, time.perf_counter() - t0
         if not self.cuda:
-            if out is not None and op not in ("embed", "qk", "av"):
+            if out is not None and op in ("qkv", "o", "gate_up", "down", "lm_head"):   # straight into `out`
                 torch.matmul(inputs[0], self.layers[layer][op].T if op != "lm_head" else self.lm_head.T, out=out)
                 return out, time.perf_counter() - t0
             y = self.forward(op, layer, *inputs)

@@ -46,11 +46,15 @@ class Rope:
         return self.cos[start:start + T], self.sin[start:start + T]
 
 
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x: [T, n, hd]; cos/sin: [T, hd/2]. Rotate-half: (x1, x2) -> (x1 cos - x2 sin, x2 cos + x1 sin)."""
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """x, out: [T, n, hd] (out may be a strided view, e.g. into the KV cache); cos/sin: [T, hd/2].
+    Rotate-half: (x1, x2) -> (x1 cos - x2 sin, x2 cos + x1 sin), written straight into `out`."""
     x1, x2 = x.chunk(2, dim=-1)
+    o1, o2 = out.chunk(2, dim=-1)
     c, s = cos[:, None], sin[:, None]
-    return torch.cat([x1 * c - x2 * s, x2 * c + x1 * s], dim=-1)
+    torch.mul(x1, c, out=o1).addcmul_(x2, s, value=-1)
+    torch.mul(x2, c, out=o2).addcmul_(x1, s)
+    return out
 
 
 def rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float, out: torch.Tensor) -> torch.Tensor:
@@ -59,62 +63,85 @@ def rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float, out: torch.Tensor
 
 
 class KVCache:
-    """Keys and values after RoPE, kept on the trusted side only."""
+    """Keys (after RoPE) and values, kept on the trusted side only."""
 
-    def __init__(self, cfg: ModelConfig, max_len: int, dtype=torch.float32):
+    def __init__(self, cfg: ModelConfig, max_len: int, dtype=torch.float32, device="cpu"):
         shape = (cfg.num_layers, cfg.num_kv_heads, max_len, cfg.head_dim)   # [L, KV, maxT, hd]
-        self.k, self.v = torch.zeros(shape, dtype=dtype), torch.zeros(shape, dtype=dtype)
+        self.k = torch.empty(shape, dtype=dtype, device=device)
+        self.v = torch.empty(shape, dtype=dtype, device=device)
         self.max_len, self.length = max_len, 0
 
 
+POLICIES = ("linear", "seed", "flash")
+
+
 class TrustedModel:
+    """policy: linear  - attention on the trusted side (default);
+               seed    - the prototype's split: Q K^T and P V on the server, softmax here;
+               flash   - RoPE here, then fused attention + O on the server (it already computes Q, K, V;
+                         K and V of the prompt are sent with each request, the cache stays here)."""
+
     def __init__(self, cfg: ModelConfig, norms: dict[str, torch.Tensor], offload, policy: str = "linear",
-                 stats=None):
-        if policy not in ("linear", "seed"):
-            raise ValueError(f"unknown policy '{policy}'; choose linear or seed")
+                 stats=None, attn_dtype: torch.dtype = torch.float32, device: str = "cpu"):
+        if policy not in POLICIES:
+            raise ValueError(f"unknown policy '{policy}'; choose one of {', '.join(POLICIES)}")
         self.cfg, self.offload, self.policy = cfg, offload, policy
-        self.norms = {k: v.float() for k, v in norms.items()}
+        self.device = torch.device(device)
+        self.norms = {k: v.to(self.device, torch.float32) for k, v in norms.items()}
         self.rope = Rope(cfg)
         self.wire = offload.dtype
+        # flash ships K/V in the wire dtype, so keep them so; otherwise the attention math's dtype
+        self.attn_dtype = self.wire if policy == "flash" else attn_dtype
         self.timer = stats.timer if stats is not None else (lambda name: nullcontext())
+
+    def new_cache(self, max_len: int) -> KVCache:
+        return KVCache(self.cfg, max_len, self.attn_dtype, self.device)
 
     # ---- one chunk ---------------------------------------------------------------------------------
     def forward(self, ids: torch.Tensor, cache: KVCache, start: int, want_logits: bool = True):
         """Generator over one chunk: ids [T] at positions start..start+T-1. Yields pending requests,
         returns the last position's logits [V] (float32) or None."""
         cfg, T = self.cfg, ids.shape[0]
-        H, KV, hd, D, I = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.hidden_size, cfg.intermediate_size
+        H, KV, hd, I = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.intermediate_size
+        Q, K = cfg.q_size, cfg.kv_size
+        if start + T > cache.max_len:
+            raise ValueError(f"positions up to {start + T} exceed the KV cache of {cache.max_len}")
         h = (yield self.offload.submit("embed", None, ids)).to(torch.float32, copy=True)  # [T, D] residual
         with self.timer("rope"):
-            cos, sin = self.rope.tables(start, T)
+            cos, sin = (t.to(self.device) for t in self.rope.tables(start, T))
         for layer in range(cfg.num_layers):
             n = layer_names(layer)
             x = self._norm(h, self.norms[n["attn_norm"]])
-            qkv = (yield self.offload.submit("qkv", layer, x))                # [T, Q+2KV]
+            qkv = (yield self.offload.submit("qkv", layer, x))                             # [T, Q+2KV]
+            q = self.offload.empty((T, H, hd), self.attn_dtype) if self.policy == "flash" else \
+                torch.empty(T, H, hd, dtype=self.attn_dtype, device=self.device)
             with self.timer("rope"):
-                qkv = qkv.float()
-                q = apply_rope(qkv[:, :cfg.q_size].view(T, H, hd), cos, sin)                   # [T, H, hd]
-                k = apply_rope(qkv[:, cfg.q_size:cfg.q_size + cfg.kv_size].view(T, KV, hd), cos, sin)
-                cache.k[layer, :, start:start + T] = k.transpose(0, 1)                         # [KV, T, hd]
-                cache.v[layer, :, start:start + T] = qkv[:, cfg.q_size + cfg.kv_size:].view(T, KV, hd).transpose(0, 1)
-            attn = self.offload.empty((T, H * hd))                            # [T, H*hd] wire buffer
-            if self.policy == "linear":
-                with self.timer("attention"):
-                    self._attention(q, cache, layer, start, attn)
+                apply_rope(qkv[:, :Q].view(T, H, hd), cos, sin, q)                          # [T, H, hd]
+                apply_rope(qkv[:, Q:Q + K].view(T, KV, hd), cos, sin,
+                           cache.k[layer, :, start:start + T].transpose(0, 1))              # [T, KV, hd]
+                cache.v[layer, :, start:start + T].transpose(0, 1).copy_(qkv[:, Q + K:].view(T, KV, hd))
+            if self.policy == "flash":
+                o = yield from self._flash_attention(q, cache, layer, start)
             else:
-                yield from self._seed_attention(q, cache, layer, start, attn)
-            h += (yield self.offload.submit("o", layer, attn)).float()
+                attn = self.offload.empty((T, H * hd))                                     # [T, H*hd] wire
+                if self.policy == "linear":
+                    with self.timer("attention"):
+                        self._attention(q, cache, layer, start, attn)
+                else:
+                    yield from self._seed_attention(q, cache, layer, start, attn)
+                o = yield self.offload.submit("o", layer, attn)
+            h += o                                                                          # [T, D]
             x = self._norm(h, self.norms[n["mlp_norm"]])
-            gate_up = (yield self.offload.submit("gate_up", layer, x))         # [T, 2I]
+            gate_up = (yield self.offload.submit("gate_up", layer, x))                     # [T, 2I]
             act = self.offload.empty((T, I))
-            with self.timer("silu"):
-                act.copy_(F.silu(gate_up[:, :I].float()) * gate_up[:, I:].float())
-            h += (yield self.offload.submit("down", layer, act)).float()
+            with self.timer("silu"):   # in the wire dtype, as the reference model does
+                torch.mul(F.silu(gate_up[:, :I]), gate_up[:, I:], out=act)
+            h += (yield self.offload.submit("down", layer, act))
         cache.length = max(cache.length, start + T)
         if not want_logits:
             return None
         x = self._norm(h[-1:], self.norms["model.norm.weight"])
-        return (yield self.offload.submit("lm_head", None, x)).float()[0]     # [V]
+        return (yield self.offload.submit("lm_head", None, x)).to(torch.float32, copy=True)[0]                # [V]
 
     def _norm(self, h: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         out = self.offload.empty(tuple(h.shape))
@@ -126,18 +153,24 @@ class TrustedModel:
         """Causal mask for queries at start..start+T-1 over keys 0..start+T-1; None where SDPA needs none."""
         if T == 1:
             return None
-        qpos = torch.arange(start, start + T)[:, None]
-        return torch.arange(start + T)[None, :] <= qpos                            # [T, S] bool
+        qpos = torch.arange(start, start + T, device=self.device)[:, None]
+        return torch.arange(start + T, device=self.device)[None, :] <= qpos               # [T, S] bool
 
     def _attention(self, q, cache, layer, start, out):
         T, H, hd = q.shape
         S = start + T
-        k, v = cache.k[layer, :, :S], cache.v[layer, :, :S]                      # [KV, S, hd]
+        k, v = cache.k[layer, :, :S], cache.v[layer, :, :S]                                 # [KV, S, hd]
         y = F.scaled_dot_product_attention(
-            q.transpose(0, 1)[None], k[None], v[None],                           # [1, H, T, hd]
+            q.transpose(0, 1)[None], k[None], v[None],                                      # [1, H, T, hd]
             attn_mask=None if start == 0 else self._mask(start, T),
             is_causal=start == 0 and T > 1, enable_gqa=True)
-        out.view(T, H, hd).copy_(y[0].transpose(0, 1))                            # [T, H, hd]
+        out.view(T, H, hd).copy_(y[0].transpose(0, 1))                                       # [T, H, hd]
+
+    def _flash_attention(self, q, cache, layer, start):
+        """q already sits in the wire buffer; K/V of positions 0..S-1 go along. Returns O's output [T, D]."""
+        S = start + q.shape[0]
+        k, v = cache.k[layer, :, :S], cache.v[layer, :, :S]                                 # [KV, S, hd]
+        return (yield self.offload.submit("attn_o", layer, q, k, v))
 
     def _seed_attention(self, q, cache, layer, start, out):
         """The prototype's split: Q K^T and P V on the server, scale/mask/softmax here."""
@@ -148,7 +181,7 @@ class TrustedModel:
         with self.timer("attention"):
             q_wire.copy_(q.transpose(0, 1))
             k_wire.copy_(cache.k[layer, :, :S])
-        scores = yield self.offload.submit("qk", layer, q_wire, k_wire)           # [H, T, S]
+        scores = yield self.offload.submit("qk", layer, q_wire, k_wire)                     # [H, T, S]
         probs = self.offload.empty((H, T, S))
         v_wire = self.offload.empty((self.cfg.num_kv_heads, S, hd))
         with self.timer("attention"):
@@ -158,7 +191,7 @@ class TrustedModel:
                 s.masked_fill_(~mask, float("-inf"))
             probs.copy_(torch.softmax(s, dim=-1))
             v_wire.copy_(cache.v[layer, :, :S])
-        y = yield self.offload.submit("av", layer, probs, v_wire)                 # [H, T, hd]
+        y = yield self.offload.submit("av", layer, probs, v_wire)                           # [H, T, hd]
         with self.timer("attention"):
             out.view(T, H, hd).copy_(y.transpose(0, 1))
 
@@ -174,7 +207,8 @@ class TrustedModel:
         return run_interleaved(gens)[-1]
 
     def decode(self, token: int, cache: KVCache) -> torch.Tensor:
-        return run_interleaved([self.forward(torch.tensor([token]), cache, cache.length)])[-1]
+        ids = torch.tensor([token], device=self.device)
+        return run_interleaved([self.forward(ids, cache, cache.length)])[-1]
 
 
 def run_interleaved(gens: list) -> list:
@@ -185,9 +219,11 @@ def run_interleaved(gens: list) -> list:
     active = list(range(len(gens)))
     while active:
         for i in list(active):
+            done = pending[i]
             try:
-                pending[i] = gens[i].send(pending[i].result())
+                pending[i] = gens[i].send(done.result())
             except StopIteration as stop:
                 results[i] = stop.value
                 active.remove(i)
+            done.release()     # the chunk has consumed that result by the time it yields again
     return results

@@ -105,7 +105,7 @@ def tensor_bytes(t: torch.Tensor) -> memoryview:
 
 # ---- the offloaded operations: what goes in, what comes out -----------------------------------------
 
-LAYER_OPS = ("qkv", "o", "gate_up", "down", "qk", "av")
+LAYER_OPS = ("qkv", "o", "gate_up", "down", "qk", "av", "attn_o")
 MODEL_OPS = ("embed", "lm_head")
 OPS = LAYER_OPS + MODEL_OPS
 
@@ -118,7 +118,7 @@ def check_request(cfg: ModelConfig, wire: str, op, layer, inputs: list[TensorMet
         if not isinstance(layer, int) or isinstance(layer, bool) or not 0 <= layer < cfg.num_layers:
             raise ProtocolError(f"op {op}: layer {layer!r} out of range 0..{cfg.num_layers - 1}")
     D, I, H, KV, hd = cfg.hidden_size, cfg.intermediate_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-    n_in = 2 if op in ("qk", "av") else 1
+    n_in = {"qk": 2, "av": 2, "attn_o": 3}.get(op, 1)
     if len(inputs) != n_in:
         raise ProtocolError(f"op {op}: expects {n_in} input tensor(s), got {len(inputs)}")
     want_dtype = "int64" if op == "embed" else wire
@@ -134,6 +134,11 @@ def check_request(cfg: ModelConfig, wire: str, op, layer, inputs: list[TensorMet
     if op == "embed":
         need(len(shape) == 1, "[T]")
         return TensorMeta(wire, (shape[0], D))
+    if op == "attn_o":   # q [T, H, hd], k and v [KV, S, hd] with S >= T (queries are the last T) -> [T, D]
+        q, k, v = (m.shape for m in inputs)
+        need(len(q) == 3 and len(k) == 3 and k == v and q[1] == H and q[2] == hd and k[0] == KV
+             and k[2] == hd and k[1] >= q[0], f"[T, {H}, {hd}] and twice [{KV}, S, {hd}] with S >= T")
+        return TensorMeta(wire, (q[0], D))
     if op in ("qk", "av"):
         a, b = inputs[0].shape, inputs[1].shape
         if op == "qk":   # q [H, T, hd] x k [KV, S, hd] -> scores [H, T, S]

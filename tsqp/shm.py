@@ -65,8 +65,8 @@ class Arena:
         self.base = torch.frombuffer(mm, dtype=torch.uint8)        # [size] bytes
         self.ptr = self.base.data_ptr()
         self.cuda_registered = False
-        # ring allocator (runner side)
-        self.head, self.seq, self.regions = 0, 0, []                # regions: (start, end, seq)
+        # allocator (runner side): live regions start -> end
+        self.head, self.live = 0, {}
 
     @classmethod
     def create(cls, size: int) -> "Arena":
@@ -129,31 +129,40 @@ class Arena:
             return p - self.ptr
         return None
 
-    # ---- ring allocation (runner side) -------------------------------------------------------------
-    def alloc(self, nbytes: int, keep: int) -> int:
-        """Take the next `nbytes` of the ring. The last `keep` allocations stay untouched (results not yet
-        consumed, inputs of requests in flight); a request that would overwrite them fails clearly."""
+    # ---- allocation (runner side) ---------------------------------------------------------------------
+    def alloc(self, nbytes: int) -> int:
+        """First fit from the last allocation onwards, wrapping around, skipping regions still live
+        (inputs of requests in flight, results not yet consumed). Fails clearly when nothing fits."""
         n = (max(nbytes, 1) + ALIGN - 1) // ALIGN * ALIGN
         if n > self.size:
             raise ArenaError(f"a {nbytes / 2**20:.1f} MiB tensor does not fit the {self.size / 2**20:.0f} MiB "
                              f"arena; raise --arena-mb")
-        start = self.head if self.head + n <= self.size else 0
-        end = start + n
-        self.regions = [r for r in self.regions if r[2] > self.seq - keep]
-        for r0, r1, _ in self.regions:
-            if r0 < end and start < r1:
-                raise ArenaError(f"the {self.size / 2**20:.0f} MiB arena cannot hold the requests in flight "
-                                 f"(needs more than {self.size / 2**20:.0f} MiB); raise --arena-mb")
-        self.seq += 1
-        self.regions.append((start, end, self.seq))
-        self.head = end
-        return start
+        start, wrapped = self.head, False
+        while True:
+            if start + n > self.size:
+                if wrapped:
+                    break
+                start, wrapped = 0, True
+            blocking = [r for r in self.live.items() if r[0] < start + n and start < r[1]]
+            if not blocking:
+                self.live[start] = start + n
+                self.head = start + n
+                return start
+            start = max(end for _, end in blocking)
+            if wrapped and start >= self.head:
+                break
+        live = sum(e - s for s, e in self.live.items())
+        raise ArenaError(f"the {self.size / 2**20:.0f} MiB arena cannot hold another {nbytes / 2**20:.1f} MiB "
+                         f"({live / 2**20:.1f} MiB in flight); raise --arena-mb")
 
-    def empty(self, shape: tuple[int, ...], dtype: torch.dtype, keep: int) -> torch.Tensor:
+    def free(self, offset: int) -> None:
+        self.live.pop(offset, None)
+
+    def empty(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
         n = dtype.itemsize
         for s in shape:
             n *= s
-        off = self.alloc(n, keep)
+        off = self.alloc(n)
         return self.base[off:off + n].view(dtype).view(shape)
 
     # ---- pinned for DMA (server side, CUDA) ----------------------------------------------------------

@@ -1,0 +1,295 @@
+"""`tsqp bench`: the before/after table of the original checklist, as one command.
+
+Starts its own servers (or uses --endpoint), then for each configuration of the matrix times `--repeat`
+prefills after a warm-up and reports the median with min and max. In the same run it measures two
+references: the whole model on the server's device alone (no split) and the whole model on the CPU in
+this process (what running everything inside the enclave costs). Every row shows its ratio to both.
+"""
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import platform
+import statistics
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from rich.console import Console
+from rich.progress import Progress
+from rich.table import Table
+
+from . import weights as W
+from .compute import Compute
+from .launch import free_tcp_port, private_ipc_endpoint, start_server, stop_server, wait_ready
+from .model import POLICIES, TrustedModel
+from .offload import LocalOffload
+from .remote import RemoteOffload, default_arena_bytes
+from .runner import attn_dtype, fixed_prompt
+from .stats import Stats
+
+console = Console(highlight=False, width=None if os.isatty(1) else 200)
+TRANSPORTS = ("local", "shm", "ipc", "tcp")
+
+
+@dataclass
+class Config:
+    transport: str
+    dtype: str
+    policy: str
+    chunks: int
+
+    @property
+    def label(self) -> str:
+        return f"{self.transport} {self.dtype} {self.policy}" + (f" x{self.chunks}" if self.chunks > 1 else "")
+
+
+def timed_prefills(model: TrustedModel, ids: torch.Tensor, chunks: int, repeat: int, warmup: int,
+                   stats: Stats, sync) -> tuple[list[float], list[dict]]:
+    """Seconds per prefill (warm-up discarded, device synchronised) and each run's statistics."""
+    for _ in range(warmup):
+        model.prefill(ids, model.new_cache(ids.numel()), chunks)
+    sync()
+    times, runs = [], []
+    for _ in range(repeat):
+        stats.reset()
+        t0 = time.perf_counter()
+        model.prefill(ids, model.new_cache(ids.numel()), chunks)
+        sync()
+        stats.total_s = time.perf_counter() - t0
+        times.append(stats.total_s)
+        runs.append(stats.to_dict())
+    return times, runs
+
+
+def summary(times: list[float]) -> dict:
+    return {"median_s": statistics.median(times), "min_s": min(times), "max_s": max(times), "runs": len(times)}
+
+
+def median_stats(runs: list[dict]) -> dict:
+    """Per-key median over the timed runs (bytes and calls are the same in every run)."""
+    keys = [k for k, v in runs[0].items() if isinstance(v, (int, float))]
+    out = {k: statistics.median(r[k] for r in runs) for k in keys}
+    out["trusted_s"] = {k: statistics.median(r["trusted_s"][k] for r in runs) for k in runs[0]["trusted_s"]}
+    return out
+
+
+class Bench:
+    def __init__(self, args):
+        self.args = args
+        self.cuda = args.device.startswith("cuda")
+        self.sync = torch.cuda.synchronize if self.cuda else (lambda: None)
+        self.servers: dict[tuple[str, str], str] = {}     # (dtype, socket) -> endpoint
+        self.procs = []
+        self.weights: dict[str, tuple] = {}                # dtype -> (cfg, weights on CPU)
+
+    # ---- servers ---------------------------------------------------------------------------------------
+    def start_servers(self, configs: list[Config]) -> None:
+        if self.args.endpoint:
+            return
+        need = {(c.dtype, "tcp" if c.transport == "tcp" else "ipc") for c in configs if c.transport != "local"}
+        for dtype, sock in sorted(need):
+            endpoint = f"tcp://127.0.0.1:{free_tcp_port()}" if sock == "tcp" else private_ipc_endpoint(dtype[:4])
+            self.procs.append(start_server(endpoint, self.args.model, dtype, self.args.device))
+            self.servers[(dtype, sock)] = endpoint
+        wait_ready(self.procs)
+
+    def stop_servers(self) -> None:
+        for p in self.procs:
+            stop_server(p)
+
+    def endpoint(self, c: Config) -> str:
+        if self.args.endpoint:
+            return self.args.endpoint
+        return self.servers[(c.dtype, "tcp" if c.transport == "tcp" else "ipc")]
+
+    # ---- one configuration -----------------------------------------------------------------------------
+    def local_weights(self, dtype: str):
+        if dtype not in self.weights:
+            self.weights[dtype] = W.load(self.args.model, W.torch_dtype(dtype), "cpu")
+        return self.weights[dtype]
+
+    def measure(self, c: Config, ids: torch.Tensor) -> dict:
+        a, stats = self.args, Stats()
+        if c.transport == "local":
+            cfg, weights = self.local_weights(c.dtype)
+            offload = LocalOffload(Compute(cfg, weights, a.device), stats)
+            norms = {k: v for k, v in weights.items() if k.endswith("norm.weight")}
+        else:
+            transport = "shm" if c.transport == "shm" else "frames"
+            arena = lambda cfg: default_arena_bytes(cfg, ids.numel(), c.chunks, c.policy == "seed")  # noqa: E731
+            offload = RemoteOffload(self.endpoint(c), transport, timeout_s=a.timeout, arena_bytes=arena, stats=stats)
+            cfg, norms = offload.cfg, offload.norms
+        try:
+            model = TrustedModel(cfg, norms, offload, c.policy, stats, attn_dtype(a.attn_dtype, offload.dtype))
+            times, runs = timed_prefills(model, ids, c.chunks, a.repeat, a.warmup, stats, self.sync)
+        finally:
+            offload.close()
+            del offload
+            if self.cuda:
+                torch.cuda.empty_cache()
+        st = median_stats(runs)
+        trusted = sum(st["trusted_s"].values())
+        med = statistics.median(times)
+        return {"transport": c.transport, "dtype": c.dtype, "policy": c.policy, "chunks": c.chunks,
+                "tokens": int(ids.numel()), **summary(times), "bytes_moved": int(st["bytes_moved"]),
+                "trusted_s": trusted, "server_s": st["server_compute_s"],
+                "transport_s": max(med - trusted - st["server_compute_s"], 0.0), "stats": st}
+
+    def reference(self, dtype: str, ids: torch.Tensor, device: str) -> dict:
+        """The whole model on one device, no split: the same math, trusted part and compute together."""
+        cfg, weights = self.local_weights(dtype)
+        stats = Stats()
+        offload = LocalOffload(Compute(cfg, weights, device), stats, buffer_device=device)
+        norms = {k: v for k, v in weights.items() if k.endswith("norm.weight")}
+        model = TrustedModel(cfg, norms, offload, "linear", stats,
+                             W.torch_dtype(dtype) if device != "cpu" else attn_dtype(self.args.attn_dtype,
+                                                                                    W.torch_dtype(dtype)),
+                             device=device)
+        sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
+        times, _ = timed_prefills(model, ids.to(device), 1, self.args.repeat, self.args.warmup, stats, sync)
+        del model, offload
+        return summary(times)
+
+
+def run_bench(args) -> dict:
+    a = args
+    policies = a.policy.split(",")
+    for p in policies:
+        if p not in POLICIES:
+            raise ValueError(f"unknown policy '{p}'; choose from {', '.join(POLICIES)}")
+    transports = a.transport.split(",")
+    for t in transports:
+        if t not in TRANSPORTS:
+            raise ValueError(f"unknown transport '{t}'; choose from {', '.join(TRANSPORTS)}")
+    dtypes = a.dtype.split(",")
+    for d in dtypes:
+        W.torch_dtype(d)
+    chunk_list = [int(c) for c in str(a.chunks).split(",")]
+    configs = [Config(t, d, p, c) for d, p, c, t in itertools.product(dtypes, policies, chunk_list, transports)]
+    cfg = W.load_config(a.model)
+    ids = fixed_prompt(cfg, a.tokens)
+    bench = Bench(a)
+    result = {"settings": settings(a, cfg), "references": {}, "rows": []}
+    console.print(f"tsqp bench: {a.model}, {a.tokens} tokens, device {a.device}, {len(configs)} configurations, "
+                  f"median of {a.repeat} after {a.warmup} warm-up, {torch.get_num_threads()} threads")
+    try:
+        bench.start_servers(configs)
+        with Progress(console=console, transient=True) as progress:
+            task = progress.add_task("measuring", total=len(configs) + (0 if a.no_references else 2 * len(dtypes)))
+            if not a.no_references:
+                for d in dtypes:
+                    progress.update(task, description=f"reference: {a.device} alone, {d}")
+                    dev = bench.reference(d, ids, a.device)
+                    progress.advance(task)
+                    progress.update(task, description=f"reference: CPU alone, {d}")
+                    cpu = bench.reference(d, ids, "cpu")
+                    progress.advance(task)
+                    result["references"][d] = {"device_only_s": dev["median_s"], "cpu_only_s": cpu["median_s"],
+                                               "device_only": dev, "cpu_only": cpu}
+            for c in configs:
+                progress.update(task, description=f"{c.label}")
+                result["rows"].append(bench.measure(c, ids))
+                progress.advance(task)
+    finally:
+        bench.stop_servers()
+    first = dtypes[0]
+    if result["references"]:
+        # the headline references: for the first dtype of the matrix
+        result["references"]["device_only_s"] = result["references"][first]["device_only_s"]
+        result["references"]["cpu_only_s"] = result["references"][first]["cpu_only_s"]
+    add_ratios(result)
+    console.print(table(result))
+    if a.json:
+        Path(a.json).write_text(json.dumps(result, indent=1))
+        console.print(f"wrote {a.json}")
+    if a.plot:
+        plot(result, a.plot)
+        console.print(f"wrote {a.plot}")
+    return result
+
+
+def settings(a, cfg) -> dict:
+    gpu = torch.cuda.get_device_name(a.device) if a.device.startswith("cuda") else None
+    return {"model": a.model, "device": a.device, "gpu": gpu, "cpu_count": os.cpu_count(),
+            "threads": torch.get_num_threads(), "torch": torch.__version__, "python": platform.python_version(),
+            "tokens": a.tokens, "repeat": a.repeat, "warmup": a.warmup, "attn_dtype": a.attn_dtype,
+            "layers": cfg.num_layers, "hidden": cfg.hidden_size}
+
+
+def add_ratios(result: dict) -> None:
+    rows = result["rows"]
+    if not rows:
+        return
+    base = rows[0]["median_s"]
+    local = {(r["dtype"], r["policy"], r["chunks"]): r["median_s"] for r in rows if r["transport"] == "local"}
+    for r in rows:
+        r["speedup_vs_first"] = base / r["median_s"]
+        ref = result["references"].get(r["dtype"])
+        if ref:
+            r["vs_device_only"] = r["median_s"] / ref["device_only_s"]
+            r["vs_cpu_only"] = r["median_s"] / ref["cpu_only_s"]
+        key = (r["dtype"], r["policy"], r["chunks"])
+        if key in local:
+            r["vs_local"] = r["median_s"] / local[key]
+
+
+def table(result: dict) -> Table:
+    t = Table(title=f"tsqp bench: {result['settings']['model']}, {result['settings']['tokens']} tokens, "
+                    f"{result['settings']['device']}" + (f" ({result['settings']['gpu']})" if result['settings']['gpu'] else ""))
+    for col in ("configuration", "median s", "min-max s", "RPC ms/call", "sent MB", "recv MB", "speedup",
+                "x local", "x device-only", "x cpu-only", "trusted s", "server s", "transport s"):
+        t.add_column(col, justify="left" if col == "configuration" else "right")
+    mb = 1 / 1e6
+    for d, ref in result["references"].items():
+        if isinstance(ref, dict):
+            t.add_row(f"reference: {result['settings']['device']} alone, {d}", f"{ref['device_only_s']:.4f}",
+                      f"{ref['device_only']['min_s']:.4f}-{ref['device_only']['max_s']:.4f}", *[""] * 10)
+            t.add_row(f"reference: CPU alone, {d}", f"{ref['cpu_only_s']:.4f}",
+                      f"{ref['cpu_only']['min_s']:.4f}-{ref['cpu_only']['max_s']:.4f}", *[""] * 10)
+    for r in result["rows"]:
+        st = r["stats"]
+        sent = st["sent_bytes"] + st["shm_sent_bytes"]
+        recv = st["received_bytes"] + st["shm_received_bytes"]
+        label = f"{r['transport']} {r['dtype']} {r['policy']}" + (f" x{r['chunks']}" if r["chunks"] > 1 else "")
+        opt = lambda k: f"{r[k]:.2f}" if k in r else "-"  # noqa: E731
+        t.add_row(label, f"{r['median_s']:.4f}", f"{r['min_s']:.4f}-{r['max_s']:.4f}",
+                  f"{st['rpc_ms_per_call']:.3f}", f"{sent * mb:.1f}", f"{recv * mb:.1f}",
+                  f"{r['speedup_vs_first']:.2f}x", opt("vs_local"), opt("vs_device_only"), opt("vs_cpu_only"),
+                  f"{r['trusted_s']:.4f}", f"{r['server_s']:.4f}", f"{r['transport_s']:.4f}")
+    return t
+
+
+def plot(result: dict, path: str) -> None:
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise RuntimeError("--plot needs matplotlib: pip install 'tsqp[plot]'") from None
+    rows = result["rows"]
+    labels = [f"{r['transport']}\n{r['dtype']}\n{r['policy']}" + (f" x{r['chunks']}" if r["chunks"] > 1 else "")
+              for r in rows]
+    parts = [("trusted compute", "trusted_s", "#4c72b0"), ("server compute", "server_s", "#dd8452"),
+             ("transport / wait", "transport_s", "#8c8c8c")]
+    fig, ax = plt.subplots(figsize=(max(6, 1.3 * len(rows)), 4.5))
+    bottom = [0.0] * len(rows)
+    for name, key, color in parts:
+        vals = [r[key] for r in rows]
+        ax.bar(labels, vals, bottom=bottom, label=name, color=color)
+        bottom = [b + v for b, v in zip(bottom, vals)]
+    ax.scatter(labels, [r["median_s"] for r in rows], color="black", marker="_", s=400, zorder=3,
+               label="median wall time")
+    refs = result["references"]
+    if "device_only_s" in refs:
+        ax.axhline(refs["device_only_s"], color="green", ls="--", lw=1, label="device alone")
+        ax.axhline(refs["cpu_only_s"], color="red", ls="--", lw=1, label="CPU alone")
+    ax.set_ylabel("seconds per prefill")
+    ax.set_title(f"{result['settings']['model']}, {result['settings']['tokens']} tokens")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
