@@ -40,10 +40,16 @@ class Config:
     dtype: str
     policy: str
     chunks: int
+    attn: str = "auto"
 
     @property
     def label(self) -> str:
-        return f"{self.transport} {self.dtype} {self.policy}" + (f" x{self.chunks}" if self.chunks > 1 else "")
+        return label_of(self.__dict__)
+
+
+def label_of(r: dict) -> str:
+    return (f"{r['transport']} {r['dtype']} {r['policy']}" + (f" x{r['chunks']}" if r["chunks"] > 1 else "")
+            + (f" attn:{r['attn']}" if r.get("attn", "auto") != "auto" else ""))
 
 
 def timed_prefills(model: TrustedModel, ids: torch.Tensor, chunks: int, repeat: int, warmup: int,
@@ -123,7 +129,7 @@ class Bench:
             offload = RemoteOffload(self.endpoint(c), transport, timeout_s=a.timeout, arena_bytes=arena, stats=stats)
             cfg, norms = offload.cfg, offload.norms
         try:
-            model = TrustedModel(cfg, norms, offload, c.policy, stats, attn_dtype(a.attn_dtype, offload.dtype))
+            model = TrustedModel(cfg, norms, offload, c.policy, stats, attn_dtype(c.attn, offload.dtype))
             times, runs = timed_prefills(model, ids, c.chunks, a.repeat, a.warmup, stats, self.sync)
         finally:
             offload.close()
@@ -133,7 +139,7 @@ class Bench:
         st = median_stats(runs)
         trusted = sum(st["trusted_s"].values())
         med = statistics.median(times)
-        return {"transport": c.transport, "dtype": c.dtype, "policy": c.policy, "chunks": c.chunks,
+        return {"transport": c.transport, "dtype": c.dtype, "policy": c.policy, "chunks": c.chunks, "attn": c.attn,
                 "tokens": int(ids.numel()), **summary(times), "bytes_moved": int(st["bytes_moved"]),
                 "trusted_s": trusted, "server_s": st["server_compute_s"],
                 "transport_s": max(med - trusted - st["server_compute_s"], 0.0), "stats": st}
@@ -145,8 +151,7 @@ class Bench:
         offload = LocalOffload(Compute(cfg, weights, device), stats, buffer_device=device)
         norms = {k: v for k, v in weights.items() if k.endswith("norm.weight")}
         model = TrustedModel(cfg, norms, offload, "linear", stats,
-                             W.torch_dtype(dtype) if device != "cpu" else attn_dtype(self.args.attn_dtype,
-                                                                                    W.torch_dtype(dtype)),
+                             W.torch_dtype(dtype) if device != "cpu" else attn_dtype("auto", W.torch_dtype(dtype)),
                              device=device)
         sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
         times, _ = timed_prefills(model, ids.to(device), 1, self.args.repeat, self.args.warmup, stats, sync)
@@ -168,7 +173,12 @@ def run_bench(args) -> dict:
     for d in dtypes:
         W.torch_dtype(d)
     chunk_list = [int(c) for c in str(a.chunks).split(",")]
-    configs = [Config(t, d, p, c) for d, p, c, t in itertools.product(dtypes, policies, chunk_list, transports)]
+    attns = a.attn_dtype.split(",")
+    for at in attns:
+        if at not in ("auto", "float32", "bfloat16"):
+            raise ValueError(f"unknown attention dtype '{at}'; choose auto, float32 or bfloat16")
+    configs = [Config(t, d, p, c, at) for d, p, c, at, t in
+               itertools.product(dtypes, policies, chunk_list, attns, transports)]
     cfg = W.load_config(a.model)
     ids = fixed_prompt(cfg, a.tokens)
     bench = Bench(a)
@@ -191,7 +201,11 @@ def run_bench(args) -> dict:
                                                "device_only": dev, "cpu_only": cpu}
             for c in configs:
                 progress.update(task, description=f"{c.label}")
-                result["rows"].append(bench.measure(c, ids))
+                try:
+                    result["rows"].append(bench.measure(c, ids))
+                except (RuntimeError, ValueError, OSError) as e:   # report it and go on with the matrix
+                    console.print(f"[red]{c.label}: {type(e).__name__}: {e}[/red]")
+                    result.setdefault("errors", []).append({**c.__dict__, "error": f"{type(e).__name__}: {e}"})
                 progress.advance(task)
     finally:
         bench.stop_servers()
@@ -224,14 +238,14 @@ def add_ratios(result: dict) -> None:
     if not rows:
         return
     base = rows[0]["median_s"]
-    local = {(r["dtype"], r["policy"], r["chunks"]): r["median_s"] for r in rows if r["transport"] == "local"}
+    local = {(r["dtype"], r["policy"], r["chunks"], r["attn"]): r["median_s"] for r in rows if r["transport"] == "local"}
     for r in rows:
         r["speedup_vs_first"] = base / r["median_s"]
         ref = result["references"].get(r["dtype"])
         if ref:
             r["vs_device_only"] = r["median_s"] / ref["device_only_s"]
             r["vs_cpu_only"] = r["median_s"] / ref["cpu_only_s"]
-        key = (r["dtype"], r["policy"], r["chunks"])
+        key = (r["dtype"], r["policy"], r["chunks"], r["attn"])
         if key in local:
             r["vs_local"] = r["median_s"] / local[key]
 
@@ -253,7 +267,7 @@ def table(result: dict) -> Table:
         st = r["stats"]
         sent = st["sent_bytes"] + st["shm_sent_bytes"]
         recv = st["received_bytes"] + st["shm_received_bytes"]
-        label = f"{r['transport']} {r['dtype']} {r['policy']}" + (f" x{r['chunks']}" if r["chunks"] > 1 else "")
+        label = label_of(r)
         opt = lambda k: f"{r[k]:.2f}" if k in r else "-"  # noqa: E731
         t.add_row(label, f"{r['median_s']:.4f}", f"{r['min_s']:.4f}-{r['max_s']:.4f}",
                   f"{st['rpc_ms_per_call']:.3f}", f"{sent * mb:.1f}", f"{recv * mb:.1f}",
@@ -270,8 +284,7 @@ def plot(result: dict, path: str) -> None:
     except ImportError:
         raise RuntimeError("--plot needs matplotlib: pip install 'tsqp[plot]'") from None
     rows = result["rows"]
-    labels = [f"{r['transport']}\n{r['dtype']}\n{r['policy']}" + (f" x{r['chunks']}" if r["chunks"] > 1 else "")
-              for r in rows]
+    labels = [label_of(r).replace(" ", "\n") for r in rows]
     parts = [("trusted compute", "trusted_s", "#4c72b0"), ("server compute", "server_s", "#dd8452"),
              ("transport / wait", "transport_s", "#8c8c8c")]
     fig, ax = plt.subplots(figsize=(max(6, 1.3 * len(rows)), 4.5))

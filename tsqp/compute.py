@@ -57,28 +57,41 @@ class Compute:
             return y[0].transpose(0, 1).reshape(T, H * hd) @ self.layers[layer]["o"].T     # [T, D]
         return xs[0] @ self.layers[layer][op].T                       # [T, out]
 
-    def run(self, op: str, layer: int | None, inputs: list[torch.Tensor],
-            out: torch.Tensor | None = None) -> tuple[torch.Tensor, float]:
-        """Host tensors in; the result lands in `out` (host) when given. Returns (result, compute seconds),
-        the time measured here with the device synchronised."""
+    def launch(self, op: str, layer: int | None, inputs: list[torch.Tensor], out: torch.Tensor | None = None):
+        """Start one op on host tensors; the result lands in `out` (host) when given. Returns (result, finish):
+        finish() waits for the device and returns the compute seconds (copies included), measured here.
+        On CUDA the copies and the kernels are queued on one stream, so the caller may work meanwhile."""
         t0 = time.perf_counter()
         if self.cuda and out is None and all(x.device == self.device for x in inputs):
             y = self.forward(op, layer, *inputs)     # everything on the device already: the no-split reference
-            return y, time.perf_counter() - t0
+            return y, lambda: time.perf_counter() - t0
         if not self.cuda:
             if out is not None and op in ("qkv", "o", "gate_up", "down", "lm_head"):   # straight into `out`
-                torch.matmul(inputs[0], self.layers[layer][op].T if op != "lm_head" else self.lm_head.T, out=out)
-                return out, time.perf_counter() - t0
-            y = self.forward(op, layer, *inputs)
-            if out is not None:
-                out.copy_(y)
-                y = out
-            return y, time.perf_counter() - t0
+                w = self.lm_head if op == "lm_head" else self.layers[layer][op]
+                y = torch.matmul(inputs[0], w.T, out=out)
+            else:
+                y = self.forward(op, layer, *inputs)
+                if out is not None:
+                    y = out.copy_(y)
+            seconds = time.perf_counter() - t0
+            return y, lambda: seconds
         with torch.cuda.stream(self.stream):
-            xs = [x.to(self.device, non_blocking=True) for x in inputs]
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            xs = [x.to(self.device, non_blocking=True) for x in inputs]   # DMA when the host memory is pinned
             y = self.forward(op, layer, *xs)
             if out is None:
                 out = torch.empty(y.shape, dtype=y.dtype)  # pageable: frames mode copies it anyway
             out.copy_(y, non_blocking=True)
-        self.stream.synchronize()
-        return out, time.perf_counter() - t0
+            end.record()
+
+        def finish() -> float:
+            end.synchronize()
+            return start.elapsed_time(end) / 1e3
+        return out, finish
+
+    def run(self, op: str, layer: int | None, inputs: list[torch.Tensor],
+            out: torch.Tensor | None = None) -> tuple[torch.Tensor, float]:
+        """launch() and wait: (result, compute seconds measured with the device synchronised)."""
+        y, finish = self.launch(op, layer, inputs, out)
+        return y, finish()

@@ -15,7 +15,9 @@ import time
 
 import torch
 
+from . import protocol as P
 from .compute import Compute
+from .shm import Arena
 from .stats import Stats
 
 
@@ -32,25 +34,68 @@ class Done:
         pass
 
 
+class Launched:
+    """A request queued on the device; result() waits for it."""
+
+    def __init__(self, offload: "LocalOffload", value: torch.Tensor, finish, t0: float, regions: list[int]):
+        self.offload, self.value, self.finish, self.t0, self.regions = offload, value, finish, t0, regions
+        self.done = False
+
+    def result(self) -> torch.Tensor:
+        if not self.done:
+            stats = self.offload.stats
+            t = time.perf_counter()
+            stats.server_compute_s += self.finish()
+            stats.wait_s += time.perf_counter() - t
+            stats.rpc_time_s += time.perf_counter() - self.t0
+            self.done = True
+        return self.value
+
+    def release(self) -> None:
+        for off in self.regions:
+            self.offload.arena.free(off)
+        self.regions = []
+
+
 class LocalOffload:
     """The compute service in the runner's own process: the baseline the transports are measured against,
-    and the single-process mode of a TDX VM with GPU passthrough."""
+    and the single-process mode of a TDX VM with GPU passthrough. With a CUDA compute and trusted tensors on
+    the CPU, buffers come from a pinned staging arena and requests are queued asynchronously, as the
+    shared-memory transport does across processes."""
 
-    def __init__(self, compute: Compute, stats: Stats | None = None, buffer_device: str = "cpu"):
-        """buffer_device: where the trusted side's tensors live (the compute's device for a no-split run)."""
+    def __init__(self, compute: Compute, stats: Stats | None = None, buffer_device: str = "cpu",
+                 staging_bytes: int = 256 * 2**20, staging: bool | None = None):
+        """buffer_device: where the trusted side's tensors live (the compute's device for a no-split run).
+        staging: use the staging arena (default: when the compute is on CUDA and the buffers on the CPU)."""
         self.compute, self.dtype, self.buffer_device = compute, compute.dtype, buffer_device
         self.stats = stats or Stats()
+        self.arena = None
+        if staging if staging is not None else (compute.cuda and torch.device(buffer_device).type == "cpu"):
+            self.arena = Arena.anonymous(staging_bytes)
+            if compute.cuda:
+                self.arena.register_cuda()
 
     def empty(self, shape: tuple[int, ...], dtype: torch.dtype | None = None) -> torch.Tensor:
+        if self.arena is not None:
+            return self.arena.empty(shape, dtype or self.dtype)    # freed with the request it feeds
         return torch.empty(shape, dtype=dtype or self.dtype, device=self.buffer_device)
 
-    def submit(self, op: str, layer: int | None, *xs: torch.Tensor) -> Done:
+    def submit(self, op: str, layer: int | None, *xs: torch.Tensor):
         t0 = time.perf_counter()
-        y, compute_s = self.compute.run(op, layer, list(xs))
         self.stats.rpc_calls += 1
-        self.stats.rpc_time_s += time.perf_counter() - t0
-        self.stats.server_compute_s += compute_s
-        return Done(y)
+        if self.arena is None:
+            y, compute_s = self.compute.run(op, layer, list(xs))
+            self.stats.rpc_time_s += time.perf_counter() - t0
+            self.stats.server_compute_s += compute_s
+            return Done(y)
+        regions = [off for off in map(self.arena.offset_of, xs) if off is not None]
+        want = P.check_request(self.compute.cfg, P.DTYPE_NAME[self.dtype], op, layer, [P.TensorMeta.of(x) for x in xs])
+        out = self.arena.empty(want.shape, P.WIRE_DTYPES[want.dtype])
+        regions.append(self.arena.offset_of(out))
+        y, finish = self.compute.launch(op, layer, list(xs), out)
+        return Launched(self, y, finish, t0, regions)
 
     def close(self) -> None:
-        pass
+        if self.arena is not None:
+            self.arena.close()
+            self.arena = None

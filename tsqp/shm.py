@@ -92,6 +92,12 @@ class Arena:
         return cls(mm, name, size, path)
 
     @classmethod
+    def anonymous(cls, size: int) -> "Arena":
+        """Process-private staging memory with the same allocator (in-process offload to a GPU)."""
+        size = (size + mmap.PAGESIZE - 1) // mmap.PAGESIZE * mmap.PAGESIZE
+        return cls(mmap.mmap(-1, size), "anonymous", size, None)
+
+    @classmethod
     def attach(cls, name: str, size: int) -> "Arena":
         """Map a runner's arena (server side) and unlink its file."""
         if not isinstance(name, str) or not NAME.match(name):

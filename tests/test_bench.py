@@ -1,0 +1,102 @@
+"""Issue 4: the bytes moved match what the policy has to move (computed from the config, independently of
+the runtime's own accounting), and `tsqp bench` produces its table, JSON and plot."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from conftest import serving
+from tsqp.config import PRESETS, ModelConfig
+from tsqp.model import TrustedModel
+from tsqp.remote import RemoteOffload
+from tsqp.runner import fixed_prompt
+
+
+def expected_tensor_bytes(cfg: ModelConfig, T: int, itemsize: int, policy: str) -> tuple[int, int]:
+    """(sent, received) tensor bytes for a one-chunk prefill of T tokens, logits for the last position."""
+    D, I, V = cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size
+    H, KV, hd = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+    sent, recv = T * 8, T * D * itemsize                              # token ids (int64) -> embeddings
+    for _ in range(cfg.num_layers):
+        sent += T * D * itemsize                                      # normed x -> qkv
+        recv += T * (H + 2 * KV) * hd * itemsize
+        if policy == "linear":
+            sent += T * H * hd * itemsize                             # attention output -> o
+        elif policy == "flash":
+            sent += (T * H * hd + 2 * KV * T * hd) * itemsize         # rotated q, k, v -> attention + o
+        elif policy == "seed":
+            sent += (H * T * hd + KV * T * hd) * itemsize             # q, k -> scores
+            recv += H * T * T * itemsize
+            sent += (H * T * T + KV * T * hd) * itemsize              # probabilities, v -> P V
+            recv += H * T * hd * itemsize
+            sent += T * H * hd * itemsize                             # -> o
+        recv += T * D * itemsize
+        sent += T * D * itemsize                                      # normed x -> gate/up
+        recv += T * 2 * I * itemsize
+        sent += T * I * itemsize                                      # silu(gate) * up -> down
+        recv += T * D * itemsize
+    return sent + D * itemsize, recv + V * itemsize                   # last position -> logits
+
+
+def test_llama_1b_bf16_moves_about_1_25_gb():
+    sent, recv = expected_tensor_bytes(PRESETS["llama-3.2-1b"], 1024, 2, "linear")
+    assert 1.2e9 < sent + recv < 1.3e9      # the prototype moved about 7 GB
+
+
+@pytest.mark.parametrize("dtype,itemsize", [("float32", 4), ("bfloat16", 2)])
+def test_bytes_moved_match_the_config(dtype, itemsize):
+    T = 48
+    with serving("random:tiny", dtype) as (endpoint, _):
+        for policy in ("linear", "flash", "seed"):
+            for transport in ("shm", "frames"):
+                remote = RemoteOffload(endpoint, transport)
+                try:
+                    cfg = remote.cfg
+                    model = TrustedModel(cfg, remote.norms, remote, policy, remote.stats)
+                    model.prefill(fixed_prompt(cfg, T), model.new_cache(T), 1)
+                    st = remote.stats
+                finally:
+                    remote.close()
+                sent, recv = expected_tensor_bytes(cfg, T, itemsize, policy)
+                if transport == "shm":
+                    assert (st.shm_sent_bytes, st.shm_received_bytes) == (sent, recv), policy
+                    assert st.sent_bytes + st.received_bytes < 400 * st.rpc_calls    # control messages only
+                else:
+                    headers = 600 * st.rpc_calls
+                    assert sent <= st.sent_bytes < sent + headers, policy
+                    assert recv <= st.received_bytes < recv + headers, policy
+                    assert st.shm_sent_bytes == st.shm_received_bytes == 0
+
+
+def test_bench_writes_table_json_and_plot(tmp_path):
+    out, png = tmp_path / "bench.json", tmp_path / "bench.png"
+    proc = subprocess.run(
+        [sys.executable, "-m", "tsqp.cli", "bench", "--model", "random:tiny", "--tokens", "32", "--repeat", "2",
+         "--transport", "local,shm,ipc,tcp", "--policy", "linear,flash", "--json", str(out), "--plot", str(png)],
+        capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "reference: cpu alone" in proc.stdout and "reference: CPU alone" in proc.stdout
+    result = json.loads(out.read_text())
+    for key in ("model", "device", "gpu", "cpu_count", "torch"):
+        assert key in result["settings"]
+    refs = result["references"]
+    assert refs["device_only_s"] > 0 and refs["cpu_only_s"] > 0
+    rows = result["rows"]
+    assert len(rows) == 8 and "errors" not in result
+    assert {(r["transport"], r["policy"]) for r in rows} == {(t, p) for t in ("local", "shm", "ipc", "tcp")
+                                                             for p in ("linear", "flash")}
+    for r in rows:
+        for key in ("transport", "dtype", "policy", "tokens", "median_s", "min_s", "max_s", "bytes_moved",
+                    "vs_device_only", "vs_cpu_only", "vs_local"):
+            assert key in r, key
+        assert r["min_s"] <= r["median_s"] <= r["max_s"]
+        sent, recv = expected_tensor_bytes(PRESETS["tiny"], 32, 4, r["policy"])
+        if r["transport"] == "shm":
+            assert r["bytes_moved"] - (sent + recv) < 400 * r["stats"]["rpc_calls"]
+        elif r["transport"] != "local":
+            assert sent + recv <= r["bytes_moved"] < sent + recv + 1200 * r["stats"]["rpc_calls"]
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
