@@ -71,6 +71,15 @@ def parser() -> argparse.ArgumentParser:
     r.add_argument("--json", default=None, help="write settings and statistics here")
     r.add_argument("--dump-logits", default=None, help="write the last position's logits (float32 .npy)")
     r.add_argument("--no-warmup", action="store_true", help="time the first prefill")
+
+    d = sub.add_parser("diagnose", help="measure ipc/tcp/shm round trips against its own echo servers; "
+                                        "report the environment")
+    d.add_argument("--endpoint", default=None, help=f"the endpoint to inspect (env {ENV['endpoint']}; "
+                                                    f"default {DEFAULT_ENDPOINT})")
+    d.add_argument("--json", default=None, help="write rows, verdicts and the environment here")
+    d.add_argument("--sizes", nargs="+", default=None, help="payload sizes, e.g. 4K 1M 16M (default 4K..64M)")
+    d.add_argument("--repeat", type=int, default=None, help="round trips per size, at most (default 30)")
+    d.add_argument("--quick", action="store_true", help="a few sizes, few repeats (seconds)")
     return ap
 
 
@@ -97,6 +106,9 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "run":
             from .runner import run
             run(args)
+        elif args.command == "diagnose":
+            from .diagnose import diagnose
+            diagnose(args)
         return 0
     except (ConfigError, ValueError, RuntimeError, OSError) as e:
         print(f"tsqp {args.command}: error: {e}", file=sys.stderr)
