@@ -4,6 +4,7 @@ from __future__ import annotations
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -55,41 +56,129 @@ def short_endpoint(tag: str = "s") -> str:
     return f"ipc://{d}/{tag}.ipc"
 
 
+def start_server(model: str, dtype: str = "float32", endpoint: str | None = None, extra: tuple = (),
+                 env: dict | None = None) -> subprocess.Popen:
+    """Launch `tsqp serve` (real process) without waiting; `proc.endpoint` is where it binds.
+    env: variables added to the environment (e.g. LLAMA_*); model=None leaves --model etc. to the environment."""
+    proc_env = {**clean_env(), "PYTHONUNBUFFERED": "1", **(env or {})}
+    cmd = [sys.executable, "-m", "tsqp.cli", "serve"]
+    if model is not None:
+        endpoint = endpoint or short_endpoint()
+        cmd += ["--model", str(model), "--device", "cpu", "--dtype", dtype, "--endpoint", endpoint]
+    proc = subprocess.Popen([*cmd, *extra], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env=proc_env)
+    proc.endpoint = endpoint
+    return proc
+
+
+def wait_ready(proc: subprocess.Popen, timeout_s: float = 60.0) -> str:
+    """Read the banner up to the line containing 'ready'; returns it (also as proc.banner)."""
+    lines = []
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        line = proc.stdout.readline()
+        if not line:
+            raise RuntimeError(f"server exited before ready:\n{''.join(lines)}")
+        lines.append(line)
+        if "ready" in line:
+            break
+    else:
+        raise RuntimeError(f"server not ready in {timeout_s} s:\n{''.join(lines)}")
+    proc.banner = "".join(lines)
+    return proc.banner
+
+
+def stop_server(proc: subprocess.Popen, own_dir: bool = False) -> None:
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)     # a no-op where serving_all already signalled it
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(10)
+    proc.stdout.close()
+    if own_dir and proc.endpoint and proc.endpoint.startswith("ipc://"):
+        shutil.rmtree(Path(proc.endpoint.removeprefix("ipc://")).parent, ignore_errors=True)
+
+
 @contextmanager
 def serving(model: str, dtype: str = "float32", endpoint: str | None = None, extra: tuple = (),
-            timeout_s: float = 60.0):
+            timeout_s: float = 60.0, env: dict | None = None):
     """Start `tsqp serve` as a real process; yield (endpoint, process); stop it afterwards."""
     own_dir = endpoint is None
-    endpoint = endpoint or short_endpoint()
-    cmd = [sys.executable, "-m", "tsqp.cli", "serve", "--model", str(model), "--device", "cpu",
-           "--dtype", dtype, "--endpoint", endpoint, *extra]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
-    lines = []
+    proc = start_server(model, dtype, endpoint, extra, env)
     try:
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            line = proc.stdout.readline()
-            if not line:
-                raise RuntimeError(f"server exited before ready:\n{''.join(lines)}")
-            lines.append(line)
-            if "ready" in line:
-                break
-        else:
-            raise RuntimeError(f"server not ready in {timeout_s} s:\n{''.join(lines)}")
-        proc.banner = "".join(lines)
-        yield endpoint, proc
+        wait_ready(proc, timeout_s)
+        yield proc.endpoint, proc
     finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(10)
-            except subprocess.TimeoutExpired:
+        stop_server(proc, own_dir)
+
+
+@contextmanager
+def serving_all(specs: list[dict], timeout_s: float = 90.0):
+    """Start several servers at once (start-up overlaps); specs are serving()'s keyword arguments.
+    Yields [(endpoint, process)] in the same order."""
+    procs = []
+    try:
+        for spec in specs:
+            spec = dict(spec)
+            own = spec.get("endpoint") is None
+            spec.pop("timeout_s", None)
+            procs.append((start_server(**spec), own))
+        for proc, _ in procs:
+            wait_ready(proc, timeout_s)
+        yield [(proc.endpoint, proc) for proc, _ in procs]
+    finally:
+        for proc, _ in procs:       # signal all first, so that they stop in parallel
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+        for proc, own in procs:
+            stop_server(proc, own)
+
+
+def free_tcp_endpoint() -> str:
+    """tcp://127.0.0.1:PORT on a port that was free a moment ago."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return f"tcp://127.0.0.1:{s.getsockname()[1]}"
+
+
+def clean_env() -> dict:
+    """os.environ without the LLAMA_* variables the CLI reads, so a developer's shell cannot steer the tests."""
+    return {k: v for k, v in os.environ.items() if not k.startswith("LLAMA_")}
+
+
+def run_cli(*args, env: dict | None = None, timeout_s: float = 60.0) -> subprocess.CompletedProcess:
+    """`python -m tsqp.cli ARGS` as a real process; text output; every run has a timeout."""
+    return run_cli_many([args], env, timeout_s)[0]
+
+
+def run_cli_many(argvs: list, env: dict | None = None, timeout_s: float = 60.0) -> list[subprocess.CompletedProcess]:
+    """Several `python -m tsqp.cli` runs at once (their start-ups overlap); results in order.
+    env: one dict for all runs, or a list with one per run."""
+    envs = env if isinstance(env, list) else [env] * len(argvs)
+    procs = [subprocess.Popen([sys.executable, "-m", "tsqp.cli", *map(str, argv)], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True, env={**clean_env(), **(e or {})})
+             for argv, e in zip(argvs, envs)]
+    done = []
+    try:
+        for proc in procs:
+            out, err = proc.communicate(timeout=timeout_s)
+            done.append(subprocess.CompletedProcess(proc.args, proc.returncode, out, err))
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
                 proc.kill()
-                proc.wait(10)
-        proc.stdout.close()
-        if own_dir:
-            shutil.rmtree(Path(endpoint.removeprefix("ipc://")).parent, ignore_errors=True)
+                proc.communicate(timeout=10)
+    return done
+
+
+@pytest.fixture
+def restore_sigterm():
+    """For tests calling tsqp.cli.main in-process: `run` installs a SIGTERM handler; put pytest's back."""
+    old = signal.getsignal(signal.SIGTERM)
+    yield
+    signal.signal(signal.SIGTERM, old)
 
 
 def hf_logits(path: Path, ids: torch.Tensor) -> torch.Tensor:
