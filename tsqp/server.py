@@ -67,7 +67,8 @@ class Server:
 
     def info(self) -> dict:
         return {"model": self.model, "dtype": self.wire, "device": str(self.compute.device),
-                "config": self.cfg.to_dict(), "sessions": len(self.sessions), "pid": os.getpid()}
+                "config": self.cfg.to_dict(), "sessions": len(self.sessions), "requests": self.requests,
+                "pid": os.getpid()}
 
     def hello(self, peer: bytes) -> list:
         """Open a session; the runner gets the config, the norm weights and the rope parameters (config)."""
