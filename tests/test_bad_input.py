@@ -119,7 +119,8 @@ def test_no_server_times_out_on_time(tmp_path, kind, transport):
     t0 = time.monotonic()
     with pytest.raises(ServerTimeout, match=re.escape(f"ipc://{path}")):
         RemoteOffload(f"ipc://{path}", transport, connect_timeout_s=1.0)
-    assert 0.9 < time.monotonic() - t0 < 5
+    # the connect timeout and no more (no goodbye waited for from a server that never answered)
+    assert 0.9 < time.monotonic() - t0 < 1.8
 
 
 def test_server_dying_mid_run_is_reported_not_waited_on():

@@ -149,9 +149,11 @@ class RemoteOffload:
 
     def close(self) -> None:
         if self.client is not None:
-            with contextlib.suppress(TransportError, zmq.ZMQError):  # best effort: the server may be gone
-                self.client.send([P.encode({"type": "bye"})])
-                self.client.recv("bye", timeout_s=1.0)
+            # best effort, and only to a server that answered the hello: the server may be gone
+            with contextlib.suppress(TransportError, zmq.ZMQError):
+                if hasattr(self, "info"):
+                    self.client.send([P.encode({"type": "bye"})])
+                    self.client.recv("bye", timeout_s=1.0)
             self.client.close()
             self.client = None
         if self.arena is not None:
