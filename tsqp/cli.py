@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 
 from .config import DEFAULT_ENDPOINT, DEFAULT_MODEL, DTYPES, ConfigError
@@ -47,6 +48,22 @@ def add_client_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--arena-mb", type=int, default=None, help="shared-memory arena size (default: from the model)")
 
 
+def add_security_args(p: argparse.ArgumentParser, server: bool) -> None:
+    """CurveZMQ for tcp:// (`tsqp keys` writes the files); ipc:// is guarded by the socket file's mode."""
+    p.add_argument("--keys", default=None, help="keys directory written by `tsqp keys` (env TSQP_KEYS_DIR; "
+                                                "default ~/.config/tsqp/keys)")
+    p.add_argument("--server-key", default=None,
+                   help="the server's key file (serve: its .key_secret; run: its public .key); default from --keys")
+    if server:
+        p.add_argument("--allow", default=None, help="allowed client public keys: a .key file or a directory "
+                                                     "of them (default KEYS/allowed)")
+        p.add_argument("--public", action="store_true", help="allow a wildcard tcp bind (all interfaces)")
+    else:
+        p.add_argument("--client-key", default=None, help="this runner's .key_secret (default KEYS/client.key_secret)")
+    p.add_argument("--insecure", action="store_true", help="plain tcp without CurveZMQ: no authentication, "
+                                                           "no encryption (says what it exposes)")
+
+
 def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="tsqp", description="LLM inference split between a trusted CPU "
                                  "runner and an untrusted GPU compute server.")
@@ -56,11 +73,18 @@ def parser() -> argparse.ArgumentParser:
     add_model_args(s)
     s.add_argument("--endpoint", default=None, help=f"bind here (env {ENV['endpoint']}; default {DEFAULT_ENDPOINT})")
     s.add_argument("--max-sessions", type=int, default=8, help="runners served at once (default 8)")
+    s.add_argument("--idle-timeout", type=float, default=600.0,
+                   help="drop a tcp session unheard for this many seconds (0: never; ipc sessions are dropped "
+                        "when their runner's process dies) (default 600)")
+    s.add_argument("--max-message-mb", type=float, default=4096.0,
+                   help="drop larger messages (ZMQ_MAXMSGSIZE) (default 4096)")
+    add_security_args(s, server=True)
     s.add_argument("--threads", type=int, default=None, help="torch CPU threads")
 
     r = sub.add_parser("run", help="run the trusted runner: one prefill, with statistics")
     add_model_args(r)
     add_client_args(r)
+    add_security_args(r, server=False)
     r.add_argument("--local", action="store_true", help="compute in-process, no transport (the baseline)")
     r.add_argument("--tokens", type=int, default=128, help="a fixed prompt of N token ids (default 128)")
     r.add_argument("--prompt-ids", default=None, help="comma-separated token ids instead of --tokens")
@@ -80,6 +104,10 @@ def parser() -> argparse.ArgumentParser:
     d.add_argument("--sizes", nargs="+", default=None, help="payload sizes, e.g. 4K 1M 16M (default 4K..64M)")
     d.add_argument("--repeat", type=int, default=None, help="round trips per size, at most (default 30)")
     d.add_argument("--quick", action="store_true", help="a few sizes, few repeats (seconds)")
+    k = sub.add_parser("keys", help="generate CurveZMQ key pairs for tcp:// (owner-only files)")
+    k.add_argument("--dir", default=None, help="where (env TSQP_KEYS_DIR; default ~/.config/tsqp/keys)")
+    k.add_argument("--name", default=None, help="one pair NAME (a client's is allow-listed); default: server and client")
+    k.add_argument("--force", action="store_true", help="replace existing key files")
     return ap
 
 
@@ -94,10 +122,19 @@ def resolve(args) -> None:
     if getattr(args, "threads", None):
         import torch
         torch.set_num_threads(args.threads)
+    if args.command == "run" and not args.local:
+        from .keys import client_curve
+        args.curve = client_curve(args.endpoint, args.keys, args.server_key, args.client_key, args.insecure)
+
+
+def interrupt(signum, frame):
+    raise KeyboardInterrupt      # SIGTERM unwinds like Ctrl-C: finally blocks close the session and arena
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
+    if args.command == "run":
+        signal.signal(signal.SIGTERM, interrupt)
     try:
         resolve(args)
         if args.command == "serve":
@@ -109,10 +146,16 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "diagnose":
             from .diagnose import diagnose
             diagnose(args)
+        elif args.command == "keys":
+            from .keys import keys_command
+            keys_command(args)
         return 0
     except (ConfigError, ValueError, RuntimeError, OSError) as e:
         print(f"tsqp {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(f"tsqp {args.command}: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import os
 import time
 
 import torch
@@ -16,7 +17,7 @@ from . import protocol as P
 from .config import ModelConfig
 from .shm import Arena
 from .stats import Stats
-from .transport import Client, TransportError
+from .transport import Client, ServerTimeout, TransportError, check_ipc_owner
 
 
 class RemoteError(RuntimeError):
@@ -40,16 +41,18 @@ class Pending:
 class RemoteOffload:
     def __init__(self, endpoint: str, transport: str = "shm", timeout_s: float = 30.0,
                  connect_timeout_s: float = 5.0, arena_bytes=64 * 2**20, keep: int = 64,
-                 stats: Stats | None = None):
-        """arena_bytes: an int, or a function of the served model's config (known after the hello)."""
+                 stats: Stats | None = None, curve=None):
+        """arena_bytes: an int, or a function of the served model's config (known after the hello).
+        curve: a keys.ClientCurve for a CurveZMQ (tcp) server, or None."""
         if transport not in ("shm", "frames"):
             raise ValueError(f"unknown transport '{transport}'; choose shm or frames")
         self.endpoint, self.transport, self.keep = endpoint, transport, keep
         self.stats = stats or Stats()
-        self.client = Client(endpoint, timeout_s)
+        self.client, self.arena = None, None
+        check_ipc_owner(endpoint)
+        self.client = Client(endpoint, timeout_s, curve=curve)
         self.ids = itertools.count(1)
         self.replies: dict[int, list] = {}
-        self.arena = None
         try:
             self._hello(connect_timeout_s)
             if transport == "shm":
@@ -59,8 +62,15 @@ class RemoteOffload:
             raise
 
     def _hello(self, timeout_s: float) -> None:
-        self.client.send([P.encode({"type": "hello"})])
-        frames = self.client.recv("the hello (connect)", timeout_s)
+        # the pid lets a server on this host drop the session (and its arena) if this process dies
+        self.client.send([P.encode({"type": "hello", "pid": os.getpid()})])
+        try:
+            frames = self.client.recv("the hello (connect)", timeout_s)
+        except ServerTimeout as e:
+            if self.client.transport != "tcp":
+                raise
+            raise ServerTimeout(f"{e} (a CurveZMQ server does not answer a client whose public key it has not "
+                                f"allowed, nor a plain one: check --keys, --server-key, --client-key)") from None
         head = P.decode(frames[0])
         if head["type"] == "error":
             raise RemoteError(f"{self.endpoint}: {head['error']}")
@@ -118,7 +128,7 @@ class RemoteOffload:
         rid = next(self.ids)
         head = P.encode({**header, "id": rid})
         t1 = time.perf_counter()
-        self.client.send([head] + frames)
+        self.client.send([head] + frames, what="op " + op + (f" (layer {layer})" if layer is not None else ""))
         self.stats.serialize_s += t1 - t0
         self.stats.sent_bytes += len(head) + sum(f.nbytes for f in frames)
         self.stats.rpc_calls += 1
@@ -152,12 +162,13 @@ class RemoteOffload:
             # best effort, and only to a server that answered the hello: the server may be gone
             with contextlib.suppress(TransportError, zmq.ZMQError):
                 if hasattr(self, "info"):
-                    self.client.send([P.encode({"type": "bye"})])
+                    self.client.send([P.encode({"type": "bye"})], block=False)
                     self.client.recv("bye", timeout_s=1.0)
             self.client.close()
             self.client = None
         if self.arena is not None:
             self.arena.close()
+            self.arena = None
 
 
 def default_arena_bytes(cfg: ModelConfig, tokens: int, chunks: int = 1, seed_policy: bool = False) -> int:

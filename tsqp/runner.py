@@ -47,7 +47,8 @@ def open_offload(args, stats: Stats, tokens: int):
     arena = args.arena_mb * 2**20 if args.arena_mb else \
         (lambda cfg: default_arena_bytes(cfg, tokens, args.chunks, args.policy == "seed"))
     remote = RemoteOffload(args.endpoint, args.transport, timeout_s=args.timeout,
-                           connect_timeout_s=args.connect_timeout, arena_bytes=arena, keep=keep, stats=stats)
+                           connect_timeout_s=args.connect_timeout, arena_bytes=arena, keep=keep, stats=stats,
+                           curve=getattr(args, "curve", None))
     return remote, remote.cfg, remote.norms
 
 

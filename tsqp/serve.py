@@ -5,22 +5,27 @@ import time
 
 from . import weights as W
 from .compute import Compute
+from .keys import server_curve
 from .server import Server, describe_endpoint
 
 
 def serve(args) -> None:
     t0 = time.perf_counter()
+    curve = server_curve(args.endpoint, args.keys, args.server_key, args.allow, args.insecure)   # fail before loading
     dtype = W.torch_dtype(args.dtype)
     cfg, weights = W.load(args.model, dtype, "cpu" if args.device.startswith("cuda") else args.device)
     n = W.n_params(weights)
     compute = Compute(cfg, weights, args.device)
     norms = {k: v for k, v in weights.items() if k.endswith("norm.weight")}
     del weights
-    server = Server(compute, norms, args.endpoint, W.describe(args.model), args.max_sessions)
+    server = Server(compute, norms, args.endpoint, W.describe(args.model), args.max_sessions,
+                    idle_timeout_s=args.idle_timeout, max_msg_bytes=int(args.max_message_mb * 2**20),
+                    curve=curve, insecure=args.insecure, public=args.public)
 
     def ready():
         print(f"Endpoint: {args.endpoint} (bound)")
-        print(f"Transport: {describe_endpoint(args.endpoint)}")
+        print(f"Transport: {describe_endpoint(args.endpoint)}"
+              + (f", CurveZMQ ({len(curve.allowed)} allowed client key(s))" if curve else ""))
         print(f"Device: {args.device}, Dtype: {args.dtype}")
         print(f"Model: {W.describe(args.model)} ({cfg.num_layers} layers, {n / 1e6:.1f} M parameters, "
               f"{n * dtype.itemsize / 2**20:.1f} MiB)")

@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import os
 import signal
+import sys
 import time
+import traceback
 from dataclasses import dataclass
 
 import torch
@@ -15,24 +17,33 @@ import zmq
 
 from . import protocol as P
 from .compute import Compute
-from .shm import Arena, ArenaError
-from .transport import Client, ServerTimeout, TransportError, bind_server, ipc_path, transport_of
+from .keys import ServerCurve, check_bind
+from .shm import NAME as ARENA_NAME
+from .shm import Arena, ArenaError, pid_alive
+from .transport import (MAX_MSG_BYTES, Client, ServerTimeout, TransportError, bind_server, ipc_path,
+                        transport_of)
 
 POLL_MS = 100
+REAP_EVERY_S = 1.0
 
 
 @dataclass
 class Session:
     arena: Arena | None
     last_seen: float
+    pid: int | None = None      # the runner's pid, for sessions on this host (ipc): dropped when it dies
 
 
 class Server:
     def __init__(self, compute: Compute, norms: dict[str, torch.Tensor], endpoint: str, model: str,
-                 max_sessions: int = 8):
+                 max_sessions: int = 8, idle_timeout_s: float = 600.0, max_msg_bytes: int = MAX_MSG_BYTES,
+                 curve: ServerCurve | None = None, insecure: bool = False, public: bool = False):
+        """idle_timeout_s: a session without a known pid (tcp) is dropped after this long unheard (0: never).
+        curve / insecure / public: the tcp:// policy (keys.check_bind)."""
         self.compute, self.norms, self.endpoint, self.model = compute, norms, endpoint, model
         self.cfg, self.wire = compute.cfg, P.DTYPE_NAME[compute.dtype]
-        self.max_sessions = max_sessions
+        self.max_sessions, self.idle_timeout_s, self.max_msg_bytes = max_sessions, idle_timeout_s, max_msg_bytes
+        self.curve, self.insecure, self.public = curve, insecure, public
         self.sessions: dict[bytes, Session] = {}
         self.stopping = False
         self.requests = 0
@@ -48,7 +59,7 @@ class Server:
             if kind == "call":
                 return self.call(peer, header, frames[1:])
             if kind == "hello":
-                return self.hello(peer)
+                return self.hello(peer, header)
             if kind == "attach":
                 return self.attach(peer, header)
             if kind == "bye":
@@ -70,12 +81,18 @@ class Server:
                 "config": self.cfg.to_dict(), "sessions": len(self.sessions), "requests": self.requests,
                 "pid": os.getpid()}
 
-    def hello(self, peer: bytes) -> list:
+    def hello(self, peer: bytes, header: dict) -> list:
         """Open a session; the runner gets the config, the norm weights and the rope parameters (config)."""
         self.drop(peer)
         if len(self.sessions) >= self.max_sessions:
-            raise P.ProtocolError(f"server is at its session limit ({self.max_sessions}); try again later")
-        self.sessions[peer] = Session(None, time.monotonic())
+            self.reap()
+        if len(self.sessions) >= self.max_sessions:
+            raise P.ProtocolError(f"server is at its session limit ({self.max_sessions} sessions, --max-sessions); "
+                                  f"try again later")
+        pid = header.get("pid")
+        local = transport_of(self.endpoint) == "ipc"     # a pid means something only on this host
+        pid = pid if local and isinstance(pid, int) and not isinstance(pid, bool) and 0 < pid < 2**22 else None
+        self.sessions[peer] = Session(None, time.monotonic(), pid)
         names = sorted(self.norms)
         metas = [P.TensorMeta.of(self.norms[n]).to_json() for n in names]
         head = {"type": "welcome", **self.info(), "norms": names, "tensors": metas}
@@ -95,12 +112,26 @@ class Server:
         if session.arena is not None:
             session.arena.close()
         session.arena = arena
+        session.pid = int(ARENA_NAME.match(spec["name"]).group(1))    # its creator: shm is same-host
         return [P.encode({"type": "attached", "size": arena.size})]
 
     def drop(self, peer: bytes) -> None:
         s = self.sessions.pop(peer, None)
         if s is not None and s.arena is not None:
             s.arena.close()
+
+    def reap(self) -> list[bytes]:
+        """Drop the sessions of runners that died (pid gone) or went silent (no pid, idle too long)."""
+        now = time.monotonic()
+        dead = [peer for peer, s in self.sessions.items()
+                if (s.pid is not None and not pid_alive(s.pid))
+                or (s.pid is None and self.idle_timeout_s and now - s.last_seen > self.idle_timeout_s)]
+        for peer in dead:
+            s = self.sessions[peer]
+            why = f"runner pid {s.pid} is gone" if s.pid is not None else f"idle for {now - s.last_seen:.0f} s"
+            print(f"dropped a session: {why}", file=sys.stderr, flush=True)
+            self.drop(peer)
+        return dead
 
     def call(self, peer: bytes, header: dict, frames: list) -> list:
         session = self.sessions.get(peer)
@@ -152,7 +183,10 @@ class Server:
         if header.get("shm"):
             if session is None or session.arena is None:
                 raise P.ProtocolError("echo over shm needs a shared-memory session")
+            session.last_seen = time.monotonic()
             n = header.get("nbytes")
+            if not isinstance(n, int) or isinstance(n, bool) or n < 0:
+                raise P.ProtocolError(f"echo: bad nbytes {n!r}")
             src = session.arena.view(P.TensorMeta("float32", (n // 4,), header.get("src")))
             dst = session.arena.view(P.TensorMeta("float32", (n // 4,), header.get("dst")))
             # one plain memcpy (numpy): torch's copy_ fans out to OpenMP workers, which stall for scheduler
@@ -164,25 +198,43 @@ class Server:
     # ---- the loop ------------------------------------------------------------------------------------
     def serve_forever(self, on_ready=None) -> None:
         ctx = zmq.Context.instance()
+        for warning in check_bind(self.endpoint, self.curve, self.insecure, self.public):
+            print(warning, file=sys.stderr, flush=True)
         claim_endpoint(self.endpoint, ctx)
-        sock = bind_server(self.endpoint, ctx)
+        auth = self.curve.start_authenticator(ctx) if self.curve is not None else None
+        try:
+            sock = bind_server(self.endpoint, ctx, self.max_msg_bytes, self.curve)
+        except BaseException:
+            if auth is not None:
+                auth.stop()
+            raise
         self._install_signals()
         if on_ready:
             on_ready()
         poller = zmq.Poller()
         poller.register(sock, zmq.POLLIN)
+        next_reap = time.monotonic() + REAP_EVERY_S
         try:
             while not self.stopping:
+                if time.monotonic() >= next_reap:     # also while busy: one runner must not shield dead ones
+                    self.reap()
+                    next_reap = time.monotonic() + REAP_EVERY_S
                 if not poller.poll(POLL_MS):
                     continue
                 frames = sock.recv_multipart(copy=False)
                 peer, body = frames[0].bytes, frames[1:]
-                reply = self.handle(peer, body)
+                try:
+                    reply = self.handle(peer, body)
+                except Exception as e:     # a bug, not bad input (handle answers that): log, answer, go on
+                    traceback.print_exc()
+                    reply = [P.encode({"type": "error", "error": f"internal server error: {type(e).__name__}: {e}"})]
                 sock.send_multipart([peer] + reply, copy=False)
         finally:
             for peer in list(self.sessions):
                 self.drop(peer)
             sock.close(linger=0)
+            if auth is not None:
+                auth.stop()
             path = ipc_path(self.endpoint)
             if path is not None:
                 path.unlink(missing_ok=True)
