@@ -9,6 +9,10 @@ import sys
 
 from .config import DEFAULT_ENDPOINT, DEFAULT_MODEL, DTYPES, ConfigError
 
+# Runner and server take turns on the same cores; spinning OpenMP workers of the waiting side would steal
+# them from the working side (measured: 12x slower prefills on a busy 2-core machine). Must precede torch.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 ENV = {"model": "LLAMA_MODEL_PATH", "endpoint": "LLAMA_IPC_PATH", "dtype": "LLAMA_DTYPE",
        "device": "LLAMA_GPU_DEVICE"}
 
@@ -81,15 +85,32 @@ def parser() -> argparse.ArgumentParser:
     add_security_args(s, server=True)
     s.add_argument("--threads", type=int, default=None, help="torch CPU threads")
 
-    r = sub.add_parser("run", help="run the trusted runner: one prefill, with statistics")
+    r = sub.add_parser("run", help="run the trusted runner: one prefill, or generation with --max-new-tokens "
+                                   "or --prompt; with statistics")
     add_model_args(r)
     add_client_args(r)
     add_security_args(r, server=False)
     r.add_argument("--local", action="store_true", help="compute in-process, no transport (the baseline)")
     r.add_argument("--tokens", type=int, default=128, help="a fixed prompt of N token ids (default 128)")
     r.add_argument("--prompt-ids", default=None, help="comma-separated token ids instead of --tokens")
-    r.add_argument("--policy", choices=("linear", "seed"), default="linear",
-                   help="linear: attention on the trusted side; seed: the prototype's split (QK^T, PV offloaded)")
+    g = r.add_argument_group("generation (with --max-new-tokens or --prompt; otherwise one prefill)")
+    g.add_argument("--prompt", default=None, help="text to continue; needs a tokenizer (--tokenizer or --model DIR)")
+    g.add_argument("--tokenizer", default=None, help="a tokenizer.json or a model directory holding one "
+                                                     "(default: --model when it is a directory)")
+    g.add_argument("--max-new-tokens", type=int, default=None,
+                   help="generate up to N tokens after the prompt (default with --prompt: 128)")
+    g.add_argument("--temperature", type=float, default=None,
+                   help="0: greedy (the default); > 0: sample (1 when only --top-k/--top-p are given)")
+    g.add_argument("--top-k", type=int, default=None, help="sample among the k most likely tokens")
+    g.add_argument("--top-p", type=float, default=None, help="sample among the most likely tokens holding mass p")
+    g.add_argument("--seed", type=int, default=None, help="sampling seed (default: a fresh one, reported in the JSON)")
+    g.add_argument("--ignore-eos", action="store_true", help="run to --max-new-tokens (benchmarks)")
+    r.add_argument("--policy", choices=("linear", "seed", "flash"), default="linear",
+                   help="linear: attention on the trusted side; seed: the prototype's split (QK^T, PV offloaded); "
+                        "flash: RoPE here, fused attention + O on the server")
+    r.add_argument("--attn-dtype", choices=("auto", "float32", "bfloat16"), default="auto",
+                   help="dtype of the trusted side's attention math and KV cache (auto: bfloat16 when the wire "
+                        "is bfloat16 and the CPU has AMX, else float32)")
     r.add_argument("--chunks", type=int, default=1, help="split the prefill into interleaved chunks (overlap)")
     r.add_argument("--threads", type=int, default=None, help="torch CPU threads on the trusted side")
     r.add_argument("--json", default=None, help="write settings and statistics here")
@@ -104,6 +125,25 @@ def parser() -> argparse.ArgumentParser:
     d.add_argument("--sizes", nargs="+", default=None, help="payload sizes, e.g. 4K 1M 16M (default 4K..64M)")
     d.add_argument("--repeat", type=int, default=None, help="round trips per size, at most (default 30)")
     d.add_argument("--quick", action="store_true", help="a few sizes, few repeats (seconds)")
+    b = sub.add_parser("bench", help="time prefills over a matrix of transports, dtypes and policies, "
+                                     "with the no-split references")
+    b.add_argument("--model", default=None, help="default: random:llama-3.2-1b with CUDA, random:small without")
+    b.add_argument("--device", default=os.environ.get(ENV["device"]), help="the server's device (default cuda:0 "
+                                                                          "when CUDA is present, else cpu)")
+    b.add_argument("--tokens", type=int, default=None, help="prompt length (default 1024 with CUDA, 256 without)")
+    b.add_argument("--transport", default="local,shm,ipc,tcp", help="comma list of local, shm, ipc, tcp")
+    b.add_argument("--dtype", default=None, help="comma list (default bfloat16 with CUDA, float32 without)")
+    b.add_argument("--policy", default="linear", help="comma list of linear, seed, flash")
+    b.add_argument("--chunks", default="1", help="comma list of chunk counts for the interleaved prefill")
+    b.add_argument("--attn-dtype", default="auto", help="comma list of auto, float32, bfloat16 (trusted attention)")
+    b.add_argument("--repeat", type=int, default=5, help="timed prefills per configuration (median reported)")
+    b.add_argument("--warmup", type=int, default=1, help="untimed prefills first")
+    b.add_argument("--endpoint", default=None, help="use this running server instead of starting our own")
+    b.add_argument("--timeout", type=float, default=120.0, help="seconds to wait for any reply")
+    b.add_argument("--threads", type=int, default=None, help="torch CPU threads in the runner")
+    b.add_argument("--no-references", action="store_true", help="skip the device-only and CPU-only references")
+    b.add_argument("--json", default=None, help="write settings, references and rows here")
+    b.add_argument("--plot", default=None, help="write a stacked bar chart (PNG) here")
     k = sub.add_parser("keys", help="generate CurveZMQ key pairs for tcp:// (owner-only files)")
     k.add_argument("--dir", default=None, help="where (env TSQP_KEYS_DIR; default ~/.config/tsqp/keys)")
     k.add_argument("--name", default=None, help="one pair NAME (a client's is allow-listed); default: server and client")
@@ -113,12 +153,17 @@ def parser() -> argparse.ArgumentParser:
 
 def resolve(args) -> None:
     """Fill what flags left open from the environment and the defaults."""
-    if getattr(args, "endpoint", "unset") is None:
+    if getattr(args, "endpoint", "unset") is None and args.command != "bench":   # bench starts its own
         args.endpoint, args.endpoint_why = env_endpoint()
     if getattr(args, "transport", "unset") is None:
         args.transport = "shm" if args.endpoint.startswith("ipc://") else "frames"
     if getattr(args, "device", "unset") is None:
         args.device = default_device()
+    if args.command == "bench":
+        cuda = args.device.startswith("cuda")
+        args.model = args.model or ("random:llama-3.2-1b" if cuda else "random:small")
+        args.tokens = args.tokens or (1024 if cuda else 256)
+        args.dtype = args.dtype or ("bfloat16" if cuda else "float32")
     if getattr(args, "threads", None):
         import torch
         torch.set_num_threads(args.threads)
@@ -143,6 +188,9 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "run":
             from .runner import run
             run(args)
+        elif args.command == "bench":
+            from .bench import run_bench
+            run_bench(args)
         elif args.command == "diagnose":
             from .diagnose import diagnose
             diagnose(args)

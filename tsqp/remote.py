@@ -25,8 +25,10 @@ class RemoteError(RuntimeError):
 
 
 class Pending:
-    def __init__(self, remote: "RemoteOffload", rid: int, op: str, layer, out: torch.Tensor | None, sent_at: float):
+    def __init__(self, remote: "RemoteOffload", rid: int, op: str, layer, out: torch.Tensor | None, sent_at: float,
+                 regions: list[int]):
         self.remote, self.rid, self.op, self.layer, self.out, self.sent_at = remote, rid, op, layer, out, sent_at
+        self.regions = regions      # arena offsets of this request's inputs and output
         self.value = None
 
     def result(self) -> torch.Tensor:
@@ -34,19 +36,26 @@ class Pending:
             self.value = self.remote._wait(self)
         return self.value
 
+    def release(self) -> None:
+        """The caller is done with the result: its arena regions may be reused."""
+        if self.remote.arena is not None:
+            for off in self.regions:
+                self.remote.arena.free(off)
+        self.regions = []
+
     def __str__(self) -> str:
         return f"op {self.op}" + (f" (layer {self.layer})" if self.layer is not None else "")
 
 
 class RemoteOffload:
     def __init__(self, endpoint: str, transport: str = "shm", timeout_s: float = 30.0,
-                 connect_timeout_s: float = 5.0, arena_bytes=64 * 2**20, keep: int = 64,
+                 connect_timeout_s: float = 5.0, arena_bytes=64 * 2**20,
                  stats: Stats | None = None, curve=None):
         """arena_bytes: an int, or a function of the served model's config (known after the hello).
         curve: a keys.ClientCurve for a CurveZMQ (tcp) server, or None."""
         if transport not in ("shm", "frames"):
             raise ValueError(f"unknown transport '{transport}'; choose shm or frames")
-        self.endpoint, self.transport, self.keep = endpoint, transport, keep
+        self.endpoint, self.transport = endpoint, transport
         self.stats = stats or Stats()
         self.client, self.arena = None, None
         check_ipc_owner(endpoint)
@@ -100,24 +109,27 @@ class RemoteOffload:
     def empty(self, shape: tuple[int, ...], dtype: torch.dtype | None = None) -> torch.Tensor:
         if self.arena is None:
             return torch.empty(shape, dtype=dtype or self.dtype)
-        return self.arena.empty(shape, dtype or self.dtype, self.keep)
+        return self.arena.empty(shape, dtype or self.dtype)   # freed with the request it is an input of
 
     def submit(self, op: str, layer: int | None, *xs: torch.Tensor) -> Pending:
         t0 = time.perf_counter()
         metas = []
         frames = []
         out = None
+        regions = []
         if self.arena is not None:
             for x in xs:
                 off = self.arena.offset_of(x)
                 if off is None:         # not written in place: copy it in once
-                    buf = self.arena.empty(tuple(x.shape), x.dtype, self.keep)
+                    buf = self.arena.empty(tuple(x.shape), x.dtype)
                     buf.copy_(x)
                     off = self.arena.offset_of(buf)
+                regions.append(off)
                 metas.append(P.TensorMeta.of(x, off))
                 self.stats.shm_sent_bytes += x.numel() * x.element_size()
             want = P.check_request(self.cfg, P.DTYPE_NAME[self.dtype], op, layer, metas)
-            out = self.arena.empty(want.shape, P.WIRE_DTYPES[want.dtype], self.keep)
+            out = self.arena.empty(want.shape, P.WIRE_DTYPES[want.dtype])
+            regions.append(self.arena.offset_of(out))
             header = {"type": "call", "op": op, "layer": layer, "inputs": [m.to_json() for m in metas],
                       "output": {"offset": self.arena.offset_of(out)}}
         else:
@@ -132,7 +144,7 @@ class RemoteOffload:
         self.stats.serialize_s += t1 - t0
         self.stats.sent_bytes += len(head) + sum(f.nbytes for f in frames)
         self.stats.rpc_calls += 1
-        return Pending(self, rid, op, layer, out, time.perf_counter())
+        return Pending(self, rid, op, layer, out, time.perf_counter(), regions)
 
     def _wait(self, pending: Pending) -> torch.Tensor:
         t0 = time.perf_counter()
@@ -172,10 +184,11 @@ class RemoteOffload:
 
 
 def default_arena_bytes(cfg: ModelConfig, tokens: int, chunks: int = 1, seed_policy: bool = False) -> int:
-    """Room for every request of `chunks` interleaved chunks in flight, twice over."""
+    """Room for what each of `chunks` interleaved chunks holds at its peak (the gate/up result, the SiLU
+    output and the down result; for `seed` the score and probability matrices), twice over, in float32."""
     T = -(-tokens // chunks)
-    itemsize = 4
-    per_layer = T * (cfg.hidden_size * 4 + cfg.qkv_size + cfg.q_size + 3 * cfg.intermediate_size) * itemsize
+    D, I, itemsize = cfg.hidden_size, cfg.intermediate_size, 4
+    per_chunk = max(T * (3 * I + 2 * D), T * (D + cfg.qkv_size + cfg.q_size) + 2 * cfg.kv_size * tokens)
     if seed_policy:
-        per_layer += 2 * cfg.num_heads * T * tokens * itemsize + 4 * cfg.kv_size * tokens * itemsize
-    return max(32 * 2**20, 2 * (chunks + 1) * per_layer + cfg.vocab_size * itemsize * 2)
+        per_chunk = max(per_chunk, 2 * cfg.num_heads * T * tokens + 2 * cfg.kv_size * tokens + cfg.q_size * T)
+    return max(16 * 2**20, 2 * chunks * per_chunk * itemsize + 2 * cfg.vocab_size * itemsize)

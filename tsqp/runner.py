@@ -1,7 +1,8 @@
-"""`tsqp run`: connect (or build the compute in-process), run one prefill, report the statistics."""
+"""`tsqp run`: connect (or build the compute in-process), run one prefill or generate, report the statistics."""
 from __future__ import annotations
 
 import json
+import sys
 import time
 from pathlib import Path
 
@@ -12,10 +13,12 @@ from rich.console import Console
 from . import weights as W
 from .compute import Compute
 from .config import ModelConfig
-from .model import KVCache, TrustedModel
+from .generate import Sampling, add_rows, check_length, generate, generation_stats
+from .model import TrustedModel
 from .offload import LocalOffload
 from .remote import RemoteOffload, default_arena_bytes
 from .stats import Stats
+from .tokenizer import Tokenizer, TokenizerError
 from .transport import transport_of
 
 console = Console(highlight=False)
@@ -43,13 +46,26 @@ def open_offload(args, stats: Stats, tokens: int):
         compute = Compute(cfg, weights, args.device)
         norms = {k: v.cpu() for k, v in weights.items() if k.endswith("norm.weight")}
         return LocalOffload(compute, stats), cfg, norms
-    keep = (12 if args.policy == "seed" else 8) * (args.chunks + 1) + 16
     arena = args.arena_mb * 2**20 if args.arena_mb else \
         (lambda cfg: default_arena_bytes(cfg, tokens, args.chunks, args.policy == "seed"))
     remote = RemoteOffload(args.endpoint, args.transport, timeout_s=args.timeout,
-                           connect_timeout_s=args.connect_timeout, arena_bytes=arena, keep=keep, stats=stats,
+                           connect_timeout_s=args.connect_timeout, arena_bytes=arena, stats=stats,
                            curve=getattr(args, "curve", None))
     return remote, remote.cfg, remote.norms
+
+
+def cpu_has_amx() -> bool:
+    try:
+        return "amx_bf16" in Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+
+
+def attn_dtype(choice: str, wire: torch.dtype) -> torch.dtype:
+    """Chosen by measurement: bf16 attention only pays where AMX runs bf16 matmuls; elsewhere fp32."""
+    if choice == "auto":
+        return torch.bfloat16 if wire == torch.bfloat16 and cpu_has_amx() else torch.float32
+    return W.torch_dtype(choice)
 
 
 def settings_of(args, offload, tokens: int) -> dict:
@@ -63,15 +79,18 @@ def settings_of(args, offload, tokens: int) -> dict:
         if remote else "local",
         "socket": transport_of(args.endpoint) if remote else None,
         "policy": args.policy, "tokens": tokens, "chunks": args.chunks,
+        "attn_dtype": str(attn_dtype(args.attn_dtype, offload.dtype)).removeprefix("torch."),
         "threads": torch.get_num_threads(),
     }
 
 
 def prefill_once(model: TrustedModel, cfg: ModelConfig, ids: torch.Tensor, chunks: int) -> torch.Tensor:
-    return model.prefill(ids, KVCache(cfg, ids.numel()), chunks)
+    return model.prefill(ids, model.new_cache(ids.numel()), chunks)
 
 
 def run(args) -> dict:
+    if args.max_new_tokens is not None or args.prompt is not None:
+        return run_generation(args)
     stats = Stats()
     ids_arg = [int(t) for t in args.prompt_ids.split(",")] if args.prompt_ids else None
     tokens = len(ids_arg) if ids_arg else args.tokens
@@ -83,7 +102,7 @@ def run(args) -> dict:
                       f"policy {args.policy}, {torch.get_num_threads()} threads")
         ids = torch.tensor(ids_arg) if ids_arg else fixed_prompt(cfg, tokens)
         check_ids(cfg, ids)
-        model = TrustedModel(cfg, norms, offload, args.policy, stats)
+        model = TrustedModel(cfg, norms, offload, args.policy, stats, attn_dtype(args.attn_dtype, offload.dtype))
         if not args.no_warmup:
             prefill_once(model, cfg, ids[: min(16, tokens)], 1)
             prefill_once(model, cfg, ids, args.chunks)
@@ -108,3 +127,88 @@ def run(args) -> dict:
 
 def P_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
+
+
+# ---- generation: `tsqp run --max-new-tokens N [--prompt TEXT | --prompt-ids 1,2,3]` -----------------------
+DEFAULT_NEW_TOKENS = 128     # for --prompt without --max-new-tokens
+
+
+def open_tokenizer(args) -> Tokenizer | None:
+    """From --tokenizer, else the runner's own --model directory (never a path the server names: the
+    tokenizer is part of the trusted side). Required for --prompt; with ids, used only where one is found."""
+    source = args.tokenizer or (None if args.model.startswith("random:") else args.model)
+    if args.prompt is None:
+        found = source is not None and (args.tokenizer or (Path(source) / "tokenizer.json").is_file())
+        return Tokenizer(source) if found else None
+    if source is None:
+        raise TokenizerError(f"--prompt needs a tokenizer: pass --tokenizer PATH (a tokenizer.json or a model "
+                             f"directory) or --model DIR (env LLAMA_MODEL_PATH); the model is {args.model}, "
+                             f"which has none (use --prompt-ids)")
+    return Tokenizer(source)
+
+
+def warm_up(model: TrustedModel, ids: torch.Tensor, chunks: int) -> None:
+    cache = model.new_cache(ids.numel() + 2)
+    token = int(model.prefill(ids, cache, chunks).argmax())
+    for _ in range(2):
+        token = int(model.decode(token, cache).argmax())
+
+
+def run_generation(args) -> dict:
+    """Prefill the prompt into a KV cache held here, decode token by token, stream the text, report."""
+    if args.prompt is not None and args.prompt_ids:
+        raise ValueError("give --prompt or --prompt-ids, not both")
+    sampling = Sampling.make(args.temperature, args.top_k, args.top_p, args.seed)
+    max_new = args.max_new_tokens if args.max_new_tokens is not None else DEFAULT_NEW_TOKENS
+    tokenizer = open_tokenizer(args)
+    if args.prompt is not None:
+        ids_arg = tokenizer.encode(args.prompt)
+    else:
+        ids_arg = [int(t) for t in args.prompt_ids.split(",")] if args.prompt_ids else None
+    tokens = len(ids_arg) if ids_arg is not None else args.tokens
+    stats = Stats()
+    offload, cfg, norms = open_offload(args, stats, tokens + max_new)   # the arena: room for the longest step
+    try:
+        where = "in-process (--local)" if args.local else f"{args.endpoint} ({transport_of(args.endpoint).upper()}, " \
+                f"{args.transport})"
+        console.print(f"Connected to {where}: {cfg.num_layers} layers, dtype {P_name(offload.dtype)}, "
+                      f"policy {args.policy}, {torch.get_num_threads()} threads")
+        ids = torch.tensor(ids_arg, dtype=torch.long) if ids_arg is not None else fixed_prompt(cfg, tokens)
+        check_ids(cfg, ids)
+        check_length(cfg, ids.numel(), max_new)
+        model = TrustedModel(cfg, norms, offload, args.policy, stats, attn_dtype(args.attn_dtype, offload.dtype))
+        if not args.no_warmup:
+            warm_up(model, ids, args.chunks)
+        stats.reset()
+        shown = args.prompt if args.prompt is not None else ",".join(map(str, ids.tolist())) if ids_arg else "fixed"
+        print(f"Prompt ({tokens} tokens): {shown}", flush=True)
+        stream = tokenizer.stream() if tokenizer else None
+        pieces = []
+
+        def show(token: int, logits: torch.Tensor) -> None:
+            piece = stream.step(token) if stream else f"{token} "
+            pieces.append(piece)
+            sys.stdout.write(piece)
+            sys.stdout.flush()
+
+        gen = generate(model, ids, max_new, sampling, stats, args.ignore_eos, args.chunks, on_token=show)
+        if stream:
+            pieces.append(stream.flush())
+            sys.stdout.write(pieces[-1])
+        print(f"\n-- {len(gen.ids)} new tokens, stop: {gen.stop}", flush=True)
+        stats.total_s = gen.total_s
+        g = generation_stats(gen)
+        settings = settings_of(args, offload, tokens) | {
+            "max_new_tokens": max_new, "ignore_eos": args.ignore_eos, "sampling": vars(sampling),
+            "tokenizer": str(tokenizer.path) if tokenizer else None}
+        result = {"settings": settings, "stats": stats.to_dict() | g, "prompt_ids": ids.tolist(),
+                  "generated_ids": gen.ids}
+        if tokenizer:
+            result["text"] = "".join(pieces)
+    finally:
+        offload.close()
+    console.print(add_rows(stats.table(f"tsqp run: {tokens}-token prompt, {len(gen.ids)} new tokens"), g))
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=1))
+        console.print(f"wrote {args.json}")
+    return result
