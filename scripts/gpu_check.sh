@@ -1,48 +1,67 @@
 #!/usr/bin/env bash
-# One prepared run on a lent GPU host (the device tool): install the carried pyzmq wheel, check the CUDA
-# paths against the CPU, then `tsqp bench` on the Llama-3.2-1B shape. Everything lands in $OUT.
+# One prepared run on a lent GPU host (the device tool): install the carried pyzmq wheel, then, most
+# important first: `tsqp bench` on the Llama-3.2-1B shape, decode latency, CUDA-vs-CPU logits, levers.
+# Everything lands in $OUT. DEV=cpu runs the same steps on a machine without a GPU (a dry run).
 set -uo pipefail
-OUT=${OUT:-/tmp/tsqp-out}
+OUT=${OUT:-/tmp/tsqp-out}          # what comes back: at most 8 files
+W=$(mktemp -d)                      # everything else
+DEV=${DEV:-cuda:0}
 mkdir -p "$OUT"
-if ls .whl/*.whl >/dev/null 2>&1; then
+if ls .whl/*.whl >/dev/null 2>&1 && ! python3 -c "import zmq" 2>/dev/null; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
   export PYTHONPATH=/tmp/site:$PWD
 fi
 export PYTHONUNBUFFERED=1
-{
-  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
-  echo "cores: $(nproc); amx: $(grep -o -m1 amx_bf16 /proc/cpuinfo || echo none)"
-  python3 -c "import torch, zmq; print('torch', torch.__version__, 'zmq', zmq.zmq_version(), torch.cuda.get_device_name())"
-} 2>&1 | tee "$OUT/host.txt"
-
 tsqp() { python3 -m tsqp.cli "$@"; }
+{
+  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null
+  echo "cores: $(nproc); amx: $(grep -o -m1 amx_bf16 /proc/cpuinfo || echo none)"
+  python3 -c "import torch, zmq; print('torch', torch.__version__, 'zmq', zmq.zmq_version(), torch.cuda.is_available() and torch.cuda.get_device_name())"
+} 2>&1 | tee "$OUT/host.txt"
+BIG=${BIG:-random:llama-3.2-1b}; TOK=${TOK:-1024}; DT=${DT:-bfloat16}
 
-# 1. the CUDA server path gives the CPU's logits (random weights are drawn on the CPU, so they are equal)
-tsqp run --local --device cpu --model random:small --tokens 200 --dump-logits "$OUT/cpu.npy" --no-warmup > /dev/null
-ep=ipc:///tmp/tsqp-gpu-check.ipc
-tsqp serve --model random:small --device cuda:0 --endpoint $ep > "$OUT/serve_small.txt" 2>&1 &
+# 1. the benchmark: 1024 tokens of the Llama-3.2-1B shape, bf16, with the no-split references
+timeout 240 python3 -m tsqp.cli bench --device $DEV --model $BIG --tokens $TOK --dtype $DT \
+  --transport local,shm,ipc,tcp --policy linear,flash --chunks 1,4 --repeat 5 \
+  --json "$OUT/bench.json" --plot "$OUT/bench.png" 2>&1 | tee "$W/bench.txt"
+
+# 2. decode: 128-token prompt, 64 new tokens, shm vs in-process
+ep=ipc:///tmp/tsqp-gpu-check-$$.ipc
+python3 -m tsqp.cli serve --model $BIG --device $DEV --dtype $DT --endpoint $ep > "$W/serve_big.txt" 2>&1 &
 srv=$!
-for _ in $(seq 60); do grep -q ready "$OUT/serve_small.txt" && break; sleep 1; done
-for pol in linear flash seed; do
-  tsqp run --endpoint $ep --tokens 200 --policy $pol --chunks 3 --dump-logits "$OUT/gpu_$pol.npy" > /dev/null
-done
-tsqp run --local --device cuda:0 --model random:small --tokens 200 --chunks 3 --dump-logits "$OUT/gpu_local.npy" > /dev/null
+for _ in $(seq 120); do grep -q ready "$W/serve_big.txt" && break; sleep 1; done
+ids=$(python3 -c "print(','.join(str(i * 37 % 500 + 3) for i in range(128)))")
+timeout 60 python3 -m tsqp.cli run --endpoint $ep --prompt-ids $ids --max-new-tokens 64 --ignore-eos \
+  --json "$OUT/decode_shm.json" > "$W/decode_shm.txt" 2>&1
 kill $srv; wait $srv
-python3 - "$OUT" <<'PY' 2>&1 | tee "$OUT/check.txt"
+timeout 90 python3 -m tsqp.cli run --local --device $DEV --dtype $DT --model $BIG --prompt-ids $ids \
+  --max-new-tokens 64 --ignore-eos --json "$OUT/decode_local.json" > "$W/decode_local.txt" 2>&1
+tail -n 25 "$W/decode_shm.txt"
+
+# 3. the CUDA server path gives the CPU's logits (random weights are drawn on the CPU, so they are equal)
+tsqp run --local --device cpu --model random:small --tokens 200 --dump-logits "$W/cpu.npy" --no-warmup > /dev/null
+python3 -m tsqp.cli serve --model random:small --device $DEV --endpoint $ep > "$W/serve_small.txt" 2>&1 &
+srv=$!
+for _ in $(seq 60); do grep -q ready "$W/serve_small.txt" && break; sleep 1; done
+for pol in linear flash seed; do
+  tsqp run --endpoint $ep --tokens 200 --policy $pol --chunks 3 --dump-logits "$W/gpu_$pol.npy" > /dev/null
+done
+kill $srv; wait $srv
+tsqp run --local --device $DEV --model random:small --tokens 200 --chunks 3 --dump-logits "$W/gpu_local.npy" > /dev/null
+python3 - "$W" <<'PY' 2>&1 | tee "$OUT/check.txt"
 import sys, numpy as np
 out = sys.argv[1]
 ref = np.load(f"{out}/cpu.npy")
 for name in ("linear", "flash", "seed", "local"):
     x = np.load(f"{out}/gpu_{name}.npy")
     err = float(np.abs(x - ref).max() / np.abs(ref).max())
-    print(f"cuda {name:6s} vs cpu float32: rel max err {err:.2e}, argmax {x.argmax()} vs {ref.argmax()}")
+    print(f"{name:6s} vs cpu float32: rel max err {err:.2e}, argmax {x.argmax()} vs {ref.argmax()}")
 PY
 
-# 2. the benchmark: 1024 tokens of the Llama-3.2-1B shape, bf16
-timeout 330 python3 -m tsqp.cli bench --transport local,shm,ipc,tcp --policy linear,flash --chunks 1,4 \
-  --repeat 5 --json "$OUT/bench.json" --plot "$OUT/bench.png" 2>&1 | tee "$OUT/bench.txt"
-# 3. levers: spinning OpenMP workers, bf16 vs fp32 trusted attention, the prototype's policy
-OMP_WAIT_POLICY=ACTIVE timeout 150 python3 -m tsqp.cli bench --transport local,shm --policy linear,flash \
-  --chunks 1,4 --attn-dtype float32,bfloat16 --repeat 5 --no-references --json "$OUT/bench_levers.json" 2>&1 | tee "$OUT/bench_levers.txt"
-timeout 100 python3 -m tsqp.cli bench --transport shm --policy seed --repeat 3 --no-references \
-  --json "$OUT/bench_seed.json" 2>&1 | tee "$OUT/bench_seed.txt"
+# 4. levers: spinning OpenMP workers, bf16 vs fp32 trusted attention; the prototype's policy
+OMP_WAIT_POLICY=ACTIVE timeout 100 python3 -m tsqp.cli bench --device $DEV --model $BIG --tokens $TOK --dtype $DT \
+  --transport local,shm --policy linear,flash --chunks 1,4 --attn-dtype float32,bfloat16 --repeat 3 --no-references \
+  --json "$OUT/bench_levers.json" 2>&1 | tee "$W/bench_levers.txt"
+timeout 60 python3 -m tsqp.cli bench --device $DEV --model $BIG --tokens $TOK --dtype $DT --transport shm \
+  --policy seed --repeat 2 --warmup 1 --no-references --json "$OUT/bench_seed.json" 2>&1 | tee "$W/bench_seed.txt"
+echo "done"
