@@ -62,7 +62,8 @@ def load(spec: str, dtype: torch.dtype, device: str = "cpu") -> tuple[ModelConfi
     cfg = load_config(spec)
     if spec.startswith("random:"):
         seed = int(spec.split("@")[1]) if "@" in spec else 0
-        return cfg, random_weights(cfg, dtype, device, seed)
+        # drawn on the CPU whatever the device, so a preset is the same model everywhere
+        return cfg, {k: v.to(device) for k, v in random_weights(cfg, dtype, "cpu", seed).items()}
     return cfg, read_safetensors(Path(spec), cfg, dtype, device)
 
 
