@@ -31,7 +31,7 @@ from .runner import attn_dtype, fixed_prompt
 from .stats import Stats
 
 console = Console(highlight=False, width=None if os.isatty(1) else 200)
-TRANSPORTS = ("local", "shm", "ipc", "tcp")
+TRANSPORTS = ("local", "shm", "bell", "ipc", "tcp")   # bell: shm with the doorbell control channel
 
 
 @dataclass
@@ -124,9 +124,10 @@ class Bench:
             offload = LocalOffload(Compute(cfg, weights, a.device), stats)
             norms = {k: v for k, v in weights.items() if k.endswith("norm.weight")}
         else:
-            transport = "shm" if c.transport == "shm" else "frames"
+            transport = "shm" if c.transport in ("shm", "bell") else "frames"
             arena = lambda cfg: default_arena_bytes(cfg, ids.numel(), c.chunks, c.policy == "seed")  # noqa: E731
-            offload = RemoteOffload(self.endpoint(c), transport, timeout_s=a.timeout, arena_bytes=arena, stats=stats)
+            offload = RemoteOffload(self.endpoint(c), transport, timeout_s=a.timeout, arena_bytes=arena, stats=stats,
+                                    doorbell=c.transport == "bell")
             cfg, norms = offload.cfg, offload.norms
         try:
             model = TrustedModel(cfg, norms, offload, c.policy, stats, attn_dtype(c.attn, offload.dtype))

@@ -50,6 +50,9 @@ def add_client_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--connect-timeout", type=float, default=5.0,
                    help="seconds to wait for the server's hello (default 5)")
     p.add_argument("--arena-mb", type=int, default=None, help="shared-memory arena size (default: from the model)")
+    p.add_argument("--doorbell", action="store_true",
+                   help="with shm: carry the control messages through the arena too; both sides spin-wait "
+                        "instead of sleeping in the kernel (lowest latency, costs a core on each side while active)")
 
 
 def add_security_args(p: argparse.ArgumentParser, server: bool) -> None:
@@ -131,7 +134,8 @@ def parser() -> argparse.ArgumentParser:
     b.add_argument("--device", default=os.environ.get(ENV["device"]), help="the server's device (default cuda:0 "
                                                                           "when CUDA is present, else cpu)")
     b.add_argument("--tokens", type=int, default=None, help="prompt length (default 1024 with CUDA, 256 without)")
-    b.add_argument("--transport", default="local,shm,ipc,tcp", help="comma list of local, shm, ipc, tcp")
+    b.add_argument("--transport", default="local,shm,ipc,tcp",
+                   help="comma list of local, shm, bell (shm with --doorbell), ipc, tcp")
     b.add_argument("--dtype", default=None, help="comma list (default bfloat16 with CUDA, float32 without)")
     b.add_argument("--policy", default="linear", help="comma list of linear, seed, flash")
     b.add_argument("--chunks", default="1", help="comma list of chunk counts for the interleaved prefill")

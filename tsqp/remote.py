@@ -15,6 +15,7 @@ import zmq
 
 from . import protocol as P
 from .config import ModelConfig
+from .doorbell import CONTROL_BYTES, SLOTS, Doorbell, DoorbellError
 from .shm import Arena
 from .stats import Stats
 from .transport import Client, ServerTimeout, TransportError, check_ipc_owner
@@ -50,11 +51,15 @@ class Pending:
 class RemoteOffload:
     def __init__(self, endpoint: str, transport: str = "shm", timeout_s: float = 30.0,
                  connect_timeout_s: float = 5.0, arena_bytes=64 * 2**20,
-                 stats: Stats | None = None, curve=None):
+                 stats: Stats | None = None, curve=None, doorbell: bool = False):
         """arena_bytes: an int, or a function of the served model's config (known after the hello).
-        curve: a keys.ClientCurve for a CurveZMQ (tcp) server, or None."""
+        curve: a keys.ClientCurve for a CurveZMQ (tcp) server, or None.
+        doorbell: with shm, carry the calls' headers through the arena too (doorbell.py): both sides spin."""
         if transport not in ("shm", "frames"):
             raise ValueError(f"unknown transport '{transport}'; choose shm or frames")
+        if doorbell and transport != "shm":
+            raise ValueError("the doorbell control channel needs --transport shm")
+        self.bell, self.bell_seq, self.bell_open = None, itertools.count(1), set()
         self.endpoint, self.transport = endpoint, transport
         self.stats = stats or Stats()
         self.client, self.arena = None, None
@@ -65,7 +70,8 @@ class RemoteOffload:
         try:
             self._hello(connect_timeout_s)
             if transport == "shm":
-                self._attach(arena_bytes(self.cfg) if callable(arena_bytes) else arena_bytes, connect_timeout_s)
+                nbytes = arena_bytes(self.cfg) if callable(arena_bytes) else arena_bytes
+                self._attach(nbytes + (CONTROL_BYTES if doorbell else 0), connect_timeout_s, doorbell)
         except BaseException:
             self.close()
             raise
@@ -89,11 +95,14 @@ class RemoteOffload:
         metas = [P.TensorMeta.from_json(m) for m in head["tensors"]]
         self.norms = {n: P.tensor_from_frame(m, f).clone() for n, m, f in zip(head["norms"], metas, frames[1:])}
 
-    def _attach(self, nbytes: int, timeout_s: float) -> None:
+    def _attach(self, nbytes: int, timeout_s: float, doorbell: bool = False) -> None:
         """Create the session's arena and have the server map it (the server then unlinks the file)."""
         arena = Arena.create(nbytes)
+        if doorbell:
+            arena.reserve(CONTROL_BYTES)
         try:
-            self.client.send([P.encode({"type": "attach", "arena": {"name": arena.name, "size": arena.size}})])
+            self.client.send([P.encode({"type": "attach", "arena": {"name": arena.name, "size": arena.size},
+                                        "doorbell": doorbell})])
             head = P.decode(self.client.recv("the arena attach", timeout_s)[0])
             if head["type"] == "error":
                 raise RemoteError(f"{self.endpoint}: {head['error']}")
@@ -104,6 +113,7 @@ class RemoteOffload:
         if self.arena is not None:
             self.arena.close()
         self.arena = arena
+        self.bell = Doorbell(arena.mm) if doorbell else None
 
     # ---- the Offload interface -----------------------------------------------------------------------
     def empty(self, shape: tuple[int, ...], dtype: torch.dtype | None = None) -> torch.Tensor:
@@ -137,10 +147,16 @@ class RemoteOffload:
                 metas.append(P.TensorMeta.of(x))
                 frames.append(P.tensor_bytes(x))
             header = {"type": "call", "op": op, "layer": layer, "inputs": [m.to_json() for m in metas]}
-        rid = next(self.ids)
+        rid = next(self.bell_seq if self.bell is not None else self.ids)
         head = P.encode({**header, "id": rid})
         t1 = time.perf_counter()
-        self.client.send([head] + frames, what="op " + op + (f" (layer {layer})" if layer is not None else ""))
+        if self.bell is not None:
+            if self.bell_open and min(self.bell_open) <= rid - SLOTS:
+                raise DoorbellError(f"more than {SLOTS} calls in flight on the control channel")
+            self.bell_open.add(rid)
+            self.bell.requests.put(rid, head)
+        else:
+            self.client.send([head] + frames, what="op " + op + (f" (layer {layer})" if layer is not None else ""))
         self.stats.serialize_s += t1 - t0
         self.stats.sent_bytes += len(head) + sum(f.nbytes for f in frames)
         self.stats.rpc_calls += 1
@@ -148,6 +164,10 @@ class RemoteOffload:
 
     def _wait(self, pending: Pending) -> torch.Tensor:
         t0 = time.perf_counter()
+        if self.bell is not None:
+            frames = [self.bell.wait_reply(pending.rid, self.client.timeout_s, str(pending), self.endpoint)]
+            self.bell_open.discard(pending.rid)
+            self.replies[pending.rid] = (P.decode(frames[0]), frames, time.perf_counter())
         while pending.rid not in self.replies:
             frames = self.client.recv(f"{pending}")
             head = P.decode(frames[0])

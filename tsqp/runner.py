@@ -50,7 +50,7 @@ def open_offload(args, stats: Stats, tokens: int):
         (lambda cfg: default_arena_bytes(cfg, tokens, args.chunks, args.policy == "seed"))
     remote = RemoteOffload(args.endpoint, args.transport, timeout_s=args.timeout,
                            connect_timeout_s=args.connect_timeout, arena_bytes=arena, stats=stats,
-                           curve=getattr(args, "curve", None))
+                           curve=getattr(args, "curve", None), doorbell=getattr(args, "doorbell", False))
     return remote, remote.cfg, remote.norms
 
 

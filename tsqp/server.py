@@ -18,6 +18,7 @@ import zmq
 from . import protocol as P
 from .compute import Compute
 from .keys import ServerCurve, check_bind
+from .doorbell import CONTROL_BYTES, SLOT_BYTES, HEAD, Doorbell
 from .shm import NAME as ARENA_NAME
 from .shm import Arena, ArenaError, pid_alive
 from .transport import (MAX_MSG_BYTES, Client, ServerTimeout, TransportError, bind_server, ipc_path,
@@ -25,6 +26,7 @@ from .transport import (MAX_MSG_BYTES, Client, ServerTimeout, TransportError, bi
 
 POLL_MS = 100
 REAP_EVERY_S = 1.0
+SPIN_S = 0.5        # keep spinning on control channels this long after the last call
 
 
 @dataclass
@@ -32,6 +34,8 @@ class Session:
     arena: Arena | None
     last_seen: float
     pid: int | None = None      # the runner's pid, for sessions on this host (ipc): dropped when it dies
+    bell: Doorbell | None = None   # the shared-memory control channel, when the runner asked for it
+    bell_next: int = 1
 
 
 class Server:
@@ -111,9 +115,41 @@ class Server:
             arena.register_cuda()
         if session.arena is not None:
             session.arena.close()
-        session.arena = arena
+        session.arena, session.bell = arena, None
+        if header.get("doorbell"):
+            if arena.size <= CONTROL_BYTES:
+                raise P.ProtocolError(f"attach: an arena with a doorbell needs more than {CONTROL_BYTES} bytes")
+            arena.reserve(CONTROL_BYTES)
+            session.bell, session.bell_next = Doorbell(arena.mm), 1
         session.pid = int(ARENA_NAME.match(spec["name"]).group(1))    # its creator: shm is same-host
         return [P.encode({"type": "attached", "size": arena.size})]
+
+    def ring_bells(self) -> bool:
+        """Serve the calls waiting in the sessions' shared-memory control channels, in order; True if any."""
+        served = False
+        for peer, session in list(self.sessions.items()):
+            while session.bell is not None and self.sessions.get(peer) is session:
+                seq = session.bell_next
+                payload = session.bell.requests.get(seq)
+                if payload is None:
+                    break
+                try:
+                    head = P.decode(payload)
+                    if head["type"] != "call" or head.get("id") != seq:
+                        raise P.ProtocolError(f"the control channel carries calls in sequence; got "
+                                              f"{head['type']!r} with id {head.get('id')!r} for {seq}")
+                    reply = self.handle(peer, [payload])[0]
+                except P.ProtocolError as e:
+                    reply = P.encode({"type": "error", "id": seq, "op": None, "error": f"control channel: {e}"})
+                except Exception as e:     # a bug, not bad input: log, answer, go on
+                    traceback.print_exc()
+                    reply = P.encode({"type": "error", "id": seq, "error": f"internal server error: {e}"})
+                if len(reply) > SLOT_BYTES - HEAD:
+                    reply = P.encode({"type": "error", "id": seq, "error": "reply too large for the control channel"})
+                session.bell.replies.put(seq, reply)
+                session.bell_next = seq + 1
+                served = True
+        return served
 
     def drop(self, peer: bytes) -> None:
         s = self.sessions.pop(peer, None)
@@ -214,12 +250,25 @@ class Server:
         poller = zmq.Poller()
         poller.register(sock, zmq.POLLIN)
         next_reap = time.monotonic() + REAP_EVERY_S
+        last_bell, next_socket_look = 0.0, 0.0
         try:
             while not self.stopping:
                 if time.monotonic() >= next_reap:     # also while busy: one runner must not shield dead ones
                     self.reap()
                     next_reap = time.monotonic() + REAP_EVERY_S
-                if not poller.poll(POLL_MS):
+                timeout = POLL_MS
+                if any(s.bell is not None for s in self.sessions.values()):
+                    now = time.monotonic()
+                    if self.ring_bells():
+                        last_bell = now
+                    # spin while runners are active (the socket is looked at every millisecond), else nap 1 ms
+                    if now - last_bell < SPIN_S:
+                        if now < next_socket_look:
+                            continue
+                        next_socket_look, timeout = now + 1e-3, 0
+                    else:
+                        timeout = 1
+                if not poller.poll(timeout):
                     continue
                 frames = sock.recv_multipart(copy=False)
                 peer, body = frames[0].bytes, frames[1:]

@@ -67,6 +67,7 @@ class Arena:
         self.cuda_registered = False
         # allocator (runner side): live regions start -> end
         self.head, self.live = 0, {}
+        self.reserved = 0          # bytes at the start that tensors may not use (the doorbell's rings)
 
     @classmethod
     def create(cls, size: int) -> "Arena":
@@ -123,7 +124,7 @@ class Arena:
     def view(self, meta: TensorMeta) -> torch.Tensor:
         """The tensor at meta.offset; the region is checked against the arena's bounds."""
         off, n = meta.offset, meta.nbytes
-        if off is None or off % 8 or off < 0 or off + n > self.size:
+        if off is None or off % 8 or off < self.reserved or off + n > self.size:
             raise ProtocolError(f"region offset={off} nbytes={n} lies outside the {self.size}-byte arena "
                                 f"or is misaligned")
         return self.base[off:off + n].view(WIRE_DTYPES[meta.dtype]).view(meta.shape)
@@ -162,7 +163,13 @@ class Arena:
                          f"({live / 2**20:.1f} MiB in flight); raise --arena-mb")
 
     def free(self, offset: int) -> None:
-        self.live.pop(offset, None)
+        if offset >= self.reserved:
+            self.live.pop(offset, None)
+
+    def reserve(self, nbytes: int) -> None:
+        """Keep the first `nbytes` out of the allocator and out of every request's reach."""
+        self.reserved = nbytes
+        self.live[0] = nbytes
 
     def empty(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
         n = dtype.itemsize

@@ -1,0 +1,90 @@
+"""The shared-memory control channel (doorbell.py): same logits as the socket path, calls in order, bad
+control messages answered with errors, a dead server reported within the timeout, sockets still served."""
+from __future__ import annotations
+
+import itertools
+import signal
+import time
+
+import pytest
+import torch
+
+from conftest import serving
+from tsqp import protocol as P
+from tsqp.doorbell import SUPPORTED
+from tsqp.model import TrustedModel
+from tsqp.remote import RemoteOffload
+from tsqp.runner import fixed_prompt
+from tsqp.transport import ServerTimeout
+
+pytestmark = pytest.mark.skipif(not SUPPORTED, reason="the doorbell needs x86 store ordering")
+
+
+def prefill(remote, policy="linear", chunks=1, T=40):
+    model = TrustedModel(remote.cfg, remote.norms, remote, policy, remote.stats)
+    return model.prefill(fixed_prompt(remote.cfg, T), model.new_cache(T), chunks)
+
+
+@pytest.fixture(scope="module")
+def server():
+    with serving("random:tiny") as (endpoint, proc):
+        yield endpoint, proc
+
+
+@pytest.mark.parametrize("policy,chunks", [("linear", 1), ("flash", 3), ("seed", 2)])
+def test_same_logits_as_the_socket_path(server, policy, chunks):
+    endpoint, _ = server
+    plain = RemoteOffload(endpoint, "shm")
+    bell = RemoteOffload(endpoint, "shm", doorbell=True)
+    try:
+        want = prefill(plain, policy, chunks)
+        got = prefill(bell, policy, chunks)
+        socket_bytes_before = bell.stats.sent_bytes
+        assert torch.equal(got, want)
+        assert bell.stats.rpc_calls == plain.stats.rpc_calls
+        assert bell.stats.shm_sent_bytes == plain.stats.shm_sent_bytes
+        # both sessions live side by side: the socket one still answers while the bell one is active
+        assert torch.equal(prefill(plain, policy, chunks), want)
+        assert socket_bytes_before > 0
+        assert len(bell.arena.live) == 1          # only the reserved rings remain allocated
+    finally:
+        plain.close()
+        bell.close()
+
+
+def test_bad_control_messages_get_errors(server):
+    endpoint, _ = server
+    bell = RemoteOffload(endpoint, "shm", doorbell=True)
+    try:
+        ring = bell.bell
+        ring.requests.put(1, b"not json")
+        assert b"error" in ring.wait_reply(1, 5.0, "garbage", endpoint)
+        ring.requests.put(2, P.encode({"type": "hello", "id": 2}))           # only calls travel here
+        assert b"control channel" in ring.wait_reply(2, 5.0, "hello", endpoint)
+        bad = {"type": "call", "id": 3, "op": "qkv", "layer": 0, "output": {"offset": 0},
+               "inputs": [{"dtype": "float32", "shape": [4, bell.cfg.hidden_size], "offset": 0}]}
+        ring.requests.put(3, P.encode(bad))                                 # offsets inside the rings
+        assert b"outside" in ring.wait_reply(3, 5.0, "call into the rings", endpoint)
+        bell.bell_seq = itertools.count(4)                                   # the raw calls used 1..3
+        ref = RemoteOffload(endpoint, "shm")
+        try:
+            assert torch.equal(prefill(bell), prefill(ref))                 # and the session still works
+        finally:
+            ref.close()
+    finally:
+        bell.close()
+
+
+def test_dead_server_is_reported_within_the_timeout():
+    with serving("random:tiny") as (endpoint, proc):
+        bell = RemoteOffload(endpoint, "shm", doorbell=True, timeout_s=2.0)
+        try:
+            prefill(bell)
+            proc.send_signal(signal.SIGKILL)
+            proc.wait(10)
+            t0 = time.monotonic()
+            with pytest.raises(ServerTimeout, match=r"op embed|op qkv"):
+                prefill(bell)
+            assert time.monotonic() - t0 < 5
+        finally:
+            bell.close()
