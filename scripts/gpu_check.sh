@@ -17,12 +17,14 @@ tsqp() { python3 -m tsqp.cli "$@"; }
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null
   echo "cores: $(nproc); amx: $(grep -o -m1 amx_bf16 /proc/cpuinfo || echo none)"
   python3 -c "import torch, zmq; print('torch', torch.__version__, 'zmq', zmq.zmq_version(), torch.cuda.is_available() and torch.cuda.get_device_name())"
-} 2>&1 | tee "$OUT/host.txt"
+} 2>&1 | tee "$W/host.txt"
 BIG=${BIG:-random:llama-3.2-1b}; TOK=${TOK:-1024}; DT=${DT:-bfloat16}
+TRANSPORTS=${TRANSPORTS:-local,shm,bell,ipc,tcp}; POLICIES=${POLICIES:-linear,flash}; CHUNKS=${CHUNKS:-1,4}
+LEVERS=${LEVERS:-1}      # 0 skips step 4
 
 # 1. the benchmark: 1024 tokens of the Llama-3.2-1B shape, bf16, with the no-split references
 timeout 240 python3 -m tsqp.cli bench --device $DEV --model $BIG --tokens $TOK --dtype $DT \
-  --transport local,shm,ipc,tcp --policy linear,flash --chunks 1,4 --repeat 5 \
+  --transport $TRANSPORTS --policy $POLICIES --chunks $CHUNKS --repeat 5 \
   --json "$OUT/bench.json" --plot "$OUT/bench.png" 2>&1 | tee "$W/bench.txt"
 
 # 2. decode: 128-token prompt, 64 new tokens, shm vs in-process
@@ -33,10 +35,12 @@ for _ in $(seq 120); do grep -q ready "$W/serve_big.txt" && break; sleep 1; done
 ids=$(python3 -c "print(','.join(str(i * 37 % 500 + 3) for i in range(128)))")
 timeout 60 python3 -m tsqp.cli run --endpoint $ep --prompt-ids $ids --max-new-tokens 64 --ignore-eos \
   --json "$OUT/decode_shm.json" > "$W/decode_shm.txt" 2>&1
+timeout 60 python3 -m tsqp.cli run --endpoint $ep --doorbell --prompt-ids $ids --max-new-tokens 64 --ignore-eos \
+  --json "$OUT/decode_bell.json" > "$W/decode_bell.txt" 2>&1
 kill $srv; wait $srv
 timeout 90 python3 -m tsqp.cli run --local --device $DEV --dtype $DT --model $BIG --prompt-ids $ids \
   --max-new-tokens 64 --ignore-eos --json "$OUT/decode_local.json" > "$W/decode_local.txt" 2>&1
-tail -n 25 "$W/decode_shm.txt"
+tail -n 25 "$W/decode_bell.txt"
 
 # 3. the CUDA server path gives the CPU's logits (random weights are drawn on the CPU, so they are equal)
 tsqp run --local --device cpu --model random:small --tokens 200 --dump-logits "$W/cpu.npy" --no-warmup > /dev/null
@@ -59,6 +63,7 @@ for name in ("linear", "flash", "seed", "local"):
 PY
 
 # 4. levers: spinning OpenMP workers, bf16 vs fp32 trusted attention; the prototype's policy
+[ "$LEVERS" = 1 ] || { echo done; exit 0; }
 OMP_WAIT_POLICY=ACTIVE timeout 100 python3 -m tsqp.cli bench --device $DEV --model $BIG --tokens $TOK --dtype $DT \
   --transport local,shm --policy linear,flash --chunks 1,4 --attn-dtype float32,bfloat16 --repeat 3 --no-references \
   --json "$OUT/bench_levers.json" 2>&1 | tee "$W/bench_levers.txt"
