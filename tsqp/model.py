@@ -46,20 +46,27 @@ class Rope:
         return self.cos[start:start + T], self.sin[start:start + T]
 
 
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-    """x, out: [T, n, hd] (out may be a strided view, e.g. into the KV cache); cos/sin: [T, hd/2].
-    Rotate-half: (x1, x2) -> (x1 cos - x2 sin, x2 cos + x1 sin), written straight into `out`."""
-    x1, x2 = x.chunk(2, dim=-1)
-    o1, o2 = out.chunk(2, dim=-1)
-    c, s = cos[:, None], sin[:, None]
-    torch.mul(x1, c, out=o1).addcmul_(x2, s, value=-1)
-    torch.mul(x2, c, out=o2).addcmul_(x1, s)
-    return out
+def rope_tables(cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """[T, hd/2] cos, sin -> [T, 1, hd] (cos, cos) and (-sin, sin), so that RoPE is two full-width passes."""
+    return torch.cat((cos, cos), -1)[:, None], torch.cat((-sin, sin), -1)[:, None]
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x: [T, n, hd] in any dtype and strides (e.g. Q and K of the qkv result together); cos, sin: [T, 1, hd]
+    from `rope_tables`. Returns rotate-half RoPE of x, float32 [T, n, hd] contiguous:
+    (x1, x2) -> (x1 cos - x2 sin, x2 cos + x1 sin). One float32 copy and contiguous full-width passes
+    run ~2x faster than half-width mixed-dtype ops on strided bf16 views, and round once, not twice."""
+    y = x.to(torch.float32, copy=True)                                          # never x itself
+    half = y.shape[-1] // 2
+    rot = torch.cat((y[..., half:], y[..., :half]), -1)                         # (x2, x1)
+    return y.mul_(cos).addcmul_(rot, sin)
 
 
 def rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float, out: torch.Tensor) -> torch.Tensor:
-    """x: [T, D] float32; writes weight * x / rms(x) into `out` (the wire buffer), casting once."""
-    return torch.mul(x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps), weight, out=out)
+    """x: [T, D] float32; writes weight * x / rms(x) into `out` (the wire buffer), casting once.
+    vecdot sums squares without a [T, D] temporary; the scaling stays in float32 in place."""
+    inv = torch.linalg.vecdot(x, x)[:, None].div_(x.shape[-1]).add_(eps).rsqrt_()   # [T, 1]
+    return out.copy_(torch.mul(x, inv).mul_(weight))
 
 
 class KVCache:
@@ -108,7 +115,7 @@ class TrustedModel:
             raise ValueError(f"positions up to {start + T} exceed the KV cache of {cache.max_len}")
         h = (yield self.offload.submit("embed", None, ids)).to(torch.float32, copy=True)  # [T, D] residual
         with self.timer("rope"):
-            cos, sin = (t.to(self.device) for t in self.rope.tables(start, T))
+            cos, sin = rope_tables(*(t.to(self.device) for t in self.rope.tables(start, T)))   # [T, 1, hd]
         for layer in range(cfg.num_layers):
             n = layer_names(layer)
             x = self._norm(h, self.norms[n["attn_norm"]])
@@ -116,9 +123,9 @@ class TrustedModel:
             q = self.offload.empty((T, H, hd), self.attn_dtype) if self.policy == "flash" else \
                 torch.empty(T, H, hd, dtype=self.attn_dtype, device=self.device)
             with self.timer("rope"):
-                apply_rope(qkv[:, :Q].view(T, H, hd), cos, sin, q)                          # [T, H, hd]
-                apply_rope(qkv[:, Q:Q + K].view(T, KV, hd), cos, sin,
-                           cache.k[layer, :, start:start + T].transpose(0, 1))              # [T, KV, hd]
+                qk = apply_rope(qkv[:, :Q + K].view(T, H + KV, hd), cos, sin)                # [T, H+KV, hd]
+                q.copy_(qk[:, :H])
+                cache.k[layer, :, start:start + T].transpose(0, 1).copy_(qk[:, H:])           # [T, KV, hd]
                 cache.v[layer, :, start:start + T].transpose(0, 1).copy_(qkv[:, Q + K:].view(T, KV, hd))
             if self.policy == "flash":
                 o = yield from self._flash_attention(q, cache, layer, start)
