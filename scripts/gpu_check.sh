@@ -65,8 +65,10 @@ PY
 # 4. levers: spinning OpenMP workers, bf16 vs fp32 trusted attention; the prototype's policy
 [ "$LEVERS" = 1 ] || { echo done; exit 0; }
 OMP_WAIT_POLICY=ACTIVE timeout 100 python3 -m tsqp.cli bench --device $DEV --model $BIG --tokens $TOK --dtype $DT \
-  --transport local,shm --policy linear,flash --chunks 1,4 --attn-dtype float32,bfloat16 --repeat 3 --no-references \
+  --transport local,bell --policy linear,flash --chunks 1 --attn-dtype float32,bfloat16 --repeat 3 --no-references \
   --json "$OUT/bench_levers.json" 2>&1 | tee "$W/bench_levers.txt"
-timeout 60 python3 -m tsqp.cli bench --device $DEV --model $BIG --tokens $TOK --dtype $DT --transport shm \
-  --policy seed --repeat 2 --warmup 1 --no-references --json "$OUT/bench_seed.json" 2>&1 | tee "$W/bench_seed.txt"
+if [ "${SEED:-0}" = 1 ]; then
+  timeout 60 python3 -m tsqp.cli bench --device $DEV --model $BIG --tokens $TOK --dtype $DT --transport shm \
+    --policy seed --repeat 2 --warmup 1 --no-references --json "$OUT/bench_seed.json" 2>&1 | tee "$W/bench_seed.txt"
+fi
 echo "done"
