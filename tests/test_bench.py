@@ -7,7 +7,6 @@ import subprocess
 import sys
 
 import pytest
-import torch
 
 from conftest import serving
 from tsqp.config import PRESETS, ModelConfig

@@ -9,7 +9,6 @@ import numpy as np
 
 import pytest
 import torch
-import zmq
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 

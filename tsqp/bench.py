@@ -1,7 +1,8 @@
 """`tsqp bench`: the before/after table of the original checklist, as one command.
 
-Starts its own servers (or uses --endpoint), then for each configuration of the matrix times `--repeat`
-prefills after a warm-up and reports the median with min and max. In the same run it measures two
+Starts its own servers (or uses --endpoint), connects and warms up every configuration of the matrix, then
+times `--repeat` rounds in which each configuration runs one prefill in turn (so drift of a noisy machine
+hits every row alike), and reports the median with min and max. In the same run it measures two
 references: the whole model on the server's device alone (no split) and the whole model on the CPU in
 this process (what running everything inside the enclave costs). Every row shows its ratio to both.
 """
@@ -27,6 +28,7 @@ from .launch import free_tcp_port, private_ipc_endpoint, start_server, stop_serv
 from .model import POLICIES, TrustedModel
 from .offload import LocalOffload
 from .remote import RemoteOffload, default_arena_bytes
+from .server import SPIN_S
 from .runner import attn_dtype, fixed_prompt
 from .stats import Stats
 
@@ -82,6 +84,40 @@ def median_stats(runs: list[dict]) -> dict:
     return out
 
 
+class Trial:
+    """One configuration, connected and ready; its timed prefills are interleaved with the others'."""
+
+    def __init__(self, config: Config, model: TrustedModel, offload, stats: Stats):
+        self.config, self.model, self.offload, self.stats = config, model, offload, stats
+        self.times, self.runs = [], []
+
+    def prefill(self, ids: torch.Tensor, sync) -> None:
+        self.model.prefill(ids, self.model.new_cache(ids.numel()), self.config.chunks)
+        sync()
+
+    def timed(self, ids: torch.Tensor, sync) -> None:
+        self.stats.reset()
+        t0 = time.perf_counter()
+        self.prefill(ids, sync)
+        self.stats.total_s = time.perf_counter() - t0
+        self.times.append(self.stats.total_s)
+        self.runs.append(self.stats.to_dict())
+        if self.config.transport == "bell":
+            time.sleep(SPIN_S + 0.1)    # let the server stop spinning before another configuration is timed
+
+    def row(self, ids: torch.Tensor) -> dict:
+        c, st = self.config, median_stats(self.runs)
+        trusted = sum(st["trusted_s"].values())
+        med = statistics.median(self.times)
+        return {"transport": c.transport, "dtype": c.dtype, "policy": c.policy, "chunks": c.chunks, "attn": c.attn,
+                "tokens": int(ids.numel()), **summary(self.times), "bytes_moved": int(st["bytes_moved"]),
+                "trusted_s": trusted, "server_s": st["server_compute_s"],
+                "transport_s": max(med - trusted - st["server_compute_s"], 0.0), "stats": st}
+
+    def close(self) -> None:
+        self.offload.close()
+
+
 class Bench:
     def __init__(self, args):
         self.args = args
@@ -90,6 +126,7 @@ class Bench:
         self.servers: dict[tuple[str, str], str] = {}     # (dtype, socket) -> endpoint
         self.procs = []
         self.weights: dict[str, tuple] = {}                # dtype -> (cfg, weights on CPU)
+        self.computes: dict[str, Compute] = {}
 
     # ---- servers ---------------------------------------------------------------------------------------
     def start_servers(self, configs: list[Config]) -> None:
@@ -112,16 +149,23 @@ class Bench:
         return self.servers[(c.dtype, "tcp" if c.transport == "tcp" else "ipc")]
 
     # ---- one configuration -----------------------------------------------------------------------------
+    def compute(self, dtype: str) -> Compute:
+        """One in-process compute per dtype, shared by the local configurations."""
+        if dtype not in self.computes:
+            cfg, weights = self.local_weights(dtype)
+            self.computes[dtype] = Compute(cfg, weights, self.args.device)
+        return self.computes[dtype]
+
     def local_weights(self, dtype: str):
         if dtype not in self.weights:
             self.weights[dtype] = W.load(self.args.model, W.torch_dtype(dtype), "cpu")
         return self.weights[dtype]
 
-    def measure(self, c: Config, ids: torch.Tensor) -> dict:
+    def open(self, c: Config, ids: torch.Tensor) -> "Trial":
         a, stats = self.args, Stats()
         if c.transport == "local":
             cfg, weights = self.local_weights(c.dtype)
-            offload = LocalOffload(Compute(cfg, weights, a.device), stats)
+            offload = LocalOffload(self.compute(c.dtype), stats)
             norms = {k: v for k, v in weights.items() if k.endswith("norm.weight")}
         else:
             transport = "shm" if c.transport in ("shm", "bell") else "frames"
@@ -131,19 +175,11 @@ class Bench:
             cfg, norms = offload.cfg, offload.norms
         try:
             model = TrustedModel(cfg, norms, offload, c.policy, stats, attn_dtype(c.attn, offload.dtype))
-            times, runs = timed_prefills(model, ids, c.chunks, a.repeat, a.warmup, stats, self.sync)
-        finally:
+        except BaseException:
             offload.close()
-            del offload
-            if self.cuda:
-                torch.cuda.empty_cache()
-        st = median_stats(runs)
-        trusted = sum(st["trusted_s"].values())
-        med = statistics.median(times)
-        return {"transport": c.transport, "dtype": c.dtype, "policy": c.policy, "chunks": c.chunks, "attn": c.attn,
-                "tokens": int(ids.numel()), **summary(times), "bytes_moved": int(st["bytes_moved"]),
-                "trusted_s": trusted, "server_s": st["server_compute_s"],
-                "transport_s": max(med - trusted - st["server_compute_s"], 0.0), "stats": st}
+            raise
+        return Trial(c, model, offload, stats)
+
 
     def reference(self, dtype: str, ids: torch.Tensor, device: str) -> dict:
         """The whole model on one device, no split: the same math, trusted part and compute together."""
@@ -189,7 +225,8 @@ def run_bench(args) -> dict:
     try:
         bench.start_servers(configs)
         with Progress(console=console, transient=True) as progress:
-            task = progress.add_task("measuring", total=len(configs) + (0 if a.no_references else 2 * len(dtypes)))
+            task_total = 0 if a.no_references else 2 * len(dtypes)
+            task = progress.add_task("measuring", total=task_total)
             if not a.no_references:
                 for d in dtypes:
                     progress.update(task, description=f"reference: {a.device} alone, {d}")
@@ -200,14 +237,30 @@ def run_bench(args) -> dict:
                     progress.advance(task)
                     result["references"][d] = {"device_only_s": dev["median_s"], "cpu_only_s": cpu["median_s"],
                                                "device_only": dev, "cpu_only": cpu}
-            for c in configs:
-                progress.update(task, description=f"{c.label}")
+            trials = []
+            for c in configs:                  # connect and warm up every configuration first ...
+                progress.update(task, description=f"warming up {c.label}")
                 try:
-                    result["rows"].append(bench.measure(c, ids))
-                except (RuntimeError, ValueError, OSError) as e:   # report it and go on with the matrix
-                    console.print(f"[red]{c.label}: {type(e).__name__}: {e}[/red]")
-                    result.setdefault("errors", []).append({**c.__dict__, "error": f"{type(e).__name__}: {e}"})
-                progress.advance(task)
+                    trial = bench.open(c, ids)
+                    trials.append(trial)
+                    for _ in range(a.warmup):
+                        trial.prefill(ids, bench.sync)
+                except (RuntimeError, ValueError, OSError) as e:
+                    failed(result, c, e)
+            progress.update(task, total=task_total + a.repeat * len(trials))
+            for _ in range(a.repeat):          # ... then time them in turns, so drift hits all rows alike
+                for trial in list(trials):
+                    progress.update(task, description=trial.config.label)
+                    try:
+                        trial.timed(ids, bench.sync)
+                    except (RuntimeError, ValueError, OSError) as e:
+                        failed(result, trial.config, e)
+                        trials.remove(trial)
+                        trial.close()
+                    progress.advance(task)
+            result["rows"] = [t.row(ids) for t in trials]
+            for trial in trials:
+                trial.close()
     finally:
         bench.stop_servers()
     first = dtypes[0]
@@ -224,6 +277,12 @@ def run_bench(args) -> dict:
         plot(result, a.plot)
         console.print(f"wrote {a.plot}")
     return result
+
+
+def failed(result: dict, c: Config, e: Exception) -> None:
+    """Report a configuration that failed and go on with the matrix."""
+    console.print(f"[red]{c.label}: {type(e).__name__}: {e}[/red]")
+    result.setdefault("errors", []).append({**c.__dict__, "error": f"{type(e).__name__}: {e}"})
 
 
 def settings(a, cfg) -> dict:
