@@ -12,6 +12,7 @@ import itertools
 import json
 import os
 import platform
+import shutil
 import statistics
 import time
 from dataclasses import dataclass
@@ -24,7 +25,7 @@ from rich.table import Table
 
 from . import weights as W
 from .compute import Compute
-from .launch import free_tcp_port, private_ipc_endpoint, start_server, stop_server, wait_ready
+from .launch import free_tcp_port, private_ipc_endpoint, start_server, stop_servers, wait_ready
 from .model import POLICIES, TrustedModel
 from .offload import LocalOffload
 from .remote import RemoteOffload, default_arena_bytes
@@ -140,8 +141,10 @@ class Bench:
         wait_ready(self.procs)
 
     def stop_servers(self) -> None:
-        for p in self.procs:
-            stop_server(p)
+        stop_servers(self.procs)
+        for endpoint in self.servers.values():
+            if endpoint.startswith("ipc://"):
+                shutil.rmtree(Path(endpoint.removeprefix("ipc://")).parent, ignore_errors=True)
 
     def endpoint(self, c: Config) -> str:
         if self.args.endpoint:

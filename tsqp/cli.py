@@ -176,6 +176,16 @@ def resolve(args) -> None:
         args.curve = client_curve(args.endpoint, args.keys, args.server_key, args.client_key, args.insecure)
 
 
+def check_device(args) -> None:
+    """A CUDA device asked for where there is none: say so, instead of torch's long message."""
+    uses_device = args.command in ("serve", "bench") or getattr(args, "local", False)
+    if uses_device and args.device.startswith("cuda"):
+        import torch
+        if not torch.cuda.is_available():
+            raise ValueError(f"--device {args.device}: this machine has no CUDA device (torch {torch.__version__}); "
+                             f"use --device cpu")
+
+
 def interrupt(signum, frame):
     raise KeyboardInterrupt      # SIGTERM unwinds like Ctrl-C: finally blocks close the session and arena
 
@@ -186,6 +196,7 @@ def main(argv: list[str] | None = None) -> int:
         signal.signal(signal.SIGTERM, interrupt)
     try:
         resolve(args)
+        check_device(args)
         if args.command == "serve":
             from .serve import serve
             serve(args)

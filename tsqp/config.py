@@ -124,16 +124,16 @@ LLAMA3_SCALING = {"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0,
 PRESETS: dict[str, ModelConfig] = {
     # seconds on a laptop CPU; GQA, llama3 rope, head_dim != hidden/heads is covered by the tests' checkpoints
     "tiny": ModelConfig(vocab_size=512, hidden_size=128, intermediate_size=384, num_layers=2, num_heads=4,
-                        num_kv_heads=2, head_dim=32, rope_theta=500000.0, rope_scaling=LLAMA3_SCALING,
+                        num_kv_heads=2, head_dim=32, rope_theta=500000.0, rope_scaling=dict(LLAMA3_SCALING),
                         max_position_embeddings=4096, tie_word_embeddings=True, bos_token_id=1, eos_token_id=[2]),
     # a CPU-sized model for benchmarks on machines without a GPU
     "small": ModelConfig(vocab_size=32000, hidden_size=512, intermediate_size=1536, num_layers=8, num_heads=8,
-                         num_kv_heads=4, head_dim=64, rope_theta=500000.0, rope_scaling=LLAMA3_SCALING,
+                         num_kv_heads=4, head_dim=64, rope_theta=500000.0, rope_scaling=dict(LLAMA3_SCALING),
                          max_position_embeddings=8192, tie_word_embeddings=True, bos_token_id=1, eos_token_id=[2]),
     # Llama-3.2-1B's exact shapes
     "llama-3.2-1b": ModelConfig(vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_layers=16,
                                 num_heads=32, num_kv_heads=8, head_dim=64, rms_norm_eps=1e-5,
-                                rope_theta=500000.0, rope_scaling=LLAMA3_SCALING,
+                                rope_theta=500000.0, rope_scaling=dict(LLAMA3_SCALING),
                                 max_position_embeddings=131072, tie_word_embeddings=True,
                                 bos_token_id=128000, eos_token_id=[128001, 128008, 128009]),
 }

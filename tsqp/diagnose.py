@@ -13,12 +13,8 @@ from __future__ import annotations
 import json
 import os
 import platform
-import selectors
 import shutil
-import signal
-import socket
 import stat
-import subprocess
 import sys
 import tempfile
 import time
@@ -33,6 +29,7 @@ from rich.table import Table
 
 from . import protocol as P
 from . import shm
+from .launch import free_tcp_port, start_server, stop_servers, wait_ready
 from .remote import RemoteError, RemoteOffload
 from .transport import Client, ServerTimeout, TransportError, ipc_path, transport_of
 
@@ -86,58 +83,6 @@ def row_of(transport: str, size: int, secs: list[float]) -> Row:
 
 
 # ---- echo servers: real processes ------------------------------------------------------------------
-
-def free_tcp_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def start_server(endpoint: str) -> subprocess.Popen:
-    cmd = [sys.executable, "-m", "tsqp.cli", "serve", "--model", "random:tiny", "--device", "cpu",
-           "--dtype", "float32", "--endpoint", endpoint, "--max-sessions", "4"]
-    if endpoint.startswith("tcp://"):
-        cmd.append("--insecure")     # its own echo server on 127.0.0.1, random weights, for timing only
-    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
-
-
-def wait_ready(procs: list[subprocess.Popen], timeout_s: float = 60.0) -> None:
-    """Block until every server printed its `ready` line; a server that exits or stays silent is an error."""
-    sel = selectors.DefaultSelector()
-    bufs = {}
-    for p in procs:
-        sel.register(p.stdout, selectors.EVENT_READ, p)
-        bufs[p] = b""
-    deadline = time.monotonic() + timeout_s
-    while bufs and any(b"ready in" not in b for b in bufs.values()):
-        left = deadline - time.monotonic()
-        events = sel.select(left) if left > 0 else []
-        if not events:
-            raise RuntimeError(f"echo server not ready within {timeout_s:g} s")
-        for key, _ in events:
-            p = key.data
-            chunk = os.read(key.fileobj.fileno(), 4096)
-            if not chunk:
-                raise RuntimeError(f"echo server exited before ready:\n{bufs[p].decode(errors='replace')}")
-            bufs[p] += chunk
-            if b"ready in" in bufs[p]:
-                sel.unregister(key.fileobj)
-    sel.close()
-
-
-def stop_servers(procs: list[subprocess.Popen]) -> None:
-    for p in procs:              # signal all first: they shut down in parallel
-        if p.poll() is None:
-            p.send_signal(signal.SIGTERM)
-    for p in procs:
-        try:
-            p.wait(10)
-        except subprocess.TimeoutExpired:
-            p.kill()
-            p.wait(10)
-        p.stdout.close()
-
 
 # ---- the three transports ----------------------------------------------------------------------------
 
@@ -434,7 +379,7 @@ def diagnose(args) -> dict:
     t0 = time.perf_counter()
     tmp = tempfile.mkdtemp(prefix="tsqp-diag-", dir="/tmp")
     endpoints = {"ipc": f"ipc://{tmp}/echo.ipc", "tcp": f"tcp://127.0.0.1:{free_tcp_port()}"}
-    procs = [start_server(e) for e in endpoints.values()]      # they start while the environment is probed
+    procs = [start_server(e, extra=("--max-sessions", "4")) for e in endpoints.values()]      # they start while the environment is probed
     lat: dict[str, Row] = {}
     rows: list[Row] = []
     try:

@@ -58,12 +58,14 @@ def wait_ready(procs: list[subprocess.Popen], timeout_s: float = 120.0) -> None:
         sel.close()
 
 
-def stop_server(p: subprocess.Popen) -> None:
-    if p.poll() is None:
-        p.send_signal(signal.SIGTERM)
+def stop_servers(procs: list[subprocess.Popen]) -> None:
+    for p in procs:              # signal all first: they shut down in parallel
+        if p.poll() is None:
+            p.send_signal(signal.SIGTERM)
+    for p in procs:
         try:
             p.wait(10)
         except subprocess.TimeoutExpired:
             p.kill()
             p.wait(10)
-    p.stdout.close()
+        p.stdout.close()

@@ -171,6 +171,8 @@ class RemoteOffload:
         while pending.rid not in self.replies:
             frames = self.client.recv(f"{pending}")
             head = P.decode(frames[0])
+            if head.get("id") is None and head["type"] == "error":    # the server could not tell which call
+                raise RemoteError(f"server at {self.endpoint} failed while {pending} was pending: {head['error']}")
             self.replies[head.get("id")] = (head, frames, time.perf_counter())
         head, frames, got_at = self.replies.pop(pending.rid)
         self.stats.wait_s += time.perf_counter() - t0
