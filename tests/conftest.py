@@ -50,9 +50,21 @@ def checkpoints(tmp_path_factory) -> dict[str, Path]:
     return {name: make_checkpoint(root / name, seed=i, **kw) for i, (name, kw) in enumerate(CHECKPOINTS.items())}
 
 
+ENDPOINT_DIRS: list[str] = []
+
+
+@pytest.fixture(scope="session", autouse=True)
+def remove_endpoint_dirs():
+    """The socket directories short_endpoint() made, gone when the session ends."""
+    yield
+    for d in ENDPOINT_DIRS:
+        shutil.rmtree(d, ignore_errors=True)
+
+
 def short_endpoint(tag: str = "s") -> str:
     """A unique ipc endpoint with a short path (unix socket paths are limited to ~100 bytes)."""
     d = tempfile.mkdtemp(prefix="tsqp-t-", dir="/tmp")
+    ENDPOINT_DIRS.append(d)
     return f"ipc://{d}/{tag}.ipc"
 
 
