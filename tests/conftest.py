@@ -200,3 +200,36 @@ def hf_logits(path: Path, ids: torch.Tensor) -> torch.Tensor:
     model = LlamaForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
     with torch.no_grad():
         return model(ids[None]).logits[0, -1].float()
+
+
+RUN_ENV = {**clean_env(), "PYTHONUNBUFFERED": "1"}
+
+
+def start_run(*argv: str) -> subprocess.Popen:
+    """`tsqp run` as a real process, its output piped (see wait_line)."""
+    return subprocess.Popen([sys.executable, "-m", "tsqp.cli", "run", *argv], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=RUN_ENV)
+
+
+def wait_line(proc: subprocess.Popen, needle: str, timeout_s: float = 60) -> str:
+    """Read the process's stdout up to a line holding `needle` (the runner prints 'Connected to' after the hello)."""
+    deadline = time.monotonic() + timeout_s
+    seen = []
+    while time.monotonic() < deadline:
+        line = proc.stdout.readline()
+        if not line:
+            raise AssertionError(f"exited before {needle!r}: {''.join(seen)}{proc.stderr.read()}")
+        seen.append(line)
+        if needle in line:
+            return line
+    raise AssertionError(f"no {needle!r} within {timeout_s} s")
+
+
+def run_here(*args: str) -> int:
+    """`tsqp run` in this process (no interpreter start-up); returns its exit status."""
+    from tsqp.cli import main
+    old = signal.getsignal(signal.SIGTERM)
+    try:
+        return main(["run", *args])
+    finally:
+        signal.signal(signal.SIGTERM, old)

@@ -14,37 +14,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import serving, short_endpoint
+from conftest import RUN_ENV, run_here, serving, short_endpoint, start_run, wait_line
 from tsqp import protocol as P
 from tsqp.remote import RemoteOffload
 from tsqp.shm import arena_dir
 from tsqp.transport import Client
 
-RUN_ENV = {**os.environ, "PYTHONUNBUFFERED": "1"}
-
-
 def tsqp(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "tsqp.cli", *args], capture_output=True, text=True,
                           timeout=timeout, env=RUN_ENV)
-
-
-def start_run(*args: str) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "tsqp.cli", "run", *args], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env=RUN_ENV)
-
-
-def wait_line(proc: subprocess.Popen, needle: str, timeout_s: float = 60) -> str:
-    """Read the process's stdout up to a line holding `needle` (the runner prints 'Connected to' after the hello)."""
-    deadline = time.monotonic() + timeout_s
-    seen = []
-    while time.monotonic() < deadline:
-        line = proc.stdout.readline()
-        if not line:
-            raise AssertionError(f"exited before {needle!r}: {''.join(seen)}{proc.stderr.read()}")
-        seen.append(line)
-        if needle in line:
-            return line
-    raise AssertionError(f"no {needle!r} within {timeout_s} s")
 
 
 def info(endpoint: str) -> dict:
@@ -86,16 +64,6 @@ def tiny():
 def small():
     with serving("random:small", extra=("--max-sessions", "2")) as (endpoint, proc):
         yield endpoint, proc
-
-
-def run_here(*args: str) -> int:
-    """`tsqp run` in this process (no interpreter start-up); returns its exit status."""
-    from tsqp.cli import main
-    old = signal.getsignal(signal.SIGTERM)
-    try:
-        return main(["run", *args])
-    finally:
-        signal.signal(signal.SIGTERM, old)
 
 
 def remote_vs_local(tmp_path: Path, endpoint: str, model: str, *args: str) -> None:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import re
 import shutil
-import signal
 import socket
 import stat
 import subprocess
@@ -15,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import serving, short_endpoint
+from conftest import run_here, serving, short_endpoint
 from tsqp import keys as K
 from tsqp import protocol as P
 from tsqp.remote import RemoteOffload
@@ -46,15 +45,6 @@ def serve_here(capsys, *args: str) -> tuple[int, str]:
     from tsqp.cli import main
     rc = main(["serve", "--model", "random:tiny", "--device", "cpu", *args])
     return rc, capsys.readouterr().err
-
-
-def run_here(*args: str) -> int:
-    from tsqp.cli import main
-    old = signal.getsignal(signal.SIGTERM)
-    try:
-        return main(["run", *args])
-    finally:
-        signal.signal(signal.SIGTERM, old)
 
 
 # ---- files -----------------------------------------------------------------------------------------------

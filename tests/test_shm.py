@@ -7,7 +7,6 @@ import os
 import signal
 import stat
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -15,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import serving, short_endpoint
+from conftest import serving, short_endpoint, start_run, wait_line
 from tsqp import cli, runner
 from tsqp import protocol as P
 from tsqp import weights as W
@@ -23,9 +22,6 @@ from tsqp.compute import Compute
 from tsqp.diagnose import inspect_endpoint
 from tsqp.server import Server
 from tsqp.shm import Arena, arena_dir
-
-RUN_ENV = {**{k: v for k, v in os.environ.items() if not k.startswith("LLAMA_")}, "PYTHONUNBUFFERED": "1"}
-
 
 def arenas_of(pid: int) -> list[str]:
     """Arena files a process created (named <pid>-<hex>); other test sessions' files are left out."""
@@ -43,24 +39,6 @@ def run_here(*argv: str) -> dict:
     args = cli.parser().parse_args(["run", *argv])
     cli.resolve(args)
     return runner.run(args)
-
-
-def start_run(*argv: str) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "tsqp.cli", "run", *argv], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env=RUN_ENV)
-
-
-def wait_line(proc: subprocess.Popen, needle: str, timeout_s: float = 60) -> None:
-    deadline = time.monotonic() + timeout_s
-    seen = []
-    while time.monotonic() < deadline:
-        line = proc.stdout.readline()
-        if not line:
-            raise AssertionError(f"exited before {needle!r}: {''.join(seen)}{proc.stderr.read()}")
-        seen.append(line)
-        if needle in line:
-            return
-    raise AssertionError(f"no {needle!r} within {timeout_s} s")
 
 
 def wait_for(cond, timeout_s: float, what: str) -> None:
