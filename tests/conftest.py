@@ -15,6 +15,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from tsqp.launch import stop_servers
+
 LLAMA3 = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
           "original_max_position_embeddings": 64}
 
@@ -101,14 +103,7 @@ def wait_ready(proc: subprocess.Popen, timeout_s: float = 60.0) -> str:
 
 
 def stop_server(proc: subprocess.Popen, own_dir: bool = False) -> None:
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)     # a no-op where serving_all already signalled it
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(10)
-    proc.stdout.close()
+    stop_servers([proc])                     # SIGTERM, then SIGKILL after 10 s
     if own_dir and proc.endpoint and proc.endpoint.startswith("ipc://"):
         shutil.rmtree(Path(proc.endpoint.removeprefix("ipc://")).parent, ignore_errors=True)
 
