@@ -138,6 +138,10 @@ def test_control_message_outside_the_arena_gets_an_error_naming_it():
         err = P.decode(server.handle(peer, [P.encode({"type": "echo", "shm": True, "nbytes": 4096,
                                                       "src": 0, "dst": arena.size - 1024})])[0])
         assert err["type"] == "error" and "outside" in err["error"], err
+        for echo, why in [({"nbytes": 8192, "src": 0, "dst": 4096}, "overlap"),
+                          ({"nbytes": 6, "src": 0, "dst": 4096}, "nbytes")]:
+            err = P.decode(server.handle(peer, [P.encode({"type": "echo", "shm": True, **echo})])[0])
+            assert err["type"] == "error" and why in err["error"], err
         # the session still works after the bad messages
         assert call([{**x, "offset": 0}], {"offset": 4096})["type"] == "result"
     finally:

@@ -214,20 +214,20 @@ class Server:
 
     def echo(self, peer: bytes, header: dict, frames: list) -> list:
         """For `tsqp diagnose`: frames come back as they are; in a shm session, `nbytes` are copied from
-        offset `src` to `dst` in the arena (the server consumes and produces that much)."""
+        offset `src` to `dst` in the arena (the server consumes and produces that much; nbytes a multiple of 4)."""
         session = self.sessions.get(peer)
         if header.get("shm"):
             if session is None or session.arena is None:
                 raise P.ProtocolError("echo over shm needs a shared-memory session")
             session.last_seen = time.monotonic()
             n = header.get("nbytes")
-            if not isinstance(n, int) or isinstance(n, bool) or n < 0:
+            if not isinstance(n, int) or isinstance(n, bool) or n < 0 or n % 4:
                 raise P.ProtocolError(f"echo: bad nbytes {n!r}")
             src = session.arena.view(P.TensorMeta("float32", (n // 4,), header.get("src")))
             dst = session.arena.view(P.TensorMeta("float32", (n // 4,), header.get("dst")))
-            # one plain memcpy (numpy): torch's copy_ fans out to OpenMP workers, which stall for scheduler
-            # ticks when the runner shares the cores; the echo measures the data path, not the thread pool
-            dst.numpy()[:] = src.numpy()
+            if self._overlaps(dst, [src]):
+                raise P.ProtocolError("echo: src and dst regions overlap")
+            dst.copy_(src)      # with the server's threads, as its ops read and write the arena
             return [P.encode({"type": "echo"})]
         return [P.encode({"type": "echo"})] + list(frames)
 
