@@ -19,28 +19,41 @@ tsqp() { python3 -m tsqp.cli "$@"; }
   python3 -c "import torch, zmq; print('torch', torch.__version__, 'zmq', zmq.zmq_version(), torch.cuda.is_available() and torch.cuda.get_device_name())"
 } 2>&1 | tee "$W/host.txt"
 BIG=${BIG:-random:llama-3.2-1b}; TOK=${TOK:-1024}; DT=${DT:-bfloat16}
-TRANSPORTS=${TRANSPORTS:-local,shm,bell,ipc,tcp}; POLICIES=${POLICIES:-linear,flash}; CHUNKS=${CHUNKS:-1,4}
-LEVERS=${LEVERS:-1}      # 0 skips step 4
+TRANSPORTS=${TRANSPORTS:-local,shm,bell}; POLICIES=${POLICIES:-linear,flash}; CHUNKS=${CHUNKS:-1,2}
+SPIN=${SPIN:-200}        # --spin-us of the second bench and of the spinning decode
 
-# 1. the benchmark: 1024 tokens of the Llama-3.2-1B shape, bf16, with the no-split references
-timeout 240 python3 -m tsqp.cli bench --device $DEV --model $BIG --tokens $TOK --dtype $DT \
+# 1. the benchmark: 1024 tokens of the Llama-3.2-1B shape, bf16, with the no-split references; eager first,
+#    then the trusted elementwise steps fused by torch.compile with the doorbell's sides polling briefly
+timeout 200 python3 -m tsqp.cli bench --device $DEV --model $BIG --tokens $TOK --dtype $DT \
   --transport $TRANSPORTS --policy $POLICIES --chunks $CHUNKS --repeat 5 \
   --json "$OUT/bench.json" --plot "$OUT/bench.png" 2>&1 | tee "$W/bench.txt"
+timeout 200 python3 -m tsqp.cli bench --device $DEV --model $BIG --tokens $TOK --dtype $DT \
+  --transport local,bell --policy $POLICIES --chunks $CHUNKS --repeat 5 --no-references --compile --spin-us $SPIN \
+  --json "$OUT/bench_compile.json" 2>&1 | tee "$W/bench_compile.txt"
 
-# 2. decode: 128-token prompt, 64 new tokens, shm vs in-process
+# 2. decode: 128-token prompt, 64 new tokens: socket control, doorbell, doorbell polling, in-process
 ep=ipc:///tmp/tsqp-gpu-check-$$.ipc
-python3 -m tsqp.cli serve --model $BIG --device $DEV --dtype $DT --endpoint $ep > "$W/serve_big.txt" 2>&1 &
+python3 -m tsqp.cli serve --model $BIG --device $DEV --dtype $DT --endpoint $ep --spin-us $SPIN > "$W/serve_big.txt" 2>&1 &
 srv=$!
 for _ in $(seq 120); do grep -q ready "$W/serve_big.txt" && break; sleep 1; done
 ids=$(python3 -c "print(','.join(str(i * 37 % 500 + 3) for i in range(128)))")
-timeout 60 python3 -m tsqp.cli run --endpoint $ep --prompt-ids $ids --max-new-tokens 64 --ignore-eos \
-  --json "$OUT/decode_shm.json" > "$W/decode_shm.txt" 2>&1
-timeout 60 python3 -m tsqp.cli run --endpoint $ep --doorbell --prompt-ids $ids --max-new-tokens 64 --ignore-eos \
-  --json "$OUT/decode_bell.json" > "$W/decode_bell.txt" 2>&1
+for v in "shm:" "bell:--doorbell" "spin:--doorbell --spin-us $SPIN"; do
+  timeout 60 python3 -m tsqp.cli run --endpoint $ep ${v#*:} --prompt-ids $ids --max-new-tokens 64 --ignore-eos \
+    --json "$W/decode_${v%%:*}.json" > "$W/decode_${v%%:*}.txt" 2>&1
+done
 kill $srv; wait $srv
 timeout 90 python3 -m tsqp.cli run --local --device $DEV --dtype $DT --model $BIG --prompt-ids $ids \
-  --max-new-tokens 64 --ignore-eos --json "$OUT/decode_local.json" > "$W/decode_local.txt" 2>&1
-tail -n 25 "$W/decode_bell.txt"
+  --max-new-tokens 64 --ignore-eos --json "$W/decode_local.json" > "$W/decode_local.txt" 2>&1
+python3 - "$W" <<'PY' 2>&1 | tee "$OUT/decode.txt"
+import json, sys
+for name in ("local", "shm", "bell", "spin"):
+    try:
+        d = json.load(open(f"{sys.argv[1]}/decode_{name}.json"))
+    except (OSError, ValueError) as e:
+        print(f"{name:6s} failed: {e}"); continue
+    g = d["stats"]
+    print(f"{name:6s}", {k: round(v, 3) for k, v in g.items() if k.startswith("decode_ms") or k.endswith("per_token")})
+PY
 
 # 3. the CUDA server path gives the CPU's logits (random weights are drawn on the CPU, so they are equal)
 tsqp run --local --device cpu --model random:small --tokens 200 --dump-logits "$W/cpu.npy" --no-warmup > /dev/null
@@ -48,7 +61,7 @@ python3 -m tsqp.cli serve --model random:small --device $DEV --endpoint $ep > "$
 srv=$!
 for _ in $(seq 60); do grep -q ready "$W/serve_small.txt" && break; sleep 1; done
 for pol in linear flash seed; do
-  tsqp run --endpoint $ep --tokens 200 --policy $pol --chunks 3 --dump-logits "$W/gpu_$pol.npy" > /dev/null
+  tsqp run --endpoint $ep --tokens 200 --policy $pol --chunks 3 --doorbell --dump-logits "$W/gpu_$pol.npy" > /dev/null
 done
 kill $srv; wait $srv
 tsqp run --local --device $DEV --model random:small --tokens 200 --chunks 3 --dump-logits "$W/gpu_local.npy" > /dev/null
@@ -61,14 +74,5 @@ for name in ("linear", "flash", "seed", "local"):
     err = float(np.abs(x - ref).max() / np.abs(ref).max())
     print(f"{name:6s} vs cpu float32: rel max err {err:.2e}, argmax {x.argmax()} vs {ref.argmax()}")
 PY
-
-# 4. levers: spinning OpenMP workers, bf16 vs fp32 trusted attention; the prototype's policy
-[ "$LEVERS" = 1 ] || { echo done; exit 0; }
-OMP_WAIT_POLICY=ACTIVE timeout 100 python3 -m tsqp.cli bench --device $DEV --model $BIG --tokens $TOK --dtype $DT \
-  --transport local,bell --policy linear,flash --chunks 1 --attn-dtype float32,bfloat16 --repeat 3 --no-references \
-  --json "$OUT/bench_levers.json" 2>&1 | tee "$W/bench_levers.txt"
-if [ "${SEED:-0}" = 1 ]; then
-  timeout 60 python3 -m tsqp.cli bench --device $DEV --model $BIG --tokens $TOK --dtype $DT --transport shm \
-    --policy seed --repeat 2 --warmup 1 --no-references --json "$OUT/bench_seed.json" 2>&1 | tee "$W/bench_seed.txt"
-fi
+cp "$W/host.txt" "$W/bench.txt" "$W/bench_compile.txt" "$OUT/" 2>/dev/null
 echo "done"

@@ -111,6 +111,17 @@ def test_local_matches_transformers(checkpoints, oracle, name, dtype, policy):
     assert_close(model.prefill(ids, KVCache(cfg, ids.numel()), 3), ref, dtype)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_compiled_elementwise_matches_transformers(checkpoints, oracle, dtype):
+    """--compile: RMSNorm, RoPE and SiLU fused by torch.compile (C++ through inductor) against the oracle."""
+    ids, ref = oracle["gqa_llama3_tied"]
+    cfg, weights = W.load(str(checkpoints["gqa_llama3_tied"]), W.torch_dtype(dtype), "cpu")
+    norms = {k: v for k, v in weights.items() if k.endswith("norm.weight")}
+    model = TrustedModel(cfg, norms, LocalOffload(Compute(cfg, weights, "cpu")), "linear", fused=True)
+    assert_close(model.prefill(ids, KVCache(cfg, ids.numel())), ref, dtype)
+    assert model.ew.fused            # compiled, not fallen back to eager
+
+
 CLI_CASES = [("gqa_llama3_tied", "float32", "seed", "frames"), ("mha_plain_untied", "bfloat16", "linear", "shm")]
 
 

@@ -20,6 +20,7 @@ from tsqp import protocol as P
 from tsqp import weights as W
 from tsqp.compute import Compute
 from tsqp.diagnose import inspect_endpoint
+from tsqp.doorbell import make_pipes
 from tsqp.server import Server
 from tsqp.shm import Arena, arena_dir
 
@@ -130,6 +131,10 @@ def test_control_message_outside_the_arena_gets_an_error_naming_it():
         x = {"dtype": "float32", "shape": [4, cfg.hidden_size]}
         ok = call([{**x, "offset": 0}], {"offset": 4096})
         assert ok["type"] == "result", ok
+        again = call([{**x, "offset": 0}], {"offset": 4096})            # served from the checked views
+        assert again["type"] == "result" and again["output"] == ok["output"], again
+        err = call([{**x, "offset": 0.0}], {"offset": 4096})             # the same call but for a field's type
+        assert err["type"] == "error" and "bad offset" in err["error"], err
         for inputs, output in [([{**x, "offset": arena.size - 256}], {"offset": 4096}),   # input runs past the end
                                ([{**x, "offset": 0}], {"offset": arena.size})]:           # output starts past it
             err = call(inputs, output)
@@ -167,19 +172,21 @@ def test_runner_killed_before_attach_leaves_a_file_the_next_run_removes(tiny):
     if pid == 0:                   # a runner that dies after creating its arena, before the server attaches
         try:
             os.close(r)
-            os.write(w, Arena.create(1 << 20).name.encode())
+            arena = Arena.create(1 << 20)
+            make_pipes(arena.path)     # and its doorbell's pipes
+            os.write(w, arena.name.encode())
             time.sleep(60)
         finally:
             os._exit(0)
     try:
         os.close(w)
         name = os.read(r, 200).decode()
-        assert arenas_of(pid) == [name]
+        assert arenas_of(pid) == [name, name + ".rep", name + ".req"]
     finally:
         os.close(r)
         os.kill(pid, signal.SIGKILL)
         os.waitpid(pid, 0)
-    assert arenas_of(pid) == [name]                      # nobody mapped it: the file stays ...
+    assert arenas_of(pid) == [name, name + ".rep", name + ".req"]   # nobody opened them: the files stay ...
     run_here("--endpoint", endpoint, "--tokens", "8", "--no-warmup")
     assert arenas_of(pid) == []                          # ... until the next runner creates its arena
     assert arenas_of(os.getpid()) == []

@@ -29,7 +29,6 @@ from .launch import free_tcp_port, private_ipc_endpoint, start_server, stop_serv
 from .model import POLICIES, TrustedModel
 from .offload import LocalOffload
 from .remote import RemoteOffload, default_arena_bytes
-from .server import SPIN_S
 from .runner import attn_dtype, fixed_prompt
 from .stats import Stats
 
@@ -103,8 +102,6 @@ class Trial:
         self.stats.total_s = time.perf_counter() - t0
         self.times.append(self.stats.total_s)
         self.runs.append(self.stats.to_dict())
-        if self.config.transport == "bell":
-            time.sleep(SPIN_S + 0.1)    # let the server stop spinning before another configuration is timed
 
     def row(self, ids: torch.Tensor) -> dict:
         c, st = self.config, median_stats(self.runs)
@@ -136,7 +133,8 @@ class Bench:
         need = {(c.dtype, "tcp" if c.transport == "tcp" else "ipc") for c in configs if c.transport != "local"}
         for dtype, sock in sorted(need):
             endpoint = f"tcp://127.0.0.1:{free_tcp_port()}" if sock == "tcp" else private_ipc_endpoint(dtype[:4])
-            self.procs.append(start_server(endpoint, self.args.model, dtype, self.args.device))
+            spin = ("--spin-us", str(self.args.spin_us)) if self.args.spin_us else ()
+            self.procs.append(start_server(endpoint, self.args.model, dtype, self.args.device, spin))
             self.servers[(dtype, sock)] = endpoint
         wait_ready(self.procs)
 
@@ -174,10 +172,11 @@ class Bench:
             transport = "shm" if c.transport in ("shm", "bell") else "frames"
             arena = lambda cfg: default_arena_bytes(cfg, ids.numel(), c.chunks, c.policy == "seed")  # noqa: E731
             offload = RemoteOffload(self.endpoint(c), transport, timeout_s=a.timeout, arena_bytes=arena, stats=stats,
-                                    doorbell=c.transport == "bell")
+                                    doorbell=c.transport == "bell", spin_s=a.spin_us * 1e-6)
             cfg, norms = offload.cfg, offload.norms
         try:
-            model = TrustedModel(cfg, norms, offload, c.policy, stats, attn_dtype(c.attn, offload.dtype))
+            model = TrustedModel(cfg, norms, offload, c.policy, stats, attn_dtype(c.attn, offload.dtype),
+                                 fused=a.compile)
         except BaseException:
             offload.close()
             raise
@@ -192,7 +191,7 @@ class Bench:
         norms = {k: v for k, v in weights.items() if k.endswith("norm.weight")}
         model = TrustedModel(cfg, norms, offload, "linear", stats,
                              W.torch_dtype(dtype) if device != "cpu" else attn_dtype("auto", W.torch_dtype(dtype)),
-                             device=device)
+                             device=device, fused=self.args.compile and device == "cpu")
         sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
         times, _ = timed_prefills(model, ids.to(device), 1, self.args.repeat, self.args.warmup, stats, sync)
         del model, offload
@@ -293,7 +292,7 @@ def settings(a, cfg) -> dict:
     return {"model": a.model, "device": a.device, "gpu": gpu, "cpu_count": os.cpu_count(),
             "threads": torch.get_num_threads(), "torch": torch.__version__, "python": platform.python_version(),
             "tokens": a.tokens, "repeat": a.repeat, "warmup": a.warmup, "attn_dtype": a.attn_dtype,
-            "layers": cfg.num_layers, "hidden": cfg.hidden_size}
+            "layers": cfg.num_layers, "hidden": cfg.hidden_size, "compile": a.compile, "spin_us": a.spin_us}
 
 
 def add_ratios(result: dict) -> None:

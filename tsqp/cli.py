@@ -51,8 +51,11 @@ def add_client_args(p: argparse.ArgumentParser) -> None:
                    help="seconds to wait for the server's hello (default 5)")
     p.add_argument("--arena-mb", type=int, default=None, help="shared-memory arena size (default: from the model)")
     p.add_argument("--doorbell", action="store_true",
-                   help="with shm: carry the control messages through the arena too; both sides spin-wait "
-                        "instead of sleeping in the kernel (lowest latency, costs a core on each side while active)")
+                   help="with shm: carry the control messages through two pipes beside the arena instead of the "
+                        "ZeroMQ socket (each message wakes the other side directly: lower latency per call)")
+    p.add_argument("--spin-us", type=float, default=0.0,
+                   help="with --doorbell: poll for a reply this long before sleeping (saves the wake-up; costs a "
+                        "core while waiting; for hosts with cores to spare) (default 0)")
 
 
 def add_security_args(p: argparse.ArgumentParser, server: bool) -> None:
@@ -87,6 +90,8 @@ def parser() -> argparse.ArgumentParser:
                    help="drop larger messages (ZMQ_MAXMSGSIZE) (default 4096)")
     add_security_args(s, server=True)
     s.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    s.add_argument("--spin-us", type=float, default=0.0,
+                   help="after a doorbell call, poll for the next one this long before sleeping (default 0)")
 
     r = sub.add_parser("run", help="run the trusted runner: one prefill, or generation with --max-new-tokens "
                                    "or --prompt; with statistics")
@@ -111,6 +116,9 @@ def parser() -> argparse.ArgumentParser:
     r.add_argument("--policy", choices=("linear", "seed", "flash"), default="linear",
                    help="linear: attention on the trusted side; seed: the prototype's split (QK^T, PV offloaded); "
                         "flash: RoPE here, fused attention + O on the server")
+    r.add_argument("--compile", action="store_true",
+                   help="fuse the trusted elementwise steps with torch.compile (needs a C++ compiler; compiles "
+                        "once per prompt length)")
     r.add_argument("--attn-dtype", choices=("auto", "float32", "bfloat16"), default="auto",
                    help="dtype of the trusted side's attention math and KV cache (auto: bfloat16 when the wire "
                         "is bfloat16 and the CPU has AMX, else float32)")
@@ -145,6 +153,10 @@ def parser() -> argparse.ArgumentParser:
     b.add_argument("--endpoint", default=None, help="use this running server instead of starting our own")
     b.add_argument("--timeout", type=float, default=120.0, help="seconds to wait for any reply")
     b.add_argument("--threads", type=int, default=None, help="torch CPU threads in the runner")
+    b.add_argument("--compile", action="store_true",
+                   help="fuse the trusted elementwise steps with torch.compile (compiled during the warm-up)")
+    b.add_argument("--spin-us", type=float, default=0.0,
+                   help="bell rows: runner and server poll this long before sleeping (default 0)")
     b.add_argument("--no-references", action="store_true", help="skip the device-only and CPU-only references")
     b.add_argument("--json", default=None, help="write settings, references and rows here")
     b.add_argument("--plot", default=None, help="write a stacked bar chart (PNG) here")

@@ -169,7 +169,7 @@ def shm_room(sizes) -> tuple[list[int], dict]:
     except (OSError, shm.ArenaError) as e:
         return [], {"path": str(shm.SHM_ROOT), "error": str(e)}
     vfs = os.statvfs(d)
-    dead = [f.name for f in d.iterdir() if (m := shm.NAME.match(f.name)) and not shm.pid_alive(int(m.group(1)))]
+    dead = [f.name for f in d.iterdir() if (m := shm.LEFTOVER.match(f.name)) and not shm.pid_alive(int(m.group(1)))]
     info = {"path": str(shm.SHM_ROOT), "size_bytes": vfs.f_blocks * vfs.f_frsize,
             "free_bytes": vfs.f_bavail * vfs.f_frsize, "leftover_arenas": sorted(dead)}
     return [n for n in sizes if 2 * n + shm.ALIGN <= info["free_bytes"] // 2], info

@@ -69,6 +69,62 @@ def rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float, out: torch.Tensor
     return out.copy_(torch.mul(x, inv).mul_(weight))
 
 
+def add_rmsnorm_(h: torch.Tensor, y: torch.Tensor, weight: torch.Tensor, eps: float, out: torch.Tensor) -> None:
+    """The residual step and the next norm: h += y (h float32 [T, D], in place); out = RMSNorm(h)."""
+    h += y
+    rmsnorm(h, weight, eps, out)
+
+
+def silu_mul_(gate_up: torch.Tensor, out: torch.Tensor) -> None:
+    """gate_up [T, 2I] -> out [T, I] = SiLU(gate) * up, in the wire dtype as the reference model does."""
+    I = out.shape[-1]
+    torch.mul(F.silu(gate_up[:, :I]), gate_up[:, I:], out=out)
+
+
+# The same steps written for torch.compile, which fuses each into one vectorised loop (and rounds once).
+# A compiled function may write one of its inputs: inductor 2.13 fails on two (KeyError 'buf4').
+def _rmsnorm_fused(h, weight, eps: float, out):
+    out.copy_(h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps) * weight)
+
+
+def _add_rmsnorm_fused(norm):
+    def add_rmsnorm(h, y, weight, eps: float, out):
+        h += y
+        norm(h, weight, eps, out)
+    return add_rmsnorm
+
+
+def _silu_mul_fused(gate_up, out):
+    I = out.shape[-1]
+    out.copy_(F.silu(gate_up[:, :I].float()) * gate_up[:, I:].float())
+
+
+class Elementwise:
+    """The trusted side's elementwise steps: eager torch, or fused by torch.compile (`--compile`: needs a C++
+    compiler at run time, and compiles once per prompt length; if compiling fails, eager is used)."""
+
+    def __init__(self, fused: bool = False):
+        self.fused = fused
+        if fused:
+            compile_ = lambda f: torch.compile(f, dynamic=False)   # noqa: E731
+            self.add_rmsnorm_, self.silu_mul_, self.apply_rope = (
+                _add_rmsnorm_fused(compile_(_rmsnorm_fused)), compile_(_silu_mul_fused), compile_(apply_rope))
+        else:
+            self.add_rmsnorm_, self.silu_mul_, self.apply_rope = add_rmsnorm_, silu_mul_, apply_rope
+
+    def call(self, name: str, *args):
+        try:
+            return getattr(self, name)(*args)
+        except Exception as e:      # e.g. no C++ compiler inside the enclave: say so once, go on eagerly
+            if not self.fused:
+                raise
+            import sys
+            print(f"WARNING: --compile failed ({type(e).__name__}: {str(e)[:200]}); using eager torch",
+                  file=sys.stderr, flush=True)
+            self.__init__(fused=False)
+            return getattr(self, name)(*args)
+
+
 class KVCache:
     """Keys (after RoPE) and values, kept on the trusted side only."""
 
@@ -89,7 +145,7 @@ class TrustedModel:
                          K and V of the prompt are sent with each request, the cache stays here)."""
 
     def __init__(self, cfg: ModelConfig, norms: dict[str, torch.Tensor], offload, policy: str = "linear",
-                 stats=None, attn_dtype: torch.dtype = torch.float32, device: str = "cpu"):
+                 stats=None, attn_dtype: torch.dtype = torch.float32, device: str = "cpu", fused: bool = False):
         if policy not in POLICIES:
             raise ValueError(f"unknown policy '{policy}'; choose one of {', '.join(POLICIES)}")
         self.cfg, self.offload, self.policy = cfg, offload, policy
@@ -100,6 +156,7 @@ class TrustedModel:
         # flash ships K/V in the wire dtype, so keep them so; otherwise the attention math's dtype
         self.attn_dtype = self.wire if policy == "flash" else attn_dtype
         self.timer = stats.timer if stats is not None else (lambda name: nullcontext())
+        self.ew = Elementwise(fused)
 
     def new_cache(self, max_len: int) -> KVCache:
         return KVCache(self.cfg, max_len, self.attn_dtype, self.device)
@@ -116,14 +173,14 @@ class TrustedModel:
         h = (yield self.offload.submit("embed", None, ids)).to(torch.float32, copy=True)  # [T, D] residual
         with self.timer("rope"):
             cos, sin = rope_tables(*(t.to(self.device) for t in self.rope.tables(start, T)))   # [T, 1, hd]
+        x = self._norm(h, self.norms[layer_names(0)["attn_norm"]])
         for layer in range(cfg.num_layers):
             n = layer_names(layer)
-            x = self._norm(h, self.norms[n["attn_norm"]])
             qkv = (yield self.offload.submit("qkv", layer, x))                             # [T, Q+2KV]
             q = self.offload.empty((T, H, hd), self.attn_dtype) if self.policy == "flash" else \
                 torch.empty(T, H, hd, dtype=self.attn_dtype, device=self.device)
             with self.timer("rope"):
-                qk = apply_rope(qkv[:, :Q + K].view(T, H + KV, hd), cos, sin)                # [T, H+KV, hd]
+                qk = self.ew.call("apply_rope", qkv[:, :Q + K].view(T, H + KV, hd), cos, sin)   # [T, H+KV, hd]
                 q.copy_(qk[:, :H])
                 cache.k[layer, :, start:start + T].transpose(0, 1).copy_(qk[:, H:])           # [T, KV, hd]
                 cache.v[layer, :, start:start + T].transpose(0, 1).copy_(qkv[:, Q + K:].view(T, KV, hd))
@@ -137,13 +194,16 @@ class TrustedModel:
                 else:
                     yield from self._seed_attention(q, cache, layer, start, attn)
                 o = yield self.offload.submit("o", layer, attn)
-            h += o                                                                          # [T, D]
-            x = self._norm(h, self.norms[n["mlp_norm"]])
+            x = self._add_norm(h, o, self.norms[n["mlp_norm"]])                             # h += o
             gate_up = (yield self.offload.submit("gate_up", layer, x))                     # [T, 2I]
             act = self.offload.empty((T, I))
-            with self.timer("silu"):   # in the wire dtype, as the reference model does
-                torch.mul(F.silu(gate_up[:, :I]), gate_up[:, I:], out=act)
-            h += (yield self.offload.submit("down", layer, act))
+            with self.timer("silu"):
+                self.ew.call("silu_mul_", gate_up, act)
+            down = yield self.offload.submit("down", layer, act)                           # [T, D]
+            if layer + 1 < cfg.num_layers:
+                x = self._add_norm(h, down, self.norms[layer_names(layer + 1)["attn_norm"]])  # h += down
+            else:
+                h += down
         cache.length = max(cache.length, start + T)
         if not want_logits:
             return None
@@ -154,6 +214,12 @@ class TrustedModel:
         out = self.offload.empty(tuple(h.shape))
         with self.timer("rmsnorm"):
             rmsnorm(h, weight, self.cfg.rms_norm_eps, out)
+        return out
+
+    def _add_norm(self, h: torch.Tensor, y: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        out = self.offload.empty(tuple(h.shape))
+        with self.timer("rmsnorm"):
+            self.ew.call("add_rmsnorm_", h, y, weight, self.cfg.rms_norm_eps, out)
         return out
 
     def _mask(self, start: int, T: int) -> torch.Tensor | None:

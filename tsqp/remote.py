@@ -15,7 +15,7 @@ import zmq
 
 from . import protocol as P
 from .config import ModelConfig
-from .doorbell import CONTROL_BYTES, SLOTS, Doorbell, DoorbellError
+from .doorbell import Channel, make_pipes, open_pipe
 from .shm import Arena
 from .stats import Stats
 from .transport import Client, ServerTimeout, TransportError, check_ipc_owner
@@ -51,15 +51,16 @@ class Pending:
 class RemoteOffload:
     def __init__(self, endpoint: str, transport: str = "shm", timeout_s: float = 30.0,
                  connect_timeout_s: float = 5.0, arena_bytes=64 * 2**20,
-                 stats: Stats | None = None, curve=None, doorbell: bool = False):
+                 stats: Stats | None = None, curve=None, doorbell: bool = False, spin_s: float = 0.0):
         """arena_bytes: an int, or a function of the served model's config (known after the hello).
         curve: a keys.ClientCurve for a CurveZMQ (tcp) server, or None.
-        doorbell: with shm, carry the calls' headers through the arena too (doorbell.py): both sides spin."""
+        doorbell: with shm, carry the calls' headers through a pair of pipes beside the arena (doorbell.py);
+        spin_s: then poll for each reply this long before sleeping."""
         if transport not in ("shm", "frames"):
             raise ValueError(f"unknown transport '{transport}'; choose shm or frames")
         if doorbell and transport != "shm":
             raise ValueError("the doorbell control channel needs --transport shm")
-        self.bell, self.bell_seq, self.bell_open = None, itertools.count(1), set()
+        self.bell, self.spin_s = None, spin_s
         self.endpoint, self.transport = endpoint, transport
         self.stats = stats or Stats()
         self.client, self.arena = None, None
@@ -71,7 +72,7 @@ class RemoteOffload:
             self._hello(connect_timeout_s)
             if transport == "shm":
                 nbytes = arena_bytes(self.cfg) if callable(arena_bytes) else arena_bytes
-                self._attach(nbytes + (CONTROL_BYTES if doorbell else 0), connect_timeout_s, doorbell)
+                self._attach(nbytes, connect_timeout_s, doorbell)
         except BaseException:
             self.close()
             raise
@@ -96,11 +97,13 @@ class RemoteOffload:
         self.norms = {n: P.tensor_from_frame(m, f).clone() for n, m, f in zip(head["norms"], metas, frames[1:])}
 
     def _attach(self, nbytes: int, timeout_s: float, doorbell: bool = False) -> None:
-        """Create the session's arena and have the server map it (the server then unlinks the file)."""
-        arena = Arena.create(nbytes)
-        if doorbell:
-            arena.reserve(CONTROL_BYTES)
+        """Create the session's arena (and the doorbell's pipes) and have the server map it (the server then
+        unlinks the files)."""
+        arena, pipes, bell = Arena.create(nbytes), (), None
         try:
+            if doorbell:
+                pipes = make_pipes(arena.path)
+                bell = Channel(open_pipe(pipes[1]), open_pipe(pipes[0]))    # read replies, write requests
             self.client.send([P.encode({"type": "attach", "arena": {"name": arena.name, "size": arena.size},
                                         "doorbell": doorbell})])
             head = P.decode(self.client.recv("the arena attach", timeout_s)[0])
@@ -108,12 +111,17 @@ class RemoteOffload:
                 raise RemoteError(f"{self.endpoint}: {head['error']}")
         except BaseException:
             arena.close()
+            for p in pipes:
+                p.unlink(missing_ok=True)
+            if bell is not None:
+                bell.close()
             raise
         arena.path = None
         if self.arena is not None:
             self.arena.close()
-        self.arena = arena
-        self.bell = Doorbell(arena.mm) if doorbell else None
+        if self.bell is not None:
+            self.bell.close()
+        self.arena, self.bell = arena, bell
 
     # ---- the Offload interface -----------------------------------------------------------------------
     def empty(self, shape: tuple[int, ...], dtype: torch.dtype | None = None) -> torch.Tensor:
@@ -147,16 +155,17 @@ class RemoteOffload:
                 metas.append(P.TensorMeta.of(x))
                 frames.append(P.tensor_bytes(x))
             header = {"type": "call", "op": op, "layer": layer, "inputs": [m.to_json() for m in metas]}
-        rid = next(self.bell_seq if self.bell is not None else self.ids)
+        rid = next(self.ids)
         head = P.encode({**header, "id": rid})
         t1 = time.perf_counter()
+        what = "op " + op + (f" (layer {layer})" if layer is not None else "")
         if self.bell is not None:
-            if self.bell_open and min(self.bell_open) <= rid - SLOTS:
-                raise DoorbellError(f"more than {SLOTS} calls in flight on the control channel")
-            self.bell_open.add(rid)
-            self.bell.requests.put(rid, head)
+            try:
+                self.bell.send(head, self.client.timeout_s)
+            except TimeoutError as e:
+                raise ServerTimeout(f"could not send {what} to {self.endpoint}: {e}") from None
         else:
-            self.client.send([head] + frames, what="op " + op + (f" (layer {layer})" if layer is not None else ""))
+            self.client.send([head] + frames, what=what)
         self.stats.serialize_s += t1 - t0
         self.stats.sent_bytes += len(head) + sum(f.nbytes for f in frames)
         self.stats.rpc_calls += 1
@@ -165,9 +174,7 @@ class RemoteOffload:
     def _wait(self, pending: Pending) -> torch.Tensor:
         t0 = time.perf_counter()
         if self.bell is not None:
-            frames = [self.bell.wait_reply(pending.rid, self.client.timeout_s, str(pending), self.endpoint)]
-            self.bell_open.discard(pending.rid)
-            self.replies[pending.rid] = (P.decode(frames[0]), frames, time.perf_counter())
+            self._wait_bell(pending)
         while pending.rid not in self.replies:
             frames = self.client.recv(f"{pending}")
             head = P.decode(frames[0])
@@ -191,7 +198,30 @@ class RemoteOffload:
         self.stats.deserialize_s += time.perf_counter() - t1
         return y
 
+    def _wait_bell(self, pending: Pending) -> None:
+        deadline = time.monotonic() + self.client.timeout_s
+        spin_until = time.monotonic() + self.spin_s
+        while True:
+            for msg in self.bell.receive():
+                head = P.decode(msg)
+                self.replies[head.get("id")] = (head, [msg], time.perf_counter())
+            if pending.rid in self.replies:
+                return
+            if None in self.replies:        # the server could not tell which call a message was
+                head = self.replies.pop(None)[0]
+                raise RemoteError(f"server at {self.endpoint} failed while {pending} was pending: {head['error']}")
+            now = time.monotonic()
+            if now < spin_until:
+                continue
+            left = deadline - now
+            if left <= 0 or not self.bell.wait(left):
+                raise ServerTimeout(f"no reply from {self.endpoint} within {self.client.timeout_s:g} s while waiting "
+                                    f"for {pending} (doorbell pipes); is `tsqp serve` running there?")
+
     def close(self) -> None:
+        if self.bell is not None:
+            self.bell.close()
+            self.bell = None
         if self.client is not None:
             # best effort, and only to a server that answered the hello: the server may be gone
             with contextlib.suppress(TransportError, zmq.ZMQError):

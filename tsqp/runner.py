@@ -50,7 +50,8 @@ def open_offload(args, stats: Stats, tokens: int):
         (lambda cfg: default_arena_bytes(cfg, tokens, args.chunks, args.policy == "seed"))
     remote = RemoteOffload(args.endpoint, args.transport, timeout_s=args.timeout,
                            connect_timeout_s=args.connect_timeout, arena_bytes=arena, stats=stats,
-                           curve=getattr(args, "curve", None), doorbell=getattr(args, "doorbell", False))
+                           curve=getattr(args, "curve", None), doorbell=getattr(args, "doorbell", False),
+                           spin_s=getattr(args, "spin_us", 0.0) * 1e-6)
     return remote, remote.cfg, remote.norms
 
 
@@ -80,7 +81,8 @@ def settings_of(args, offload, tokens: int) -> dict:
         "socket": transport_of(args.endpoint) if remote else None,
         "policy": args.policy, "tokens": tokens, "chunks": args.chunks,
         "attn_dtype": str(attn_dtype(args.attn_dtype, offload.dtype)).removeprefix("torch."),
-        "threads": torch.get_num_threads(),
+        "threads": torch.get_num_threads(), "compile": getattr(args, "compile", False),
+        "doorbell": getattr(args, "doorbell", False), "spin_us": getattr(args, "spin_us", 0.0),
     }
 
 
@@ -102,7 +104,8 @@ def run(args) -> dict:
                       f"policy {args.policy}, {torch.get_num_threads()} threads")
         ids = torch.tensor(ids_arg) if ids_arg else fixed_prompt(cfg, tokens)
         check_ids(cfg, ids)
-        model = TrustedModel(cfg, norms, offload, args.policy, stats, attn_dtype(args.attn_dtype, offload.dtype))
+        model = TrustedModel(cfg, norms, offload, args.policy, stats, attn_dtype(args.attn_dtype, offload.dtype),
+                             fused=getattr(args, "compile", False))
         if not args.no_warmup:
             prefill_once(model, cfg, ids[: min(16, tokens)], 1)
             prefill_once(model, cfg, ids, args.chunks)
@@ -176,7 +179,8 @@ def run_generation(args) -> dict:
         ids = torch.tensor(ids_arg, dtype=torch.long) if ids_arg is not None else fixed_prompt(cfg, tokens)
         check_ids(cfg, ids)
         check_length(cfg, ids.numel(), max_new)
-        model = TrustedModel(cfg, norms, offload, args.policy, stats, attn_dtype(args.attn_dtype, offload.dtype))
+        model = TrustedModel(cfg, norms, offload, args.policy, stats, attn_dtype(args.attn_dtype, offload.dtype),
+                             fused=getattr(args, "compile", False))
         if not args.no_warmup:
             warm_up(model, ids, args.chunks)
         stats.reset()

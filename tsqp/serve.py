@@ -20,7 +20,7 @@ def serve(args) -> None:
     del weights
     server = Server(compute, norms, args.endpoint, W.describe(args.model), args.max_sessions,
                     idle_timeout_s=args.idle_timeout, max_msg_bytes=int(args.max_message_mb * 2**20),
-                    curve=curve, insecure=args.insecure, public=args.public)
+                    curve=curve, insecure=args.insecure, public=args.public, spin_s=args.spin_us * 1e-6)
 
     def ready():
         print(f"Endpoint: {args.endpoint} (bound)")

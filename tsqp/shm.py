@@ -20,6 +20,7 @@ from .protocol import WIRE_DTYPES, ProtocolError, TensorMeta
 
 SHM_ROOT = Path(os.environ.get("TSQP_SHM_ROOT", "/dev/shm"))
 NAME = re.compile(r"^(\d+)-[0-9a-f]{16}$")
+LEFTOVER = re.compile(r"^(\d+)-[0-9a-f]{16}(\.req|\.rep)?$")     # an arena, or its doorbell pipes
 ALIGN = 256
 
 
@@ -49,10 +50,10 @@ def pid_alive(pid: int) -> bool:
 
 
 def remove_stale() -> list[str]:
-    """Unlink arenas whose creating process is gone (a runner killed before the server attached)."""
+    """Unlink arenas (and pipes) whose creating process is gone (a runner killed before the server attached)."""
     removed = []
     for f in arena_dir().iterdir():
-        m = NAME.match(f.name)
+        m = LEFTOVER.match(f.name)
         if m and not pid_alive(int(m.group(1))):
             f.unlink(missing_ok=True)
             removed.append(f.name)
@@ -67,7 +68,6 @@ class Arena:
         self.cuda_registered = False
         # allocator (runner side): live regions start -> end
         self.head, self.live = 0, {}
-        self.reserved = 0          # bytes at the start that tensors may not use (the doorbell's rings)
 
     @classmethod
     def create(cls, size: int) -> "Arena":
@@ -124,7 +124,7 @@ class Arena:
     def view(self, meta: TensorMeta) -> torch.Tensor:
         """The tensor at meta.offset; the region is checked against the arena's bounds."""
         off, n = meta.offset, meta.nbytes
-        if off is None or off % 8 or off < self.reserved or off + n > self.size:
+        if off is None or off % 8 or off < 0 or off + n > self.size:
             raise ProtocolError(f"region offset={off} nbytes={n} lies outside the {self.size}-byte arena "
                                 f"or is misaligned")
         return self.base[off:off + n].view(WIRE_DTYPES[meta.dtype]).view(meta.shape)
@@ -163,13 +163,7 @@ class Arena:
                          f"({live / 2**20:.1f} MiB in flight); raise --arena-mb")
 
     def free(self, offset: int) -> None:
-        if offset >= self.reserved:
-            self.live.pop(offset, None)
-
-    def reserve(self, nbytes: int) -> None:
-        """Keep the first `nbytes` out of the allocator and out of every request's reach."""
-        self.reserved = nbytes
-        self.live[0] = nbytes
+        self.live.pop(offset, None)
 
     def empty(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
         n = dtype.itemsize
