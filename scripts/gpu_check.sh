@@ -74,5 +74,8 @@ for name in ("linear", "flash", "seed", "local"):
     err = float(np.abs(x - ref).max() / np.abs(ref).max())
     print(f"{name:6s} vs cpu float32: rel max err {err:.2e}, argmax {x.argmax()} vs {ref.argmax()}")
 PY
-cp "$W/host.txt" "$W/bench.txt" "$W/bench_compile.txt" "$OUT/" 2>/dev/null
+# 4. the transports' round trips on this host (shm vs ipc frames at 16 MiB), and pinned copies
+timeout 60 python3 -m tsqp.cli diagnose --sizes 1M 16M 64M --repeat 20 > "$W/diagnose.txt" 2>&1
+cat "$W/host.txt" "$W/diagnose.txt" >> "$OUT/check.txt"
+cp "$W/bench.txt" "$W/bench_compile.txt" "$OUT/" 2>/dev/null
 echo "done"
