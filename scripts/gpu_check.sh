@@ -19,25 +19,25 @@ tsqp() { python3 -m tsqp.cli "$@"; }
   python3 -c "import torch, zmq; print('torch', torch.__version__, 'zmq', zmq.zmq_version(), torch.cuda.is_available() and torch.cuda.get_device_name())"
 } 2>&1 | tee "$W/host.txt"
 BIG=${BIG:-random:llama-3.2-1b}; TOK=${TOK:-1024}; DT=${DT:-bfloat16}
-TRANSPORTS=${TRANSPORTS:-local,shm,bell}; POLICIES=${POLICIES:-linear,flash}; CHUNKS=${CHUNKS:-1,2}
+TRANSPORTS=${TRANSPORTS:-local,shm,shm-socket}; POLICIES=${POLICIES:-linear,flash}; CHUNKS=${CHUNKS:-1,2}
 SPIN=${SPIN:-200}        # --spin-us of the second bench and of the spinning decode
 
 # 1. the benchmark: 1024 tokens of the Llama-3.2-1B shape, bf16, with the no-split references; eager first,
-#    then the trusted elementwise steps fused by torch.compile with the doorbell's sides polling briefly
+#    then the trusted elementwise steps fused by torch.compile, with both sides polling the pipes briefly
 timeout 200 python3 -m tsqp.cli bench --device $DEV --model $BIG --tokens $TOK --dtype $DT \
   --transport $TRANSPORTS --policy $POLICIES --chunks $CHUNKS --repeat 5 \
   --json "$OUT/bench.json" --plot "$OUT/bench.png" 2>&1 | tee "$W/bench.txt"
 timeout 200 python3 -m tsqp.cli bench --device $DEV --model $BIG --tokens $TOK --dtype $DT \
-  --transport local,bell --policy $POLICIES --chunks $CHUNKS --repeat 5 --no-references --compile --spin-us $SPIN \
+  --transport local,shm --policy $POLICIES --chunks $CHUNKS --repeat 5 --no-references --compile --spin-us $SPIN \
   --json "$OUT/bench_compile.json" 2>&1 | tee "$W/bench_compile.txt"
 
-# 2. decode: 128-token prompt, 64 new tokens: socket control, doorbell, doorbell polling, in-process
+# 2. decode: 128-token prompt, 64 new tokens: control over the socket, the pipes, the pipes polled; in-process
 ep=ipc:///tmp/tsqp-gpu-check-$$.ipc
 python3 -m tsqp.cli serve --model $BIG --device $DEV --dtype $DT --endpoint $ep --spin-us $SPIN > "$W/serve_big.txt" 2>&1 &
 srv=$!
 for _ in $(seq 120); do grep -q ready "$W/serve_big.txt" && break; sleep 1; done
 ids=$(python3 -c "print(','.join(str(i * 37 % 500 + 3) for i in range(128)))")
-for v in "shm:" "bell:--doorbell" "spin:--doorbell --spin-us $SPIN"; do
+for v in "socket:--control socket" "pipes:" "spin:--spin-us $SPIN"; do
   timeout 60 python3 -m tsqp.cli run --endpoint $ep ${v#*:} --prompt-ids $ids --max-new-tokens 64 --ignore-eos \
     --json "$W/decode_${v%%:*}.json" > "$W/decode_${v%%:*}.txt" 2>&1
 done
@@ -46,7 +46,7 @@ timeout 90 python3 -m tsqp.cli run --local --device $DEV --dtype $DT --model $BI
   --max-new-tokens 64 --ignore-eos --json "$W/decode_local.json" > "$W/decode_local.txt" 2>&1
 python3 - "$W" <<'PY' 2>&1 | tee "$OUT/decode.txt"
 import json, sys
-for name in ("local", "shm", "bell", "spin"):
+for name in ("local", "socket", "pipes", "spin"):
     try:
         d = json.load(open(f"{sys.argv[1]}/decode_{name}.json"))
     except (OSError, ValueError) as e:
@@ -61,7 +61,7 @@ python3 -m tsqp.cli serve --model random:small --device $DEV --endpoint $ep > "$
 srv=$!
 for _ in $(seq 60); do grep -q ready "$W/serve_small.txt" && break; sleep 1; done
 for pol in linear flash seed; do
-  tsqp run --endpoint $ep --tokens 200 --policy $pol --chunks 3 --doorbell --dump-logits "$W/gpu_$pol.npy" > /dev/null
+  tsqp run --endpoint $ep --tokens 200 --policy $pol --chunks 3 --dump-logits "$W/gpu_$pol.npy" > /dev/null
 done
 kill $srv; wait $srv
 tsqp run --local --device $DEV --model random:small --tokens 200 --chunks 3 --dump-logits "$W/gpu_local.npy" > /dev/null

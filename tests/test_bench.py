@@ -75,7 +75,7 @@ def test_bench_writes_table_json_and_plot(tmp_path):
     out, png = tmp_path / "bench.json", tmp_path / "bench.png"
     proc = subprocess.run(
         [sys.executable, "-m", "tsqp.cli", "bench", "--model", "random:tiny", "--tokens", "32", "--repeat", "2",
-         "--transport", "local,shm,ipc,tcp", "--policy", "linear,flash", "--json", str(out), "--plot", str(png)],
+         "--transport", "local,shm,shm-socket,ipc,tcp", "--policy", "linear,flash", "--json", str(out), "--plot", str(png)],
         capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "reference: cpu alone" in proc.stdout and "reference: CPU alone" in proc.stdout
@@ -85,16 +85,16 @@ def test_bench_writes_table_json_and_plot(tmp_path):
     refs = result["references"]
     assert refs["device_only_s"] > 0 and refs["cpu_only_s"] > 0
     rows = result["rows"]
-    assert len(rows) == 8 and "errors" not in result
-    assert {(r["transport"], r["policy"]) for r in rows} == {(t, p) for t in ("local", "shm", "ipc", "tcp")
-                                                             for p in ("linear", "flash")}
+    assert len(rows) == 10 and "errors" not in result
+    transports = ("local", "shm", "shm-socket", "ipc", "tcp")
+    assert {(r["transport"], r["policy"]) for r in rows} == {(t, p) for t in transports for p in ("linear", "flash")}
     for r in rows:
         for key in ("transport", "dtype", "policy", "tokens", "median_s", "min_s", "max_s", "bytes_moved",
                     "vs_device_only", "vs_cpu_only", "vs_local"):
             assert key in r, key
         assert r["min_s"] <= r["median_s"] <= r["max_s"]
         sent, recv = expected_tensor_bytes(PRESETS["tiny"], 32, 4, r["policy"])
-        if r["transport"] == "shm":
+        if r["transport"].startswith("shm"):
             assert r["bytes_moved"] - (sent + recv) < 400 * r["stats"]["rpc_calls"]
         elif r["transport"] != "local":
             assert sent + recv <= r["bytes_moved"] < sent + recv + 1200 * r["stats"]["rpc_calls"]

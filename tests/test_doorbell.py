@@ -1,5 +1,6 @@
-"""The shared-memory control channel (doorbell.py): same logits as the socket path, calls in order, bad
-control messages answered with errors, a dead server reported within the timeout, sockets still served."""
+"""The control pipes beside the arena (doorbell.py, the default for shm): same logits as the ZeroMQ socket
+path, bad control messages answered with errors, a dead server reported within the timeout, the socket still
+served meanwhile."""
 from __future__ import annotations
 
 import signal
@@ -29,8 +30,8 @@ def server():
 @pytest.mark.parametrize("policy,chunks", [("linear", 1), ("flash", 3), ("seed", 2)])
 def test_same_logits_as_the_socket_path(server, policy, chunks):
     endpoint, _ = server
-    plain = RemoteOffload(endpoint, "shm")
-    bell = RemoteOffload(endpoint, "shm", doorbell=True)
+    plain = RemoteOffload(endpoint, "shm", control="socket")
+    bell = RemoteOffload(endpoint, "shm", control="pipes")
     try:
         want = prefill(plain, policy, chunks)
         got = prefill(bell, policy, chunks)
@@ -49,7 +50,7 @@ def test_same_logits_as_the_socket_path(server, policy, chunks):
 
 def test_bad_control_messages_get_errors(server):
     endpoint, _ = server
-    bell = RemoteOffload(endpoint, "shm", doorbell=True)
+    bell = RemoteOffload(endpoint, "shm", control="pipes")
 
     def ask(payload: bytes) -> dict:
         bell.bell.send(payload, 5.0)
@@ -65,7 +66,7 @@ def test_bad_control_messages_get_errors(server):
                "inputs": [{"dtype": "float32", "shape": [4, bell.cfg.hidden_size], "offset": bell.arena.size}]}
         err = ask(P.encode(bad))                                           # an input beyond the arena
         assert err["type"] == "error" and err["id"] == 3 and "outside" in err["error"], err
-        ref = RemoteOffload(endpoint, "shm")
+        ref = RemoteOffload(endpoint, "shm", control="socket")
         try:
             assert torch.equal(prefill(bell), prefill(ref))                 # and the session still works
         finally:
@@ -76,7 +77,7 @@ def test_bad_control_messages_get_errors(server):
 
 def test_dead_server_is_reported_within_the_timeout():
     with serving("random:tiny") as (endpoint, proc):
-        bell = RemoteOffload(endpoint, "shm", doorbell=True, timeout_s=2.0)
+        bell = RemoteOffload(endpoint, "shm", control="pipes", timeout_s=2.0)
         try:
             prefill(bell)
             proc.send_signal(signal.SIGKILL)

@@ -33,7 +33,7 @@ from .runner import attn_dtype, fixed_prompt
 from .stats import Stats
 
 console = Console(highlight=False, width=None if os.isatty(1) else 200)
-TRANSPORTS = ("local", "shm", "bell", "ipc", "tcp")   # bell: shm with the doorbell control channel
+TRANSPORTS = ("local", "shm", "shm-socket", "ipc", "tcp")   # shm-socket: shm, control messages over ZeroMQ
 
 
 @dataclass
@@ -169,10 +169,11 @@ class Bench:
             offload = LocalOffload(self.compute(c.dtype), stats)
             norms = {k: v for k, v in weights.items() if k.endswith("norm.weight")}
         else:
-            transport = "shm" if c.transport in ("shm", "bell") else "frames"
+            transport = "shm" if c.transport.startswith("shm") else "frames"
             arena = lambda cfg: default_arena_bytes(cfg, ids.numel(), c.chunks, c.policy == "seed")  # noqa: E731
             offload = RemoteOffload(self.endpoint(c), transport, timeout_s=a.timeout, arena_bytes=arena, stats=stats,
-                                    doorbell=c.transport == "bell", spin_s=a.spin_us * 1e-6)
+                                    control="socket" if c.transport == "shm-socket" else "pipes",
+                                    spin_s=a.spin_us * 1e-6)
             cfg, norms = offload.cfg, offload.norms
         try:
             model = TrustedModel(cfg, norms, offload, c.policy, stats, attn_dtype(c.attn, offload.dtype),

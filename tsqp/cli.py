@@ -50,12 +50,12 @@ def add_client_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--connect-timeout", type=float, default=5.0,
                    help="seconds to wait for the server's hello (default 5)")
     p.add_argument("--arena-mb", type=int, default=None, help="shared-memory arena size (default: from the model)")
-    p.add_argument("--doorbell", action="store_true",
-                   help="with shm: carry the control messages through two pipes beside the arena instead of the "
-                        "ZeroMQ socket (each message wakes the other side directly: lower latency per call)")
+    p.add_argument("--control", choices=("pipes", "socket"), default="pipes",
+                   help="with shm, where the calls' headers go: two pipes beside the arena (each message wakes the "
+                        "other side directly) or the ZeroMQ socket (default pipes)")
     p.add_argument("--spin-us", type=float, default=0.0,
-                   help="with --doorbell: poll for a reply this long before sleeping (saves the wake-up; costs a "
-                        "core while waiting; for hosts with cores to spare) (default 0)")
+                   help="with --control pipes: poll for a reply this long before sleeping (saves the wake-up; costs "
+                        "a core while waiting; for hosts with cores to spare) (default 0)")
 
 
 def add_security_args(p: argparse.ArgumentParser, server: bool) -> None:
@@ -91,7 +91,8 @@ def parser() -> argparse.ArgumentParser:
     add_security_args(s, server=True)
     s.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     s.add_argument("--spin-us", type=float, default=0.0,
-                   help="after a doorbell call, poll for the next one this long before sleeping (default 0)")
+                   help="after a call that came through the pipes, poll for the next one this long before "
+                        "sleeping (default 0)")
 
     r = sub.add_parser("run", help="run the trusted runner: one prefill, or generation with --max-new-tokens "
                                    "or --prompt; with statistics")
@@ -143,7 +144,7 @@ def parser() -> argparse.ArgumentParser:
                                                                           "when CUDA is present, else cpu)")
     b.add_argument("--tokens", type=int, default=None, help="prompt length (default 1024 with CUDA, 256 without)")
     b.add_argument("--transport", default="local,shm,ipc,tcp",
-                   help="comma list of local, shm, bell (shm with --doorbell), ipc, tcp")
+                   help="comma list of local, shm, shm-socket (shm with --control socket), ipc, tcp")
     b.add_argument("--dtype", default=None, help="comma list (default bfloat16 with CUDA, float32 without)")
     b.add_argument("--policy", default="linear", help="comma list of linear, seed, flash")
     b.add_argument("--chunks", default="1", help="comma list of chunk counts for the interleaved prefill")
@@ -156,7 +157,7 @@ def parser() -> argparse.ArgumentParser:
     b.add_argument("--compile", action="store_true",
                    help="fuse the trusted elementwise steps with torch.compile (compiled during the warm-up)")
     b.add_argument("--spin-us", type=float, default=0.0,
-                   help="bell rows: runner and server poll this long before sleeping (default 0)")
+                   help="shm rows: runner and server poll this long before sleeping (default 0)")
     b.add_argument("--no-references", action="store_true", help="skip the device-only and CPU-only references")
     b.add_argument("--json", default=None, help="write settings, references and rows here")
     b.add_argument("--plot", default=None, help="write a stacked bar chart (PNG) here")

@@ -51,15 +51,15 @@ class Pending:
 class RemoteOffload:
     def __init__(self, endpoint: str, transport: str = "shm", timeout_s: float = 30.0,
                  connect_timeout_s: float = 5.0, arena_bytes=64 * 2**20,
-                 stats: Stats | None = None, curve=None, doorbell: bool = False, spin_s: float = 0.0):
+                 stats: Stats | None = None, curve=None, control: str = "pipes", spin_s: float = 0.0):
         """arena_bytes: an int, or a function of the served model's config (known after the hello).
         curve: a keys.ClientCurve for a CurveZMQ (tcp) server, or None.
-        doorbell: with shm, carry the calls' headers through a pair of pipes beside the arena (doorbell.py);
-        spin_s: then poll for each reply this long before sleeping."""
+        control: with shm, where the calls' headers go: "pipes" beside the arena (doorbell.py) or "socket";
+        spin_s: with pipes, poll for each reply this long before sleeping."""
         if transport not in ("shm", "frames"):
             raise ValueError(f"unknown transport '{transport}'; choose shm or frames")
-        if doorbell and transport != "shm":
-            raise ValueError("the doorbell control channel needs --transport shm")
+        if control not in ("pipes", "socket"):
+            raise ValueError(f"unknown control channel '{control}'; choose pipes or socket")
         self.bell, self.spin_s = None, spin_s
         self.endpoint, self.transport = endpoint, transport
         self.stats = stats or Stats()
@@ -72,7 +72,7 @@ class RemoteOffload:
             self._hello(connect_timeout_s)
             if transport == "shm":
                 nbytes = arena_bytes(self.cfg) if callable(arena_bytes) else arena_bytes
-                self._attach(nbytes, connect_timeout_s, doorbell)
+                self._attach(nbytes, connect_timeout_s, doorbell=control == "pipes")
         except BaseException:
             self.close()
             raise

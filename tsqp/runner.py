@@ -50,7 +50,7 @@ def open_offload(args, stats: Stats, tokens: int):
         (lambda cfg: default_arena_bytes(cfg, tokens, args.chunks, args.policy == "seed"))
     remote = RemoteOffload(args.endpoint, args.transport, timeout_s=args.timeout,
                            connect_timeout_s=args.connect_timeout, arena_bytes=arena, stats=stats,
-                           curve=getattr(args, "curve", None), doorbell=getattr(args, "doorbell", False),
+                           curve=getattr(args, "curve", None), control=getattr(args, "control", "pipes"),
                            spin_s=getattr(args, "spin_us", 0.0) * 1e-6)
     return remote, remote.cfg, remote.norms
 
@@ -82,7 +82,8 @@ def settings_of(args, offload, tokens: int) -> dict:
         "policy": args.policy, "tokens": tokens, "chunks": args.chunks,
         "attn_dtype": str(attn_dtype(args.attn_dtype, offload.dtype)).removeprefix("torch."),
         "threads": torch.get_num_threads(), "compile": getattr(args, "compile", False),
-        "doorbell": getattr(args, "doorbell", False), "spin_us": getattr(args, "spin_us", 0.0),
+        "control": (getattr(args, "control", "pipes") if args.transport == "shm" else "socket") if remote else None,
+        "spin_us": getattr(args, "spin_us", 0.0),
     }
 
 
