@@ -68,6 +68,7 @@ class Arena:
         self.cuda_registered = False
         # allocator (runner side): live regions start -> end
         self.head, self.live = 0, {}
+        self.views: dict[tuple, torch.Tensor] = {}     # (offset, shape, dtype) -> view, for empty()
 
     @classmethod
     def create(cls, size: int) -> "Arena":
@@ -170,7 +171,13 @@ class Arena:
         for s in shape:
             n *= s
         off = self.alloc(n)
-        return self.base[off:off + n].view(dtype).view(shape)
+        key = (off, shape, dtype)      # a prefill allocates the same regions each time: reuse their views
+        view = self.views.get(key)
+        if view is None:
+            if len(self.views) >= 4096:
+                self.views.clear()
+            view = self.views[key] = self.base[off:off + n].view(dtype).view(shape)
+        return view
 
     # ---- pinned for DMA (server side, CUDA) ----------------------------------------------------------
     def register_cuda(self) -> None:
@@ -187,4 +194,4 @@ class Arena:
             self.path.unlink(missing_ok=True)
             self.path = None
         # the mapping itself goes when the last tensor view of it is collected
-        self.base = None
+        self.base, self.views = None, {}
