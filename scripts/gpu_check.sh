@@ -20,7 +20,9 @@ tsqp() { python3 -m tsqp.cli "$@"; }
 } 2>&1 | tee "$W/host.txt"
 BIG=${BIG:-random:llama-3.2-1b}; TOK=${TOK:-1024}; DT=${DT:-bfloat16}
 TRANSPORTS=${TRANSPORTS:-local,shm,shm-socket}; POLICIES=${POLICIES:-linear,flash}; CHUNKS=${CHUNKS:-1,2}
-SPIN=${SPIN:-200}        # --spin-us of the second bench and of the spinning decode
+SPIN=${SPIN:-200}        # --spin-us of the second bench and of the polling decode
+DECODE=${DECODE:-"socket:--control socket,pipes:,spin:--spin-us $SPIN"}   # name:runner flags, comma-separated
+LEVERS=${LEVERS:-0}      # 1: step 5 (polling with fewer runner threads)
 
 # 1. the benchmark: 1024 tokens of the Llama-3.2-1B shape, bf16, with the no-split references; eager first,
 #    then the trusted elementwise steps fused by torch.compile, with both sides polling the pipes briefly
@@ -37,16 +39,17 @@ python3 -m tsqp.cli serve --model $BIG --device $DEV --dtype $DT --endpoint $ep 
 srv=$!
 for _ in $(seq 120); do grep -q ready "$W/serve_big.txt" && break; sleep 1; done
 ids=$(python3 -c "print(','.join(str(i * 37 % 500 + 3) for i in range(128)))")
-for v in "socket:--control socket" "pipes:" "spin:--spin-us $SPIN"; do
+IFS=, read -ra variants <<< "$DECODE"
+for v in "${variants[@]}"; do
   timeout 60 python3 -m tsqp.cli run --endpoint $ep ${v#*:} --prompt-ids $ids --max-new-tokens 64 --ignore-eos \
     --json "$W/decode_${v%%:*}.json" > "$W/decode_${v%%:*}.txt" 2>&1
 done
 kill $srv; wait $srv
 timeout 90 python3 -m tsqp.cli run --local --device $DEV --dtype $DT --model $BIG --prompt-ids $ids \
   --max-new-tokens 64 --ignore-eos --json "$W/decode_local.json" > "$W/decode_local.txt" 2>&1
-python3 - "$W" <<'PY' 2>&1 | tee "$OUT/decode.txt"
+python3 - "$W" local "${variants[@]%%:*}" <<'PY' 2>&1 | tee "$OUT/decode.txt"
 import json, sys
-for name in ("local", "socket", "pipes", "spin"):
+for name in sys.argv[2:]:
     try:
         d = json.load(open(f"{sys.argv[1]}/decode_{name}.json"))
     except (OSError, ValueError) as e:
@@ -78,4 +81,13 @@ PY
 timeout 60 python3 -m tsqp.cli diagnose --sizes 1M 16M 64M --repeat 20 > "$W/diagnose.txt" 2>&1
 cat "$W/host.txt" "$W/diagnose.txt" >> "$OUT/check.txt"
 cp "$W/bench.txt" "$W/bench_compile.txt" "$OUT/" 2>/dev/null
+
+# 5. levers: the pipes polled while the runner leaves the server's poller a core
+if [ "$LEVERS" = 1 ]; then
+  for t in 15 12; do
+    timeout 150 python3 -m tsqp.cli bench --device $DEV --model $BIG --tokens $TOK --dtype $DT --repeat 5 \
+      --no-references --spin-us $SPIN --threads $t --transport local,shm --policy $POLICIES --chunks 2 \
+      2>&1 | tee -a "$OUT/bench_levers.txt"
+  done
+fi
 echo "done"
