@@ -129,7 +129,7 @@ def measure_shm(endpoint: str, sizes, repeat: int, budget_s: float, lat_samples:
     arena and the result out of it each time (a runner whose tensors are not in the arena)."""
     top = max(sizes)
     dst = (top + shm.ALIGN - 1) // shm.ALIGN * shm.ALIGN
-    remote = RemoteOffload(endpoint, "shm", timeout_s=30.0, arena_bytes=dst + top)
+    remote = RemoteOffload(endpoint, "shm", timeout_s=30.0, arena_bytes=dst + top, control="socket")   # echo: socket
     try:
         arena, client = remote.arena, remote.client
         mem = arena.base.numpy()               # [size] uint8; numpy copies are single-threaded memcpy
