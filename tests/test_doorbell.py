@@ -9,7 +9,7 @@ import time
 import pytest
 import torch
 
-from conftest import serving
+from conftest import run_here, serving
 from tsqp import protocol as P
 from tsqp.model import TrustedModel
 from tsqp.remote import RemoteOffload
@@ -88,3 +88,19 @@ def test_dead_server_is_reported_within_the_timeout():
             assert time.monotonic() - t0 < 5
         finally:
             bell.close()
+
+
+def test_polling_on_both_sides_gives_the_same_logits():
+    """--spin-us: the server polls the pipes after each call and the runner polls for its reply."""
+    with serving("random:tiny", extra=("--spin-us", "300")) as (endpoint, _):
+        plain = RemoteOffload(endpoint, "shm", control="socket")
+        polled = RemoteOffload(endpoint, "shm", spin_s=300e-6)
+        try:
+            want = prefill(plain, "flash", 2)
+            assert torch.equal(prefill(polled, "flash", 2), want)
+            assert torch.equal(prefill(plain, "flash", 2), want)     # the socket is served while the server polls
+        finally:
+            plain.close()
+            polled.close()
+        for flags in (["--spin-us", "200"], ["--control", "socket"]):
+            assert run_here("--endpoint", endpoint, "--tokens", "8", "--no-warmup", *flags) == 0
