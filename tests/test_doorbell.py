@@ -3,6 +3,7 @@ path, bad control messages answered with errors, a dead server reported within t
 served meanwhile."""
 from __future__ import annotations
 
+import os
 import signal
 import time
 
@@ -71,6 +72,11 @@ def test_bad_control_messages_get_errors(server):
             assert torch.equal(prefill(bell), prefill(ref))                 # and the session still works
         finally:
             ref.close()
+        os.write(bell.bell.out_fd, b"\xff\xff\xff\x7f")                 # a length no message has: framing lost
+        assert bell.bell.wait(5.0)
+        (reply,) = bell.bell.receive()
+        err = P.decode(reply)
+        assert err["type"] == "error" and "corrupt" in err["error"] and "session dropped" in err["error"], err
     finally:
         bell.close()
 

@@ -5,6 +5,7 @@ shared-memory arena, if any). A bad request gets an error reply naming the op; t
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import sys
@@ -194,8 +195,11 @@ class Server:
             return
         try:
             messages = session.bell.receive()
-        except DoorbellError as e:
+        except DoorbellError as e:        # framing lost: say why on the reply pipe, then end the session
             print(f"dropped a session: {e}", file=sys.stderr, flush=True)
+            with contextlib.suppress(TimeoutError, OSError):
+                session.bell.send(P.encode({"type": "error", "id": None, "error": f"doorbell: {e}; session "
+                                                                                  f"dropped"}), 0.1)
             self.drop(peer)
             return
         for payload in messages:
