@@ -17,7 +17,7 @@ from conftest import CHECKPOINTS, hf_logits, run_cli_many, serving_all
 from tsqp import weights as W
 from tsqp.compute import Compute
 from tsqp.config import PRESETS, ModelConfig
-from tsqp.model import KVCache, TrustedModel
+from tsqp.model import Elementwise, KVCache, TrustedModel
 from tsqp.offload import LocalOffload
 from tsqp.remote import RemoteOffload
 from tsqp.stats import Stats
@@ -120,6 +120,20 @@ def test_compiled_elementwise_matches_transformers(checkpoints, oracle, dtype):
     model = TrustedModel(cfg, norms, LocalOffload(Compute(cfg, weights, "cpu")), "linear", fused=True)
     assert_close(model.prefill(ids, KVCache(cfg, ids.numel())), ref, dtype)
     assert model.ew.fused            # compiled, not fallen back to eager
+
+
+def test_compile_failure_falls_back_to_eager(monkeypatch, capsys):
+    """No C++ compiler (e.g. inside an SGX enclave): --compile warns once and computes eagerly."""
+    def broken(f, **kw):
+        def fail(*args):
+            raise RuntimeError("no C++ compiler")
+        return fail
+    monkeypatch.setattr(torch, "compile", broken)
+    ew = Elementwise(fused=True)
+    gate_up, out = torch.randn(3, 8), torch.empty(3, 4)
+    ew.call("silu_mul_", gate_up, out)
+    assert torch.equal(out, F.silu(gate_up[:, :4]) * gate_up[:, 4:])
+    assert not ew.fused and "--compile failed" in capsys.readouterr().err
 
 
 CLI_CASES = [("gqa_llama3_tied", "float32", "seed", "frames"), ("mha_plain_untied", "bfloat16", "linear", "shm")]

@@ -8,6 +8,7 @@ server computes chunk i+1's step, the runner does chunk i's non-linear math (see
 from __future__ import annotations
 
 import math
+import sys
 from contextlib import nullcontext
 
 import torch
@@ -82,16 +83,8 @@ def silu_mul_(gate_up: torch.Tensor, out: torch.Tensor) -> None:
 
 
 # The same steps written for torch.compile, which fuses each into one vectorised loop (and rounds once).
-# A compiled function may write one of its inputs: inductor 2.13 fails on two (KeyError 'buf4').
 def _rmsnorm_fused(h, weight, eps: float, out):
     out.copy_(h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps) * weight)
-
-
-def _add_rmsnorm_fused(norm):
-    def add_rmsnorm(h, y, weight, eps: float, out):
-        h += y
-        norm(h, weight, eps, out)
-    return add_rmsnorm
 
 
 def _silu_mul_fused(gate_up, out):
@@ -105,12 +98,16 @@ class Elementwise:
 
     def __init__(self, fused: bool = False):
         self.fused = fused
-        if fused:
-            compile_ = lambda f: torch.compile(f, dynamic=False)   # noqa: E731
-            self.add_rmsnorm_, self.silu_mul_, self.apply_rope = (
-                _add_rmsnorm_fused(compile_(_rmsnorm_fused)), compile_(_silu_mul_fused), compile_(apply_rope))
-        else:
+        if not fused:
             self.add_rmsnorm_, self.silu_mul_, self.apply_rope = add_rmsnorm_, silu_mul_, apply_rope
+            return
+        compiled = {f: torch.compile(f, dynamic=False) for f in (_rmsnorm_fused, _silu_mul_fused, apply_rope)}
+
+        def add_rmsnorm(h, y, weight, eps, out):
+            h += y      # eager: inductor 2.13 fails on a function that writes two of its inputs
+            compiled[_rmsnorm_fused](h, weight, eps, out)
+
+        self.add_rmsnorm_, self.silu_mul_, self.apply_rope = add_rmsnorm, compiled[_silu_mul_fused], compiled[apply_rope]
 
     def call(self, name: str, *args):
         try:
@@ -118,7 +115,6 @@ class Elementwise:
         except Exception as e:      # e.g. no C++ compiler inside the enclave: say so once, go on eagerly
             if not self.fused:
                 raise
-            import sys
             print(f"WARNING: --compile failed ({type(e).__name__}: {str(e)[:200]}); using eager torch",
                   file=sys.stderr, flush=True)
             self.__init__(fused=False)
