@@ -81,12 +81,13 @@ class Server:
         self.bell_peers: dict[int, bytes] = {}   # doorbell pipe fd -> its session
 
     # ---- message handling: frames in, frames out, never raises on bad input --------------------------
-    def handle(self, peer: bytes, frames: list) -> list:
+    def handle(self, peer: bytes, frames: list, decoded: dict | None = None) -> list:
+        """decoded: frames[0] already decoded by the caller (the control pipes)."""
         header = {}
         try:
             if not frames:
                 raise P.ProtocolError("empty message")
-            header = P.decode(frames[0])
+            header = decoded if decoded is not None else P.decode(frames[0])
             kind = header["type"]
             if kind == "call":
                 return self.call(peer, header, frames[1:])
@@ -208,7 +209,7 @@ class Server:
                 head = P.decode(payload)
                 if head.get("type") != "call":
                     raise P.ProtocolError(f"the doorbell carries calls only, not {head.get('type')!r}")
-                reply = self.handle(peer, [payload])[0]
+                reply = self.handle(peer, [payload], head)[0]
             except P.ProtocolError as e:
                 rid = head.get("id") if isinstance(head, dict) and isinstance(head.get("id"), int) else None
                 reply = P.encode({"type": "error", "id": rid, "op": None, "error": f"doorbell: {e}"})
