@@ -171,7 +171,7 @@ class Arena:
         for s in shape:
             n *= s
         off = self.alloc(n)
-        key = (off, shape, dtype)      # a prefill allocates the same regions each time: reuse their views
+        key = (off, tuple(shape), dtype)      # a prefill allocates the same regions each time: reuse their views
         view = self.views.get(key)
         if view is None:
             if len(self.views) >= 4096:
