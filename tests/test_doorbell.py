@@ -44,6 +44,9 @@ def test_same_logits_as_the_socket_path(server, policy, chunks):
         assert torch.equal(prefill(plain, policy, chunks), want)
         assert socket_bytes_before > 0
         assert not bell.arena.live                # every region was given back
+        layouts = len(bell.layouts)
+        prefill(bell, policy, chunks)
+        assert len(bell.layouts) == layouts       # the same regions again: each call's header was reused
     finally:
         plain.close()
         bell.close()

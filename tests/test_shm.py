@@ -22,7 +22,7 @@ from tsqp.compute import Compute
 from tsqp.diagnose import inspect_endpoint
 from tsqp.doorbell import make_pipes
 from tsqp.server import Server
-from tsqp.shm import Arena, arena_dir
+from tsqp.shm import Arena, ArenaError, arena_dir
 
 def arenas_of(pid: int) -> list[str]:
     """Arena files a process created (named <pid>-<hex>); other test sessions' files are left out."""
@@ -234,3 +234,19 @@ def test_server_sigkilled_mid_run_leaves_nothing_and_a_new_server_takes_the_endp
     assert arenas_of(os.getpid()) == []
     assert not sock.exists()
     sock.parent.rmdir()
+
+
+def test_arena_allocator_is_first_fit_and_hands_out_the_same_regions_again():
+    arena = Arena.anonymous(1 << 16)
+    a, b = arena.alloc(1000), arena.alloc(1000)            # rounded up to 1024 each (256-byte alignment)
+    assert (a, b) == (0, 1024)
+    arena.free(a)
+    assert arena.alloc(500) == 0                            # the first hole that fits
+    assert arena.alloc(600) == 2048                         # the 512-byte hole left at 512 does not
+    with pytest.raises(ArenaError, match="raise --arena-mb"):
+        arena.alloc(1 << 16)
+    arena.live.clear()
+    x = arena.empty((4, 8), torch.float32)
+    arena.free(arena.offset_of(x))
+    assert arena.empty((4, 8), torch.float32) is x          # same region, shape, dtype: the same view
+    arena.close()

@@ -66,8 +66,7 @@ class Arena:
         self.base = torch.frombuffer(mm, dtype=torch.uint8)        # [size] bytes
         self.ptr = self.base.data_ptr()
         self.cuda_registered = False
-        # allocator (runner side): live regions start -> end
-        self.head, self.live = 0, {}
+        self.live: dict[int, int] = {}     # allocator (runner side): live regions, start -> end
         self.views: dict[tuple, torch.Tensor] = {}     # (offset, shape, dtype) -> view, for empty()
 
     @classmethod
@@ -139,29 +138,24 @@ class Arena:
 
     # ---- allocation (runner side) ---------------------------------------------------------------------
     def alloc(self, nbytes: int) -> int:
-        """First fit from the last allocation onwards, wrapping around, skipping regions still live
-        (inputs of requests in flight, results not yet consumed). Fails clearly when nothing fits."""
+        """First fit from the start, skipping regions still live (inputs of requests in flight, results not yet
+        consumed). Each step of a prefill or decode thus gets the same offsets every time, which lets both
+        sides reuse what they checked and built for a region layout. Fails clearly when nothing fits."""
         n = (max(nbytes, 1) + ALIGN - 1) // ALIGN * ALIGN
         if n > self.size:
             raise ArenaError(f"a {nbytes / 2**20:.1f} MiB tensor does not fit the {self.size / 2**20:.0f} MiB "
                              f"arena; raise --arena-mb")
-        start, wrapped = self.head, False
-        while True:
-            if start + n > self.size:
-                if wrapped:
-                    break
-                start, wrapped = 0, True
-            blocking = [r for r in self.live.items() if r[0] < start + n and start < r[1]]
-            if not blocking:
-                self.live[start] = start + n
-                self.head = start + n
-                return start
-            start = max(end for _, end in blocking)
-            if wrapped and start >= self.head:
+        start = 0
+        for s, e in sorted(self.live.items()):
+            if start + n <= s:
                 break
-        live = sum(e - s for s, e in self.live.items())
-        raise ArenaError(f"the {self.size / 2**20:.0f} MiB arena cannot hold another {nbytes / 2**20:.1f} MiB "
-                         f"({live / 2**20:.1f} MiB in flight); raise --arena-mb")
+            start = max(start, e)
+        if start + n > self.size:
+            live = sum(e - s for s, e in self.live.items())
+            raise ArenaError(f"the {self.size / 2**20:.0f} MiB arena cannot hold another {nbytes / 2**20:.1f} MiB "
+                             f"({live / 2**20:.1f} MiB in flight); raise --arena-mb")
+        self.live[start] = start + n
+        return start
 
     def free(self, offset: int) -> None:
         self.live.pop(offset, None)
