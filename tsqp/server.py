@@ -37,7 +37,7 @@ class Session:
     last_seen: float
     pid: int | None = None      # the runner's pid, for sessions on this host (ipc): dropped when it dies
     bell: Channel | None = None    # the doorbell pipes, when the runner asked for them
-    views: dict = field(default_factory=dict)   # call_key -> (inputs, out, output json): checked once
+    views: dict = field(default_factory=dict)   # call_key -> (inputs, out, encoded reply tail): checked once
 
 
 VIEW_CACHE = 1024   # checked calls remembered per session (a prefill reuses a few dozen region layouts)
