@@ -7,6 +7,7 @@ float32: max abs error <= 1e-4 * max|ref|. bfloat16: same argmax and cosine >= 0
 from __future__ import annotations
 
 from dataclasses import fields
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -17,7 +18,7 @@ from conftest import CHECKPOINTS, hf_logits, run_cli_many, serving_all
 from tsqp import weights as W
 from tsqp.compute import Compute
 from tsqp.config import PRESETS, ModelConfig
-from tsqp.model import Elementwise, KVCache, TrustedModel
+from tsqp.model import Elementwise, KVCache, Rope, TrustedModel, rope_tables
 from tsqp.offload import LocalOffload
 from tsqp.remote import RemoteOffload
 from tsqp.stats import Stats
@@ -122,6 +123,32 @@ def test_compiled_elementwise_matches_transformers(checkpoints, oracle, dtype):
     assert model.ew.fused            # compiled, not fallen back to eager
 
 
+@pytest.mark.parametrize("T,start", [(5, 0), (1, 6)])     # a prompt chunk, and one decode step further on
+def test_compiled_steps_match_eager(T, start):
+    """Each fused step against its eager form, writing into KV-cache views as the model does."""
+    H, KV, hd, D, I = 4, 2, 8, 32, 48
+    rope = Rope(SimpleNamespace(head_dim=hd, rope_theta=10000.0, rope_scaling=None))
+    cos, sin = rope_tables(*rope.tables(start, T))
+    qkv = torch.randn(T, (H + 2 * KV) * hd).bfloat16()
+    h, y, w = torch.randn(T, D), torch.randn(T, D).bfloat16(), torch.rand(D)
+    gate_up = torch.randn(T, 2 * I).bfloat16()
+    outs = []
+    for ew in (Elementwise(fused=False), Elementwise(fused=True)):
+        k, v = torch.zeros(2, KV, 9, hd, dtype=torch.bfloat16), torch.zeros(2, KV, 9, hd, dtype=torch.bfloat16)
+        q, normed, act = torch.empty(T, H, hd, dtype=torch.bfloat16), torch.empty(T, D).bfloat16(), \
+            torch.empty(T, I).bfloat16()
+        ew.call("rope_qkv", qkv, cos, sin, q, k[1, :, start:start + T].transpose(0, 1),
+                v[1, :, start:start + T].transpose(0, 1))
+        h_next = ew.call("add_rmsnorm", h.clone(), y, w, 1e-5, normed)
+        ew.call("silu_mul", gate_up, act)
+        assert ew.fused == (len(outs) == 1)
+        outs.append((q, k, v, h_next, normed, act))
+    for eager, fused in zip(*outs):
+        torch.testing.assert_close(fused.float(), eager.float(), rtol=1e-2, atol=1e-2)
+    assert torch.equal(outs[1][2][1, :, start:start + T].transpose(0, 1), qkv[:, (H + KV) * hd:].view(T, KV, hd))
+    assert not outs[1][1][0].any() and not outs[1][1][1, :, :start].any()    # nothing written outside the slot
+
+
 def test_compile_failure_falls_back_to_eager(monkeypatch, capsys):
     """No C++ compiler (e.g. inside an SGX enclave): --compile warns once and computes eagerly."""
     def broken(f, **kw):
@@ -131,7 +158,7 @@ def test_compile_failure_falls_back_to_eager(monkeypatch, capsys):
     monkeypatch.setattr(torch, "compile", broken)
     ew = Elementwise(fused=True)
     gate_up, out = torch.randn(3, 8), torch.empty(3, 4)
-    ew.call("silu_mul_", gate_up, out)
+    ew.call("silu_mul", gate_up, out)
     assert torch.equal(out, F.silu(gate_up[:, :4]) * gate_up[:, 4:])
     assert not ew.fused and "--compile failed" in capsys.readouterr().err
 

@@ -70,10 +70,22 @@ def rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float, out: torch.Tensor
     return out.copy_(torch.mul(x, inv).mul_(weight))
 
 
-def add_rmsnorm_(h: torch.Tensor, y: torch.Tensor, weight: torch.Tensor, eps: float, out: torch.Tensor) -> None:
-    """The residual step and the next norm: h += y (h float32 [T, D], in place); out = RMSNorm(h)."""
+def add_rmsnorm_(h: torch.Tensor, y: torch.Tensor, weight: torch.Tensor, eps: float, out: torch.Tensor) -> torch.Tensor:
+    """The residual step and the next norm: h += y (h float32 [T, D], in place); out = RMSNorm(h). Returns h."""
     h += y
     rmsnorm(h, weight, eps, out)
+    return h
+
+
+def rope_qkv_(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
+              v: torch.Tensor) -> None:
+    """qkv [T, Q+2KV] -> q [T, H, hd] = RoPE(Q), k [T, KV, hd] = RoPE(K), v [T, KV, hd] = V (any strides:
+    k and v are usually views of the KV cache)."""
+    T, H, hd = q.shape
+    qk = apply_rope(qkv[:, :(H + k.shape[1]) * hd].view(T, -1, hd), cos, sin)           # [T, H+KV, hd]
+    q.copy_(qk[:, :H])
+    k.copy_(qk[:, H:])
+    v.copy_(qkv[:, qk.shape[1] * hd:].view(v.shape))
 
 
 def silu_mul_(gate_up: torch.Tensor, out: torch.Tensor) -> None:
@@ -82,9 +94,22 @@ def silu_mul_(gate_up: torch.Tensor, out: torch.Tensor) -> None:
     torch.mul(F.silu(gate_up[:, :I]), gate_up[:, I:], out=out)
 
 
-# The same steps written for torch.compile, which fuses each into one vectorised loop (and rounds once).
-def _rmsnorm_fused(h, weight, eps: float, out):
-    out.copy_(h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps) * weight)
+# The same steps for torch.compile: each becomes one vectorised loop over its inputs (float32 inside,
+# rounded once), where eager torch makes several passes through memory with temporaries.
+def _add_rmsnorm_fused(h, y, weight, eps: float, out):
+    s = h + y       # returned, not written into h: inductor 2.13 fails on a graph that writes two inputs
+    out.copy_(s * torch.rsqrt(s.pow(2).mean(-1, keepdim=True) + eps) * weight)
+    return s
+
+
+def _rope_qkv_fused(qkv, cos, sin, q, k, v):
+    T, H, hd = q.shape
+    x = qkv[:, :(H + k.shape[1]) * hd].view(T, -1, hd).float()                           # [T, H+KV, hd]
+    half = hd // 2
+    r = x * cos + torch.cat((x[..., half:], x[..., :half]), -1) * sin
+    q.copy_(r[:, :H])
+    k.copy_(r[:, H:])
+    v.copy_(qkv[:, x.shape[1] * hd:].view(v.shape))
 
 
 def _silu_mul_fused(gate_up, out):
@@ -93,21 +118,16 @@ def _silu_mul_fused(gate_up, out):
 
 
 class Elementwise:
-    """The trusted side's elementwise steps: eager torch, or fused by torch.compile (`--compile`: needs a C++
-    compiler at run time, and compiles once per prompt length; if compiling fails, eager is used)."""
-
+    """The trusted side's elementwise steps between two offloaded calls: eager torch, or each fused into one
+    loop by torch.compile (`--compile`: needs a C++ compiler at run time, and compiles once per prompt length
+    and once for decode; if compiling fails, eager is used)."""
     def __init__(self, fused: bool = False):
         self.fused = fused
-        if not fused:
-            self.add_rmsnorm_, self.silu_mul_, self.apply_rope = add_rmsnorm_, silu_mul_, apply_rope
-            return
-        compiled = {f: torch.compile(f, dynamic=False) for f in (_rmsnorm_fused, _silu_mul_fused, apply_rope)}
-
-        def add_rmsnorm(h, y, weight, eps, out):
-            h += y      # eager: inductor 2.13 fails on a function that writes two of its inputs
-            compiled[_rmsnorm_fused](h, weight, eps, out)
-
-        self.add_rmsnorm_, self.silu_mul_, self.apply_rope = add_rmsnorm, compiled[_silu_mul_fused], compiled[apply_rope]
+        if fused:
+            self.add_rmsnorm, self.rope_qkv, self.silu_mul = (
+                torch.compile(f, dynamic=False) for f in (_add_rmsnorm_fused, _rope_qkv_fused, _silu_mul_fused))
+        else:
+            self.add_rmsnorm, self.rope_qkv, self.silu_mul = add_rmsnorm_, rope_qkv_, silu_mul_
 
     def call(self, name: str, *args):
         try:
@@ -162,8 +182,7 @@ class TrustedModel:
         """Generator over one chunk: ids [T] at positions start..start+T-1. Yields pending requests,
         returns the last position's logits [V] (float32) or None."""
         cfg, T = self.cfg, ids.shape[0]
-        H, KV, hd, I = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.intermediate_size
-        Q, K = cfg.q_size, cfg.kv_size
+        H, hd, I = cfg.num_heads, cfg.head_dim, cfg.intermediate_size
         if start + T > cache.max_len:
             raise ValueError(f"positions up to {start + T} exceed the KV cache of {cache.max_len}")
         h = (yield self.offload.submit("embed", None, ids)).to(torch.float32, copy=True)  # [T, D] residual
@@ -176,10 +195,8 @@ class TrustedModel:
             q = self.offload.empty((T, H, hd), self.attn_dtype) if self.policy == "flash" else \
                 torch.empty(T, H, hd, dtype=self.attn_dtype, device=self.device)
             with self.timer("rope"):
-                qk = self.ew.call("apply_rope", qkv[:, :Q + K].view(T, H + KV, hd), cos, sin)   # [T, H+KV, hd]
-                q.copy_(qk[:, :H])
-                cache.k[layer, :, start:start + T].transpose(0, 1).copy_(qk[:, H:])           # [T, KV, hd]
-                cache.v[layer, :, start:start + T].transpose(0, 1).copy_(qkv[:, Q + K:].view(T, KV, hd))
+                self.ew.call("rope_qkv", qkv, cos, sin, q, cache.k[layer, :, start:start + T].transpose(0, 1),
+                             cache.v[layer, :, start:start + T].transpose(0, 1))            # [T, KV, hd]
             if self.policy == "flash":
                 o = yield from self._flash_attention(q, cache, layer, start)
             else:
@@ -190,14 +207,14 @@ class TrustedModel:
                 else:
                     yield from self._seed_attention(q, cache, layer, start, attn)
                 o = yield self.offload.submit("o", layer, attn)
-            x = self._add_norm(h, o, self.norms[n["mlp_norm"]])                             # h += o
+            h, x = self._add_norm(h, o, self.norms[n["mlp_norm"]])                          # h + o
             gate_up = (yield self.offload.submit("gate_up", layer, x))                     # [T, 2I]
             act = self.offload.empty((T, I))
             with self.timer("silu"):
-                self.ew.call("silu_mul_", gate_up, act)
+                self.ew.call("silu_mul", gate_up, act)
             down = yield self.offload.submit("down", layer, act)                           # [T, D]
             if layer + 1 < cfg.num_layers:
-                x = self._add_norm(h, down, self.norms[layer_names(layer + 1)["attn_norm"]])  # h += down
+                h, x = self._add_norm(h, down, self.norms[layer_names(layer + 1)["attn_norm"]])  # h + down
             else:
                 h += down
         cache.length = max(cache.length, start + T)
@@ -212,11 +229,12 @@ class TrustedModel:
             rmsnorm(h, weight, self.cfg.rms_norm_eps, out)
         return out
 
-    def _add_norm(self, h: torch.Tensor, y: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    def _add_norm(self, h: torch.Tensor, y: torch.Tensor, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(h + y, RMSNorm(h + y) in a wire buffer); h may be updated in place."""
         out = self.offload.empty(tuple(h.shape))
         with self.timer("rmsnorm"):
-            self.ew.call("add_rmsnorm_", h, y, weight, self.cfg.rms_norm_eps, out)
-        return out
+            h = self.ew.call("add_rmsnorm", h, y, weight, self.cfg.rms_norm_eps, out)
+        return h, out
 
     def _mask(self, start: int, T: int) -> torch.Tensor | None:
         """Causal mask for queries at start..start+T-1 over keys 0..start+T-1; None where SDPA needs none."""
