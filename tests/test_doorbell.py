@@ -113,3 +113,44 @@ def test_polling_on_both_sides_gives_the_same_logits():
             polled.close()
         for flags in (["--spin-us", "200"], ["--control", "socket"]):
             assert run_here("--endpoint", endpoint, "--tokens", "8", "--no-warmup", *flags) == 0
+
+
+def test_repeated_call_bytes_are_served_and_anything_else_is_checked(server):
+    """The server answers a call whose bytes (but for the id) match an earlier checked one without decoding
+    it again: it must still compute on the current data, echo the new id, and leave odd ids to the checks."""
+    endpoint, _ = server
+    bell = RemoteOffload(endpoint, "shm", control="pipes")
+    ref = RemoteOffload(endpoint, "shm", control="socket")
+
+    def ask(payload: bytes) -> dict:
+        bell.bell.send(payload, 5.0)
+        assert bell.bell.wait(5.0)
+        (reply,) = bell.bell.receive()
+        return P.decode(reply)
+
+    try:
+        D = bell.cfg.hidden_size
+        x = bell.arena.empty((3, D), bell.dtype)
+        y = bell.arena.empty((3, bell.cfg.qkv_size), bell.dtype)
+        head = P.encode({"type": "call", "op": "qkv", "layer": 1, "output": {"offset": bell.arena.offset_of(y)},
+                         "inputs": [P.TensorMeta.of(x, bell.arena.offset_of(x)).to_json()], "id": 10})
+        prefix = head[:head.rindex(b',"id":')]
+        results = []
+        for rid in (10, 11):
+            x.copy_(torch.randn(3, D))
+            reply = ask(prefix + b',"id":%d}' % rid)
+            assert reply["type"] == "result" and reply["id"] == rid, reply
+            results.append(y.clone())
+            want = ref.submit("qkv", 1, x.clone())
+            assert torch.equal(results[-1], want.result())        # computed on the data now in the region
+            want.release()
+        assert not torch.equal(results[0], results[1])
+        assert ask(prefix + b',"id":"x"}')["type"] == "result"       # not a repeat: decoded and checked
+        err = ask(prefix + b',"id":011}')                             # not a repeat, and not JSON either
+        assert err["type"] == "error" and "not JSON" in err["error"], err
+        bad = prefix.replace(b'"layer":1', b'"layer":99') + b',"id":12}'
+        err = ask(bad)                                                # other bytes: checked again
+        assert err["type"] == "error" and err["id"] == 12 and "layer 99" in err["error"], err
+    finally:
+        bell.close()
+        ref.close()

@@ -21,6 +21,7 @@ from pathlib import Path
 LENGTH = struct.Struct("<I")
 MAX_MESSAGE = 1 << 20          # a header is ~0.3 KiB; a length beyond this means the stream is corrupt
 SUFFIXES = (".req", ".rep")    # runner -> server, server -> runner
+READ_BYTES = 1 << 16           # a pipe's default capacity
 
 
 class DoorbellError(RuntimeError):
@@ -64,7 +65,15 @@ class Channel:
         """Write one message; waits (up to timeout_s) only while the pipe is full."""
         if len(payload) > MAX_MESSAGE:
             raise DoorbellError(f"control message of {len(payload)} bytes exceeds {MAX_MESSAGE}")
-        data = memoryview(LENGTH.pack(len(payload)) + payload)
+        data = LENGTH.pack(len(payload)) + payload
+        try:
+            n = os.write(self.out_fd, data)      # all of it, unless the pipe is (nearly) full
+        except BlockingIOError:
+            n = 0
+        if n < len(data):
+            self._send_rest(memoryview(data)[n:], timeout_s)
+
+    def _send_rest(self, data: memoryview, timeout_s: float) -> None:
         deadline = time.monotonic() + timeout_s
         while data:
             try:
@@ -78,16 +87,16 @@ class Channel:
         """The messages that arrived whole so far (never blocks)."""
         while True:
             try:
-                chunk = os.read(self.in_fd, 1 << 16)
+                chunk = os.read(self.in_fd, READ_BYTES)
             except BlockingIOError:
                 break
             except OSError as e:
                 if e.errno == errno.EINTR:
                     continue
                 raise
-            if not chunk:
-                break
             self.buf += chunk
+            if len(chunk) < READ_BYTES:      # a short read emptied the pipe: no second read (and exception)
+                break
         out = []
         while len(self.buf) >= LENGTH.size:
             (n,) = LENGTH.unpack_from(self.buf)

@@ -46,7 +46,11 @@ class Pending:
         self.regions = []
 
     def __str__(self) -> str:
-        return f"op {self.op}" + (f" (layer {self.layer})" if self.layer is not None else "")
+        return describe(self.op, self.layer)
+
+
+def describe(op: str, layer: int | None) -> str:
+    return f"op {op}" + (f" (layer {layer})" if layer is not None else "")
 
 
 @dataclass
@@ -169,14 +173,13 @@ class RemoteOffload:
             header = {"type": "call", "op": op, "layer": layer, "inputs": [m.to_json() for m in metas]}
             head = P.encode({**header, "id": rid})
         t1 = time.perf_counter()
-        what = "op " + op + (f" (layer {layer})" if layer is not None else "")
         if self.bell is not None:
             try:
                 self.bell.send(head, self.client.timeout_s)
             except TimeoutError as e:
-                raise ServerTimeout(f"could not send {what} to {self.endpoint}: {e}") from None
+                raise ServerTimeout(f"could not send {describe(op, layer)} to {self.endpoint}: {e}") from None
         else:
-            self.client.send([head] + frames, what=what)
+            self.client.send([head] + frames, what=describe(op, layer))
         self.stats.serialize_s += t1 - t0
         self.stats.sent_bytes += len(head) + sum(f.nbytes for f in frames)
         self.stats.rpc_calls += 1
@@ -223,24 +226,22 @@ class RemoteOffload:
         return y
 
     def _wait_bell(self, pending: Pending) -> None:
-        deadline = time.monotonic() + self.client.timeout_s
-        spin_until = time.monotonic() + self.spin_s
-        while True:
+        now = time.monotonic()
+        deadline, spin_until = now + self.client.timeout_s, now + self.spin_s
+        while pending.rid not in self.replies:
+            if not self.bell.wait(0.0 if now < spin_until else deadline - now):   # poll(0) while spinning
+                now = time.monotonic()
+                if now < deadline:
+                    continue
+                raise ServerTimeout(f"no reply from {self.endpoint} within {self.client.timeout_s:g} s while waiting "
+                                    f"for {pending} (doorbell pipes); is `tsqp serve` running there?")
             for msg in self.bell.receive():
                 head = P.decode(msg)
                 self.replies[head.get("id")] = (head, [msg], time.perf_counter())
-            if pending.rid in self.replies:
-                return
             if None in self.replies:        # the server could not tell which call a message was
                 head = self.replies.pop(None)[0]
                 raise RemoteError(f"server at {self.endpoint} failed while {pending} was pending: {head['error']}")
             now = time.monotonic()
-            if now < spin_until:
-                continue
-            left = deadline - now
-            if left <= 0 or not self.bell.wait(left):
-                raise ServerTimeout(f"no reply from {self.endpoint} within {self.client.timeout_s:g} s while waiting "
-                                    f"for {pending} (doorbell pipes); is `tsqp serve` running there?")
 
     def close(self) -> None:
         if self.bell is not None:
