@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # One prepared run on a lent GPU host (the device tool): install the carried pyzmq wheel, then, most
-# important first: `tsqp bench` on the Llama-3.2-1B shape, decode latency, CUDA-vs-CPU logits, levers.
+# important first: `tsqp bench` on the Llama-3.2-1B shape (eager, compiled, all levers), decode latency,
+# CUDA-vs-CPU logits.
 # Everything lands in $OUT. DEV=cpu runs the same steps on a machine without a GPU (a dry run).
 set -uo pipefail
-OUT=${OUT:-/tmp/tsqp-out}          # what comes back: at most 8 files
+OUT=${OUT:-/tmp/tsqp-out}          # what comes back: at most 8 files (7 here)
 W=$(mktemp -d)                      # everything else
 DEV=${DEV:-cuda:0}
 mkdir -p "$OUT"
@@ -19,43 +20,64 @@ tsqp() { python3 -m tsqp.cli "$@"; }
   python3 -c "import torch, zmq; print('torch', torch.__version__, 'zmq', zmq.zmq_version(), torch.cuda.is_available() and torch.cuda.get_device_name())"
 } 2>&1 | tee "$W/host.txt"
 BIG=${BIG:-random:llama-3.2-1b}; TOK=${TOK:-1024}; DT=${DT:-bfloat16}
-TRANSPORTS=${TRANSPORTS:-local,shm,shm-socket}; POLICIES=${POLICIES:-linear,flash}; CHUNKS=${CHUNKS:-1,2}
-SPIN=${SPIN:-200}        # --spin-us of the second bench and of the polling decode
-DECODE=${DECODE:-"socket:--control socket,pipes:,spin:--spin-us $SPIN"}   # name:runner flags, comma-separated
-LEVERS=${LEVERS:-0}      # 1: step 5 (polling with fewer runner threads)
+TRANSPORTS=${TRANSPORTS:-local,shm}; POLICIES=${POLICIES:-linear,flash}; CHUNKS=${CHUNKS:-1,2}
+SPIN=${SPIN:-1000}       # --spin-us of the polling bench (step 3) and of the decode server
+LEVER_THREADS=${LEVER_THREADS:-12}   # runner threads in step 3: leave the server's poller a core
+DIAG=${DIAG:-0}          # 1: step 5, `tsqp diagnose`
+bench() { timeout 200 python3 -m tsqp.cli bench --device $DEV --model $BIG --tokens $TOK --dtype $DT "$@"; }
+summary() {   # one line per row: the median and where its time went, per trusted step
+  python3 - "$@" <<'PY'
+import json, sys
+for path in sys.argv[1:]:
+    try:
+        d = json.load(open(path))
+    except (OSError, ValueError) as e:
+        print(path, "missing:", e); continue
+    s = d["settings"]
+    print(f"== {path.rsplit('/', 1)[-1]}: compile={s.get('compile')} threads={s.get('threads')} spin_us={s.get('spin_us')}"
+          f" refs={d.get('references')}")
+    for r in d["rows"]:
+        t = r["stats"]["trusted_s"]
+        steps = " ".join(f"{k}={v * 1e3:.0f}" for k, v in t.items() if v)
+        print(f"{r['transport']:5s} {r['policy']:6s} x{r['chunks']} median {r['median_s'] * 1e3:6.1f} ms "
+              f"(min {r['min_s'] * 1e3:.1f}) trusted {r['trusted_s'] * 1e3:.0f} [{steps}] "
+              f"server {r['server_s'] * 1e3:.0f} transport {r['transport_s'] * 1e3:.0f}")
+PY
+}
 
-# 1. the benchmark: 1024 tokens of the Llama-3.2-1B shape, bf16, with the no-split references; eager first,
-#    then the trusted elementwise steps fused by torch.compile, with both sides polling the pipes briefly
-timeout 200 python3 -m tsqp.cli bench --device $DEV --model $BIG --tokens $TOK --dtype $DT \
-  --transport $TRANSPORTS --policy $POLICIES --chunks $CHUNKS --repeat 5 \
-  --json "$OUT/bench.json" --plot "$OUT/bench.png" 2>&1 | tee "$W/bench.txt"
-timeout 200 python3 -m tsqp.cli bench --device $DEV --model $BIG --tokens $TOK --dtype $DT \
-  --transport local,shm --policy $POLICIES --chunks $CHUNKS --repeat 5 --no-references --compile --spin-us $SPIN \
+# 1. the benchmark: 1024 tokens of the Llama-3.2-1B shape, bf16, with the no-split references (eager torch)
+bench --transport $TRANSPORTS --policy $POLICIES --chunks $CHUNKS --json "$OUT/bench.json" --plot "$OUT/bench.png" \
+  2>&1 | tee "$W/bench.txt"
+# 2. the same with the trusted steps fused by torch.compile
+bench --transport $TRANSPORTS --policy $POLICIES --chunks $CHUNKS --no-references --compile \
   --json "$OUT/bench_compile.json" 2>&1 | tee "$W/bench_compile.txt"
+# 3. levers together: compiled steps, both sides polling the pipes, the runner leaving the server a core
+bench --transport $TRANSPORTS --policy $POLICIES --chunks 2 --no-references --compile --spin-us $SPIN \
+  --threads $LEVER_THREADS --json "$OUT/bench_levers.json" 2>&1 | tee "$W/bench_levers.txt"
+summary "$OUT/bench.json" "$OUT/bench_compile.json" "$OUT/bench_levers.json" 2>&1 | tee "$OUT/summary.txt"
 
-# 2. decode: 128-token prompt, 64 new tokens: control over the socket, the pipes, the pipes polled; in-process
+# 4. decode: 128-token prompt, 64 new tokens, the server polling its pipes; in-process
 ep=ipc:///tmp/tsqp-gpu-check-$$.ipc
 python3 -m tsqp.cli serve --model $BIG --device $DEV --dtype $DT --endpoint $ep --spin-us $SPIN > "$W/serve_big.txt" 2>&1 &
 srv=$!
 for _ in $(seq 120); do grep -q ready "$W/serve_big.txt" && break; sleep 1; done
 ids=$(python3 -c "print(','.join(str(i * 37 % 500 + 3) for i in range(128)))")
-IFS=, read -ra variants <<< "$DECODE"
-for v in "${variants[@]}"; do
-  timeout 60 python3 -m tsqp.cli run --endpoint $ep ${v#*:} --prompt-ids $ids --max-new-tokens 64 --ignore-eos \
+for v in "pipes:"; do
+  timeout 90 python3 -m tsqp.cli run --endpoint $ep ${v#*:} --prompt-ids $ids --max-new-tokens 64 --ignore-eos \
     --json "$W/decode_${v%%:*}.json" > "$W/decode_${v%%:*}.txt" 2>&1
 done
 kill $srv; wait $srv
 timeout 90 python3 -m tsqp.cli run --local --device $DEV --dtype $DT --model $BIG --prompt-ids $ids \
   --max-new-tokens 64 --ignore-eos --json "$W/decode_local.json" > "$W/decode_local.txt" 2>&1
-python3 - "$W" local "${variants[@]%%:*}" <<'PY' 2>&1 | tee "$OUT/decode.txt"
+python3 - "$W" local pipes <<'PY' 2>&1 | tee "$OUT/decode.txt"
 import json, sys
 for name in sys.argv[2:]:
     try:
         d = json.load(open(f"{sys.argv[1]}/decode_{name}.json"))
     except (OSError, ValueError) as e:
-        print(f"{name:6s} failed: {e}"); continue
+        print(f"{name:8s} failed: {e}"); continue
     g = d["stats"]
-    print(f"{name:6s}", {k: round(v, 3) for k, v in g.items() if k.startswith("decode_ms") or k.endswith("per_token")})
+    print(f"{name:8s}", {k: round(v, 3) for k, v in g.items() if k.startswith("decode_ms") or k.endswith("per_token")})
 PY
 
 # 3. the CUDA server path gives the CPU's logits (random weights are drawn on the CPU, so they are equal)
@@ -77,17 +99,11 @@ for name in ("linear", "flash", "seed", "local"):
     err = float(np.abs(x - ref).max() / np.abs(ref).max())
     print(f"{name:6s} vs cpu float32: rel max err {err:.2e}, argmax {x.argmax()} vs {ref.argmax()}")
 PY
-# 4. the transports' round trips on this host (shm vs ipc frames at 16 MiB), and pinned copies
-timeout 60 python3 -m tsqp.cli diagnose --sizes 1M 16M 64M --repeat 20 > "$W/diagnose.txt" 2>&1
-cat "$W/host.txt" "$W/diagnose.txt" >> "$OUT/check.txt"
-cp "$W/bench.txt" "$W/bench_compile.txt" "$OUT/" 2>/dev/null
-
-# 5. levers: the pipes polled while the runner leaves the server's poller a core
-if [ "$LEVERS" = 1 ]; then
-  for t in 15 12; do
-    timeout 150 python3 -m tsqp.cli bench --device $DEV --model $BIG --tokens $TOK --dtype $DT --repeat 5 \
-      --no-references --spin-us $SPIN --threads $t --transport local,shm --policy $POLICIES --chunks 2 \
-      2>&1 | tee -a "$OUT/bench_levers.txt"
-  done
+# 5. the transports' round trips on this host (shm vs ipc frames), when asked
+if [ "$DIAG" = 1 ]; then
+  timeout 60 python3 -m tsqp.cli diagnose --sizes 1M 16M 64M --repeat 20 > "$W/diagnose.txt" 2>&1
+  cat "$W/diagnose.txt" >> "$OUT/check.txt"
 fi
+cat "$W/host.txt" >> "$OUT/check.txt"
+cat "$W/bench.txt" "$W/bench_compile.txt" "$W/bench_levers.txt" > "$OUT/tables.txt" 2>/dev/null
 echo "done"

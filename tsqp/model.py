@@ -117,28 +117,33 @@ def _silu_mul_fused(gate_up, out):
     out.copy_(F.silu(gate_up[:, :I].float()) * gate_up[:, I:].float())
 
 
+EAGER = {"add_rmsnorm": add_rmsnorm_, "rope_qkv": rope_qkv_, "silu_mul": silu_mul_}
+FUSED = {"add_rmsnorm": _add_rmsnorm_fused, "rope_qkv": _rope_qkv_fused, "silu_mul": _silu_mul_fused}
+
+
 class Elementwise:
     """The trusted side's elementwise steps between two offloaded calls: eager torch, or each fused into one
-    loop by torch.compile (`--compile`: needs a C++ compiler at run time, and compiles once per prompt length
-    and once for decode; if compiling fails, eager is used)."""
+    loop by torch.compile (`--compile`: needs a C++ compiler at run time; a second prompt length compiles
+    once more, for any length). A decode step (one row) runs eagerly either way: its tensors are tiny and a
+    compiled call's guards would cost more than the fusion saves. If compiling fails, eager is used."""
+
     def __init__(self, fused: bool = False):
         self.fused = fused
-        if fused:
-            self.add_rmsnorm, self.rope_qkv, self.silu_mul = (
-                torch.compile(f, dynamic=False) for f in (_add_rmsnorm_fused, _rope_qkv_fused, _silu_mul_fused))
-        else:
-            self.add_rmsnorm, self.rope_qkv, self.silu_mul = add_rmsnorm_, rope_qkv_, silu_mul_
+        self.steps = {name: torch.compile(f) for name, f in FUSED.items()} if fused else EAGER
 
     def call(self, name: str, *args):
+        """args[0] has a row per token."""
+        if args[0].shape[0] == 1:
+            return EAGER[name](*args)
         try:
-            return getattr(self, name)(*args)
+            return self.steps[name](*args)
         except Exception as e:      # e.g. no C++ compiler inside the enclave: say so once, go on eagerly
             if not self.fused:
                 raise
             print(f"WARNING: --compile failed ({type(e).__name__}: {str(e)[:200]}); using eager torch",
                   file=sys.stderr, flush=True)
             self.__init__(fused=False)
-            return getattr(self, name)(*args)
+            return self.steps[name](*args)
 
 
 class KVCache:
