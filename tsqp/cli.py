@@ -149,7 +149,7 @@ def parser() -> argparse.ArgumentParser:
     b.add_argument("--policy", default="linear", help="comma list of linear, seed, flash")
     b.add_argument("--chunks", default="1", help="comma list of chunk counts for the interleaved prefill")
     b.add_argument("--attn-dtype", default="auto", help="comma list of auto, float32, bfloat16 (trusted attention)")
-    b.add_argument("--repeat", type=int, default=5, help="timed prefills per configuration (median reported)")
+    b.add_argument("--repeat", type=int, default=9, help="timed prefills per configuration (median reported)")
     b.add_argument("--warmup", type=int, default=1, help="untimed prefills first")
     b.add_argument("--endpoint", default=None, help="use this running server instead of starting our own")
     b.add_argument("--timeout", type=float, default=120.0, help="seconds to wait for any reply")
