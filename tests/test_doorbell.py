@@ -154,3 +154,19 @@ def test_repeated_call_bytes_are_served_and_anything_else_is_checked(server):
     finally:
         bell.close()
         ref.close()
+
+
+def test_result_fast_parse_agrees_with_json_and_leaves_the_rest_to_it():
+    """The runner reads a result's id and compute_s without a JSON parse; anything unusual returns None
+    and goes through protocol.decode instead."""
+    good = P.encode({"type": "result", "id": 42, "compute_s": 0.00125, "output": {"dtype": "bfloat16"}})
+    assert P.parse_result(good) == {"type": "result", "id": 42, "compute_s": 0.00125}
+    assert {k: P.decode(good)[k] for k in ("type", "id", "compute_s")} == P.parse_result(good)
+    for other in (P.encode({"type": "error", "id": 3, "error": "op qkv: ..."}),
+                  P.encode({"type": "result", "id": None, "compute_s": 0.1}),
+                  P.encode({"type": "result", "id": -1, "compute_s": 0.1}),
+                  P.encode({"type": "result", "id": 7, "output": {}}),              # no compute_s
+                  P.encode({"type": "result", "id": 7, "compute_s": "soon", "x": 1}),
+                  b'{"v":1,"type":"result","id":7,"compute_s":0.1',                   # cut short
+                  b"garbage"):
+        assert P.parse_result(other) is None, other

@@ -28,6 +28,9 @@ class Compute:
                 "gate_up": torch.cat([weights[n["gate"]], weights[n["up"]]]).to(**to),         # [2I, D]
                 "down": weights[n["down"]].to(**to),                                           # [D, I]
             })
+        # [in, out] views, made once: a call then creates no tensor but its output's
+        self.lm_head_t = self.lm_head.T
+        self.layers_t = [{op: w.T for op, w in layer.items()} for layer in self.layers]
         self.cuda = self.device.type == "cuda"
         self.stream = torch.cuda.Stream(self.device) if self.cuda else None
 
@@ -36,7 +39,7 @@ class Compute:
         if op == "embed":
             return self.embed[xs[0]]                                    # [T, D]
         if op == "lm_head":
-            return xs[0] @ self.lm_head.T                               # [T, V]
+            return xs[0] @ self.lm_head_t                               # [T, V]
         if op == "qk":   # q [H, T, hd], k [KV, S, hd] -> [H, T, S]
             q, k = xs
             g = q.shape[0] // k.shape[0]
@@ -54,8 +57,8 @@ class Compute:
                 mask = torch.arange(S, device=q.device)[None, :] <= torch.arange(S - T, S, device=q.device)[:, None]
             y = F.scaled_dot_product_attention(q.transpose(0, 1)[None], k[None], v[None], attn_mask=mask,
                                                is_causal=T == S and T > 1, enable_gqa=True)  # [1, H, T, hd]
-            return y[0].transpose(0, 1).reshape(T, H * hd) @ self.layers[layer]["o"].T     # [T, D]
-        return xs[0] @ self.layers[layer][op].T                       # [T, out]
+            return y[0].transpose(0, 1).reshape(T, H * hd) @ self.layers_t[layer]["o"]     # [T, D]
+        return xs[0] @ self.layers_t[layer][op]                       # [T, out]
 
     def launch(self, op: str, layer: int | None, inputs: list[torch.Tensor], out: torch.Tensor | None = None):
         """Start one op on host tensors; the result lands in `out` (host) when given. Returns (result, finish):
@@ -67,8 +70,7 @@ class Compute:
             return y, lambda: time.perf_counter() - t0
         if not self.cuda:
             if out is not None and op in ("qkv", "o", "gate_up", "down", "lm_head"):   # straight into `out`
-                w = self.lm_head if op == "lm_head" else self.layers[layer][op]
-                y = torch.matmul(inputs[0], w.T, out=out)
+                y = torch.matmul(inputs[0], self.lm_head_t if op == "lm_head" else self.layers_t[layer][op], out=out)
             else:
                 y = self.forward(op, layer, *inputs)
                 if out is not None:

@@ -85,6 +85,27 @@ def decode(frame) -> dict:
     return header
 
 
+RESULT_HEAD = b'{"v":%d,"type":"result","id":' % VERSION
+COMPUTE_S = b',"compute_s":'
+
+
+def parse_result(frame: bytes) -> dict | None:
+    """The fields a shared-memory runner reads from a result, as the server writes them (`{"v":1,
+    "type":"result","id":7,"compute_s":0.001,...`), without a JSON parse: right after a wake-up it costs the
+    runner ~60 us a call on a small VM. None for any other message, which then goes through `decode`."""
+    if not frame.startswith(RESULT_HEAD):
+        return None
+    i = frame.find(COMPUTE_S, len(RESULT_HEAD))
+    j = frame.find(b",", i + len(COMPUTE_S))
+    rid, seconds = frame[len(RESULT_HEAD):i], frame[i + len(COMPUTE_S):j]
+    if i < 0 or j < 0 or not rid.isdigit() or len(rid) > 15:
+        return None
+    try:
+        return {"type": "result", "id": int(rid), "compute_s": float(seconds)}
+    except ValueError:
+        return None
+
+
 def tensor_from_frame(meta: TensorMeta, buffer) -> torch.Tensor:
     """A tensor over a received frame's memory, without copying."""
     mv = memoryview(buffer)

@@ -236,7 +236,7 @@ class RemoteOffload:
                 raise ServerTimeout(f"no reply from {self.endpoint} within {self.client.timeout_s:g} s while waiting "
                                     f"for {pending} (doorbell pipes); is `tsqp serve` running there?")
             for msg in self.bell.receive():
-                head = P.decode(msg)
+                head = P.parse_result(msg) or P.decode(msg)
                 self.replies[head.get("id")] = (head, [msg], time.perf_counter())
             if None in self.replies:        # the server could not tell which call a message was
                 head = self.replies.pop(None)[0]
