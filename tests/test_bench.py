@@ -93,9 +93,14 @@ def test_bench_writes_table_json_and_plot(tmp_path):
                     "vs_device_only", "vs_cpu_only", "vs_local"):
             assert key in r, key
         assert r["min_s"] <= r["median_s"] <= r["max_s"]
+        assert len(r["times_s"]) == 2 and sorted(r["times_s"]) == [r["min_s"], r["max_s"]]
+        base = next(b for b in rows if b["transport"] == "local" and b["policy"] == r["policy"])
+        paired = (r["times_s"][0] / base["times_s"][0] + r["times_s"][1] / base["times_s"][1]) / 2
+        assert r["vs_local_paired"] == pytest.approx(paired)
         sent, recv = expected_tensor_bytes(PRESETS["tiny"], 32, 4, r["policy"])
         if r["transport"].startswith("shm"):
             assert r["bytes_moved"] - (sent + recv) < 400 * r["stats"]["rpc_calls"]
         elif r["transport"] != "local":
             assert sent + recv <= r["bytes_moved"] < sent + recv + 1200 * r["stats"]["rpc_calls"]
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "x local, paired by round" in proc.stdout and "shm float32 flash" in proc.stdout.split("paired by round")[1]

@@ -108,7 +108,8 @@ class Trial:
         trusted = sum(st["trusted_s"].values())
         med = statistics.median(self.times)
         return {"transport": c.transport, "dtype": c.dtype, "policy": c.policy, "chunks": c.chunks, "attn": c.attn,
-                "tokens": int(ids.numel()), **summary(self.times), "bytes_moved": int(st["bytes_moved"]),
+                "tokens": int(ids.numel()), **summary(self.times), "times_s": self.times,
+                "bytes_moved": int(st["bytes_moved"]),
                 "trusted_s": trusted, "server_s": st["server_compute_s"],
                 "transport_s": max(med - trusted - st["server_compute_s"], 0.0), "stats": st}
 
@@ -273,6 +274,8 @@ def run_bench(args) -> dict:
         result["references"]["cpu_only_s"] = result["references"][first]["cpu_only_s"]
     add_ratios(result)
     console.print(table(result))
+    if tax_line(result):
+        console.print(tax_line(result), soft_wrap=True)
     if a.json:
         Path(a.json).write_text(json.dumps(result, indent=1))
         console.print(f"wrote {a.json}")
@@ -301,7 +304,7 @@ def add_ratios(result: dict) -> None:
     if not rows:
         return
     base = rows[0]["median_s"]
-    local = {(r["dtype"], r["policy"], r["chunks"], r["attn"]): r["median_s"] for r in rows if r["transport"] == "local"}
+    local = {(r["dtype"], r["policy"], r["chunks"], r["attn"]): r for r in rows if r["transport"] == "local"}
     for r in rows:
         r["speedup_vs_first"] = base / r["median_s"]
         ref = result["references"].get(r["dtype"])
@@ -310,7 +313,17 @@ def add_ratios(result: dict) -> None:
             r["vs_cpu_only"] = r["median_s"] / ref["cpu_only_s"]
         key = (r["dtype"], r["policy"], r["chunks"], r["attn"])
         if key in local:
-            r["vs_local"] = r["median_s"] / local[key]
+            base_row = local[key]
+            r["vs_local"] = r["median_s"] / base_row["median_s"]
+            # rounds run the rows in turn, so a round's two times share the machine's state of the moment
+            r["vs_local_paired"] = statistics.median(t / b for t, b in zip(r["times_s"], base_row["times_s"]))
+
+
+def tax_line(result: dict) -> str | None:
+    """The transport tax as the median over rounds of each row's time over --local's time in that round."""
+    taxes = [f"{label_of(r)} {r['vs_local_paired']:.2f}x" for r in result["rows"]
+             if r["transport"] != "local" and "vs_local_paired" in r]
+    return "x local, paired by round (median of each round's ratio): " + ", ".join(taxes) if taxes else None
 
 
 def table(result: dict) -> Table:
