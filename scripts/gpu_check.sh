@@ -41,7 +41,8 @@ for path in sys.argv[1:]:
         steps = " ".join(f"{k}={v * 1e3:.0f}" for k, v in t.items() if v)
         print(f"{r['transport']:5s} {r['policy']:6s} x{r['chunks']} median {r['median_s'] * 1e3:6.1f} ms "
               f"(min {r['min_s'] * 1e3:.1f}) trusted {r['trusted_s'] * 1e3:.0f} [{steps}] "
-              f"server {r['server_s'] * 1e3:.0f} transport {r['transport_s'] * 1e3:.0f}")
+              f"server {r['server_s'] * 1e3:.0f} transport {r['transport_s'] * 1e3:.0f} "
+              f"x local {r.get('vs_local', 0):.2f} (paired {r.get('vs_local_paired', 0):.2f})")
 PY
 }
 
