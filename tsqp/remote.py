@@ -55,7 +55,9 @@ def describe(op: str, layer: int | None) -> str:
 
 @dataclass
 class Layout:
-    """A checked call shape: its header up to the output offset, and what the output is."""
+    """A checked call: its header up to the output offset, and what the output is. Keyed on its input
+    buffers' identities; it holds them, so no other tensor can take their ids."""
+    inputs: tuple[torch.Tensor, ...]
     prefix: bytes
     out_shape: tuple[int, ...]
     out_dtype: torch.dtype
@@ -81,7 +83,7 @@ class RemoteOffload:
         check_ipc_owner(endpoint)
         self.client = Client(endpoint, timeout_s, curve=curve)
         self.ids = itertools.count(1)
-        self.layouts: dict[tuple, Layout] = {}     # (op, layer, input regions) -> checked header prefix
+        self.layouts: dict[tuple, Layout] = {}     # (op, layer, ids of the input buffers) -> checked header
         self.replies: dict[int, list] = {}
         try:
             self._hello(connect_timeout_s)
@@ -132,6 +134,7 @@ class RemoteOffload:
                 bell.close()
             raise
         arena.path = None
+        self.layouts.clear()
         if self.arena is not None:
             self.arena.close()
         if self.bell is not None:
@@ -152,15 +155,18 @@ class RemoteOffload:
         regions = []
         rid = next(self.ids)
         if self.arena is not None:
+            bufs = []
             for x in xs:
                 off = self.arena.offset_of(x)
                 if off is None:         # not written in place: copy it in once
-                    buf = self.arena.empty(tuple(x.shape), x.dtype)
-                    buf.copy_(x)
-                    off = self.arena.offset_of(buf)
+                    x = self.arena.empty(tuple(x.shape), x.dtype).copy_(x)
+                    off = self.arena.offset_of(x)
+                bufs.append(x)
                 regions.append(off)
-            layout = (op, layer, tuple(zip(regions, (tuple(x.shape) for x in xs), (x.dtype for x in xs))))
-            call = self.layouts.get(layout) or self._layout(layout, xs, regions)
+            layout = (op, layer, *map(id, bufs))
+            call = self.layouts.get(layout)
+            if call is None or any(a is not b for a, b in zip(call.inputs, bufs)):
+                call = self._layout(layout, bufs, regions)
             out = self.arena.empty(call.out_shape, call.out_dtype)
             out_offset = self.arena.offset_of(out)
             regions.append(out_offset)
@@ -186,8 +192,9 @@ class RemoteOffload:
         return Pending(self, rid, op, layer, out, time.perf_counter(), regions)
 
     def _layout(self, layout: tuple, xs, regions: list[int]) -> "Layout":
-        """Check a call's inputs once per region layout; later calls with the same layout reuse the header."""
-        op, layer, _ = layout
+        """Check a call's inputs once per set of input buffers; later calls on the same buffers (the same arena
+        views: empty() hands out one view per region, shape and dtype) reuse the header."""
+        op, layer = layout[:2]
         metas = [P.TensorMeta.of(x, off) for x, off in zip(xs, regions)]
         want = P.check_request(self.cfg, P.DTYPE_NAME[self.dtype], op, layer, metas)
         head = P.encode({"type": "call", "op": op, "layer": layer, "inputs": [m.to_json() for m in metas],
@@ -195,7 +202,7 @@ class RemoteOffload:
         prefix = head[:head.rindex(b'{"offset":') + len(b'{"offset":')]     # ... "output":{"offset":
         if len(self.layouts) >= 4096:
             self.layouts.clear()
-        call = self.layouts[layout] = Layout(prefix, want.shape, P.WIRE_DTYPES[want.dtype],
+        call = self.layouts[layout] = Layout(tuple(xs), prefix, want.shape, P.WIRE_DTYPES[want.dtype],
                                              sum(m.nbytes for m in metas))
         return call
 

@@ -68,6 +68,7 @@ class Arena:
         self.cuda_registered = False
         self.live: dict[int, int] = {}     # allocator (runner side): live regions, start -> end
         self.views: dict[tuple, torch.Tensor] = {}     # (offset, shape, dtype) -> view, for empty()
+        self.made: dict[int, tuple[torch.Tensor, int]] = {}   # id(view) -> (view, offset), for offset_of()
 
     @classmethod
     def create(cls, size: int) -> "Arena":
@@ -131,6 +132,9 @@ class Arena:
 
     def offset_of(self, t: torch.Tensor) -> int | None:
         """The offset of a contiguous tensor that lives inside this arena, else None."""
+        made = self.made.get(id(t))
+        if made is not None and made[0] is t:      # one of empty()'s views: known without asking torch
+            return made[1]
         p = t.data_ptr()
         if t.is_contiguous() and self.ptr <= p and p + t.numel() * t.element_size() <= self.ptr + self.size:
             return p - self.ptr
@@ -170,7 +174,9 @@ class Arena:
         if view is None:
             if len(self.views) >= 4096:
                 self.views.clear()
+                self.made.clear()
             view = self.views[key] = self.base[off:off + n].view(dtype).view(shape)
+            self.made[id(view)] = (view, off)
         return view
 
     # ---- pinned for DMA (server side, CUDA) ----------------------------------------------------------
@@ -188,4 +194,4 @@ class Arena:
             self.path.unlink(missing_ok=True)
             self.path = None
         # the mapping itself goes when the last tensor view of it is collected
-        self.base, self.views = None, {}
+        self.base, self.views, self.made = None, {}, {}
