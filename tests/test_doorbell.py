@@ -22,6 +22,14 @@ def prefill(remote, policy="linear", chunks=1, T=40):
     return model.prefill(fixed_prompt(remote.cfg, T), model.new_cache(T), chunks)
 
 
+def ask(remote: RemoteOffload, payload: bytes) -> dict:
+    """One raw message down the request pipe; its reply, decoded."""
+    remote.bell.send(payload, 5.0)
+    assert remote.bell.wait(5.0)
+    (reply,) = remote.bell.receive()
+    return P.decode(reply)
+
+
 @pytest.fixture(scope="module")
 def server():
     with serving("random:tiny") as (endpoint, proc):
@@ -56,19 +64,13 @@ def test_bad_control_messages_get_errors(server):
     endpoint, _ = server
     bell = RemoteOffload(endpoint, "shm", control="pipes")
 
-    def ask(payload: bytes) -> dict:
-        bell.bell.send(payload, 5.0)
-        assert bell.bell.wait(5.0)
-        (reply,) = bell.bell.receive()
-        return P.decode(reply)
-
     try:
-        assert ask(b"not json")["type"] == "error"
-        err = ask(P.encode({"type": "hello", "id": 2}))                    # only calls travel here
+        assert ask(bell, b"not json")["type"] == "error"
+        err = ask(bell, P.encode({"type": "hello", "id": 2}))                    # only calls travel here
         assert err["type"] == "error" and err["id"] == 2 and "calls only" in err["error"], err
         bad = {"type": "call", "id": 3, "op": "qkv", "layer": 0, "output": {"offset": 0},
                "inputs": [{"dtype": "float32", "shape": [4, bell.cfg.hidden_size], "offset": bell.arena.size}]}
-        err = ask(P.encode(bad))                                           # an input beyond the arena
+        err = ask(bell, P.encode(bad))                                           # an input beyond the arena
         assert err["type"] == "error" and err["id"] == 3 and "outside" in err["error"], err
         ref = RemoteOffload(endpoint, "shm", control="socket")
         try:
@@ -122,12 +124,6 @@ def test_repeated_call_bytes_are_served_and_anything_else_is_checked(server):
     bell = RemoteOffload(endpoint, "shm", control="pipes")
     ref = RemoteOffload(endpoint, "shm", control="socket")
 
-    def ask(payload: bytes) -> dict:
-        bell.bell.send(payload, 5.0)
-        assert bell.bell.wait(5.0)
-        (reply,) = bell.bell.receive()
-        return P.decode(reply)
-
     try:
         D = bell.cfg.hidden_size
         x = bell.arena.empty((3, D), bell.dtype)
@@ -138,18 +134,18 @@ def test_repeated_call_bytes_are_served_and_anything_else_is_checked(server):
         results = []
         for rid in (10, 11):
             x.copy_(torch.randn(3, D))
-            reply = ask(prefix + b',"id":%d}' % rid)
+            reply = ask(bell, prefix + b',"id":%d}' % rid)
             assert reply["type"] == "result" and reply["id"] == rid, reply
             results.append(y.clone())
             want = ref.submit("qkv", 1, x.clone())
             assert torch.equal(results[-1], want.result())        # computed on the data now in the region
             want.release()
         assert not torch.equal(results[0], results[1])
-        assert ask(prefix + b',"id":"x"}')["type"] == "result"       # not a repeat: decoded and checked
-        err = ask(prefix + b',"id":011}')                             # not a repeat, and not JSON either
+        assert ask(bell, prefix + b',"id":"x"}')["type"] == "result"       # not a repeat: decoded and checked
+        err = ask(bell, prefix + b',"id":011}')                             # not a repeat, and not JSON either
         assert err["type"] == "error" and "not JSON" in err["error"], err
         bad = prefix.replace(b'"layer":1', b'"layer":99') + b',"id":12}'
-        err = ask(bad)                                                # other bytes: checked again
+        err = ask(bell, bad)                                                # other bytes: checked again
         assert err["type"] == "error" and err["id"] == 12 and "layer 99" in err["error"], err
     finally:
         bell.close()
