@@ -78,7 +78,7 @@ def test_bench_writes_table_json_and_plot(tmp_path):
          "--transport", "local,shm,shm-socket,ipc,tcp", "--policy", "linear,flash", "--json", str(out), "--plot", str(png)],
         capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert "reference: cpu alone" in proc.stdout and "reference: CPU alone" in proc.stdout
+    assert "reference: cpu (server's device) alone" in proc.stdout and "reference: runner's CPU alone" in proc.stdout
     result = json.loads(out.read_text())
     for key in ("model", "device", "gpu", "cpu_count", "torch"):
         assert key in result["settings"]

@@ -141,7 +141,8 @@ def test_repeated_call_bytes_are_served_and_anything_else_is_checked(server):
             assert torch.equal(results[-1], want.result())        # computed on the data now in the region
             want.release()
         assert not torch.equal(results[0], results[1])
-        assert ask(bell, prefix + b',"id":"x"}')["type"] == "result"       # not a repeat: decoded and checked
+        reply = ask(bell, prefix + b',"id":"x"}')                     # not a repeat: decoded, then served
+        assert reply["type"] == "result" and reply["id"] == "x", reply   # from the checked views
         err = ask(bell, prefix + b',"id":011}')                             # not a repeat, and not JSON either
         assert err["type"] == "error" and "not JSON" in err["error"], err
         bad = prefix.replace(b'"layer":1', b'"layer":99') + b',"id":12}'

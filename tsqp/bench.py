@@ -236,7 +236,7 @@ def run_bench(args) -> dict:
                     progress.update(task, description=f"reference: {a.device} alone, {d}")
                     dev = bench.reference(d, ids, a.device)
                     progress.advance(task)
-                    progress.update(task, description=f"reference: CPU alone, {d}")
+                    progress.update(task, description=f"reference: runner's CPU alone, {d}")
                     cpu = bench.reference(d, ids, "cpu")
                     progress.advance(task)
                     result["references"][d] = {"device_only_s": dev["median_s"], "cpu_only_s": cpu["median_s"],
@@ -335,9 +335,10 @@ def table(result: dict) -> Table:
     mb = 1 / 1e6
     for d, ref in result["references"].items():
         if isinstance(ref, dict):
-            t.add_row(f"reference: {result['settings']['device']} alone, {d}", f"{ref['device_only_s']:.4f}",
+            device = result["settings"]["device"]
+            t.add_row(f"reference: {device} (server's device) alone, {d}", f"{ref['device_only_s']:.4f}",
                       f"{ref['device_only']['min_s']:.4f}-{ref['device_only']['max_s']:.4f}", *[""] * 10)
-            t.add_row(f"reference: CPU alone, {d}", f"{ref['cpu_only_s']:.4f}",
+            t.add_row(f"reference: runner's CPU alone, {d}", f"{ref['cpu_only_s']:.4f}",
                       f"{ref['cpu_only']['min_s']:.4f}-{ref['cpu_only']['max_s']:.4f}", *[""] * 10)
     for r in result["rows"]:
         st = r["stats"]

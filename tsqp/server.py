@@ -284,7 +284,7 @@ class Server:
             y, compute_s = self.compute.run(header["op"], header["layer"], inputs, out)
             self.requests += 1
             rid = header.get("id")
-            rid = b"%d" % rid if type(rid) is int else b"null"
+            rid = b"%d" % rid if type(rid) is int else json.dumps(rid).encode()     # echoed as the checks do
             return [b'{"v":%d,"type":"result","id":%s,"compute_s":%a,%s' % (P.VERSION, rid, compute_s, reply_tail)]
         metas = header.get("inputs")
         if not isinstance(metas, list):
