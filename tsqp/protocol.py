@@ -89,6 +89,12 @@ RESULT_HEAD = b'{"v":%d,"type":"result","id":' % VERSION
 COMPUTE_S = b',"compute_s":'
 
 
+def result_head(rid: bytes, compute_s: float) -> bytes:
+    """The start of a result (up to and including the comma after compute_s) as the server writes it from its
+    caches and `parse_result` reads it; rid is the id already encoded as JSON."""
+    return b"%s%s%s%a," % (RESULT_HEAD, rid, COMPUTE_S, compute_s)
+
+
 def parse_result(frame: bytes) -> dict | None:
     """The fields a shared-memory runner reads from a result, as the server writes them (`{"v":1,
     "type":"result","id":7,"compute_s":0.001,...`), without a JSON parse: right after a wake-up it costs the
@@ -96,9 +102,11 @@ def parse_result(frame: bytes) -> dict | None:
     if not frame.startswith(RESULT_HEAD):
         return None
     i = frame.find(COMPUTE_S, len(RESULT_HEAD))
-    j = frame.find(b",", i + len(COMPUTE_S))
+    j = frame.find(b",", i + len(COMPUTE_S)) if i >= 0 else -1
+    if j < 0:
+        return None
     rid, seconds = frame[len(RESULT_HEAD):i], frame[i + len(COMPUTE_S):j]
-    if i < 0 or j < 0 or not rid.isdigit() or len(rid) > 15:
+    if not rid.isdigit() or len(rid) > 15:
         return None
     try:
         return {"type": "result", "id": int(rid), "compute_s": float(seconds)}

@@ -248,11 +248,17 @@ class Server:
         rid = payload[cut + 6:-1]
         if hit is None or payload[-1:] != b"}" or not rid.isdigit() or len(rid) > 15 or rid[:1] == b"0":
             return None
-        op, layer, (inputs, out, reply_tail) = hit
+        op, layer, checked = hit
         session.last_seen = time.monotonic()
+        return self.serve_checked(op, layer, checked, rid)
+
+    def serve_checked(self, op: str, layer: int | None, checked: tuple, rid: bytes) -> bytes:
+        """Run a call on the views an earlier, identical call was checked with; the reply is pre-encoded but
+        for its id (given as JSON) and compute_s."""
+        inputs, out, reply_tail = checked
         y, compute_s = self.compute.run(op, layer, inputs, out)
         self.requests += 1
-        return b'{"v":%d,"type":"result","id":%s,"compute_s":%a,%s' % (P.VERSION, rid, compute_s, reply_tail)
+        return P.result_head(rid, compute_s) + reply_tail
 
     def drop(self, peer: bytes) -> None:
         s = self.sessions.pop(peer, None)
@@ -280,12 +286,9 @@ class Server:
         key = call_key(header) if session.arena is not None and not frames else None
         hit = session.views.get(key) if key is not None else None
         if hit is not None:     # the same op on the same arena regions as an earlier, checked call
-            inputs, out, reply_tail = hit
-            y, compute_s = self.compute.run(header["op"], header["layer"], inputs, out)
-            self.requests += 1
             rid = header.get("id")
             rid = b"%d" % rid if type(rid) is int else json.dumps(rid).encode()     # echoed as the checks do
-            return [b'{"v":%d,"type":"result","id":%s,"compute_s":%a,%s' % (P.VERSION, rid, compute_s, reply_tail)]
+            return [self.serve_checked(key[0], key[1], hit, rid)]
         metas = header.get("inputs")
         if not isinstance(metas, list):
             raise P.ProtocolError("'inputs' must be a list")
