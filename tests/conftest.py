@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tsqp.launch import stop_servers
+from tsqp.commands.launch import stop_servers
 
 LLAMA3 = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
           "original_max_position_embeddings": 64}

@@ -16,14 +16,14 @@ import zmq
 
 from conftest import run_cli, run_cli_many, serving, short_endpoint
 from tsqp import cli
-from tsqp import protocol as P
+from tsqp.wire import protocol as P
 from tsqp import weights as W
-from tsqp.compute import Compute
-from tsqp.model import KVCache, TrustedModel
-from tsqp.offload import LocalOffload
-from tsqp.remote import RemoteOffload
-from tsqp.shm import Arena
-from tsqp.transport import ServerTimeout
+from tsqp.untrusted.compute import Compute
+from tsqp.trusted.model import KVCache, TrustedModel
+from tsqp.local import LocalOffload
+from tsqp.wire.client import RemoteOffload
+from tsqp.wire.shm import Arena
+from tsqp.wire.transport import ServerTimeout
 
 REPLY_TIMEOUT_MS = 10_000
 

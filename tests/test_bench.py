@@ -10,9 +10,9 @@ import pytest
 
 from conftest import serving
 from tsqp.config import PRESETS, ModelConfig
-from tsqp.model import TrustedModel
-from tsqp.remote import RemoteOffload
-from tsqp.runner import fixed_prompt
+from tsqp.trusted.model import TrustedModel
+from tsqp.wire.client import RemoteOffload
+from tsqp.commands.run import fixed_prompt
 
 
 def expected_tensor_bytes(cfg: ModelConfig, T: int, itemsize: int, policy: str) -> tuple[int, int]:

@@ -16,11 +16,11 @@ import torch.nn.functional as F
 
 from conftest import CHECKPOINTS, hf_logits, run_cli_many, serving_all
 from tsqp import weights as W
-from tsqp.compute import Compute
+from tsqp.untrusted.compute import Compute
 from tsqp.config import PRESETS, ModelConfig
-from tsqp.model import Elementwise, KVCache, Rope, TrustedModel, rope_tables
-from tsqp.offload import LocalOffload
-from tsqp.remote import RemoteOffload
+from tsqp.trusted.model import Elementwise, KVCache, Rope, TrustedModel, rope_tables
+from tsqp.local import LocalOffload
+from tsqp.wire.client import RemoteOffload
 from tsqp.stats import Stats
 
 T = 24            # long enough that a wrong rope (e.g. scaling ignored) shows above 1e-4

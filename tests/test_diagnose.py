@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 from conftest import short_endpoint
-from tsqp.diagnose import TRANSPORTS, inspect_endpoint, parse_size
+from tsqp.commands.diagnose import TRANSPORTS, inspect_endpoint, parse_size
 
 KEYS = ("transport", "size_bytes", "p50_us", "p99_us", "bandwidth_GBps")
 

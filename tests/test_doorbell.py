@@ -11,11 +11,11 @@ import pytest
 import torch
 
 from conftest import run_here, serving
-from tsqp import protocol as P
-from tsqp.model import TrustedModel
-from tsqp.remote import RemoteOffload
-from tsqp.runner import fixed_prompt
-from tsqp.transport import ServerTimeout
+from tsqp.wire import protocol as P
+from tsqp.trusted.model import TrustedModel
+from tsqp.wire.client import RemoteOffload
+from tsqp.commands.run import fixed_prompt
+from tsqp.wire.transport import ServerTimeout
 
 def prefill(remote, policy="linear", chunks=1, T=40):
     model = TrustedModel(remote.cfg, remote.norms, remote, policy, remote.stats)

@@ -15,10 +15,10 @@ import numpy as np
 import pytest
 
 from conftest import RUN_ENV, run_here, serving, short_endpoint, start_run, wait_line
-from tsqp import protocol as P
-from tsqp.remote import RemoteOffload
-from tsqp.shm import arena_dir
-from tsqp.transport import Client
+from tsqp.wire import protocol as P
+from tsqp.wire.client import RemoteOffload
+from tsqp.wire.shm import arena_dir
+from tsqp.wire.transport import Client
 
 def tsqp(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "tsqp.cli", *args], capture_output=True, text=True,
@@ -116,7 +116,7 @@ def test_server_killed_mid_request_is_reported_and_a_restart_is_picked_up(tmp_pa
 
 HOLD = textwrap.dedent("""
     import sys, time, torch
-    from tsqp.remote import RemoteOffload
+    from tsqp.wire.client import RemoteOffload
     r = RemoteOffload(sys.argv[1], "shm", timeout_s=30)
     p = r.submit("embed", None, torch.arange(8))
     p.result()

@@ -13,13 +13,13 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from conftest import serving
-from tsqp import protocol as P
+from tsqp.wire import protocol as P
 from tsqp import weights as W
-from tsqp.compute import Compute
-from tsqp.remote import RemoteOffload
-from tsqp.server import Server
-from tsqp.shm import Arena
-from tsqp.transport import Client, ServerTimeout
+from tsqp.untrusted.compute import Compute
+from tsqp.wire.client import RemoteOffload
+from tsqp.untrusted.server import Server
+from tsqp.wire.shm import Arena
+from tsqp.wire.transport import Client, ServerTimeout
 
 GOOD, FUZZ, FUZZ_SHM = b"good", b"fuzz", b"fuzz-shm"
 

@@ -17,18 +17,18 @@ from argparse import Namespace
 import pytest
 import torch
 
-import tsqp.model
+import tsqp.trusted.model
 from conftest import CHECKPOINTS, make_checkpoint, serving
 from tsqp.config import ModelConfig
-from tsqp.generate import Sampling, filter_logits, generate, sample
-from tsqp.model import TrustedModel
-from tsqp.remote import RemoteOffload
-from tsqp.runner import open_tokenizer
+from tsqp.trusted.generate import Sampling, filter_logits, generate, sample
+from tsqp.trusted.model import TrustedModel
+from tsqp.wire.client import RemoteOffload
+from tsqp.commands.run import open_tokenizer
 from tsqp.stats import Stats
-from tsqp.tokenizer import Tokenizer, TokenizerError
+from tsqp.trusted.tokenizer import Tokenizer, TokenizerError
 
 NEW = 32
-POLICIES = getattr(tsqp.model, "POLICIES", ("linear", "seed"))
+POLICIES = getattr(tsqp.trusted.model, "POLICIES", ("linear", "seed"))
 SENTENCES = ["the cat sat on the mat", "a dog ran in the park", "the quick brown fox jumps over the lazy dog",
              "café crème brûlée, naïve résumé", "tokens stream out one at a time", "東京 ünïcödé ok"]
 

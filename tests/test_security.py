@@ -15,11 +15,11 @@ import numpy as np
 import pytest
 
 from conftest import run_here, serving, short_endpoint
-from tsqp import keys as K
-from tsqp import protocol as P
-from tsqp.remote import RemoteOffload
-from tsqp.shm import Arena, arena_dir
-from tsqp.transport import Client, ServerTimeout, TransportError, bind_server
+from tsqp.wire import keys as K
+from tsqp.wire import protocol as P
+from tsqp.wire.client import RemoteOffload
+from tsqp.wire.shm import Arena, arena_dir
+from tsqp.wire.transport import Client, ServerTimeout, TransportError, bind_server
 
 ENV = {**os.environ, "PYTHONUNBUFFERED": "1"}
 NOBODY = 65534

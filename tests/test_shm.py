@@ -15,14 +15,15 @@ import pytest
 import torch
 
 from conftest import serving, short_endpoint, start_run, wait_line
-from tsqp import cli, runner
-from tsqp import protocol as P
+from tsqp import cli
+from tsqp.commands import run as runner
+from tsqp.wire import protocol as P
 from tsqp import weights as W
-from tsqp.compute import Compute
-from tsqp.diagnose import inspect_endpoint
-from tsqp.doorbell import make_pipes
-from tsqp.server import Server
-from tsqp.shm import Arena, ArenaError, arena_dir
+from tsqp.untrusted.compute import Compute
+from tsqp.commands.diagnose import inspect_endpoint
+from tsqp.wire.pipes import make_pipes
+from tsqp.untrusted.server import Server
+from tsqp.wire.shm import Arena, ArenaError, arena_dir
 
 def arenas_of(pid: int) -> list[str]:
     """Arena files a process created (named <pid>-<hex>); other test sessions' files are left out."""

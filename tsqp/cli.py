@@ -7,23 +7,7 @@ import os
 import signal
 import sys
 
-from .config import DEFAULT_ENDPOINT, DEFAULT_MODEL, DTYPES, ConfigError
-
-# Runner and server take turns on the same cores; spinning OpenMP workers of the waiting side would steal
-# them from the working side (measured: 12x slower prefills on a busy 2-core machine). Must precede torch.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-
-ENV = {"model": "LLAMA_MODEL_PATH", "endpoint": "LLAMA_IPC_PATH", "dtype": "LLAMA_DTYPE",
-       "device": "LLAMA_GPU_DEVICE"}
-
-
-def env_endpoint() -> tuple[str, str]:
-    """(endpoint, why): LLAMA_IPC_PATH may be a full endpoint or a bare socket path."""
-    value = os.environ.get(ENV["endpoint"])
-    if not value:
-        return DEFAULT_ENDPOINT, "default (LLAMA_IPC_PATH not set)"
-    endpoint = value if "://" in value else f"ipc://{value}"
-    return endpoint, f"LLAMA_IPC_PATH={value}"
+from .config import DEFAULT_ENDPOINT, DEFAULT_MODEL, DTYPES, ENV, ConfigError, env_endpoint
 
 
 def default_device() -> str:
@@ -185,7 +169,7 @@ def resolve(args) -> None:
         import torch
         torch.set_num_threads(args.threads)
     if args.command == "run" and not args.local:
-        from .keys import client_curve
+        from .wire.keys import client_curve
         args.curve = client_curve(args.endpoint, args.keys, args.server_key, args.client_key, args.insecure)
 
 
@@ -204,6 +188,9 @@ def interrupt(signum, frame):
 
 
 def main(argv: list[str] | None = None) -> int:
+    # Runner and server take turns on the same cores; spinning OpenMP workers of the waiting side would steal
+    # them from the working side (measured: 12x slower prefills on a busy 2-core machine). Must precede torch.
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     args = parser().parse_args(argv)
     if args.command == "run":
         signal.signal(signal.SIGTERM, interrupt)
@@ -211,19 +198,19 @@ def main(argv: list[str] | None = None) -> int:
         resolve(args)
         check_device(args)
         if args.command == "serve":
-            from .serve import serve
+            from .commands.serve import serve
             serve(args)
         elif args.command == "run":
-            from .runner import run
+            from .commands.run import run
             run(args)
         elif args.command == "bench":
-            from .bench import run_bench
+            from .commands.bench import run_bench
             run_bench(args)
         elif args.command == "diagnose":
-            from .diagnose import diagnose
+            from .commands.diagnose import diagnose
             diagnose(args)
         elif args.command == "keys":
-            from .keys import keys_command
+            from .commands.keys import keys_command
             keys_command(args)
         return 0
     except (ConfigError, ValueError, RuntimeError, OSError) as e:

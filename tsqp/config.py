@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -141,3 +142,16 @@ PRESETS: dict[str, ModelConfig] = {
 DEFAULT_MODEL = "random:tiny"
 DEFAULT_ENDPOINT = "ipc:///tmp/tsqp_gpu_server.ipc"
 DTYPES = ("float32", "float16", "bfloat16")
+
+# The environment the team already uses; the CLI maps it onto settings through these two names only.
+ENV = {"model": "LLAMA_MODEL_PATH", "endpoint": "LLAMA_IPC_PATH", "dtype": "LLAMA_DTYPE",
+       "device": "LLAMA_GPU_DEVICE"}
+
+
+def env_endpoint() -> tuple[str, str]:
+    """(endpoint, why): LLAMA_IPC_PATH may be a full endpoint or a bare socket path."""
+    value = os.environ.get(ENV["endpoint"])
+    if not value:
+        return DEFAULT_ENDPOINT, "default (LLAMA_IPC_PATH not set)"
+    endpoint = value if "://" in value else f"ipc://{value}"
+    return endpoint, f"LLAMA_IPC_PATH={value}"

@@ -222,17 +222,3 @@ def client_curve(endpoint: str, keys_dir, server_key, client_key, insecure: bool
     d = Path(keys_dir or DEFAULT_KEYS_DIR).expanduser()
     return ClientCurve.load(Path(server_key) if server_key else d / "server.key",
                             Path(client_key) if client_key else d / "client.key_secret")
-
-
-def keys_command(args) -> None:
-    """`tsqp keys`: a server pair, a client pair, and the client's public key on the server's allow-list."""
-    d = Path(args.dir or DEFAULT_KEYS_DIR).expanduser()
-    names = [args.name] if args.name else ["server", "client"]
-    for name in names:
-        pub, sec = generate(d, name, args.force)
-        print(f"wrote {pub} (public) and {sec} (secret, owner-only)")
-        if name != "server":
-            print(f"allowed {allow(d, pub, args.force)} (the server accepts this client)")
-    print(f"server: tsqp serve --endpoint tcp://127.0.0.1:PORT --keys {d}\n"
-          f"runner: tsqp run --endpoint tcp://HOST:PORT --keys {d}  (another host: copy server.key and "
-          f"client.key_secret there, and client.key into the server's {d / 'allowed'})")

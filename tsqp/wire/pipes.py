@@ -24,7 +24,7 @@ SUFFIXES = (".req", ".rep")    # runner -> server, server -> runner
 READ_BYTES = 1 << 16           # a pipe's default capacity
 
 
-class DoorbellError(RuntimeError):
+class PipeError(RuntimeError):
     pass
 
 
@@ -46,7 +46,7 @@ def open_pipe(path: Path) -> int:
     st = os.fstat(fd)
     if not stat.S_ISFIFO(st.st_mode) or st.st_uid != os.getuid() or stat.S_IMODE(st.st_mode) & 0o077:
         os.close(fd)
-        raise DoorbellError(f"{path} is not an owner-only pipe of uid {os.getuid()}")
+        raise PipeError(f"{path} is not an owner-only pipe of uid {os.getuid()}")
     return fd
 
 
@@ -64,7 +64,7 @@ class Channel:
     def send(self, payload: bytes, timeout_s: float) -> None:
         """Write one message; waits (up to timeout_s) only while the pipe is full."""
         if len(payload) > MAX_MESSAGE:
-            raise DoorbellError(f"control message of {len(payload)} bytes exceeds {MAX_MESSAGE}")
+            raise PipeError(f"control message of {len(payload)} bytes exceeds {MAX_MESSAGE}")
         data = LENGTH.pack(len(payload)) + payload
         try:
             n = os.write(self.out_fd, data)      # all of it, unless the pipe is (nearly) full
@@ -101,7 +101,7 @@ class Channel:
         while len(self.buf) >= LENGTH.size:
             (n,) = LENGTH.unpack_from(self.buf)
             if n > MAX_MESSAGE:
-                raise DoorbellError(f"control message length {n} exceeds {MAX_MESSAGE}: the stream is corrupt")
+                raise PipeError(f"control message length {n} exceeds {MAX_MESSAGE}: the stream is corrupt")
             if len(self.buf) < LENGTH.size + n:
                 break
             out.append(bytes(self.buf[LENGTH.size:LENGTH.size + n]))

@@ -10,16 +10,16 @@ import numpy as np
 import torch
 from rich.console import Console
 
-from . import weights as W
-from .compute import Compute
-from .config import ModelConfig
-from .generate import Sampling, add_rows, check_length, generate, generation_stats
-from .model import TrustedModel
-from .offload import LocalOffload
-from .remote import RemoteOffload, default_arena_bytes
-from .stats import Stats
-from .tokenizer import Tokenizer, TokenizerError
-from .transport import transport_of
+from .. import weights as W
+from ..untrusted.compute import Compute
+from ..config import ModelConfig
+from ..trusted.generate import Sampling, add_rows, check_length, generate, generation_stats
+from ..trusted.model import TrustedModel
+from ..local import LocalOffload
+from ..wire.client import RemoteOffload, default_arena_bytes
+from ..stats import Stats
+from ..trusted.tokenizer import Tokenizer, TokenizerError
+from ..wire.transport import transport_of
 
 console = Console(highlight=False)
 

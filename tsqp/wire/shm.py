@@ -20,7 +20,7 @@ from .protocol import WIRE_DTYPES, ProtocolError, TensorMeta
 
 SHM_ROOT = Path(os.environ.get("TSQP_SHM_ROOT", "/dev/shm"))
 NAME = re.compile(r"^(\d+)-[0-9a-f]{16}$")
-LEFTOVER = re.compile(r"^(\d+)-[0-9a-f]{16}(\.req|\.rep)?$")     # an arena, or its doorbell pipes
+LEFTOVER = re.compile(r"^(\d+)-[0-9a-f]{16}(\.req|\.rep)?$")     # an arena, or its control pipes
 ALIGN = 256
 
 

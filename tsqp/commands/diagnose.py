@@ -27,11 +27,12 @@ import zmq
 from rich.console import Console
 from rich.table import Table
 
-from . import protocol as P
-from . import shm
+from ..config import env_endpoint
+from ..wire import protocol as P
+from ..wire import shm
 from .launch import free_tcp_port, start_server, stop_servers, wait_ready
-from .remote import RemoteError, RemoteOffload
-from .transport import Client, ServerTimeout, TransportError, ipc_path, transport_of
+from ..wire.client import RemoteError, RemoteOffload
+from ..wire.transport import Client, ServerTimeout, TransportError, ipc_path, transport_of
 
 console = Console(highlight=False, width=None if sys.stdout.isatty() else 160)
 
@@ -370,7 +371,6 @@ def print_env(env: dict) -> None:
 
 
 def diagnose(args) -> dict:
-    from .cli import env_endpoint   # the one place that maps LLAMA_IPC_PATH
 
     sizes = tuple(sorted({parse_size(x) for x in args.sizes})) if args.sizes else (QUICK_SIZES if args.quick else SIZES)
     repeat = args.repeat or (5 if args.quick else 30)

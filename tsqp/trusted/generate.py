@@ -13,9 +13,9 @@ import numpy as np
 import torch
 from rich.table import Table
 
-from .config import ModelConfig
+from ..config import ModelConfig
 from .model import TrustedModel
-from .stats import Stats
+from ..stats import Stats
 
 
 # ---- sampling ----------------------------------------------------------------------------------------

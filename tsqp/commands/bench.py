@@ -23,14 +23,14 @@ from rich.console import Console
 from rich.progress import Progress
 from rich.table import Table
 
-from . import weights as W
-from .compute import Compute
+from .. import weights as W
+from ..untrusted.compute import Compute
 from .launch import free_tcp_port, private_ipc_endpoint, start_server, stop_servers, wait_ready
-from .model import POLICIES, TrustedModel
-from .offload import LocalOffload
-from .remote import RemoteOffload, default_arena_bytes
-from .runner import attn_dtype, fixed_prompt
-from .stats import Stats
+from ..trusted.model import POLICIES, TrustedModel
+from ..local import LocalOffload
+from ..wire.client import RemoteOffload, default_arena_bytes
+from .run import attn_dtype, fixed_prompt
+from ..stats import Stats
 
 console = Console(highlight=False, width=None if os.isatty(1) else 200)
 TRANSPORTS = ("local", "shm", "shm-socket", "ipc", "tcp")   # shm-socket: shm, control messages over ZeroMQ

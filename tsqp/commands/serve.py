@@ -3,10 +3,10 @@ from __future__ import annotations
 
 import time
 
-from . import weights as W
-from .compute import Compute
-from .keys import server_curve
-from .server import Server, describe_endpoint
+from .. import weights as W
+from ..untrusted.compute import Compute
+from ..wire.keys import server_curve
+from ..untrusted.server import Server, describe_endpoint
 
 
 def serve(args) -> None:

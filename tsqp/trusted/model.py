@@ -14,8 +14,8 @@ from contextlib import nullcontext
 import torch
 import torch.nn.functional as F
 
-from .config import ModelConfig
-from .weights import layer_names
+from ..config import ModelConfig
+from ..weights import layer_names
 
 
 class Rope:

@@ -1,37 +1,18 @@
-"""The offload interface the trusted model talks to, and its in-process implementation.
-
-An Offload has:
-  dtype                        the wire dtype (the server's weights' dtype)
-  empty(shape) -> Tensor       a buffer the runner may write a request's input into (shared memory
-                               when remote, so nothing is copied twice)
-  submit(op, layer, *xs)       send one request; returns a Pending whose result() is the output tensor,
-                               valid until its release() (the inputs' buffers go with it)
-  stats                        a stats.Stats
-The remote implementation lives in remote.py; in-process and remote are interchangeable.
-"""
+"""The compute in the runner's own process: the baseline every transport is measured against, and the
+single-process mode of a TDX VM with GPU passthrough. It joins the two trust domains in one process, so it
+lives beside them, not in either."""
 from __future__ import annotations
 
 import time
 
 import torch
 
-from . import protocol as P
-from .compute import Compute
-from .shm import Arena
+from .ops import output_of
+from .untrusted.compute import Compute
+from .wire.protocol import DTYPE_NAME, WIRE_DTYPES
+from .wire.shm import Arena
 from .stats import Stats
-
-
-class Done:
-    """A request that already completed."""
-
-    def __init__(self, value: torch.Tensor):
-        self.value = value
-
-    def result(self) -> torch.Tensor:
-        return self.value
-
-    def release(self) -> None:
-        pass
+from .trusted.offload import Done
 
 
 class Launched:
@@ -89,8 +70,9 @@ class LocalOffload:
             self.stats.server_compute_s += compute_s
             return Done(y)
         regions = [off for off in map(self.arena.offset_of, xs) if off is not None]
-        want = P.check_request(self.compute.cfg, P.DTYPE_NAME[self.dtype], op, layer, [P.TensorMeta.of(x) for x in xs])
-        out = self.arena.empty(want.shape, P.WIRE_DTYPES[want.dtype])
+        dtype, shape = output_of(self.compute.cfg, DTYPE_NAME[self.dtype], op, layer,
+                                 [(DTYPE_NAME[x.dtype], tuple(x.shape)) for x in xs])
+        out = self.arena.empty(shape, WIRE_DTYPES[dtype])
         regions.append(self.arena.offset_of(out))
         y, finish = self.compute.launch(op, layer, list(xs), out)
         return Launched(self, y, finish, t0, regions)

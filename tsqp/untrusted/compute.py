@@ -8,8 +8,8 @@ import time
 import torch
 import torch.nn.functional as F
 
-from .config import ModelConfig
-from .weights import layer_names
+from ..config import ModelConfig
+from ..weights import layer_names
 
 
 class Compute:

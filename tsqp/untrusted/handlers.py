@@ -1,0 +1,156 @@
+"""What the server answers: control messages (JSON: hello, attach, bye, info, echo) and calls (binary headers).
+
+Frames in, frames out; a bad message gets an error reply naming the problem and never raises, so one runner's
+garbage cannot stop the others' service.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+
+from ..ops import OpError, output_of
+from ..wire import protocol as P
+from ..wire.shm import ArenaError
+from ..wire.transport import transport_of
+from .compute import Compute
+from .sessions import Session, Sessions
+
+BAD_INPUT = (P.ProtocolError, OpError, ArenaError, ValueError, TypeError, KeyError, IndexError, RuntimeError)
+
+
+class Handlers:
+    def __init__(self, compute: Compute, norms: dict[str, torch.Tensor], sessions: Sessions, endpoint: str,
+                 model: str, recorder=None):
+        self.compute, self.norms, self.sessions, self.endpoint, self.model = compute, norms, sessions, endpoint, model
+        self.cfg, self.wire = compute.cfg, P.DTYPE_NAME[compute.dtype]
+        self.recorder = recorder          # record.Recorder under `tsqp serve --record DIR`, else None
+        self.requests = 0
+
+    def handle(self, peer: bytes, frames: list) -> list:
+        """Any message from `peer`; returns the reply's frames."""
+        if not frames:
+            return [P.error("empty message")]
+        if P.is_binary(frames[0]):
+            return self.call(peer, frames)
+        header = {}
+        try:
+            header = P.decode(frames[0])
+            kind = header["type"]
+            if kind == "hello":
+                return self.hello(peer, header)
+            if kind == "attach":
+                arena = self.sessions.attach(peer, header.get("arena"), bool(header.get("pipes")),
+                                             self.compute.cuda)
+                return [P.encode({"type": "attached", "size": arena.size})]
+            if kind == "bye":
+                self.sessions.drop(peer)
+                return [P.encode({"type": "bye"})]
+            if kind == "info":
+                return [P.encode({"type": "info", **self.info()})]
+            if kind == "echo":
+                return self.echo(peer, header, frames[1:])
+            raise P.ProtocolError(f"unknown message type {kind!r}")
+        except BAD_INPUT as e:
+            return [P.error(f"message {header.get('type', '?')!r}: {type(e).__name__}: {e}")]
+
+    def info(self) -> dict:
+        return {"model": self.model, "dtype": self.wire, "device": str(self.compute.device),
+                "config": self.cfg.to_dict(), "sessions": len(self.sessions.by_peer), "requests": self.requests,
+                "pid": os.getpid(), "recording": self.recorder is not None}
+
+    def hello(self, peer: bytes, header: dict) -> list:
+        """Open a session; the runner gets the config and the norm weights."""
+        pid = header.get("pid")
+        local = transport_of(self.endpoint) == "ipc"     # a pid means something only on this host
+        pid = pid if local and isinstance(pid, int) and not isinstance(pid, bool) and 0 < pid < 2**22 else None
+        session = self.sessions.open(peer, pid)
+        if self.recorder is not None:
+            session.record = self.recorder.session(peer.hex())
+        names = sorted(self.norms)
+        metas = [P.meta_to_json(P.TensorMeta.of(self.norms[n])) for n in names]
+        head = {"type": "welcome", **self.info(), "norms": names, "tensors": metas}
+        return [P.encode(head)] + [P.tensor_bytes(self.norms[n]) for n in names]
+
+    # ---- calls ------------------------------------------------------------------------------------------
+    def call(self, peer: bytes, frames: list) -> list:
+        head = bytes(frames[0])
+        m = None
+        try:
+            m = P.unpack(head)
+            if m.kind != P.CALL:
+                raise P.ProtocolError("a result sent to the server")
+            session = self.sessions.need(peer)
+            key = head[:P.ID_OFFSET] + head[P.ID_OFFSET + 8:]    # the call but its id
+            checked = session.checked.get(key) if session.arena is not None and m.op != "embed" else None
+            if checked is None:
+                checked = self.check(session, m, frames[1:])
+                if session.arena is not None and m.op != "embed":     # token ids are checked on every call
+                    session.remember(key, checked)
+            inputs, out, out_meta = checked
+            y, compute_s = self.compute.run(m.op, m.layer, inputs, out)
+        except BAD_INPUT as e:
+            return [P.error(f"op {m.op if m else '?'}: {type(e).__name__}: {e}", m.id if m else None,
+                            m.op if m else None)]
+        self.requests += 1
+        if session.record is not None:
+            session.record.call(m.op, m.layer, m.id, inputs, y, {"compute_s": compute_s})
+        reply = P.encode_result(m.op, m.layer, m.id, out_meta, compute_s)
+        return [reply] if session.arena is not None else [reply, P.tensor_bytes(y)]
+
+    def check(self, session: Session, m: P.Message, frames: list) -> tuple:
+        """A call's inputs and output against the op table and the session's arena: (inputs, out, out meta)."""
+        metas, want = list(m.tensors[:-1]), m.tensors[-1]
+        dtype, shape = output_of(self.cfg, self.wire, m.op, m.layer, [(t.dtype, t.shape) for t in metas])
+        if (want.dtype, want.shape) != (dtype, shape):
+            raise P.ProtocolError(f"asks for a {want.dtype}{list(want.shape)} output; the op gives "
+                                  f"{dtype}{list(shape)}")
+        arena = session.arena
+        if arena is not None:
+            if frames:
+                raise P.ProtocolError("shared-memory session sent tensor frames")
+            inputs = [arena.view(t) for t in metas]
+            out = arena.view(want)
+            if overlaps(out, inputs):
+                raise P.ProtocolError("output region overlaps an input region")
+        else:
+            if len(frames) != len(metas) or want.offset is not None:
+                raise P.ProtocolError(f"{len(metas)} tensor metas but {len(frames)} frames")
+            inputs = [P.tensor_from_frame(t, f) for t, f in zip(metas, frames)]
+            out = None
+        if m.op == "embed":
+            inputs = [inputs[0].clone()]      # copied out of the runner's memory before it is checked and used
+            if inputs[0].numel():
+                lo, hi = int(inputs[0].min()), int(inputs[0].max())
+                if lo < 0 or hi >= self.cfg.vocab_size:
+                    raise P.ProtocolError(f"token id {lo if lo < 0 else hi} outside the vocabulary "
+                                          f"0..{self.cfg.vocab_size - 1}")
+        return inputs, out, want
+
+    def echo(self, peer: bytes, header: dict, frames: list) -> list:
+        """For `tsqp diagnose`: frames come back as they are; in a shm session, `nbytes` are copied from
+        offset `src` to `dst` in the arena (the server consumes and produces that much; nbytes a multiple of 4)."""
+        if not header.get("shm"):
+            return [P.encode({"type": "echo"})] + list(frames)
+        session = self.sessions.need(peer)
+        if session.arena is None:
+            raise P.ProtocolError("echo over shm needs a shared-memory session")
+        n = header.get("nbytes")
+        if not isinstance(n, int) or isinstance(n, bool) or n < 0 or n % 4:
+            raise P.ProtocolError(f"echo: bad nbytes {n!r}")
+        src, dst = header.get("src"), header.get("dst")
+        for off in (src, dst):
+            if not isinstance(off, int) or isinstance(off, bool):
+                raise P.ProtocolError(f"echo: bad offset {off!r}")
+        src = session.arena.view(P.TensorMeta("float32", (n // 4,), src))
+        dst = session.arena.view(P.TensorMeta("float32", (n // 4,), dst))
+        if overlaps(dst, [src]):
+            raise P.ProtocolError("echo: src and dst regions overlap")
+        dst.copy_(src)      # with the server's threads, as its ops read and write the arena
+        return [P.encode({"type": "echo"})]
+
+
+def overlaps(out: torch.Tensor, inputs: list[torch.Tensor]) -> bool:
+    o0 = out.data_ptr()
+    o1 = o0 + out.numel() * out.element_size()
+    return any(x.data_ptr() < o1 and o0 < x.data_ptr() + x.numel() * x.element_size() for x in inputs)

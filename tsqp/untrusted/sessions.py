@@ -1,0 +1,146 @@
+"""The server's sessions: one per connected runner, with its shared-memory arena and control pipes, if any.
+
+A session ends on `bye`, on a new hello from the same peer, when its runner's process is gone (ipc: checked
+every second), or after --idle-timeout unheard (tcp).
+"""
+from __future__ import annotations
+
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+
+from ..wire import protocol as P
+from ..wire.pipes import Channel, open_pipe, pipe_paths
+from ..wire.shm import NAME as ARENA_NAME
+from ..wire.shm import Arena, ArenaError, arena_dir, pid_alive
+
+CHECKED_CACHE = 1024   # checked calls remembered per session (a prefill reuses a few dozen region layouts)
+
+
+@dataclass
+class Session:
+    last_seen: float
+    pid: int | None = None          # the runner's pid, for sessions on this host (ipc): dropped when it dies
+    arena: Arena | None = None
+    pipes: Channel | None = None    # the control pipes, when the runner asked for them
+    checked: dict = field(default_factory=dict)   # a call's header bytes but its id -> (inputs, out, out meta)
+    record: object | None = None    # a record.SessionRecord under `tsqp serve --record`
+
+    def remember(self, key: bytes, value: tuple) -> None:
+        if len(self.checked) >= CHECKED_CACHE:
+            self.checked.clear()
+        self.checked[key] = value
+
+    def close_files(self) -> None:
+        self.checked.clear()
+        if self.pipes is not None:
+            self.pipes.close()
+            self.pipes = None
+        if self.arena is not None:
+            self.arena.close()
+            self.arena = None
+
+
+def open_pipes(name) -> Channel:
+    """Open a runner's control pipes (named after its arena) and unlink them."""
+    if not isinstance(name, str) or not ARENA_NAME.match(name):
+        raise P.ProtocolError(f"bad arena name {name!r}")
+    req, rep = pipe_paths(arena_dir() / name)
+    fds = []
+    try:
+        for p in (req, rep):
+            try:
+                fds.append(open_pipe(p))
+            except OSError as e:
+                raise ArenaError(f"cannot open the control pipe {p}: {e.strerror}") from None
+    except BaseException:
+        for fd in fds:
+            os.close(fd)
+        raise
+    finally:
+        req.unlink(missing_ok=True)
+        rep.unlink(missing_ok=True)
+    return Channel(fds[0], fds[1])
+
+
+class Sessions:
+    """peer id -> Session, and which pipe belongs to whom (the loop polls the pipes beside the socket)."""
+
+    def __init__(self, max_sessions: int, idle_timeout_s: float, on_pipes_change):
+        self.max_sessions, self.idle_timeout_s = max_sessions, idle_timeout_s
+        self.by_peer: dict[bytes, Session] = {}
+        self.pipe_peers: dict[int, bytes] = {}      # control pipe fd -> its session's peer
+        self.on_pipes_change = on_pipes_change      # (fd, added: bool): the loop's poller follows
+
+    def get(self, peer: bytes) -> Session | None:
+        return self.by_peer.get(peer)
+
+    def need(self, peer: bytes) -> Session:
+        session = self.by_peer.get(peer)
+        if session is None:
+            raise P.ProtocolError("no session: send hello first")
+        session.last_seen = time.monotonic()
+        return session
+
+    def open(self, peer: bytes, pid: int | None) -> Session:
+        self.drop(peer)
+        if len(self.by_peer) >= self.max_sessions:
+            self.reap()
+        if len(self.by_peer) >= self.max_sessions:
+            raise P.ProtocolError(f"server is at its session limit ({self.max_sessions} sessions, --max-sessions); "
+                                  f"try again later")
+        session = self.by_peer[peer] = Session(time.monotonic(), pid)
+        return session
+
+    def attach(self, peer: bytes, spec, want_pipes: bool, pin_cuda: bool) -> Arena:
+        """Map the session's shared-memory arena (replacing an earlier one), and its pipes if asked for."""
+        session = self.need(peer)
+        if not isinstance(spec, dict) or not isinstance(spec.get("size"), int) or spec["size"] <= 0:
+            raise P.ProtocolError("attach: 'arena' must be {name, size}")
+        pipes = open_pipes(spec.get("name")) if want_pipes else None
+        try:
+            arena = Arena.attach(spec.get("name"), spec["size"])
+            if pin_cuda:
+                arena.register_cuda()
+        except BaseException:
+            if pipes is not None:
+                pipes.close()
+            raise
+        self._forget_pipes(session)
+        session.close_files()
+        session.arena, session.pipes = arena, pipes
+        if pipes is not None:
+            self.pipe_peers[pipes.in_fd] = peer
+            self.on_pipes_change(pipes.in_fd, True)
+        session.pid = int(ARENA_NAME.match(spec["name"]).group(1))    # its creator: shm is same-host
+        return arena
+
+    def _forget_pipes(self, session: Session) -> None:
+        if session.pipes is not None:
+            self.pipe_peers.pop(session.pipes.in_fd, None)
+            self.on_pipes_change(session.pipes.in_fd, False)
+
+    def drop(self, peer: bytes, why: str | None = None) -> None:
+        session = self.by_peer.pop(peer, None)
+        if session is not None:
+            if why:
+                print(f"dropped a session: {why}", file=sys.stderr, flush=True)
+            self._forget_pipes(session)
+            session.close_files()
+
+    def reap(self) -> list[bytes]:
+        """Drop the sessions of runners that died (pid gone) or went silent (no pid, idle too long)."""
+        now = time.monotonic()
+        dead = [peer for peer, s in self.by_peer.items()
+                if (s.pid is not None and not pid_alive(s.pid))
+                or (s.pid is None and self.idle_timeout_s and now - s.last_seen > self.idle_timeout_s)]
+        for peer in dead:
+            s = self.by_peer[peer]
+            self.drop(peer, f"runner pid {s.pid} is gone" if s.pid is not None else
+                      f"idle for {now - s.last_seen:.0f} s")
+        return dead
+
+    def close_all(self) -> None:
+        for peer in list(self.by_peer):
+            self.drop(peer)
