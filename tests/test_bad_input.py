@@ -65,9 +65,20 @@ class Raw:
             assert head.get("id") == header["id"], head
         return head, rest
 
-    def call(self, op, layer, *tensors, metas=None, **extra) -> tuple[dict, list]:
-        metas = metas if metas is not None else [P.TensorMeta.of(t).to_json() for t in tensors]
-        return self.send({"type": "call", "op": op, "layer": layer, "inputs": metas, **extra}, *tensors)
+    def call(self, op, layer, *tensors, metas=None, output=None, code=None) -> tuple[dict, list]:
+        """A binary call; `output` (a TensorMeta) defaults to a placeholder the checks reach only after the
+        inputs; `code` forces an op code the table does not have."""
+        rid = next(self.ids)
+        metas = metas if metas is not None else [P.TensorMeta.of(t) for t in tensors]
+        output = output or P.TensorMeta("float32", (1,))
+        header = bytearray(P.encode_call(op if code is None else "qkv", layer, rid, metas, output))
+        if code is not None:
+            header[3] = code
+        frames = [t if isinstance(t, bytes) else P.tensor_bytes(t) for t in tensors]
+        head, rest = self.send_raw(bytes(header), *frames)
+        if head["type"] in ("result", "error"):         # replies to requests carry the request's id
+            assert head.get("id") == rid, head
+        return head, rest
 
     def close(self) -> None:
         self.sock.close(linger=0)
@@ -248,25 +259,26 @@ def test_malformed_requests_get_errors_and_the_server_keeps_serving(server, tiny
         assert_error(head, "op qkv", f"[T, {D}]")                                  # wrong shape
         head, _ = raw.call("o", 99, torch.randn(3, cfg.q_size))
         assert_error(head, "op o", "layer 99")                                     # layer out of range
-        head, _ = raw.call("gate_up", "1", x)
-        assert_error(head, "op gate_up", "layer")                                  # layer not an int
+        head, _ = raw.call("gate_up", None, x)
+        assert_error(head, "op gate_up", "layer None")                             # no layer for a layer op
         head, _ = raw.call("down", 0, x.to(torch.bfloat16))
         assert_error(head, "op down", "dtype")                                     # wrong dtype
-        head, _ = raw.call("lm_head", None, metas=[P.TensorMeta.of(x).to_json()])
+        head, _ = raw.call("lm_head", None, metas=[P.TensorMeta.of(x)])
         assert_error(head, "op lm_head", "frames")                                 # meta without its frame
-        head, _ = raw.call("lm_head", None, x[:2].contiguous(), metas=[P.TensorMeta.of(x).to_json()])
+        head, _ = raw.call("lm_head", None, x[:2].contiguous(), metas=[P.TensorMeta.of(x)],
+                           output=P.TensorMeta("float32", (3, cfg.vocab_size)))
         assert_error(head, "op lm_head", "bytes")                                  # frame shorter than meta
-        head, _ = raw.call("qkv", 0, x, metas=[{"dtype": "float32", "shape": [3, -D]}])
-        assert_error(head, "op qkv", "shape")                                      # negative dimension
+        head, _ = raw.call("qkv", 0, x, metas=[P.TensorMeta("float32", (3, 2**32 - 1))])
+        assert_error(head, "op qkv", f"[T, {D}]")                                  # a dimension past any size
         head, _ = raw.call("qk", 0, x)
         assert_error(head, "op qk", "2 input")                                     # wrong number of inputs
-        head, _ = raw.call("softmax", 0, x)
-        assert_error(head, "op softmax", "unknown op")                             # not an op
+        head, _ = raw.call("softmax", 0, x, code=77)
+        assert_error(head, "unknown op code 77")                                   # not an op
         head, _ = raw.send({"type": "call", "layer": 0, "inputs": "x"})
-        assert head["type"] == "error"                                             # no op at all
+        assert_error(head, "unknown message type 'call'")                          # calls are binary
 
         head, _ = raw.send_raw(b"\xff not json")
-        assert_error(head, "JSON")
+        assert_error(head, "neither a binary header nor JSON")
         head, _ = raw.send_raw(b"[" * 50_000)                                      # nests past the recursion limit
         assert head["type"] == "error"
         head, _ = raw.send_raw(json.dumps({"v": 99, "type": "call", "op": "embed"}).encode())
@@ -279,13 +291,13 @@ def test_malformed_requests_get_errors_and_the_server_keeps_serving(server, tiny
         # ... and still serving, correctly
         assert proc.poll() is None
         ids = torch.tensor([4, 0, 511])
-        head, frames = raw.call("embed", None, ids)
+        head, frames = raw.call("embed", None, ids, output=P.TensorMeta("float32", (3, D)))
         assert head["type"] == "result" and head["compute_s"] >= 0
-        got = P.tensor_from_frame(P.TensorMeta.from_json(head["output"]), frames[0])
+        got = P.tensor_from_frame(head["output"], frames[0])
         assert torch.equal(got, w["model.embed_tokens.weight"][ids])
         n = W.layer_names(1)
-        head, frames = raw.call("qkv", 1, x)
-        got = P.tensor_from_frame(P.TensorMeta.from_json(head["output"]), frames[0])
+        head, frames = raw.call("qkv", 1, x, output=P.TensorMeta("float32", (3, cfg.qkv_size)))
+        got = P.tensor_from_frame(head["output"], frames[0])
         want = x @ torch.cat([w[n["q"]], w[n["k"]], w[n["v"]]]).T
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
     finally:
@@ -306,22 +318,22 @@ def test_malformed_shared_memory_requests(server, tiny):
         x_meta = P.TensorMeta("float32", (2, D), 0)
         x = arena.view(x_meta)                                                      # [2, D] at offset 0
         x.copy_(torch.randn(2, D))
-        out = arena.view(P.TensorMeta("float32", (2, 2 * cfg.intermediate_size), 64 * 1024))
-        x_meta = x_meta.to_json()
+        out_meta = P.TensorMeta("float32", (2, 2 * cfg.intermediate_size), 64 * 1024)
+        out = arena.view(out_meta)
+        at = lambda off: P.TensorMeta(out_meta.dtype, out_meta.shape, off)
 
-        head, _ = raw.call("gate_up", 0, metas=[{**x_meta, "offset": arena.size - 8}],
-                           output={"offset": arena.offset_of(out)})
+        head, _ = raw.call("gate_up", 0, metas=[P.TensorMeta("float32", (2, D), arena.size - 8)], output=out_meta)
         assert_error(head, "op gate_up", "outside")                                # input past the end
-        head, _ = raw.call("gate_up", 0, metas=[x_meta], output={"offset": arena.size})
+        head, _ = raw.call("gate_up", 0, metas=[x_meta], output=at(arena.size))
         assert_error(head, "op gate_up", "outside")                                # output past the end
-        head, _ = raw.call("gate_up", 0, metas=[x_meta], output={"offset": arena.offset_of(x)})
+        head, _ = raw.call("gate_up", 0, metas=[x_meta], output=at(0))
         assert_error(head, "op gate_up", "overlaps")                               # output over the input
-        head, _ = raw.call("gate_up", 0, metas=[x_meta], output={"offset": 3})
+        head, _ = raw.call("gate_up", 0, metas=[x_meta], output=at(3))
         assert_error(head, "op gate_up", "misaligned")
-        head, _ = raw.call("gate_up", 0, x, metas=[x_meta], output={"offset": arena.offset_of(out)})
+        head, _ = raw.call("gate_up", 0, x, metas=[x_meta], output=out_meta)
         assert_error(head, "op gate_up", "frames")                                 # frames in a shm session
 
-        head, _ = raw.call("gate_up", 0, metas=[x_meta], output={"offset": arena.offset_of(out)})
+        head, _ = raw.call("gate_up", 0, metas=[x_meta], output=out_meta)
         assert head["type"] == "result", head
         n = W.layer_names(0)
         torch.testing.assert_close(out, x @ torch.cat([w[n["gate"]], w[n["up"]]]).T, rtol=1e-5, atol=1e-5)

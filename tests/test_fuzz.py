@@ -15,6 +15,7 @@ from hypothesis import strategies as st
 from conftest import serving
 from tsqp.wire import protocol as P
 from tsqp import weights as W
+from tsqp.ops import output_of
 from tsqp.untrusted.compute import Compute
 from tsqp.wire.client import RemoteOffload
 from tsqp.untrusted.server import Server
@@ -28,8 +29,23 @@ def raw(header: dict) -> bytes:
     return json.dumps(header).encode()
 
 
-def call(op, layer, metas, **extra) -> bytes:
-    return P.encode({"type": "call", "id": 7, "op": op, "layer": layer, "inputs": metas, **extra})
+def meta(dtype: str, shape, offset=None) -> P.TensorMeta:
+    return P.TensorMeta(dtype, tuple(shape), offset)
+
+
+def call(op, layer, metas: list[P.TensorMeta], output: P.TensorMeta | None = None, cfg=None) -> bytes:
+    """A binary call; the output defaults to what the op would give (frames: no offset)."""
+    if output is None:
+        out_dtype, out_shape = ("float32", (metas[0].shape[0], 8)) if cfg is None else \
+            output_of(cfg, "float32", op, layer, [(m.dtype, m.shape) for m in metas])
+        output = P.TensorMeta(out_dtype, out_shape)
+    return P.encode_call(op, layer, 7, metas, output)
+
+
+def raw_call(version=P.VERSION, kind=P.CALL, code=2, layer=0, magic=P.MAGIC, rid=7, records=()) -> bytes:
+    """Any header the struct can hold, valid or not."""
+    return P.HEAD.pack(magic, version, kind, code, len(records), layer, rid, 0.0) + b"".join(
+        P.TENSOR.pack(*r) for r in records)
 
 
 @pytest.fixture(scope="module")
@@ -58,8 +74,8 @@ def good_qkv(srv: Server, compute: Compute, arena: Arena) -> None:
     x = arena.base[:8 * cfg.hidden_size * 4].view(torch.float32).view(8, cfg.hidden_size)
     x.copy_(torch.randn(8, cfg.hidden_size, generator=torch.Generator().manual_seed(5)))
     out_off = 64 * 1024
-    head = P.decode(srv.handle(GOOD, [call("qkv", 1, [{"dtype": "float32", "shape": [8, cfg.hidden_size],
-                                                        "offset": 0}], output={"offset": out_off})])[0])
+    head = P.decode(srv.handle(GOOD, [call("qkv", 1, [meta("float32", (8, cfg.hidden_size), 0)],
+                                           meta("float32", (8, cfg.qkv_size), out_off))])[0])
     assert head["type"] == "result", head
     y = arena.base[out_off:out_off + 8 * cfg.qkv_size * 4].view(torch.float32).view(8, cfg.qkv_size)
     want, _ = compute.run("qkv", 1, [x.clone()])
@@ -77,25 +93,31 @@ def error_of(reply: list) -> str:
 def test_named_bad_inputs_get_an_error_naming_the_problem(server):
     srv, compute, arenas = server
     D = compute.cfg.hidden_size
-    f32 = lambda shape, off=None: {"dtype": "float32", "shape": shape, **({} if off is None else {"offset": off})}
+    Q = compute.cfg.qkv_size
+    f32 = lambda shape, off=None: meta("float32", shape, off)
+    out = lambda T, off=None: meta("float32", (T, Q), off)
     cases = {
         "not JSON": (FUZZ, [b"\x00\xffgarbage"]),
-        "truncated header": (FUZZ, [call("qkv", 0, [f32([2, D])])[:-9]]),
+        "truncated header": (FUZZ, [call("qkv", 0, [f32([2, D])], out(2))[:-9]]),
         "no frames": (FUZZ, []),
-        "unknown op": (FUZZ, [call("softmax", 0, [f32([2, D])]), bytes(2 * D * 4)]),
-        "unknown version": (FUZZ, [raw({"v": 99, "type": "call"})]),
-        "unknown dtype": (FUZZ, [call("qkv", 0, [{"dtype": "float8", "shape": [2, D]}]), bytes(2 * D)]),
-        "shape and bytes disagree": (FUZZ, [call("qkv", 0, [f32([2, D])]), bytes(2 * D * 4 - 4)]),
-        "truncated tensor frame": (FUZZ, [call("qkv", 0, [f32([2, D])])]),
-        "layer out of range": (FUZZ, [call("qkv", 2, [f32([2, D])]), bytes(2 * D * 4)]),
-        "negative layer": (FUZZ, [call("qkv", -1, [f32([2, D])]), bytes(2 * D * 4)]),
-        "offset outside the arena": (FUZZ_SHM, [call("qkv", 0, [f32([2, D], (1 << 20) - 8)], output={"offset": 0})]),
-        "output outside the arena": (FUZZ_SHM, [call("qkv", 0, [f32([2, D], 0)], output={"offset": 1 << 40})]),
-        "negative offset": (FUZZ_SHM, [call("qkv", 0, [f32([2, D], -256)], output={"offset": 4096})]),
-        "huge shape": (FUZZ_SHM, [call("qkv", 0, [f32([2**31 - 1, D], 0)], output={"offset": 4096})]),
-        "token id outside vocab": (FUZZ, [call("embed", None, [{"dtype": "int64", "shape": [1]}]),
+        "unknown op": (FUZZ, [raw_call(code=99, records=[(1, 2, -1, 2, D, 0, 0), (1, 2, -1, 2, Q, 0, 0)]),
+                              bytes(2 * D * 4)]),
+        "unknown version": (FUZZ, [raw_call(version=99)]),
+        "unknown control version": (FUZZ, [raw({"v": 99, "type": "hello"})]),
+        "unknown dtype": (FUZZ, [raw_call(records=[(42, 2, -1, 2, D, 0, 0), (1, 2, -1, 2, Q, 0, 0)]), bytes(2 * D)]),
+        "shape and bytes disagree": (FUZZ, [call("qkv", 0, [f32([2, D])], out(2)), bytes(2 * D * 4 - 4)]),
+        "truncated tensor frame": (FUZZ, [call("qkv", 0, [f32([2, D])], out(2))]),
+        "wrong output asked for": (FUZZ, [call("qkv", 0, [f32([2, D])], out(3)), bytes(2 * D * 4)]),
+        "layer out of range": (FUZZ, [call("qkv", 2, [f32([2, D])], out(2)), bytes(2 * D * 4)]),
+        "negative layer": (FUZZ, [raw_call(layer=-2, records=[(1, 2, -1, 2, D, 0, 0), (1, 2, -1, 2, Q, 0, 0)]),
+                                  bytes(2 * D * 4)]),
+        "offset outside the arena": (FUZZ_SHM, [call("qkv", 0, [f32([2, D], (1 << 20) - 8)], out(2, 0))]),
+        "output outside the arena": (FUZZ_SHM, [call("qkv", 0, [f32([2, D], 0)], out(2, 1 << 40))]),
+        "negative offset": (FUZZ_SHM, [raw_call(records=[(1, 2, -256, 2, D, 0, 0), (1, 2, 4096, 2, Q, 0, 0)])]),
+        "huge shape": (FUZZ_SHM, [call("qkv", 0, [f32([2**31 - 1, D], 0)], out(2**31 - 1, 4096))]),
+        "token id outside vocab": (FUZZ, [call("embed", None, [meta("int64", [1])], meta("float32", (1, D))),
                                           torch.tensor([10**9]).numpy().tobytes()]),
-        "call without session": (b"stranger", [call("qkv", 0, [f32([2, D])]), bytes(2 * D * 4)]),
+        "call without session": (b"stranger", [call("qkv", 0, [f32([2, D])], out(2)), bytes(2 * D * 4)]),
         "attach another name": (FUZZ, [P.encode({"type": "attach", "arena": {"name": "../../etc/passwd",
                                                                             "size": 4096}})]),
         "unknown type": (FUZZ, [P.encode({"type": "shutdown"})]),
@@ -103,8 +125,10 @@ def test_named_bad_inputs_get_an_error_naming_the_problem(server):
     for name, (peer, frames) in cases.items():
         msg = error_of(srv.handle(peer, frames))
         assert msg, name
-    assert "unknown op 'softmax'" in error_of(srv.handle(*cases["unknown op"]))
+    assert "unknown op code 99" in error_of(srv.handle(*cases["unknown op"]))
     assert "version 99" in error_of(srv.handle(*cases["unknown version"]))
+    assert "version 99" in error_of(srv.handle(*cases["unknown control version"]))
+    assert "asks for a float32[3" in error_of(srv.handle(*cases["wrong output asked for"]))
     assert "layer 2 out of range" in error_of(srv.handle(*cases["layer out of range"]))
     assert "outside" in error_of(srv.handle(*cases["offset outside the arena"]))
     good_qkv(srv, compute, arenas[GOOD])
@@ -112,25 +136,26 @@ def test_named_bad_inputs_get_an_error_naming_the_problem(server):
 
 # ---- hypothesis, in-process ----------------------------------------------------------------------------
 
-OPS = st.sampled_from(P.OPS + ("", "QKV", "lm_head\x00"))
-DTYPES = st.sampled_from(tuple(P.WIRE_DTYPES) + ("float64", "uint8", ""))
-DIM = st.one_of(st.integers(0, 160), st.sampled_from([128, 384, 512, 2**31 - 1, 2**31, -1]))
 JUNK = st.one_of(st.none(), st.booleans(), st.integers(-2**63, 2**64), st.floats(), st.text(max_size=8),
                  st.lists(st.integers(), max_size=3))
-META = st.fixed_dictionaries({"dtype": DTYPES, "shape": st.lists(DIM, max_size=5)},
-                             optional={"offset": st.one_of(st.integers(-8, (1 << 20) + 8).map(lambda o: o // 8 * 8),
-                                                           JUNK)})
-HEADER = st.fixed_dictionaries(
-    {"v": st.one_of(st.just(1), JUNK),
-     "type": st.sampled_from(["call", "call", "call", "hello", "attach", "info", "echo", "bye", "x"])},
-    optional={"op": OPS, "layer": st.one_of(st.integers(-3, 4), JUNK), "id": JUNK,
-              "inputs": st.one_of(st.lists(META, max_size=3), JUNK),
-              "output": st.one_of(st.fixed_dictionaries({"offset": st.integers(-8, 1 << 21)}), JUNK),
-              "arena": st.one_of(st.fixed_dictionaries({"name": st.text(max_size=30), "size": JUNK}), JUNK),
-              "shm": st.booleans(), "nbytes": JUNK, "src": JUNK, "dst": JUNK, "pid": JUNK})
+CONTROL = st.fixed_dictionaries(
+    {"v": st.one_of(st.just(P.VERSION), JUNK),
+     "type": st.sampled_from(["hello", "attach", "info", "echo", "bye", "call", "result", "x"])},
+    optional={"arena": st.one_of(st.fixed_dictionaries({"name": st.text(max_size=30), "size": JUNK}), JUNK),
+              "shm": st.booleans(), "nbytes": JUNK, "src": JUNK, "dst": JUNK, "pid": JUNK, "pipes": JUNK})
+DIM = st.one_of(st.integers(0, 160), st.sampled_from([128, 384, 512, 2**31 - 1, 2**32 - 1]))
+RECORD = st.tuples(st.integers(0, 8), st.integers(0, 6),
+                   st.one_of(st.integers(-8, (1 << 20) + 8).map(lambda o: o // 8 * 8), st.integers(-2**63, 2**63 - 1)),
+                   DIM, DIM, DIM, DIM)
+BINARY = st.builds(raw_call, version=st.one_of(st.just(P.VERSION), st.integers(0, 255)),
+                   kind=st.sampled_from([P.CALL, P.CALL, P.RESULT, 0, 7]), code=st.integers(0, 12),
+                   layer=st.integers(-3, 4), magic=st.sampled_from([P.MAGIC, P.MAGIC, P.MAGIC, 0]),
+                   rid=st.integers(0, 2**64 - 1), records=st.lists(RECORD, max_size=4))
 FRAMES = st.lists(st.binary(max_size=2048), max_size=3)
 MESSAGE = st.one_of(
-    st.tuples(HEADER.map(lambda h: json.dumps(h).encode()), FRAMES).map(lambda t: [t[0], *t[1]]),
+    st.tuples(CONTROL.map(lambda h: json.dumps(h).encode()), FRAMES).map(lambda t: [t[0], *t[1]]),
+    st.tuples(BINARY, FRAMES).map(lambda t: [t[0], *t[1]]),
+    st.tuples(BINARY, st.integers(1, 40)).map(lambda t: [t[0][:-t[1]]]),      # truncated
     FRAMES,
 )
 
@@ -208,8 +233,8 @@ def test_live_server_survives_and_a_session_stays_correct(live, tmp_path):
         D = attacker.cfg.hidden_size
         try:
             for off in (-8, 0, (1 << 20) - 8, 1 << 20, 1 << 30):
-                attacker.client.send([call("qkv", 0, [{"dtype": "float32", "shape": [4, D], "offset": off}],
-                                           output={"offset": 0})])
+                attacker.client.send([raw_call(records=[(1, 2, off, 4, D, 0, 0),
+                                                        (1, 2, 0, 4, attacker.cfg.qkv_size, 0, 0)])])
                 assert P.decode(attacker.client.recv("reply")[0])["type"] == "error"
         finally:
             attacker.close()
@@ -218,8 +243,8 @@ def test_live_server_survives_and_a_session_stays_correct(live, tmp_path):
         x = torch.randn(5, D)
         y = victim.submit("gate_up", 1, x).result()
         assert y.shape == (5, 2 * victim.cfg.intermediate_size) and torch.isfinite(y).all()
-        victim.client.send([call("qkv", 9, [{"dtype": "float32", "shape": [5, D], "offset": 0}],
-                                 output={"offset": 4096})])     # past the runner's own check
+        victim.client.send([call("qkv", 9, [meta("float32", (5, D), 0)],
+                                 meta("float32", (5, victim.cfg.qkv_size), 4096))])   # past the runner's own check
         assert "layer 9 out of range" in error_of(victim.client.recv("reply"))
     finally:
         victim.close()

@@ -125,20 +125,18 @@ def test_control_message_outside_the_arena_gets_an_error_naming_it():
         assert head["type"] == "attached"
         assert not (arena_dir() / arena.name).exists()          # the server unlinked it on attach
 
-        def call(inputs, output):
-            msg = {"type": "call", "id": 7, "op": "qkv", "layer": 0, "inputs": inputs, "output": output}
-            return P.decode(server.handle(peer, [P.encode(msg)])[0])
+        def call(x_offset, out_offset):
+            x = P.TensorMeta("float32", (4, cfg.hidden_size), x_offset)
+            out = P.TensorMeta("float32", (4, cfg.qkv_size), out_offset)
+            return P.decode(server.handle(peer, [P.encode_call("qkv", 0, 7, [x], out)])[0])
 
-        x = {"dtype": "float32", "shape": [4, cfg.hidden_size]}
-        ok = call([{**x, "offset": 0}], {"offset": 4096})
+        ok = call(0, 4096)
         assert ok["type"] == "result", ok
-        again = call([{**x, "offset": 0}], {"offset": 4096})            # served from the checked views
+        again = call(0, 4096)                                           # served from the checked views
         assert again["type"] == "result" and again["output"] == ok["output"], again
-        err = call([{**x, "offset": 0.0}], {"offset": 4096})             # the same call but for a field's type
-        assert err["type"] == "error" and "bad offset" in err["error"], err
-        for inputs, output in [([{**x, "offset": arena.size - 256}], {"offset": 4096}),   # input runs past the end
-                               ([{**x, "offset": 0}], {"offset": arena.size})]:           # output starts past it
-            err = call(inputs, output)
+        for x_offset, out_offset in [(arena.size - 256, 4096),          # input runs past the end
+                                     (0, arena.size)]:                  # output starts past it
+            err = call(x_offset, out_offset)
             assert err["type"] == "error" and err["id"] == 7, err
             assert "op qkv" in err["error"] and "outside" in err["error"] and str(arena.size) in err["error"], err
         err = P.decode(server.handle(peer, [P.encode({"type": "echo", "shm": True, "nbytes": 4096,
@@ -149,7 +147,7 @@ def test_control_message_outside_the_arena_gets_an_error_naming_it():
             err = P.decode(server.handle(peer, [P.encode({"type": "echo", "shm": True, **echo})])[0])
             assert err["type"] == "error" and why in err["error"], err
         # the session still works after the bad messages
-        assert call([{**x, "offset": 0}], {"offset": 4096})["type"] == "result"
+        assert call(0, 4096)["type"] == "result"
     finally:
         server.drop(peer)
         arena.close()

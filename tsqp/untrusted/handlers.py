@@ -90,7 +90,7 @@ class Handlers:
             inputs, out, out_meta = checked
             y, compute_s = self.compute.run(m.op, m.layer, inputs, out)
         except BAD_INPUT as e:
-            return [P.error(f"op {m.op if m else '?'}: {type(e).__name__}: {e}", m.id if m else None,
+            return [P.error(f"op {m.op if m else '?'}: {type(e).__name__}: {e}", m.id if m else P.peek_id(head),
                             m.op if m else None)]
         self.requests += 1
         if session.record is not None:
@@ -102,15 +102,12 @@ class Handlers:
         """A call's inputs and output against the op table and the session's arena: (inputs, out, out meta)."""
         metas, want = list(m.tensors[:-1]), m.tensors[-1]
         dtype, shape = output_of(self.cfg, self.wire, m.op, m.layer, [(t.dtype, t.shape) for t in metas])
-        if (want.dtype, want.shape) != (dtype, shape):
-            raise P.ProtocolError(f"asks for a {want.dtype}{list(want.shape)} output; the op gives "
-                                  f"{dtype}{list(shape)}")
         arena = session.arena
         if arena is not None:
             if frames:
                 raise P.ProtocolError("shared-memory session sent tensor frames")
             inputs = [arena.view(t) for t in metas]
-            out = arena.view(want)
+            out = arena.view(P.TensorMeta(dtype, shape, want.offset))
             if overlaps(out, inputs):
                 raise P.ProtocolError("output region overlaps an input region")
         else:
@@ -125,6 +122,9 @@ class Handlers:
                 if lo < 0 or hi >= self.cfg.vocab_size:
                     raise P.ProtocolError(f"token id {lo if lo < 0 else hi} outside the vocabulary "
                                           f"0..{self.cfg.vocab_size - 1}")
+        if (want.dtype, want.shape) != (dtype, shape):
+            raise P.ProtocolError(f"asks for a {want.dtype}{list(want.shape)} output; the op gives "
+                                  f"{dtype}{list(shape)}")
         return inputs, out, want
 
     def echo(self, peer: bytes, header: dict, frames: list) -> list:

@@ -6,6 +6,7 @@ moves messages; `handlers` decides what they mean; `sessions` keeps who is conne
 from __future__ import annotations
 
 import contextlib
+import os
 import signal
 import sys
 import time

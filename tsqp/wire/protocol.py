@@ -2,16 +2,16 @@
 
 Calls and results, the per-call traffic, are fixed binary headers; the rare control messages (hello, attach,
 bye, info, echo, errors) are JSON objects. The first byte tells them apart: a JSON message starts with `{`,
-a binary header with VERSION. Tensors travel as raw frames after the header, or stay in the session's
+a binary header with MAGIC (0xC5, which no JSON text starts with). Tensors travel as raw frames after the header, or stay in the session's
 shared-memory arena and the header carries their offsets. Nothing that crosses the boundary is pickled
 or evaluated.
 
-    header (24 bytes, little-endian)                          then n tensor records (32 bytes each)
-    ┌─────────┬──────┬──────┬──────────┬─────────┬─────────┬──────────┬─────────────┐
-    │ version │ kind │ op   │ n_tensors│ layer   │ flags   │ id       │ compute_s   │
-    │ u8 = 2  │ u8   │ u8   │ u8       │ i16     │ u16 = 0 │ u64      │ f64         │
-    └─────────┴──────┴──────┴──────────┴─────────┴─────────┴──────────┴─────────────┘
-      kind: 1 call, 2 result            layer: -1 for ops without one      compute_s: results only
+    header (24 bytes, little-endian)                            then n tensor records (32 bytes each)
+    ┌──────────┬─────────┬──────┬──────┬───────────┬─────┬───────┬──────────┬─────────────┐
+    │ magic    │ version │ kind │ op   │ n_tensors │ pad │ layer │ id       │ compute_s   │
+    │ u8 = 0xC5│ u8 = 2  │ u8   │ u8   │ u8        │ u8  │ i16   │ u64      │ f64         │
+    └──────────┴─────────┴──────┴──────┴───────────┴─────┴───────┴──────────┴─────────────┘
+      kind: 1 call, 2 result     op: ops.TABLE's code     layer: -1 for ops without one     compute_s: results
     ┌───────┬──────┬─────────┬───────────────┬──────────────────────┐
     │ dtype │ ndim │ 6 bytes │ offset        │ shape                │
     │ u8    │ u8   │ (zero)  │ i64 (-1: frame)│ 4 x u32 (unused: 0)  │
@@ -30,9 +30,9 @@ import torch
 
 from ..ops import BY_CODE, OPS
 
-VERSION = 2
+MAGIC, VERSION = 0xC5, 2
 CALL, RESULT = 1, 2
-HEAD = struct.Struct("<BBBBhHQd")
+HEAD = struct.Struct("<BBBBBxhQd")
 TENSOR = struct.Struct("<BB6xq4I")
 MAX_DIMS = 4
 MAX_TENSORS = 8
@@ -98,7 +98,7 @@ class Message:
 
 
 def pack(kind: int, op: str, layer: int | None, rid: int, tensors, compute_s: float = 0.0) -> bytes:
-    return HEAD.pack(VERSION, kind, OPS[op].code, len(tensors), -1 if layer is None else layer, 0, rid,
+    return HEAD.pack(MAGIC, VERSION, kind, OPS[op].code, len(tensors), -1 if layer is None else layer, rid,
                      compute_s) + b"".join(m.pack() for m in tensors)
 
 
@@ -114,11 +114,13 @@ def unpack(buf) -> Message:
     """A binary call or result header; any malformation is a ProtocolError naming it."""
     if len(buf) < HEAD.size:
         raise ProtocolError(f"header of {len(buf)} bytes, shorter than the {HEAD.size}-byte fixed part")
-    version, kind, code, n, layer, flags, rid, compute_s = HEAD.unpack_from(buf)
+    magic, version, kind, code, n, layer, rid, compute_s = HEAD.unpack_from(buf)
+    if magic != MAGIC:
+        raise ProtocolError(f"not a binary header (first byte {magic:#x})")
     if version != VERSION:
         raise ProtocolError(f"protocol version {version}, this side speaks {VERSION}")
-    if kind not in (CALL, RESULT) or flags:
-        raise ProtocolError(f"unknown message kind {kind} (flags {flags})")
+    if kind not in (CALL, RESULT):
+        raise ProtocolError(f"unknown message kind {kind}")
     op = BY_CODE.get(code)
     if op is None:
         raise ProtocolError(f"unknown op code {code}")
@@ -126,6 +128,13 @@ def unpack(buf) -> Message:
         raise ProtocolError(f"header of {len(buf)} bytes does not hold {n} tensor record(s)")
     tensors = tuple(TensorMeta.unpack(buf, HEAD.size + i * TENSOR.size) for i in range(n))
     return Message(kind, op.name, None if layer == -1 else layer, rid, tensors, compute_s)
+
+
+def peek_id(buf) -> int | None:
+    """The request id of a header too malformed to unpack, when the fixed part is there to read it from."""
+    if len(buf) < HEAD.size or buf[0] != MAGIC:
+        return None
+    return struct.unpack_from("<Q", buf, ID_OFFSET)[0]
 
 
 def with_id(header: bytes | bytearray, rid: int) -> bytes:
@@ -137,7 +146,7 @@ def with_id(header: bytes | bytearray, rid: int) -> bytes:
 
 def is_binary(frame) -> bool:
     mv = memoryview(frame).cast("B")
-    return mv.nbytes > 0 and mv[0] == VERSION
+    return mv.nbytes > 0 and mv[0] == MAGIC
 
 
 # ---- control messages: JSON -------------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""The control pipes beside the arena (doorbell.py, the default for shm): same logits as the ZeroMQ socket
+"""The control pipes beside the arena (wire/pipes.py, the default for shm): same logits as the ZeroMQ socket
 path, bad control messages answered with errors, a dead server reported within the timeout, the socket still
 served meanwhile."""
 from __future__ import annotations
@@ -24,9 +24,10 @@ def prefill(remote, policy="linear", chunks=1, T=40):
 
 def ask(remote: RemoteOffload, payload: bytes) -> dict:
     """One raw message down the request pipe; its reply, decoded."""
-    remote.bell.send(payload, 5.0)
-    assert remote.bell.wait(5.0)
-    (reply,) = remote.bell.receive()
+    pipes = remote.channel.pipes
+    pipes.send(payload, 5.0)
+    assert pipes.wait(5.0)
+    (reply,) = pipes.receive()
     return P.decode(reply)
 
 
@@ -52,9 +53,9 @@ def test_same_logits_as_the_socket_path(server, policy, chunks):
         assert torch.equal(prefill(plain, policy, chunks), want)
         assert socket_bytes_before > 0
         assert not bell.arena.live                # every region was given back
-        layouts = len(bell.layouts)
+        layouts = len(bell.path.layouts)
         prefill(bell, policy, chunks)
-        assert len(bell.layouts) == layouts       # the same regions again: each call's header was reused
+        assert len(bell.path.layouts) == layouts       # the same regions again: each call's header was reused
     finally:
         plain.close()
         bell.close()
@@ -67,19 +68,20 @@ def test_bad_control_messages_get_errors(server):
     try:
         assert ask(bell, b"not json")["type"] == "error"
         err = ask(bell, P.encode({"type": "hello", "id": 2}))                    # only calls travel here
-        assert err["type"] == "error" and err["id"] == 2 and "calls only" in err["error"], err
-        bad = {"type": "call", "id": 3, "op": "qkv", "layer": 0, "output": {"offset": 0},
-               "inputs": [{"dtype": "float32", "shape": [4, bell.cfg.hidden_size], "offset": bell.arena.size}]}
-        err = ask(bell, P.encode(bad))                                           # an input beyond the arena
+        assert err["type"] == "error" and "calls only" in err["error"], err
+        bad = P.encode_call("qkv", 0, 3, [P.TensorMeta("float32", (4, bell.cfg.hidden_size), bell.arena.size)],
+                            P.TensorMeta("float32", (4, bell.cfg.qkv_size), 0))
+        err = ask(bell, bad)                                                     # an input beyond the arena
         assert err["type"] == "error" and err["id"] == 3 and "outside" in err["error"], err
         ref = RemoteOffload(endpoint, "shm", control="socket")
         try:
             assert torch.equal(prefill(bell), prefill(ref))                 # and the session still works
         finally:
             ref.close()
-        os.write(bell.bell.out_fd, b"\xff\xff\xff\x7f")                 # a length no message has: framing lost
-        assert bell.bell.wait(5.0)
-        (reply,) = bell.bell.receive()
+        pipes = bell.channel.pipes
+        os.write(pipes.out_fd, b"\xff\xff\xff\x7f")                 # a length no message has: framing lost
+        assert pipes.wait(5.0)
+        (reply,) = pipes.receive()
         err = P.decode(reply)
         assert err["type"] == "error" and "corrupt" in err["error"] and "session dropped" in err["error"], err
     finally:
@@ -118,52 +120,51 @@ def test_polling_on_both_sides_gives_the_same_logits():
 
 
 def test_repeated_call_bytes_are_served_and_anything_else_is_checked(server):
-    """The server answers a call whose bytes (but for the id) match an earlier checked one without decoding
-    it again: it must still compute on the current data, echo the new id, and leave odd ids to the checks."""
+    """The server keeps a checked call's views keyed on its header but the id: a repeat must still compute on
+    the current data and echo the new id, and any other header is checked again."""
     endpoint, _ = server
     bell = RemoteOffload(endpoint, "shm", control="pipes")
     ref = RemoteOffload(endpoint, "shm", control="socket")
-
     try:
         D = bell.cfg.hidden_size
         x = bell.arena.empty((3, D), bell.dtype)
         y = bell.arena.empty((3, bell.cfg.qkv_size), bell.dtype)
-        head = P.encode({"type": "call", "op": "qkv", "layer": 1, "output": {"offset": bell.arena.offset_of(y)},
-                         "inputs": [P.TensorMeta.of(x, bell.arena.offset_of(x)).to_json()], "id": 10})
-        prefix = head[:head.rindex(b',"id":')]
+        ins = [P.TensorMeta.of(x, bell.arena.offset_of(x))]
+        out = P.TensorMeta.of(y, bell.arena.offset_of(y))
         results = []
         for rid in (10, 11):
             x.copy_(torch.randn(3, D))
-            reply = ask(bell, prefix + b',"id":%d}' % rid)
+            reply = ask(bell, P.encode_call("qkv", 1, rid, ins, out))
             assert reply["type"] == "result" and reply["id"] == rid, reply
             results.append(y.clone())
             want = ref.submit("qkv", 1, x.clone())
             assert torch.equal(results[-1], want.result())        # computed on the data now in the region
             want.release()
         assert not torch.equal(results[0], results[1])
-        reply = ask(bell, prefix + b',"id":"x"}')                     # not a repeat: decoded, then served
-        assert reply["type"] == "result" and reply["id"] == "x", reply   # from the checked views
-        err = ask(bell, prefix + b',"id":011}')                             # not a repeat, and not JSON either
-        assert err["type"] == "error" and "not JSON" in err["error"], err
-        bad = prefix.replace(b'"layer":1', b'"layer":99') + b',"id":12}'
-        err = ask(bell, bad)                                                # other bytes: checked again
-        assert err["type"] == "error" and err["id"] == 12 and "layer 99" in err["error"], err
+        err = ask(bell, P.encode_call("qkv", 1, 12, ins, out)[:-1])          # cut short: checked, refused
+        assert err["type"] == "error" and "tensor record" in err["error"], err
+        bad = bytearray(P.encode_call("qkv", 1, 13, ins, out))
+        bad[6] = 99                                                          # layer 99: checked again
+        err = ask(bell, bytes(bad))
+        assert err["type"] == "error" and err["id"] == 13 and "layer 99" in err["error"], err
     finally:
         bell.close()
         ref.close()
 
 
-def test_result_fast_parse_agrees_with_json_and_leaves_the_rest_to_it():
-    """The runner reads a result's id and compute_s without a JSON parse; anything unusual returns None
-    and goes through protocol.decode instead."""
-    good = P.encode({"type": "result", "id": 42, "compute_s": 0.00125, "output": {"dtype": "bfloat16"}})
-    assert P.parse_result(good) == {"type": "result", "id": 42, "compute_s": 0.00125}
-    assert {k: P.decode(good)[k] for k in ("type", "id", "compute_s")} == P.parse_result(good)
-    for other in (P.encode({"type": "error", "id": 3, "error": "op qkv: ..."}),
-                  P.encode({"type": "result", "id": None, "compute_s": 0.1}),
-                  P.encode({"type": "result", "id": -1, "compute_s": 0.1}),
-                  P.encode({"type": "result", "id": 7, "output": {}}),              # no compute_s
-                  P.encode({"type": "result", "id": 7, "compute_s": "soon", "x": 1}),
-                  b'{"v":1,"type":"result","id":7,"compute_s":0.1',                   # cut short
-                  b"garbage"):
-        assert P.parse_result(other) is None, other
+def test_headers_round_trip_and_malformed_ones_are_named():
+    call = P.encode_call("down", 3, 2**40 + 7, [P.TensorMeta("bfloat16", (5, 96), 4096)],
+                         P.TensorMeta("bfloat16", (5, 64), 8192))
+    m = P.unpack(call)
+    assert (m.kind, m.op, m.layer, m.id) == (P.CALL, "down", 3, 2**40 + 7)
+    assert m.tensors == (P.TensorMeta("bfloat16", (5, 96), 4096), P.TensorMeta("bfloat16", (5, 64), 8192))
+    result = P.encode_result("lm_head", None, 9, P.TensorMeta("float32", (1, 512)), 0.00125)
+    assert P.decode(result) == {"type": "result", "id": 9, "op": "lm_head", "layer": None, "compute_s": 0.00125,
+                                "output": P.TensorMeta("float32", (1, 512))}
+    assert P.unpack(P.with_id(call, 5)).id == 5
+    for bad, named in ((call[:10], "shorter than"), (call[:-1], "tensor record"), (b"\xc5\x01" + call[2:], "version 1"),
+                       (call[:3] + b"\x63" + call[4:], "op code 99")):
+        with pytest.raises(P.ProtocolError, match=named):
+            P.unpack(bad)
+    with pytest.raises(P.ProtocolError, match="neither a binary header nor JSON"):
+        P.decode(b"\x80\x04\x95pickled")
