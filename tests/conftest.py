@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from tsqp.commands import launch
 from tsqp.commands.launch import stop_servers
 
 LLAMA3 = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
@@ -74,32 +75,15 @@ def start_server(model: str, dtype: str = "float32", endpoint: str | None = None
                  env: dict | None = None) -> subprocess.Popen:
     """Launch `tsqp serve` (real process) without waiting; `proc.endpoint` is where it binds.
     env: variables added to the environment (e.g. LLAMA_*); model=None leaves --model etc. to the environment."""
-    proc_env = {**clean_env(), "PYTHONUNBUFFERED": "1", **(env or {})}
-    cmd = [sys.executable, "-m", "tsqp.cli", "serve"]
     if model is not None:
         endpoint = endpoint or short_endpoint()
-        cmd += ["--model", str(model), "--device", "cpu", "--dtype", dtype, "--endpoint", endpoint]
-    proc = subprocess.Popen([*cmd, *extra], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            env=proc_env)
-    proc.endpoint = endpoint
-    return proc
+    return launch.start_server(endpoint, model, dtype, "cpu", extra, env={**clean_env(), **(env or {})},
+                               insecure_tcp=False)
 
 
 def wait_ready(proc: subprocess.Popen, timeout_s: float = 60.0) -> str:
-    """Read the banner up to the line containing 'ready'; returns it (also as proc.banner)."""
-    lines = []
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        line = proc.stdout.readline()
-        if not line:
-            raise RuntimeError(f"server exited before ready:\n{''.join(lines)}")
-        lines.append(line)
-        if "ready" in line:
-            break
-    else:
-        raise RuntimeError(f"server not ready in {timeout_s} s:\n{''.join(lines)}")
-    proc.banner = "".join(lines)
-    return proc.banner
+    """The banner up to the line containing 'ready' (also as proc.banner)."""
+    return launch.wait_ready([proc], timeout_s)[0]
 
 
 def stop_server(proc: subprocess.Popen, own_dir: bool = False) -> None:
@@ -132,8 +116,7 @@ def serving_all(specs: list[dict], timeout_s: float = 90.0):
             own = spec.get("endpoint") is None
             spec.pop("timeout_s", None)
             procs.append((start_server(**spec), own))
-        for proc, _ in procs:
-            wait_ready(proc, timeout_s)
+        launch.wait_ready([proc for proc, _ in procs], timeout_s)
         yield [(proc.endpoint, proc) for proc, _ in procs]
     finally:
         for proc, _ in procs:       # signal all first, so that they stop in parallel

@@ -353,7 +353,7 @@ def test_server_still_matches_local_after_bad_requests(server, tiny):
                        ("remote", lambda: RemoteOffload(endpoint, "shm", timeout_s=30))):
         offload = make()
         try:
-            norms = {k: v for k, v in w.items() if k.endswith("norm.weight")}
+            norms = W.norm_weights(w)
             model = TrustedModel(cfg, norms, offload, "seed")
             logits[name] = model.prefill(ids, KVCache(cfg, ids.numel()), 2)
         finally:

@@ -66,7 +66,7 @@ def remote_logits(endpoint: str, ids: torch.Tensor, policy: str, transport: str,
     remote = RemoteOffload(endpoint, transport, timeout_s=30, stats=stats)
     try:
         model = TrustedModel(remote.cfg, remote.norms, remote, policy, stats)
-        logits = model.prefill(ids, KVCache(remote.cfg, ids.numel()), chunks)
+        logits = model.prefill(ids, model.new_cache(ids.numel()), chunks)
     finally:
         remote.close()
     # one request per offloaded step; seed adds QK^T and PV per layer
@@ -77,7 +77,7 @@ def remote_logits(endpoint: str, ids: torch.Tensor, policy: str, transport: str,
 
 @pytest.mark.parametrize("chunks", [1, 3])
 @pytest.mark.parametrize("transport", ["shm", "frames"])
-@pytest.mark.parametrize("policy", ["linear", "seed"])
+@pytest.mark.parametrize("policy", ["linear", "seed", "flash"])
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("name", list(CHECKPOINTS))
 def test_two_process_matches_transformers(servers, oracle, name, dtype, policy, transport, chunks):
@@ -101,15 +101,15 @@ def test_prefill_then_decode_matches_transformers(servers, oracle, name):
     assert_close(logits, ref, "float32")
 
 
-@pytest.mark.parametrize("policy", ["linear", "seed"])
+@pytest.mark.parametrize("policy", ["linear", "seed", "flash"])
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("name", list(CHECKPOINTS))
 def test_local_matches_transformers(checkpoints, oracle, name, dtype, policy):
     ids, ref = oracle[name]
     cfg, weights = W.load(str(checkpoints[name]), W.torch_dtype(dtype), "cpu")
-    norms = {k: v for k, v in weights.items() if k.endswith("norm.weight")}
+    norms = W.norm_weights(weights)
     model = TrustedModel(cfg, norms, LocalOffload(Compute(cfg, weights, "cpu")), policy)
-    assert_close(model.prefill(ids, KVCache(cfg, ids.numel()), 3), ref, dtype)
+    assert_close(model.prefill(ids, model.new_cache(ids.numel()), 3), ref, dtype)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -117,7 +117,7 @@ def test_compiled_elementwise_matches_transformers(checkpoints, oracle, dtype):
     """--compile: RMSNorm, RoPE and SiLU fused by torch.compile (C++ through inductor) against the oracle."""
     ids, ref = oracle["gqa_llama3_tied"]
     cfg, weights = W.load(str(checkpoints["gqa_llama3_tied"]), W.torch_dtype(dtype), "cpu")
-    norms = {k: v for k, v in weights.items() if k.endswith("norm.weight")}
+    norms = W.norm_weights(weights)
     model = TrustedModel(cfg, norms, LocalOffload(Compute(cfg, weights, "cpu")), "linear", fused=True)
     assert_close(model.prefill(ids, KVCache(cfg, ids.numel())), ref, dtype)
     assert model.ew.fused            # compiled, not fallen back to eager
@@ -198,7 +198,7 @@ def test_random_preset_matches_transformers():
     ids = prompt(cfg.vocab_size)
     with torch.no_grad():
         ref = hf(ids[None]).logits[0, -1]
-    norms = {k: v for k, v in weights.items() if k.endswith("norm.weight")}
+    norms = W.norm_weights(weights)
     model = TrustedModel(cfg, norms, LocalOffload(Compute(cfg, weights, "cpu")))
     assert_close(model.prefill(ids, KVCache(cfg, ids.numel())), ref, "float32")
 

@@ -53,7 +53,7 @@ def server():
     """An in-process server on random:tiny with three sessions: `good` and `fuzz-shm` own shm arenas."""
     cfg, weights = W.load("random:tiny", torch.float32, "cpu")
     compute = Compute(cfg, weights, "cpu")
-    norms = {k: v for k, v in weights.items() if k.endswith("norm.weight")}
+    norms = W.norm_weights(weights)
     srv = Server(compute, norms, "ipc:///nonexistent/never-bound.ipc", "random:tiny", max_sessions=4)
     arenas = {}
     for peer in (GOOD, FUZZ_SHM):

@@ -114,7 +114,7 @@ def test_arena_file_and_directory_are_owner_only():
 
 def test_control_message_outside_the_arena_gets_an_error_naming_it():
     cfg, weights = W.load("random:tiny", torch.float32, "cpu")
-    norms = {k: v for k, v in weights.items() if k.endswith("norm.weight")}
+    norms = W.norm_weights(weights)
     server = Server(Compute(cfg, weights, "cpu"), norms, "ipc:///nonexistent/never-bound.ipc", "random:tiny")
     peer = b"runner"
     arena = Arena.create(1 << 20)

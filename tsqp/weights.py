@@ -112,5 +112,10 @@ def read_safetensors(path: Path, cfg: ModelConfig, dtype: torch.dtype, device: s
     return weights
 
 
+def norm_weights(weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The RMSNorm weights: what the trusted side needs of a checkpoint besides the offloaded matrices."""
+    return {k: v for k, v in weights.items() if k.endswith("norm.weight")}
+
+
 def n_params(weights: dict[str, torch.Tensor]) -> int:
     return sum(t.numel() for t in weights.values())

@@ -168,7 +168,7 @@ class Bench:
         if c.transport == "local":
             cfg, weights = self.local_weights(c.dtype)
             offload = LocalOffload(self.compute(c.dtype), stats)
-            norms = {k: v for k, v in weights.items() if k.endswith("norm.weight")}
+            norms = W.norm_weights(weights)
         else:
             transport = "shm" if c.transport.startswith("shm") else "frames"
             arena = lambda cfg: default_arena_bytes(cfg, ids.numel(), c.chunks, c.policy == "seed")  # noqa: E731
@@ -190,7 +190,7 @@ class Bench:
         cfg, weights = self.local_weights(dtype)
         stats = Stats()
         offload = LocalOffload(Compute(cfg, weights, device), stats, buffer_device=device)
-        norms = {k: v for k, v in weights.items() if k.endswith("norm.weight")}
+        norms = W.norm_weights(weights)
         model = TrustedModel(cfg, norms, offload, "linear", stats,
                              W.torch_dtype(dtype) if device != "cpu" else attn_dtype("auto", W.torch_dtype(dtype)),
                              device=device, fused=self.args.compile and device == "cpu")

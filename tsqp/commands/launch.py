@@ -22,18 +22,26 @@ def private_ipc_endpoint(tag: str = "srv") -> str:
     return f"ipc://{tempfile.mkdtemp(prefix='tsqp-', dir='/tmp')}/{tag}.ipc"
 
 
-def start_server(endpoint: str, model: str = "random:tiny", dtype: str = "float32", device: str = "cpu",
-                 extra: tuple[str, ...] = ()) -> subprocess.Popen:
-    cmd = [sys.executable, "-m", "tsqp.cli", "serve", "--model", model, "--device", device, "--dtype", dtype,
-           "--endpoint", endpoint, *extra]
-    if endpoint.startswith("tcp://"):
+def start_server(endpoint: str | None, model: str | None = "random:tiny", dtype: str = "float32",
+                 device: str = "cpu", extra: tuple[str, ...] = (), env: dict | None = None,
+                 insecure_tcp: bool = True) -> subprocess.Popen:
+    """`tsqp serve` as a real process, its output piped (wait_ready reads it); `proc.endpoint` is where it
+    binds. model=None leaves model, device, dtype and endpoint to `extra` and the environment."""
+    cmd = [sys.executable, "-m", "tsqp.cli", "serve"]
+    if model is not None:
+        cmd += ["--model", str(model), "--device", device, "--dtype", dtype, "--endpoint", endpoint]
+    cmd += list(extra)
+    if insecure_tcp and endpoint and endpoint.startswith("tcp://"):
         cmd.append("--insecure")     # our own server on 127.0.0.1, for timing only: plain tcp, said so
-    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            env={**(os.environ if env is None else env), "PYTHONUNBUFFERED": "1"})
+    proc.endpoint = endpoint
+    return proc
 
 
-def wait_ready(procs: list[subprocess.Popen], timeout_s: float = 120.0) -> None:
-    """Block until every server printed its `ready` line; a server that exits or stays silent is an error."""
+def wait_ready(procs: list[subprocess.Popen], timeout_s: float = 120.0) -> list[str]:
+    """Block until every server printed its `ready` line; a server that exits or stays silent is an error.
+    Returns each one's banner (also as proc.banner)."""
     sel = selectors.DefaultSelector()
     bufs = {}
     for p in procs:
@@ -56,6 +64,9 @@ def wait_ready(procs: list[subprocess.Popen], timeout_s: float = 120.0) -> None:
                     sel.unregister(key.fileobj)
     finally:
         sel.close()
+    for p in procs:
+        p.banner = bufs[p].decode(errors="replace")
+    return [p.banner for p in procs]
 
 
 def stop_servers(procs: list[subprocess.Popen]) -> None:

@@ -44,7 +44,7 @@ def open_offload(args, stats: Stats, tokens: int):
         dtype = W.torch_dtype(args.dtype)
         cfg, weights = W.load(args.model, dtype, args.device)
         compute = Compute(cfg, weights, args.device)
-        norms = {k: v.cpu() for k, v in weights.items() if k.endswith("norm.weight")}
+        norms = W.norm_weights(weights)
         return LocalOffload(compute, stats), cfg, norms
     arena = args.arena_mb * 2**20 if args.arena_mb else \
         (lambda cfg: default_arena_bytes(cfg, tokens, args.chunks, args.policy == "seed"))

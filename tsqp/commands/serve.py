@@ -16,7 +16,7 @@ def serve(args) -> None:
     cfg, weights = W.load(args.model, dtype, "cpu" if args.device.startswith("cuda") else args.device)
     n = W.n_params(weights)
     compute = Compute(cfg, weights, args.device)
-    norms = {k: v for k, v in weights.items() if k.endswith("norm.weight")}
+    norms = W.norm_weights(weights)
     del weights
     server = Server(compute, norms, args.endpoint, W.describe(args.model), args.max_sessions,
                     idle_timeout_s=args.idle_timeout, max_msg_bytes=int(args.max_message_mb * 2**20),

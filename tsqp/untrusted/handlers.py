@@ -52,7 +52,9 @@ class Handlers:
                 return self.echo(peer, header, frames[1:])
             raise P.ProtocolError(f"unknown message type {kind!r}")
         except BAD_INPUT as e:
-            return [P.error(f"message {header.get('type', '?')!r}: {type(e).__name__}: {e}")]
+            rid = header.get("id") if isinstance(header, dict) else None
+            return [P.error(f"message {header.get('type', '?')!r}: {type(e).__name__}: {e}",
+                            rid if isinstance(rid, int) and not isinstance(rid, bool) else None)]
 
     def info(self) -> dict:
         return {"model": self.model, "dtype": self.wire, "device": str(self.compute.device),
