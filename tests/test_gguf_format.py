@@ -109,7 +109,7 @@ def tiny_hf(tmp_path_factory):
 def test_each_type_reads_back_as_transformers_reads_it(qtype, tiny_hf, tmp_path):
     from transformers import AutoModelForCausalLM
 
-    path, hf, state = tiny_hf
+    _, hf, state = tiny_hf
     file = write_gguf(tmp_path / f"tiny-{qtype.name}.gguf", hf, state, qtype)
     cfg, weights = read(file, torch.float32)
     assert (cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.tie_word_embeddings) == (6, 2, 16, False)
@@ -169,7 +169,7 @@ def test_k_quants_match_transformers_dequantizer(kind, tmp_path):
     state = {k: rng.standard_normal(s).astype(np.float32) for k, s in shapes.items()}
     names = gguf_names(1, tied=True)
     raw = {names[k]: (random_blocks(rng, *s, kind), kind) for k, s in shapes.items() if len(s) == 2}
-    cfg, weights = read(write_gguf(tmp_path / "k.gguf", hf, state, raw=raw), torch.float32)
+    _, weights = read(write_gguf(tmp_path / "k.gguf", hf, state, raw=raw), torch.float32)
     unpermute = LlamaTensorProcessor(config={"num_attention_heads": 4, "num_key_value_heads": 2})
     for name, shape in shapes.items():
         if len(shape) == 1:
