@@ -237,7 +237,7 @@ def write_hf_dir(gguf_path: Path, out: Path) -> Path:
     from safetensors.torch import save_file
 
     from tsqp.gguf_checkpoint import field, open_reader, read
-    from tsqp.tokenizer import Tokenizer
+    from tsqp.trusted.tokenizer import Tokenizer
     from tsqp.trusted.chat import ChatTemplate
 
     cfg, weights = read(gguf_path, torch.float32)

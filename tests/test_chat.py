@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from tsqp.tokenizer import Tokenizer
+from tsqp.trusted.tokenizer import Tokenizer
 from tsqp.trusted.chat import ChatTemplate, ChatTemplateError
 
 CONVERSATIONS = [

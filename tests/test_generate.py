@@ -228,12 +228,12 @@ def test_max_positions_refused_before_anything_starts(model, endpoint):
 
 
 def test_prompt_needs_a_tokenizer(tmp_path):
-    args = Namespace(prompt="hello", tokenizer=None, model="random:tiny")
+    args = Namespace(prompt="hello", chat=None, tokenizer=None, model="random:tiny")
     with pytest.raises(TokenizerError, match="--tokenizer"):
         open_tokenizer(args)
     with pytest.raises(TokenizerError, match="not found"):
-        open_tokenizer(Namespace(prompt="hello", tokenizer=None, model=str(tmp_path)))
-    assert open_tokenizer(Namespace(prompt=None, tokenizer=None, model=str(tmp_path))) is None
+        open_tokenizer(Namespace(prompt="hello", chat=None, tokenizer=None, model=str(tmp_path)))
+    assert open_tokenizer(Namespace(prompt=None, chat=None, tokenizer=None, model=str(tmp_path))) is None
 
 
 # ---- text ---------------------------------------------------------------------------------------------

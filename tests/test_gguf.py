@@ -5,11 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tsqp.compute import Compute
+from tsqp.untrusted.compute import Compute
 from tsqp.gguf_checkpoint import read, read_config
-from tsqp.model import TrustedModel
-from tsqp.offload import LocalOffload
-from tsqp.tokenizer import Tokenizer
+from tsqp.trusted.model import TrustedModel
+from tsqp.local import LocalOffload
+from tsqp.trusted.tokenizer import Tokenizer
 from tsqp.trusted.chat import ChatTemplate
 from tsqp.weights import expected_shapes, load
 

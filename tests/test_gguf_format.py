@@ -11,11 +11,11 @@ import pytest
 import torch
 
 from conftest import make_checkpoint
-from tsqp.compute import Compute
+from tsqp.untrusted.compute import Compute
 from tsqp.config import ConfigError
 from tsqp.gguf_checkpoint import read, read_config
-from tsqp.model import Rope, TrustedModel
-from tsqp.offload import LocalOffload
+from tsqp.trusted.model import Rope, TrustedModel
+from tsqp.local import LocalOffload
 from tsqp.weights import layer_names
 
 Q = gguf.GGMLQuantizationType

@@ -7,7 +7,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from tsqp.gguf_checkpoint import field, open_reader
-from tsqp.tokenizer import Tokenizer, TokenizerError
+from tsqp.trusted.tokenizer import Tokenizer, TokenizerError
 
 TEXTS = ["Hello world", " leading space and trailing ", "The quick brown fox jumps over the lazy dog.",
          "Line one\nline two\n\n\tindented  double  spaces   ", "I'm sure they'll say we've DONE it, y'know?",

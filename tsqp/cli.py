@@ -88,6 +88,10 @@ def parser() -> argparse.ArgumentParser:
     r.add_argument("--prompt-ids", default=None, help="comma-separated token ids instead of --tokens")
     g = r.add_argument_group("generation (with --max-new-tokens or --prompt; otherwise one prefill)")
     g.add_argument("--prompt", default=None, help="text to continue; needs a tokenizer (--tokenizer or --model DIR)")
+    g.add_argument("--chat", default=None, help="a user message, sent through the model's chat template (from "
+                                                "--tokenizer or --model: tokenizer_config.json, chat_template.jinja "
+                                                "or the GGUF's metadata); stops at the template's end of turn")
+    g.add_argument("--system", default=None, help="with --chat: a system message first")
     g.add_argument("--tokenizer", default=None, help="a tokenizer.json or a model directory holding one "
                                                      "(default: --model when it is a directory)")
     g.add_argument("--max-new-tokens", type=int, default=None,

@@ -18,6 +18,7 @@ from ..trusted.model import TrustedModel
 from ..local import LocalOffload
 from ..wire.client import RemoteOffload, default_arena_bytes
 from ..stats import Stats
+from ..trusted.chat import ChatTemplate
 from ..trusted.tokenizer import Tokenizer, TokenizerError
 from ..wire.transport import transport_of
 
@@ -92,7 +93,7 @@ def prefill_once(model: TrustedModel, cfg: ModelConfig, ids: torch.Tensor, chunk
 
 
 def run(args) -> dict:
-    if args.max_new_tokens is not None or args.prompt is not None:
+    if args.max_new_tokens is not None or args.prompt is not None or args.chat is not None:
         return run_generation(args)
     stats = Stats()
     ids_arg = [int(t) for t in args.prompt_ids.split(",")] if args.prompt_ids else None
@@ -141,11 +142,12 @@ def open_tokenizer(args) -> Tokenizer | None:
     """From --tokenizer, else the runner's own --model directory (never a path the server names: the
     tokenizer is part of the trusted side). Required for --prompt; with ids, used only where one is found."""
     source = args.tokenizer or (None if args.model.startswith("random:") else args.model)
-    if args.prompt is None:
-        found = source is not None and (args.tokenizer or (Path(source) / "tokenizer.json").is_file())
+    if args.prompt is None and args.chat is None:
+        found = source is not None and (args.tokenizer or source.endswith(".gguf")
+                                        or (Path(source) / "tokenizer.json").is_file())
         return Tokenizer(source) if found else None
     if source is None:
-        raise TokenizerError(f"--prompt needs a tokenizer: pass --tokenizer PATH (a tokenizer.json or a model "
+        raise TokenizerError(f"--prompt and --chat need a tokenizer: pass --tokenizer PATH (a tokenizer.json or a model "
                              f"directory) or --model DIR (env LLAMA_MODEL_PATH); the model is {args.model}, "
                              f"which has none (use --prompt-ids)")
     return Tokenizer(source)
@@ -160,12 +162,18 @@ def warm_up(model: TrustedModel, ids: torch.Tensor, chunks: int) -> None:
 
 def run_generation(args) -> dict:
     """Prefill the prompt into a KV cache held here, decode token by token, stream the text, report."""
-    if args.prompt is not None and args.prompt_ids:
-        raise ValueError("give --prompt or --prompt-ids, not both")
+    if sum(x is not None for x in (args.prompt, args.prompt_ids, args.chat)) > 1:
+        raise ValueError("give one of --prompt, --chat or --prompt-ids")
     sampling = Sampling.make(args.temperature, args.top_k, args.top_p, args.seed)
     max_new = args.max_new_tokens if args.max_new_tokens is not None else DEFAULT_NEW_TOKENS
     tokenizer = open_tokenizer(args)
-    if args.prompt is not None:
+    stop_ids = None
+    if args.chat is not None:
+        template = ChatTemplate.from_source(args.tokenizer or args.model, tokenizer)
+        messages = ([{"role": "system", "content": args.system}] if args.system else []) + \
+            [{"role": "user", "content": args.chat}]
+        ids_arg, stop_ids = template.prompt_ids(tokenizer, messages), template.stop_ids
+    elif args.prompt is not None:
         ids_arg = tokenizer.encode(args.prompt)
     else:
         ids_arg = [int(t) for t in args.prompt_ids.split(",")] if args.prompt_ids else None
@@ -185,7 +193,7 @@ def run_generation(args) -> dict:
         if not args.no_warmup:
             warm_up(model, ids, args.chunks)
         stats.reset()
-        shown = args.prompt if args.prompt is not None else ",".join(map(str, ids.tolist())) if ids_arg else "fixed"
+        shown = args.chat if args.chat is not None else args.prompt if args.prompt is not None else ",".join(map(str, ids.tolist())) if ids_arg else "fixed"
         print(f"Prompt ({tokens} tokens): {shown}", flush=True)
         stream = tokenizer.stream() if tokenizer else None
         pieces = []
@@ -196,7 +204,8 @@ def run_generation(args) -> dict:
             sys.stdout.write(piece)
             sys.stdout.flush()
 
-        gen = generate(model, ids, max_new, sampling, stats, args.ignore_eos, args.chunks, on_token=show)
+        gen = generate(model, ids, max_new, sampling, stats, args.ignore_eos, args.chunks, on_token=show,
+                       stop_ids=stop_ids)
         if stream:
             pieces.append(stream.flush())
             sys.stdout.write(pieces[-1])

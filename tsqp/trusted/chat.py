@@ -102,7 +102,7 @@ class ChatTemplate:
     def from_source(cls, path: str | Path, tokenizer=None) -> "ChatTemplate":
         """path: a .gguf file or a model directory; tokenizer: a tsqp Tokenizer of the same model (loaded from
         path when None)."""
-        from ..tokenizer import Tokenizer
+        from .tokenizer import Tokenizer
 
         p = Path(path)
         tokenizer = tokenizer if tokenizer is not None else Tokenizer(p)

@@ -110,7 +110,8 @@ def counters(stats: Stats) -> dict:
 
 
 def generate(model: TrustedModel, prompt: torch.Tensor, max_new_tokens: int, sampling: Sampling = Sampling(),
-             stats: Stats | None = None, ignore_eos: bool = False, chunks: int = 1, on_token=None) -> Generation:
+             stats: Stats | None = None, ignore_eos: bool = False, chunks: int = 1, on_token=None,
+             stop_ids: list[int] | None = None) -> Generation:
     """prompt [T] -> Generation. stats: the offload's (its counters split prefill from decode).
     on_token(token, logits) is called as each token is chosen; logits [V] may live in a transport buffer,
     valid only during the call (clone to keep)."""
@@ -118,7 +119,7 @@ def generate(model: TrustedModel, prompt: torch.Tensor, max_new_tokens: int, sam
     T = prompt.numel()
     check_length(cfg, T, max_new_tokens)
     stats = stats if stats is not None else model.offload.stats
-    eos = set() if ignore_eos else set(cfg.eos_token_id)
+    eos = set() if ignore_eos else set(cfg.eos_token_id if stop_ids is None else stop_ids)   # stop_ids: a chat's
     g = sampling.generator()
     cache = model.new_cache(T + max_new_tokens)
 

@@ -26,8 +26,8 @@ class Tokenizer:
 
         self.path = find(path)
         if self.path.suffix.lower() == ".gguf":
-            from .config import ConfigError
-            from .trusted.gguf_tokenizer import build_tokenizer
+            from ..config import ConfigError
+            from .gguf_tokenizer import build_tokenizer
             try:
                 self.tok = build_tokenizer(self.path)
             except ConfigError as e:
