@@ -373,11 +373,12 @@ def test_every_fault_kind_is_caught(tiny, kind):
     cfg, weights, _ = tiny
     keys = all_keys(cfg)
     trials = 40
+    server = IntCompute(cfg, weights)
     for trial in range(trials):
         key = keys[trial % len(keys)]
         T = 1 + trial % 4
-        faults = FaultInjector(kind)
-        po = protected(cfg, weights, faults=faults, pool_tokens=0)
+        faults = server.faults = FaultInjector(kind)          # a new session (and history) each trial
+        po = ProtectedOffload(LocalOffload(server), cfg, weights, pool_tokens=0, background=False)
         x = linear_inputs(cfg, key, T)
         if kind == "replay":           # an earlier answer of this session: to another input, or to this one
             po.submit(*key, x if trial % 2 else linear_inputs(cfg, key, T)).result()

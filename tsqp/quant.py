@@ -4,8 +4,9 @@ The server and the runner each quantize the PUBLIC float weights with this code 
 integers: `fingerprint` hashes them in a canonical order, the server states it, the runner compares.
   weights      per output channel, int8 symmetric: scale = max|w| / 127, q = round(w / scale) in [-127, 127]
   activations  per token (row), 16 bits: scale = max|x| / 32767, q in [-32767, 32767]
-Weights are rounded in float64 from the float32 value of each weight, so the result does not depend on
-the device or the checkpoint's dtype beyond its values. A result is Y = Xq Wq^T (exact integers) and
+Everything is computed in float32 from each weight's float32 value: max is exact and IEEE division and
+round-half-to-even are correctly rounded, so the integers do not depend on the machine, and the
+checkpoint's dtype matters only through its values. A result is Y = Xq Wq^T (exact integers) and
 y = Y * sx[t] * sw[o] in float32 (`dequantize`, one code path for every consumer).
 """
 from __future__ import annotations
@@ -30,26 +31,26 @@ class QWeight:
     scale: torch.Tensor    # float32 [out]
 
 
-def _symmetric(x: torch.Tensor, top: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """Row-wise symmetric quantization of float x [rows, n], rounding in `dtype`:
-    (int64 q [rows, n], float32 scale [rows]). An all-zero row gets scale 0 and q 0."""
-    x = x.to(dtype)
-    scale = (x.abs().amax(1) / top).to(torch.float32)                             # [rows]
-    divisor = torch.where(scale > 0, scale, 1.0).to(dtype)[:, None]               # [rows, 1]
-    q = torch.div(x, divisor).round_().clamp_(-top, top).to(torch.int64)
+def _symmetric(x: torch.Tensor, top: int, out_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """Row-wise symmetric quantization of float x [rows, n] in float32: (q [rows, n] of out_dtype,
+    float32 scale [rows]). An all-zero row gets scale 0 and q 0."""
+    x = x.to(torch.float32)
+    low, high = torch.aminmax(x, dim=1)                                            # [rows] each
+    scale = torch.maximum(high, low.neg_()).div_(top)                              # max |x| / top
+    divisor = torch.where(scale > 0, scale, 1.0)[:, None]                         # [rows, 1]
+    q = torch.div(x, divisor).round_().clamp_(-top, top).to(out_dtype)
     return q, scale
 
 
 def quantize_weight(w: torch.Tensor) -> QWeight:
-    """float [out, in] -> int8 weights and per-output-channel scales."""
-    q, scale = _symmetric(w.detach().to("cpu", torch.float32), WEIGHT_MAX, torch.float64)
-    return QWeight(q.to(torch.int8), scale)
+    """float [out, in] -> int8 weights and per-output-channel scales (computed on the CPU)."""
+    q, scale = _symmetric(w.detach().to("cpu"), WEIGHT_MAX, torch.int8)
+    return QWeight(q, scale)
 
 
 def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Activations float [T, in] -> (int64 [T, in] in [-32767, 32767], float32 scale [T]). Only the
-    runner quantizes activations, so float32 rounding suffices (both of its offloads share this code)."""
-    q, scale = _symmetric(x, ACT_MAX, torch.float32)
+    """Activations float [T, in] -> (int64 [T, in] in [-32767, 32767], float32 scale [T])."""
+    q, scale = _symmetric(x, ACT_MAX, torch.int64)
     if not torch.isfinite(scale).all():
         raise ValueError("activations to quantize are not finite")
     return q, scale

@@ -104,7 +104,7 @@ class RingWeight:
             raise ValueError(f"input width {q.shape[1]} exceeds {MAX_IN}: int32 accumulation would not be exact")
         self.out_features, self.in_features = q.shape
         self.wt = _row_major(q.t()).to(device)                                    # [in, out]
-        colsum128 = 128 * q.to(torch.int64).sum(1)                                # [out], |.| < 2^31
+        colsum128 = 128 * q.sum(1, dtype=torch.int64)                             # [out], |.| < 2^31
         self.offset = _combine([colsum128] * LIMBS).bitwise_and_(MASK).to(device)
 
 

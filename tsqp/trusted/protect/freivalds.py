@@ -68,9 +68,21 @@ class Freivalds:
         self.prime = prime
         out_features, in_features = q.shape
         s = uniform_below(prime, out_features)                                      # [out], secret
-        s_limbs = split_limbs(s)
-        ws = matvec_mod(q.t().to(torch.int64), s_limbs, prime)                     # [in] = W^T s mod p
-        self._s_limbs, self._ws_limbs = s_limbs, split_limbs(ws)
+        self._s_limbs = split_limbs(s)
+        self._ws_limbs = split_limbs(self._weighted_columns(q))                   # [in] = W^T s mod p
+
+    def _weighted_columns(self, q: torch.Tensor) -> torch.Tensor:
+        """W^T s mod p, [in]. W^T s_k summed exactly in int64 (|.| < 127 2^21 out < 2^45 for
+        out < 2^17... and < 2^63 for any out below MAX_TERMS), a block of output rows at a time so that
+        no int64 copy of the whole W is made."""
+        block = 4096
+        sums = torch.zeros((2, q.shape[1]), dtype=torch.int64)                    # [2, in]
+        for start in range(0, q.shape[0], block):
+            rows = q[start:start + block].to(torch.int64).t()                      # [in, block]
+            for k, limb in enumerate(self._s_limbs):
+                sums[k] += torch.mv(rows, limb[start:start + block])
+        low, high = torch.remainder(sums, self.prime)
+        return torch.remainder(low + mulpow2_mod(high, LIMB_BITS, self.prime), self.prime)
 
     def rows_ok(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """x int64 [T, in] (|x| < 2^15), y int64 [T, out] (|y| <= 2^41) -> bool [T]: row t passes."""
