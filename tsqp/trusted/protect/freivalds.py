@@ -72,9 +72,8 @@ class Freivalds:
         self._ws_limbs = split_limbs(self._weighted_columns(q))                   # [in] = W^T s mod p
 
     def _weighted_columns(self, q: torch.Tensor) -> torch.Tensor:
-        """W^T s mod p, [in]. W^T s_k summed exactly in int64 (|.| < 127 2^21 out < 2^45 for
-        out < 2^17... and < 2^63 for any out below MAX_TERMS), a block of output rows at a time so that
-        no int64 copy of the whole W is made."""
+        """W^T s mod p, [in]: each W^T s_k summed exactly in int64 (|.| < 127 * 2^21 * out < 2^45 for
+        out < 2^17), a block of output rows at a time so that no int64 copy of the whole W is made."""
         block = 4096
         sums = torch.zeros((2, q.shape[1]), dtype=torch.int64)                    # [2, in]
         for start in range(0, q.shape[0], block):

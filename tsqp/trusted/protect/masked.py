@@ -168,6 +168,8 @@ class MaskedPending:
             with owner.stats.timer("unmask"):
                 if bool((z >> ring.K).any()):        # a protocol violation; & MASK would also disarm it
                     raise VerificationError(op, layer, "a value lies outside [0, 2^40)")
+                # z may sit in memory the server can still write: y is read from it once, and only
+                # this private y is checked and used
                 y = ring.lift(torch.sub(z, self.u))                                   # [T, out] signed
             if owner.verify:
                 t0 = time.perf_counter()
