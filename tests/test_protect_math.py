@@ -1,0 +1,584 @@
+"""Protected offload's math, in-process: the Z_2^40 limb matmul, one-time pads and their pool, Freivalds
+checks against a hostile server, and a protected model run equal bit for bit to the unmasked quantized one.
+
+Oracles: int64 matmuls for the ring, a float64 GEMM (QuantizedOffload) for the model, the float model for
+quantization's error, deterministic Miller-Rabin for the prime, chi-square for the pads' bytes, and real
+attacks (every FaultInjector kind, multiples of a small prime). Test data comes from ChaCha20 keystreams.
+Run with -s to see the measured figures (fill rate, verification cost)."""
+from __future__ import annotations
+
+import ast
+import json
+import math
+import os
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from tsqp import quant, ring
+from tsqp import weights as W
+from tsqp.compute import Compute
+from tsqp.config import ModelConfig
+from tsqp.model import TrustedModel
+from tsqp.offload import LocalOffload
+from tsqp.trusted.protect.freivalds import PRIME, Freivalds, VerificationError
+from tsqp.trusted.protect.masked import POLICY_MESSAGE, ProtectedOffload, QuantizedOffload, UnsupportedOp
+from tsqp.trusted.protect.pads import PadPool, PadReuseError, PadSource, keystream, uniform_below
+from tsqp.untrusted.faults import KINDS, FaultInjector
+from tsqp.untrusted.intmm import IntCompute
+
+ROOT = Path(__file__).resolve().parents[1]
+SMOLLM2 = ModelConfig(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_layers=30, num_heads=9,
+                      num_kv_heads=3, head_dim=64, tie_word_embeddings=True)
+
+
+# ---- helpers -------------------------------------------------------------------------------------------
+
+def ints(shape, lo: int, hi: int, key: bytes | None = None, n: int = 0) -> torch.Tensor:
+    """Test data: integers in [lo, hi] from a ChaCha20 keystream (a fresh key unless one is given)."""
+    count = math.prod(shape)
+    raw = keystream(key or os.urandom(32), n, 8 * count).view(torch.int64)
+    return (torch.remainder(raw, hi - lo + 1) + lo).view(shape)
+
+
+def floats(shape, scale: float = 1.0) -> torch.Tensor:
+    return ints(shape, -2**20, 2**20).to(torch.float32) * (scale / 2**20)
+
+
+def chi2_uniform_bytes(data: torch.Tensor) -> float:
+    counts = torch.bincount(data.flatten().to(torch.int64), minlength=256).to(torch.float64)
+    expected = data.numel() / 256
+    return float(((counts - expected) ** 2 / expected).sum())
+
+
+CHI2_255_LIMIT = 255 + 8 * math.sqrt(2 * 255)       # 8 sigma: a false failure is never seen
+
+
+def is_prime(n: int) -> bool:
+    """Deterministic Miller-Rabin: these 12 bases decide every n < 3.3e24."""
+    bases = (2, 3, 5, 7, 11, 13, 17, 19, 23, 29, 31, 37)
+    if n < 2:
+        return False
+    for b in bases:
+        if n % b == 0:
+            return n == b
+    d, s = n - 1, 0
+    while d % 2 == 0:
+        d, s = d // 2, s + 1
+    for a in bases:
+        x = pow(a, d, n)
+        if x in (1, n - 1):
+            continue
+        for _ in range(s - 1):
+            x = x * x % n
+            if x == n - 1:
+                break
+        else:
+            return False
+    return True
+
+
+def ring_reference(b: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    """B W^T mod 2^40 in plain int64, B split in 20-bit halves so that no sum overflows for n <= 2^16."""
+    w = q.to(torch.int64).t()
+    low, high = b & (2**20 - 1), b >> 20
+    return ((low @ w) + ((high @ w) << 20)) & ring.MASK
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    cfg, weights = W.load("random:tiny", torch.float32)
+    norms = {k: v for k, v in weights.items() if k.endswith("norm.weight")}
+    return cfg, weights, norms
+
+
+def protected(cfg, weights, faults=None, **kw) -> ProtectedOffload:
+    kw.setdefault("background", False)
+    return ProtectedOffload(LocalOffload(IntCompute(cfg, weights, faults=faults)), cfg, weights, **kw)
+
+
+class Recording:
+    """An inner offload that keeps a copy of every masked input it is sent (what the server sees)."""
+
+    def __init__(self, inner):
+        self.inner, self.sent = inner, []
+        self.stats, self.dtype = inner.stats, inner.dtype
+
+    def empty(self, shape, dtype=None):
+        return self.inner.empty(shape, dtype)
+
+    def submit(self, op, layer, *xs):
+        self.sent.append((op, layer, xs[0].clone()))
+        return self.inner.submit(op, layer, *xs)
+
+    def close(self):
+        self.inner.close()
+
+
+class AddToResult:
+    """A server adding `delta` (mod 2^40) to element [0, 0] of every result."""
+
+    def __init__(self, inner, delta: int):
+        self.inner, self.delta = inner, delta
+        self.stats, self.dtype = inner.stats, inner.dtype
+
+    def empty(self, shape, dtype=None):
+        return self.inner.empty(shape, dtype)
+
+    def submit(self, op, layer, *xs):
+        z = self.inner.submit(op, layer, *xs).result().clone()
+        z[0, 0] = (z[0, 0] + self.delta) & ring.MASK
+        return Done(z)
+
+    def close(self):
+        self.inner.close()
+
+
+class Done:
+    def __init__(self, value):
+        self.value = value
+
+    def result(self):
+        return self.value
+
+    def release(self):
+        pass
+
+
+def linear_inputs(cfg: ModelConfig, key, T: int) -> torch.Tensor:
+    n_in = {"qkv": cfg.hidden_size, "o": cfg.q_size, "gate_up": cfg.hidden_size, "down": cfg.intermediate_size,
+            "lm_head": cfg.hidden_size}[key[0]]
+    return floats((T, n_in))
+
+
+def all_keys(cfg: ModelConfig) -> list:
+    return [(op, layer) for layer in range(cfg.num_layers) for op in quant.LAYER_OPS] + [("lm_head", None)]
+
+
+# ---- the ring ------------------------------------------------------------------------------------------
+
+def test_prime_is_the_smallest_prime_above_2_41():
+    assert 2**41 < PRIME < 2**42                      # above any lifted error, below the limb bound
+    assert is_prime(PRIME)
+    assert not any(is_prime(n) for n in range(2**41, PRIME))
+    assert is_prime(2**31 - 1) and not is_prime(2**31 + 1)       # the test itself tells primes apart
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(T=st.integers(1, 6), n=st.integers(1, 200), out=st.integers(1, 40), key=st.binary(min_size=32, max_size=32),
+       extreme=st.sampled_from(["random", "max", "zero"]), pad=st.booleans())
+def test_limb_matmul_is_exact(T, n, out, key, extreme, pad):
+    q = ints((out, n), -127, 127, key, 1).to(torch.int8)
+    if extreme == "max":
+        b = torch.full((T, n), ring.MASK)
+        q = torch.where(q >= 0, 127, -127).to(torch.int8)
+    elif extreme == "zero":
+        b = torch.zeros((T, n), dtype=torch.int64)
+    else:
+        b = ints((T, n), 0, ring.MASK, key, 2)
+    want = (b @ q.to(torch.int64).t()) & ring.MASK          # |sum| < 2^40 * 127 * 200 < 2^63
+    got = ring.limb_matmul(ring.to_limbs(b), ring.RingWeight(q), pad=pad)
+    assert got.dtype == torch.int64 and torch.equal(got, want)
+
+
+def test_int_mm_with_size_one_dimensions():
+    """torch 2.13's CPU _int_mm misread W^T of a one-column W (strides (1, 1)); hypothesis found it."""
+    q = torch.tensor([[-112], [-57]], dtype=torch.int8)                    # W [2, 1]
+    a = torch.tensor([[3], [-5]], dtype=torch.int8)
+    assert ring.int_mm(a, q.t()).tolist() == [[-336, -171], [560, 285]]
+    a = torch.tensor([[4], [-2], [7]], dtype=torch.int8).t()              # [1, 3], strides (1, 1)
+    b = torch.tensor([[1, 2], [3, 4], [5, 6]], dtype=torch.int8)
+    assert ring.int_mm(a, b).tolist() == [[4 - 6 + 35, 8 - 8 + 42]]
+
+
+def test_limb_matmul_exact_at_the_int32_bound():
+    n = ring.MAX_IN                                     # every limb product sum at its largest
+    b = torch.full((2, n), ring.MASK)
+    b[1] = 0x8080808080                                 # limbs at 128: recentred to 0
+    q = torch.full((3, n), -127, dtype=torch.int8)
+    q[1] = 127
+    q[2, ::2] = 127
+    assert torch.equal(ring.limb_matmul(ring.to_limbs(b), ring.RingWeight(q)), ring_reference(b, q))
+    b = ints((3, n), 0, ring.MASK)
+    assert torch.equal(ring.limb_matmul(ring.to_limbs(b), ring.RingWeight(q), pad=True), ring_reference(b, q))
+    with pytest.raises(ValueError, match="exceeds"):
+        ring.RingWeight(torch.zeros((1, n + 1), dtype=torch.int8))
+    with pytest.raises(ValueError, match="-127"):
+        ring.RingWeight(torch.full((1, 4), -128, dtype=torch.int8))
+
+
+def test_limbs_roundtrip_and_signed_lift():
+    b = ints((4, 33), 0, ring.MASK)
+    limbs = ring.to_limbs(b)
+    assert limbs.dtype == torch.uint8 and limbs.shape == (5, 4, 33)
+    assert torch.equal(limbs[2], ((b >> 16) & 0xFF).to(torch.uint8))              # limb j is byte j
+    assert torch.equal(ring.from_limbs(limbs), b)
+    edges = torch.tensor([0, 1, 2**39 - 1, 2**39, 2**40 - 1])
+    assert ring.lift(edges.clone()).tolist() == [0, 1, 2**39 - 1, -2**39, -1]
+    y = ints((50,), -2**39, 2**39 - 1)
+    assert torch.equal(ring.lift(y & ring.MASK), y)
+
+
+# ---- quantization --------------------------------------------------------------------------------------
+
+def test_quantization_is_symmetric_and_within_half_a_step():
+    w = floats((40, 64), 0.1)
+    w[3] = 0.0
+    qw = quant.quantize_weight(w)
+    assert qw.q.dtype == torch.int8 and int(qw.q.abs().max()) == 127
+    assert qw.scale[3] == 0 and not qw.q[3].any()
+    assert torch.equal(qw.q.abs().amax(1)[torch.arange(40) != 3], torch.full((39,), 127, dtype=torch.int8))
+    err = (w.double() - qw.q.double() * qw.scale.double()[:, None]).abs()
+    assert bool((err <= qw.scale.double()[:, None] / 2 * (1 + 1e-6)).all())
+    x = floats((5, 64), 3.0)
+    xq, sx = quant.quantize_rows(x)
+    assert int(xq.abs().max()) == quant.ACT_MAX and xq.dtype == torch.int64
+    err = (x.double() - xq.double() * sx.double()[:, None]).abs()
+    assert bool((err <= sx.double()[:, None] * (0.5 + 32767 * 2**-23)).all())   # x / s rounded in float32 first
+    with pytest.raises(ValueError, match="not finite"):
+        quant.quantize_rows(torch.tensor([[1.0, float("nan")]]))
+
+
+def test_fingerprint_agrees_across_sides_and_sees_one_step(tiny):
+    cfg, weights, _ = tiny
+    runner = QuantizedOffload(cfg, weights)
+    server = IntCompute(cfg, {k: v.clone() for k, v in weights.items()})
+    assert server.fingerprint == runner.fingerprint
+    shuffled = dict(reversed(list(runner.qweights.items())))
+    assert quant.fingerprint(shuffled) == runner.fingerprint                      # canonical order
+    changed = dict(weights)
+    name = W.layer_names(1)["down"]
+    scale = quant.quantize_weight(weights[name]).scale[5]
+    changed[name] = weights[name].clone()
+    changed[name][5, 7] += 2 * scale                                               # two quantisation steps
+    other = IntCompute(cfg, changed)
+    assert other.fingerprint != runner.fingerprint
+    po = protected(cfg, weights)
+    po.expect_fingerprint(server.fingerprint)
+    with pytest.raises(VerificationError, match="quantized weights differ"):
+        po.expect_fingerprint(other.fingerprint)
+
+
+# ---- pads ----------------------------------------------------------------------------------------------
+
+def test_pads_look_uniform_and_blocks_are_independent():
+    source = PadSource()
+    a = source.issue(0, 1 << 20)
+    b = source.issue(1, 1 << 20)
+    assert chi2_uniform_bytes(a) < CHI2_255_LIMIT and chi2_uniform_bytes(b) < CHI2_255_LIMIT
+    bits = torch.stack([(a >> k) & 1 for k in range(8)]).double().mean(1)          # each bit ~ 1/2
+    assert bool(((bits - 0.5).abs() < 8 * 0.5 / math.sqrt(a.numel())).all())
+    r = torch.corrcoef(torch.stack([a.double(), b.double()]))[0, 1]
+    assert abs(float(r)) < 8 / math.sqrt(a.numel())
+    assert chi2_uniform_bytes(a ^ b) < CHI2_255_LIMIT
+
+
+def test_a_pad_is_its_key_and_number_and_is_never_issued_twice():
+    key = os.urandom(32)
+    one, other = PadSource(key), PadSource(key)
+    first = one.issue(7, 4096)
+    assert torch.equal(first, other.issue(7, 4096))                  # identity (key, n): same bytes
+    assert not torch.equal(first, one.issue(8, 4096))
+    assert not torch.equal(first, PadSource().issue(7, 4096))        # another session's key
+    with pytest.raises(PadReuseError):
+        one.issue(7, 16)
+    with pytest.raises(PadReuseError):
+        one.issue(8, 4096)
+    numbers = [one.fresh(16)[0] for _ in range(12)]
+    assert len(set(numbers)) == 12 and not {7, 8} & set(numbers)
+    assert one.blocks_issued == 14
+
+
+def test_uniform_below_is_in_range_and_flat():
+    v = uniform_below(PRIME, 200_000)
+    assert v.dtype == torch.int64 and int(v.min()) >= 0 and int(v.max()) < PRIME
+    counts = torch.bincount(v * 64 // PRIME, minlength=64).double()               # 64 equal buckets
+    chi2 = float(((counts - v.numel() / 64) ** 2 / (v.numel() / 64)).sum())
+    assert chi2 < 63 + 8 * math.sqrt(2 * 63)
+
+
+# ---- what the server sees ------------------------------------------------------------------------------
+
+def test_masked_input_of_the_same_x_twice_differs_and_is_uncorrelated(tiny):
+    cfg, weights, _ = tiny
+    rec = Recording(LocalOffload(IntCompute(cfg, weights)))
+    po = ProtectedOffload(rec, cfg, weights, background=False)
+    x = floats((64, cfg.hidden_size))
+    x[0] = 0.0                                                  # a zero row is masked like any other
+    y1 = po.submit("qkv", 0, x).result()
+    y2 = po.submit("qkv", 0, x).result()
+    assert torch.equal(y1, y2)                                  # same answer...
+    b1, b2 = (ring.from_limbs(sent).double().flatten() for _, _, sent in rec.sent)
+    assert bool((b1 != b2).all())                               # ...from inputs that share no element
+    xq = quant.quantize_rows(x)[0].double().flatten()
+    bound = 6 / math.sqrt(b1.numel())
+    assert abs(float(torch.corrcoef(torch.stack([b1, b2]))[0, 1])) < bound
+    assert abs(float(torch.corrcoef(torch.stack([b1, xq]))[0, 1])) < bound
+    for _, _, sent in rec.sent:                                 # every limb byte uniform, zero row included
+        assert chi2_uniform_bytes(sent) < CHI2_255_LIMIT
+    po.close()
+
+
+# ---- the protected model -------------------------------------------------------------------------------
+
+def run_model(cfg, norms, offload, prompt, decode, chunks=1, policy="linear"):
+    model = TrustedModel(cfg, norms, offload, policy=policy)
+    cache = model.new_cache(len(prompt) + len(decode) + 1)
+    logits = [model.prefill(prompt, cache, chunks=chunks)]
+    logits += [model.decode(t, cache) for t in decode]
+    return torch.stack(logits)                                  # [steps, V]
+
+
+@pytest.mark.parametrize("preset,prompt_len,chunks", [("tiny", 13, 2), ("small", 7, 1)])
+def test_protected_run_equals_quantized_bit_for_bit(preset, prompt_len, chunks):
+    cfg, weights = W.load(f"random:{preset}", torch.float32)
+    norms = {k: v for k, v in weights.items() if k.endswith("norm.weight")}
+    prompt = ints((prompt_len,), 0, cfg.vocab_size - 1)
+    decode = ints((4,), 0, cfg.vocab_size - 1).tolist()
+    po = protected(cfg, weights, pool_tokens=8, batch_tokens=4, background=True)
+    got = run_model(cfg, norms, po, prompt, decode, chunks)
+    want = run_model(cfg, norms, QuantizedOffload(cfg, weights), prompt, decode, chunks)
+    assert torch.equal(got, want)
+    stats = po.report()
+    rows = prompt_len + len(decode)
+    assert stats["checked_rows"] == rows * 4 * cfg.num_layers + 1 + len(decode)    # lm_head: one row a step
+    assert stats["pool"]["pads_consumed"] == stats["checked_rows"]
+    po.close()
+    floating = run_model(cfg, norms, LocalOffload(Compute(cfg, weights, "cpu")), prompt, decode, chunks)
+    rel = float((want - floating).norm() / floating.norm())
+    print(f"\n[{preset}] quantized vs float logits: relative L2 error {rel:.4f}")
+    assert rel < 0.05                                            # quantisation, not a bug
+
+
+def test_attention_ops_are_refused(tiny):
+    cfg, weights, norms = tiny
+    po = protected(cfg, weights)
+    with pytest.raises(UnsupportedOp, match="--protect needs --policy linear"):
+        po.submit("qk", 0, torch.zeros(4, 1, 32), torch.zeros(2, 1, 32))
+    with pytest.raises(UnsupportedOp, match=POLICY_MESSAGE):
+        run_model(cfg, norms, po, torch.tensor([1, 2, 3]), [], policy="flash")
+    with pytest.raises(ValueError, match="one input"):
+        po.submit("o", 0, torch.zeros(2, cfg.q_size + 1))
+    po.close()
+
+
+# ---- verification against a hostile server -------------------------------------------------------------
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_every_fault_kind_is_caught(tiny, kind):
+    cfg, weights, _ = tiny
+    keys = all_keys(cfg)
+    trials = 40
+    server = IntCompute(cfg, weights)
+    for trial in range(trials):
+        key = keys[trial % len(keys)]
+        T = 1 + trial % 4
+        faults = server.faults = FaultInjector(kind)          # a new session (and history) each trial
+        po = ProtectedOffload(LocalOffload(server), cfg, weights, pool_tokens=0, background=False)
+        x = linear_inputs(cfg, key, T)
+        if kind == "replay":           # an earlier answer of this session: to another input, or to this one
+            po.submit(*key, x if trial % 2 else linear_inputs(cfg, key, T)).result()
+            assert faults.altered == 0
+        with pytest.raises(VerificationError, match=f"'{key[0]}' layer {key[1]}"):
+            po.submit(*key, x).result()
+        assert faults.altered == 1     # the injector did change this result
+
+
+def test_a_fault_in_a_model_run_names_op_and_layer_and_ends_the_session(tiny):
+    cfg, weights, norms = tiny
+
+    class LateFlip(FaultInjector):              # honest until the second layer's down projection
+        def apply(self, op, layer, z):
+            return super().apply(op, layer, z) if (op, layer) == ("down", 1) else z
+
+    po = protected(cfg, weights, faults=LateFlip("flip"))
+    with pytest.raises(VerificationError, match="'down' layer 1"):
+        run_model(cfg, norms, po, torch.tensor([5, 6, 7]), [])
+    with pytest.raises(VerificationError, match="session is over"):
+        po.submit("qkv", 0, floats((1, cfg.hidden_size)))
+    po.close()
+
+
+def test_no_false_alarm_over_many_clean_calls(tiny):
+    cfg, weights, _ = tiny
+    po = protected(cfg, weights, pool_tokens=16, background=True)
+    keys = all_keys(cfg)
+    calls = 0
+    for i in range(300):
+        key = keys[i % len(keys)]
+        x = linear_inputs(cfg, key, 1 + i % 7)
+        if i % 3 == 0:                          # the largest |Y| a row can have: x aligned with a weight row
+            w = quant.fused_weights(cfg, weights)[key]
+            x = torch.sign(w[i % w.shape[0]]).expand(x.shape).clone() * 100.0
+        if i % 5 == 0:
+            x[0] = 0.0
+        po.submit(*key, x).result()
+        calls += 1
+    assert po.report()["checked_rows"] > calls
+    po.close()
+
+
+def test_a_small_prime_lets_multiples_through_but_not_ours(tiny):
+    cfg, weights, _ = tiny
+    weak_prime = 2**31 - 1                      # fits in int32: tempting, and below the error range
+    key = ("gate_up", 1)
+    x = linear_inputs(cfg, key, 3)
+    want = QuantizedOffload(cfg, weights).submit(*key, x).result()
+    for k in (1, 2, 200):
+        weak = ProtectedOffload(AddToResult(LocalOffload(IntCompute(cfg, weights)), k * weak_prime), cfg,
+                                weights, background=False)
+        weak.checks = {kk: Freivalds(w.q, prime=weak_prime) for kk, w in weak.qweights.items()}
+        forged = weak.submit(*key, x).result()                          # accepted by the weak check...
+        assert not torch.equal(forged, want)                            # ...though it is wrong
+        ours = protected(cfg, weights)
+        ours.inner = AddToResult(ours.inner, k * weak_prime)
+        with pytest.raises(VerificationError, match="'gate_up' layer 1"):
+            ours.submit(*key, x).result()
+
+
+def test_malformed_results_are_rejected(tiny):
+    cfg, weights, _ = tiny
+    key = ("o", 0)
+    x = linear_inputs(cfg, key, 2)
+
+    class Reply:
+        def __init__(self, make):
+            self.make, self.stats, self.dtype = make, None, torch.uint8
+
+        def empty(self, shape, dtype=None):
+            return torch.empty(shape, dtype=dtype)
+
+        def submit(self, op, layer, *xs):
+            return Done(self.make())
+
+        def close(self):
+            pass
+
+    for make, why in [(lambda: torch.zeros(2, cfg.hidden_size, dtype=torch.int32), "expected int64"),
+                      (lambda: torch.zeros(3, cfg.hidden_size, dtype=torch.int64), "expected int64"),
+                      (lambda: torch.full((2, cfg.hidden_size), 1 << 40), "outside"),
+                      (lambda: torch.full((2, cfg.hidden_size), -1), "outside")]:
+        po = ProtectedOffload(Reply(make), cfg, weights, background=False)
+        with pytest.raises(VerificationError, match=why):
+            po.submit(*key, x).result()
+
+
+# ---- the pad pool --------------------------------------------------------------------------------------
+
+def test_pool_statistics_and_on_demand_when_empty(tiny):
+    cfg, weights, _ = tiny
+    ring_weights = {k: ring.RingWeight(w.q) for k, w in quant.quantize_model(cfg, weights).items()}
+    key = ("down", 0)
+    dry = PadPool(ring_weights, pool_tokens=8, background=False)
+    r, u = dry.take(key, 3)
+    assert torch.equal(u, ring.limb_matmul(ring.to_limbs(r), ring_weights[key]))   # U = R W^T mod 2^40
+    s = dry.stats()
+    assert (s["on_demand"], s["on_demand_rows"], s["pads_consumed"], s["pads_made"]) == (1, 3, 3, 0)
+    pool = PadPool(ring_weights, pool_tokens=8, batch_tokens=3, lm_head_rows=2)
+    assert pool.wait_full(60)
+    s = pool.stats()
+    assert s["pads_made"] == 8 * 4 * cfg.num_layers + 2 and s["on_demand"] == 0
+    assert s["fill_tokens_per_s"] > 0 and s["bytes_held"] > 0 and s["filler_error"] is None
+    seen = set()
+    for rows in (5, 2, 10, 1):                     # the last two need more than the pool holds
+        r, u = pool.take(key, rows)
+        assert r.shape == (rows, cfg.intermediate_size) and u.shape == (rows, cfg.hidden_size)
+        assert torch.equal(u, ring.limb_matmul(ring.to_limbs(r), ring_weights[key]))
+        seen |= {tuple(row) for row in r.tolist()}
+    assert len(seen) == 18                         # no row handed out twice
+    s = pool.stats()
+    assert s["on_demand"] >= 1 and s["on_demand_rows"] >= 2 and s["pads_consumed"] == 18   # 10 > 8 held
+    json.dumps(s)
+    pool.close()
+    dry.close()
+
+
+# ---- the trust boundary --------------------------------------------------------------------------------
+
+def imported_modules(path: Path) -> set[str]:
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            names |= {a.name for a in node.names}
+        elif isinstance(node, ast.ImportFrom):
+            level = "." * node.level
+            names.add(level + (node.module or ""))
+    return names
+
+
+def test_trusted_and_untrusted_code_do_not_import_each_other():
+    for path in (ROOT / "tsqp" / "trusted").rglob("*.py"):
+        names = imported_modules(path)
+        assert not any("zmq" in n or "untrusted" in n for n in names), (path, names)
+        assert not any(n.lstrip(".") in ("random", "numpy.random") for n in names), (path, names)
+    for path in (ROOT / "tsqp" / "untrusted").rglob("*.py"):
+        names = imported_modules(path)
+        assert not any(n.lstrip(".").startswith("trusted") or ".trusted" in n for n in names), (path, names)
+
+
+# ---- measurements (printed, not asserted) --------------------------------------------------------------
+
+def smollm2_ring_weights() -> dict:
+    """SmolLM2-135M's linear shapes with random int8 weights: a fill's cost depends on shapes only."""
+    cfg, shapes = SMOLLM2, {}
+    D, I = cfg.hidden_size, cfg.intermediate_size
+    for layer in range(cfg.num_layers):
+        shapes |= {("qkv", layer): (cfg.qkv_size, D), ("o", layer): (D, cfg.q_size),
+                   ("gate_up", layer): (2 * I, D), ("down", layer): (D, I)}
+    shapes[("lm_head", None)] = (cfg.vocab_size, D)
+    key = os.urandom(32)
+    return {k: ring.RingWeight(ints(s, -127, 127, key, n).to(torch.int8)) for n, (k, s) in enumerate(shapes.items())}
+
+
+def best_ms(f, repeats: int = 3) -> float:
+    """The fastest of a few runs (other work shares these cores), after one warm-up run."""
+    f()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        f()
+        times.append(time.perf_counter() - t0)
+    return min(times) * 1e3
+
+
+def test_measure_fill_rate_and_verification_cost():
+    cfg, weights = W.load("random:small", torch.float32)
+    cases = {"random:small": {k: ring.RingWeight(w.q) for k, w in quant.quantize_model(cfg, weights).items()},
+             "SmolLM2-135M shapes": smollm2_ring_weights()}
+    print(f"\n(2 shared CPU cores, load average {os.getloadavg()[0]:.1f}, torch threads {torch.get_num_threads()})")
+    for name, ring_weights in cases.items():
+        tokens = 32
+        t0 = time.perf_counter()
+        pool = PadPool(ring_weights, pool_tokens=tokens, batch_tokens=16, lm_head_rows=tokens)
+        assert pool.wait_full(600)
+        wall = time.perf_counter() - t0
+        stats = pool.stats()
+        pool.close()
+        per_token = sum(8 * (w.in_features + w.out_features) for w in ring_weights.values())   # R, U int64
+        checks = {k: Freivalds(w.wt.t().contiguous()) for k, w in ring_weights.items()}
+        costs = {}
+        for T in (1, 32):
+            inputs = {k: (ints((T, w.in_features), -32767, 32767), ints((T, w.out_features), -2**39, 2**39 - 1))
+                      for k, w in ring_weights.items()}
+            costs[T] = best_ms(lambda: [checks[k].rows_ok(x, y) for k, (x, y) in inputs.items()]) / T
+        print(f"[{name}] pool fill: {tokens / wall:.1f} tokens/s wall ({stats['fill_tokens_per_s']:.1f} by the "
+              f"pool's own clock), {per_token / 2**20:.2f} MiB of pads per token; verification: "
+              f"{costs[1]:.2f} ms/token decoding, {costs[32]:.3f} ms/token in a 32-token prefill")
+    # the online cost of a protected decode step (pads ready) beside the unmasked quantized and float ones
+    norms = {k: v for k, v in weights.items() if k.endswith("norm.weight")}
+    steps = 8
+    po = protected(cfg, weights, pool_tokens=steps * 5, background=True)
+    assert po.pool.wait_full(600)
+    for name, offload in [("protected", po), ("quantized", QuantizedOffload(cfg, weights)),
+                          ("float", LocalOffload(Compute(cfg, weights, "cpu")))]:
+        model = TrustedModel(cfg, norms, offload)
+        cache = model.new_cache(8 * steps)
+        model.prefill(torch.tensor([1, 2, 3]), cache)
+        ms = best_ms(lambda: [model.decode(5, cache) for _ in range(steps)]) / steps
+        print(f"[random:small] decode, {name} offload in-process: {ms:.1f} ms/token")
+    print(f"[random:small] protected pool after decoding: {json.dumps(po.pool.stats())}")
+    po.close()

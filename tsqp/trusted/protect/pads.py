@@ -1,0 +1,251 @@
+"""One-time pads over Z_2^40 for masked offload, and the pool that precomputes them.
+
+A session draws a 32-byte key from os.urandom. Pad block n is the ChaCha20 keystream under that key with
+nonce n (block counter from 0), so a pad's identity is (session key, n); `PadSource.issue` refuses an n it
+has issued before (PadReuseError). Keystream bytes are uniform, so 5 of them are an element R uniform in
+Z_2^40, and B = X + R mod 2^40 is uniform whatever X is: the server learns nothing from B.
+
+To unmask Z = B W^T mod 2^40 the runner needs U = R W^T mod 2^40. `PadPool` computes (R, U) per
+(op, layer) ahead of time on a background thread, a batch of future tokens per int8 GEMM; a request takes
+its rows from the pool, or computes them on demand if the pool ran dry (counted). A row is handed out once.
+"""
+from __future__ import annotations
+
+import os
+import threading
+import time
+from collections import deque
+
+import torch
+from cryptography.hazmat.primitives.ciphers import Cipher, algorithms
+
+from ... import ring
+
+Key = tuple[str, int | None]
+
+
+class PadReuseError(RuntimeError):
+    """A pad block number was asked for a second time: a one-time pad must never be reused."""
+
+
+class PadSource:
+    """ChaCha20 keystream blocks under a per-session key; each block number is issued at most once."""
+
+    def __init__(self, key: bytes | None = None):
+        self._key = key if key is not None else os.urandom(32)
+        if len(self._key) != 32:
+            raise ValueError("a pad key is 32 bytes")
+        self._issued: set[int] = set()
+        self._next = 0
+        self._lock = threading.Lock()
+
+    def issue(self, n: int, nbytes: int) -> torch.Tensor:
+        """Pad block n: the first nbytes of ChaCha20(key, nonce=n), uint8 [nbytes]."""
+        if not 0 <= n < 1 << 96:
+            raise ValueError(f"pad block number {n} out of range")
+        with self._lock:
+            if n in self._issued:
+                raise PadReuseError(f"pad block {n} was already issued in this session")
+            self._issued.add(n)
+        return keystream(self._key, n, nbytes)
+
+    def fresh(self, nbytes: int) -> tuple[int, torch.Tensor]:
+        """The next unissued block: (n, uint8 [nbytes])."""
+        with self._lock:
+            while self._next in self._issued:
+                self._next += 1
+            n = self._next
+            self._next += 1
+        return n, self.issue(n, nbytes)
+
+    @property
+    def blocks_issued(self) -> int:
+        return len(self._issued)
+
+
+def keystream(key: bytes, n: int, nbytes: int) -> torch.Tensor:
+    """ChaCha20 keystream (4-byte block counter 0, 12-byte nonce n little-endian): uint8 [nbytes]."""
+    cipher = Cipher(algorithms.ChaCha20(key, bytes(4) + n.to_bytes(12, "little")), mode=None)
+    buf = bytearray(nbytes)
+    cipher.encryptor().update_into(bytes(nbytes), buf)
+    return torch.frombuffer(buf, dtype=torch.uint8) if nbytes else torch.empty(0, dtype=torch.uint8)
+
+
+def uniform_below(bound: int, count: int) -> torch.Tensor:
+    """count integers uniform in [0, bound) (bound < 2^62), int64, from a fresh ChaCha20 key drawn from
+    os.urandom; rejection sampling on bound.bit_length() bits keeps them exactly uniform."""
+    if not 1 < bound < 1 << 62:
+        raise ValueError(f"bound {bound} out of range")
+    source = PadSource()
+    bits = bound.bit_length()
+    out = torch.empty(0, dtype=torch.int64)
+    while out.numel() < count:
+        want = 2 * (count - out.numel()) + 16            # acceptance > 1/2 per candidate
+        raw = source.fresh(8 * want)[1].view(torch.int64)
+        candidates = raw & ((1 << bits) - 1)
+        out = torch.cat([out, candidates[candidates < bound]])
+    return out[:count].clone()
+
+
+class _Batch:
+    """Rows start.. of one precomputed pad block: R int64 [b, in], U int64 [b, out]."""
+
+    def __init__(self, r: torch.Tensor, u: torch.Tensor):
+        self.r, self.u, self.start = r, u, 0
+
+    @property
+    def left(self) -> int:
+        return self.r.shape[0] - self.start
+
+
+class PadPool:
+    """(R, U) rows per (op, layer), precomputed on a background thread.
+
+    weights: (op, layer) -> RingWeight, in forward order. Each per-layer op keeps `pool_tokens` rows ready;
+    the lm_head, called for one row per prefill or decode step, keeps `lm_head_rows` (default: one batch).
+    The filler tops up the emptiest pool (relative to its target) `batch_tokens` rows at a time, once the
+    pool lacks a whole batch.
+    """
+
+    def __init__(self, weights: dict[Key, ring.RingWeight], pool_tokens: int = 64, batch_tokens: int = 16,
+                 lm_head_rows: int | None = None, source: PadSource | None = None, background: bool = True):
+        if pool_tokens < 0 or batch_tokens < 1:
+            raise ValueError("pool_tokens must be >= 0 and batch_tokens >= 1")
+        self.weights = weights
+        self.source = source or PadSource()
+        self.batch_tokens, self.pool_tokens = batch_tokens, pool_tokens
+        head_rows = batch_tokens if lm_head_rows is None else lm_head_rows
+        self.target = {key: head_rows if key[0] == "lm_head" else pool_tokens for key in weights}
+        self.pools: dict[Key, deque[_Batch]] = {key: deque() for key in weights}
+        self.level = dict.fromkeys(weights, 0)
+        self._refilling = {key for key, target in self.target.items() if target > 0}
+        total = sum(w.in_features * w.out_features for w in weights.values())
+        self.token_share = {key: w.in_features * w.out_features / total for key, w in weights.items()}
+        self.pads_made = self.pads_consumed = self.on_demand = self.on_demand_rows = 0
+        self.tokens_made = 0.0            # rows made, each weighted by its share of a token's GEMM work
+        self.fill_s = self.on_demand_s = 0.0
+        self.error: Exception | None = None
+        self._cond = threading.Condition()
+        self._closed = False
+        self._thread = None
+        if background and pool_tokens + head_rows > 0:
+            self._thread = threading.Thread(target=self._fill_loop, name="tsqp-pad-pool", daemon=True)
+            self._thread.start()
+
+    # ---- making pads -------------------------------------------------------------------------------
+    def make(self, key: Key, rows: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """A fresh pad block of `rows` rows for (op, layer): (R int64 [rows, in], U int64 [rows, out])."""
+        w = self.weights[key]
+        _, stream = self.source.fresh(ring.LIMBS * rows * w.in_features)
+        limbs = stream.view(ring.LIMBS, rows, w.in_features)                  # [5, rows, in]: R's limbs
+        return ring.from_limbs(limbs), ring.limb_matmul(limbs, w)
+
+    def _fill_loop(self) -> None:
+        try:
+            while True:
+                with self._cond:
+                    key = self._neediest()
+                    while key is None and not self._closed:
+                        self._cond.wait()
+                        key = self._neediest()
+                    if self._closed:
+                        return
+                    rows = min(self.batch_tokens, self.target[key] - self.level[key])
+                t0 = time.perf_counter()
+                r, u = self.make(key, rows)
+                with self._cond:
+                    self.fill_s += time.perf_counter() - t0
+                    self.pools[key].append(_Batch(r, u))
+                    self.level[key] += rows
+                    if self.level[key] >= self.target[key]:
+                        self._refilling.discard(key)
+                    self.pads_made += rows
+                    self.tokens_made += rows * self.token_share[key]
+                    self._cond.notify_all()
+        except Exception as e:        # surfaced by the next take(), never lost
+            with self._cond:
+                self.error = e
+                self._cond.notify_all()
+
+    def _neediest(self) -> Key | None:
+        """The pool furthest below its target (forward order breaks ties) among those being refilled: a
+        pool starts a refill once it lacks a whole batch (or all of a target smaller than a batch) and
+        refills up to its target, so refills run in whole batches (a GEMM over a batch costs little more
+        than one over a row). None when no pool needs rows."""
+        best, best_fill = None, 1.0
+        for key, target in self.target.items():
+            level = self.level[key]
+            if key not in self._refilling and target - level >= min(self.batch_tokens, target) > 0:
+                self._refilling.add(key)
+            if key in self._refilling and level / target < best_fill:
+                best, best_fill = key, level / target
+        return best
+
+    # ---- using pads --------------------------------------------------------------------------------
+    def take(self, key: Key, rows: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """`rows` unused pad rows for (op, layer): (R int64 [rows, in], U int64 [rows, out]). Rows come from
+        the pool first; whatever it lacks is made now (an on-demand event)."""
+        rs, us, got = [], [], 0
+        with self._cond:
+            if self.error is not None:
+                raise RuntimeError("the pad pool's filler failed") from self.error
+            pool = self.pools[key]
+            while got < rows and pool:
+                batch = pool[0]
+                n = min(batch.left, rows - got)
+                rs.append(batch.r[batch.start:batch.start + n])
+                us.append(batch.u[batch.start:batch.start + n])
+                batch.start += n
+                got += n
+                if not batch.left:
+                    pool.popleft()
+            self.level[key] -= got
+            self.pads_consumed += rows
+            self._cond.notify_all()
+        if got < rows:
+            t0 = time.perf_counter()
+            r, u = self.make(key, rows - got)
+            rs.append(r)
+            us.append(u)
+            with self._cond:
+                self.on_demand += 1
+                self.on_demand_rows += rows - got
+                self.on_demand_s += time.perf_counter() - t0
+        if len(rs) == 1:
+            return rs[0], us[0]
+        return torch.cat(rs), torch.cat(us)
+
+    def wait_full(self, timeout_s: float | None = None) -> bool:
+        """Block until no pool is being refilled (True: each is at its target, or lacks less than a batch)
+        or the timeout passes (False)."""
+        with self._cond:
+            return self._cond.wait_for(lambda: self.error is not None or self._neediest() is None, timeout_s) \
+                and self.error is None
+
+    @property
+    def bytes_held(self) -> int:
+        with self._cond:
+            return sum(b.r[b.start:].nbytes + b.u[b.start:].nbytes for pool in self.pools.values() for b in pool)
+
+    def stats(self) -> dict:
+        """Figures for JSON: rows made in the background and consumed, on-demand events and rows, the fill
+        rate in tokens/s (a token = one row of every (op, layer), rows weighted by GEMM size), bytes held."""
+        held = self.bytes_held
+        with self._cond:
+            return {"pads_made": self.pads_made, "pads_consumed": self.pads_consumed,
+                    "on_demand": self.on_demand, "on_demand_rows": self.on_demand_rows,
+                    "on_demand_s": self.on_demand_s, "fill_s": self.fill_s,
+                    "fill_tokens_per_s": self.tokens_made / self.fill_s if self.fill_s else 0.0,
+                    "pool_tokens": self.pool_tokens,
+                    "blocks_issued": self.source.blocks_issued, "bytes_held": held,
+                    "filler_error": None if self.error is None else repr(self.error)}
+
+    def close(self) -> None:
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        for pool in self.pools.values():
+            pool.clear()
