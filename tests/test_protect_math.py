@@ -21,10 +21,10 @@ from hypothesis import strategies as st
 
 from tsqp import quant, ring
 from tsqp import weights as W
-from tsqp.compute import Compute
+from tsqp.untrusted.compute import Compute
 from tsqp.config import ModelConfig
-from tsqp.model import TrustedModel
-from tsqp.offload import LocalOffload
+from tsqp.trusted.model import TrustedModel
+from tsqp.local import LocalOffload
 from tsqp.trusted.protect.freivalds import PRIME, Freivalds, VerificationError
 from tsqp.trusted.protect.masked import POLICY_MESSAGE, ProtectedOffload, QuantizedOffload, UnsupportedOp
 from tsqp.trusted.protect.pads import PadPool, PadReuseError, PadSource, keystream, uniform_below

@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from tsqp.config import ModelConfig
-from tsqp.model import TrustedModel
-from tsqp.offload import LocalOffload
+from tsqp.trusted.model import TrustedModel
+from tsqp.local import LocalOffload
 from tsqp.trusted.protect.masked import ProtectedOffload, QuantizedOffload
 from tsqp.untrusted.intmm import IntCompute
 

@@ -74,6 +74,12 @@ def parser() -> argparse.ArgumentParser:
                    help="drop larger messages (ZMQ_MAXMSGSIZE) (default 4096)")
     add_security_args(s, server=True)
     s.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    s.add_argument("--protect", choices=("otp",), default=None,
+                   help="otp: serve masked x @ W only (int8 weights, one-time-padded inputs over Z_2^40); for "
+                        "runners with --protect otp")
+    s.add_argument("--inject-faults", choices=("flip", "replay", "swap", "zero"), default=None,
+                   help="TESTING ONLY, with --protect: alter results on purpose so that --verify's detection can "
+                        "be measured")
     s.add_argument("--spin-us", type=float, default=0.0,
                    help="after a call that came through the pipes, poll for the next one this long before "
                         "sleeping (default 0)")
@@ -105,6 +111,14 @@ def parser() -> argparse.ArgumentParser:
     r.add_argument("--policy", choices=("linear", "seed", "flash"), default="linear",
                    help="linear: attention on the trusted side; seed: the prototype's split (QK^T, PV offloaded); "
                         "flash: RoPE here, fused attention + O on the server")
+    r.add_argument("--protect", choices=("otp",), default=None,
+                   help="otp: every offloaded x @ W gets a fresh one-time pad over exact integers (int8 weights, "
+                        "16-bit activations); embedding and logits stay here; needs --model (the runner's own "
+                        "copy of the checkpoint), --policy linear and a `tsqp serve --protect otp`")
+    r.add_argument("--verify", action="store_true",
+                   help="with --protect: check every result with Freivalds' test before use (false accept <= 2^-40)")
+    r.add_argument("--pad-pool", type=int, default=64,
+                   help="with --protect: pads precomputed per op, in tokens, filled in the background (default 64)")
     r.add_argument("--compile", action="store_true",
                    help="fuse the trusted elementwise steps with torch.compile (needs a C++ compiler; compiles "
                         "once per prompt length)")

@@ -66,12 +66,18 @@ class OpError(ValueError):
     """A request that does not fit the op table; the message names the op and what is wrong."""
 
 
+LIMBS = 5    # a masked input's ring elements (Z_2^40) travel as 5 byte limbs: uint8 [LIMBS, T, in]
+
+
 def output_of(cfg: ModelConfig, wire: str, name, layer, inputs: list[tuple[str, tuple[int, ...]]]
               ) -> tuple[str, tuple[int, ...]]:
-    """Validate an op's inputs ([(dtype, shape)]) against the model; return the output's (dtype, shape)."""
+    """Validate an op's inputs ([(dtype, shape)]) against the model; return the output's (dtype, shape).
+    wire "uint8": a protected server, which answers masked matmul ops only (uint8 limbs in, int64 out)."""
     op = OPS.get(name) if isinstance(name, str) else None
     if op is None:
         raise OpError(f"unknown op {name!r}")
+    if wire == "uint8" and op.kind != "matmul":
+        raise OpError(f"op {name}: a protected server answers masked x @ W ops only")
     if op.per_layer:
         if not isinstance(layer, int) or isinstance(layer, bool) or not 0 <= layer < cfg.num_layers:
             raise OpError(f"op {name}: layer {layer!r} out of range 0..{cfg.num_layers - 1}")
@@ -90,6 +96,10 @@ def output_of(cfg: ModelConfig, wire: str, name, layer, inputs: list[tuple[str, 
         if not ok:
             raise OpError(f"op {name}: input shape {[list(s) for s in shapes]}, expected {what}")
 
+    if op.kind == "matmul" and wire == "uint8":
+        width_in = op.width_in(cfg)
+        need(len(shapes[0]) == 3 and shapes[0][0] == LIMBS and shapes[0][2] == width_in, f"[{LIMBS}, T, {width_in}]")
+        return "int64", (shapes[0][1], op.width_out(cfg))
     if op.kind == "matmul":
         width_in = op.width_in(cfg)
         need(len(shapes[0]) == 2 and shapes[0][1] == width_in, f"[T, {width_in}]")

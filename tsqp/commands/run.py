@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -18,7 +19,10 @@ from ..trusted.model import TrustedModel
 from ..local import LocalOffload
 from ..wire.client import RemoteOffload, default_arena_bytes
 from ..stats import Stats
+from ..config import DEFAULT_MODEL
 from ..trusted.chat import ChatTemplate
+from ..trusted.protect.masked import ProtectedOffload
+from ..untrusted.intmm import IntCompute
 from ..trusted.tokenizer import Tokenizer, TokenizerError
 from ..wire.transport import transport_of
 
@@ -40,7 +44,11 @@ def check_ids(cfg: ModelConfig, ids: torch.Tensor) -> None:
 
 
 def open_offload(args, stats: Stats, tokens: int):
-    """(offload, norms, description) for --local or a remote endpoint."""
+    """(offload, cfg, norms) for --local or a remote endpoint, wrapped in the protection when asked for."""
+    if getattr(args, "protect", None):
+        return open_protected(args, stats, tokens)
+    if args.verify:
+        raise ValueError("--verify checks masked results: it needs --protect otp")
     if args.local:
         dtype = W.torch_dtype(args.dtype)
         cfg, weights = W.load(args.model, dtype, args.device)
@@ -54,6 +62,44 @@ def open_offload(args, stats: Stats, tokens: int):
                            curve=getattr(args, "curve", None), control=getattr(args, "control", "pipes"),
                            spin_s=getattr(args, "spin_us", 0.0) * 1e-6)
     return remote, remote.cfg, remote.norms
+
+
+def open_protected(args, stats: Stats, tokens: int):
+    """--protect otp: the runner's own checkpoint gives the config, the norms, the embedding and the weights to
+    unmask and check with; nothing about the model is taken from the server, whose config and stated
+    fingerprint must match ours."""
+    if args.policy != "linear":
+        raise ValueError(f"--protect needs --policy linear: attention stays on the trusted side (--policy "
+                         f"{args.policy} would send Q, K and V in the clear)")
+    if args.model.startswith("random:") and not args.local and "LLAMA_MODEL_PATH" not in os.environ \
+            and args.model == DEFAULT_MODEL:
+        raise ValueError("--protect needs --model (the runner's own copy of the checkpoint the server serves)")
+    cfg, weights = W.load(args.model, torch.float32, "cpu")
+    if args.local:
+        inner = LocalOffload(IntCompute(cfg, weights, args.device), stats)
+    else:
+        arena = args.arena_mb * 2**20 if args.arena_mb else (lambda c: 2 * default_arena_bytes(c, tokens, args.chunks))
+        inner = RemoteOffload(args.endpoint, args.transport, timeout_s=args.timeout,
+                              connect_timeout_s=args.connect_timeout, arena_bytes=arena, stats=stats,
+                              curve=getattr(args, "curve", None), control=getattr(args, "control", "pipes"),
+                              spin_s=getattr(args, "spin_us", 0.0) * 1e-6)
+        try:
+            if inner.dtype != torch.uint8:
+                raise ValueError(f"{args.endpoint} is not a protected server (it serves {P_name(inner.dtype)} "
+                                 f"in the clear); start it with `tsqp serve --protect otp`")
+            if inner.cfg != cfg:
+                raise ValueError(f"the server's model config differs from {args.model}'s: refusing it")
+        except BaseException:
+            inner.close()
+            raise
+    offload = ProtectedOffload(inner, cfg, weights, verify=args.verify, pool_tokens=args.pad_pool, stats=stats)
+    try:
+        stated = inner.info.get("fingerprint") if not args.local else inner.compute.fingerprint
+        offload.expect_fingerprint(stated)
+    except BaseException:
+        offload.close()
+        raise
+    return offload, cfg, W.norm_weights(weights)
 
 
 def cpu_has_amx() -> bool:
@@ -72,10 +118,12 @@ def attn_dtype(choice: str, wire: torch.dtype) -> torch.dtype:
 
 def settings_of(args, offload, tokens: int) -> dict:
     remote = not args.local
+    info = getattr(offload, "inner", offload).info if remote else {}
     return {
-        "model": offload.info["model"] if remote else args.model,
-        "dtype": offload.info["dtype"] if remote else args.dtype,
-        "device": offload.info["device"] if remote else args.device,
+        "model": info["model"] if remote else args.model,
+        "dtype": info["dtype"] if remote else args.dtype,
+        "device": info["device"] if remote else args.device,
+        "protect": getattr(args, "protect", None), "verify": args.verify,
         "endpoint": args.endpoint if remote else None,
         "transport": (args.transport if args.transport == "shm" else transport_of(args.endpoint))
         if remote else "local",
@@ -117,6 +165,8 @@ def run(args) -> dict:
         stats.total_s = time.perf_counter() - t0
         result = {"settings": settings_of(args, offload, tokens), "stats": stats.to_dict(),
                   "argmax": int(logits.argmax())}
+        if hasattr(offload, "report"):
+            result["protection"] = offload.report()
     finally:
         offload.close()
     stats.print(f"tsqp run: prefill of {tokens} tokens")
@@ -217,6 +267,8 @@ def run_generation(args) -> dict:
             "tokenizer": str(tokenizer.path) if tokenizer else None}
         result = {"settings": settings, "stats": stats.to_dict() | g, "prompt_ids": ids.tolist(),
                   "generated_ids": gen.ids}
+        if hasattr(offload, "report"):
+            result["protection"] = offload.report()
         if tokenizer:
             result["text"] = "".join(pieces)
     finally:

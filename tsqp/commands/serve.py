@@ -4,7 +4,11 @@ from __future__ import annotations
 import time
 
 from .. import weights as W
+import torch
+
 from ..untrusted.compute import Compute
+from ..untrusted.faults import FaultInjector
+from ..untrusted.intmm import IntCompute
 from ..wire.keys import server_curve
 from ..untrusted.server import Server, describe_endpoint
 
@@ -12,10 +16,15 @@ from ..untrusted.server import Server, describe_endpoint
 def serve(args) -> None:
     t0 = time.perf_counter()
     curve = server_curve(args.endpoint, args.keys, args.server_key, args.allow, args.insecure)   # fail before loading
-    dtype = W.torch_dtype(args.dtype)
+    # protected: int8 weights quantized from float32, as every runner quantizes its own copy (quant.py)
+    dtype = torch.float32 if args.protect else W.torch_dtype(args.dtype)
     cfg, weights = W.load(args.model, dtype, "cpu" if args.device.startswith("cuda") else args.device)
     n = W.n_params(weights)
-    compute = Compute(cfg, weights, args.device)
+    if args.protect:
+        faults = FaultInjector(args.inject_faults) if args.inject_faults else None
+        compute = IntCompute(cfg, weights, args.device, faults)
+    else:
+        compute = Compute(cfg, weights, args.device)
     norms = W.norm_weights(weights)
     del weights
     server = Server(compute, norms, args.endpoint, W.describe(args.model), args.max_sessions,
@@ -26,7 +35,12 @@ def serve(args) -> None:
         print(f"Endpoint: {args.endpoint} (bound)")
         print(f"Transport: {describe_endpoint(args.endpoint)}"
               + (f", CurveZMQ ({len(curve.allowed)} allowed client key(s))" if curve else ""))
-        print(f"Device: {args.device}, Dtype: {args.dtype}")
+        print(f"Device: {args.device}, Dtype: {'int8 weights, masked uint8 limbs in' if args.protect else args.dtype}")
+        if args.protect:
+            print(f"Protected: answers masked x @ W only; weights fingerprint {compute.fingerprint[:16]}...")
+        if args.inject_faults:
+            print(f"WARNING: --inject-faults {args.inject_faults}: this server ALTERS results on purpose "
+                  f"(for measuring detection only)")
         print(f"Model: {W.describe(args.model)} ({cfg.num_layers} layers, {n / 1e6:.1f} M parameters, "
               f"{n * dtype.itemsize / 2**20:.1f} MiB)")
         print(f"ready in {time.perf_counter() - t0:.1f} s", flush=True)

@@ -59,7 +59,8 @@ class Handlers:
     def info(self) -> dict:
         return {"model": self.model, "dtype": self.wire, "device": str(self.compute.device),
                 "config": self.cfg.to_dict(), "sessions": len(self.sessions.by_peer), "requests": self.requests,
-                "pid": os.getpid(), "recording": self.recorder is not None}
+                "pid": os.getpid(), "recording": self.recorder is not None,
+                "fingerprint": getattr(self.compute, "fingerprint", None)}
 
     def hello(self, peer: bytes, header: dict) -> list:
         """Open a session; the runner gets the config and the norm weights."""
