@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -19,7 +18,6 @@ from ..trusted.model import TrustedModel
 from ..local import LocalOffload
 from ..wire.client import RemoteOffload, default_arena_bytes
 from ..stats import Stats
-from ..config import DEFAULT_MODEL
 from ..trusted.chat import ChatTemplate
 from ..trusted.protect.masked import ProtectedOffload
 from ..untrusted.intmm import IntCompute
@@ -71,9 +69,6 @@ def open_protected(args, stats: Stats, tokens: int):
     if args.policy != "linear":
         raise ValueError(f"--protect needs --policy linear: attention stays on the trusted side (--policy "
                          f"{args.policy} would send Q, K and V in the clear)")
-    if args.model.startswith("random:") and not args.local and "LLAMA_MODEL_PATH" not in os.environ \
-            and args.model == DEFAULT_MODEL:
-        raise ValueError("--protect needs --model (the runner's own copy of the checkpoint the server serves)")
     cfg, weights = W.load(args.model, torch.float32, "cpu")
     if args.local:
         inner = LocalOffload(IntCompute(cfg, weights, args.device), stats)

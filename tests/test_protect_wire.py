@@ -1,0 +1,94 @@
+"""Protected offload through two real processes: the masked run equals the unmasked quantized model bit for bit,
+every injected fault stops the run with an error naming the op, and what cannot be protected is refused."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conftest import run_cli, serving
+from tsqp import weights as W
+from tsqp.commands.run import fixed_prompt
+from tsqp.stats import Stats
+from tsqp.trusted.model import TrustedModel
+from tsqp.trusted.protect.freivalds import VerificationError
+from tsqp.trusted.protect.masked import ProtectedOffload, QuantizedOffload
+from tsqp.wire.client import RemoteOffload
+
+MODEL = "random:tiny"
+
+
+def protected(endpoint: str, verify: bool = True) -> ProtectedOffload:
+    cfg, weights = W.load(MODEL, torch.float32, "cpu")
+    inner = RemoteOffload(endpoint, "shm", timeout_s=30, arena_bytes=32 * 2**20)
+    offload = ProtectedOffload(inner, cfg, weights, verify=verify, pool_tokens=16, stats=Stats())
+    offload.expect_fingerprint(inner.info["fingerprint"])
+    return offload
+
+
+def prefill_and_decode(offload, cfg, norms, ids, steps=3):
+    model = TrustedModel(cfg, norms, offload, "linear")
+    cache = model.new_cache(ids.numel() + steps)
+    logits = [model.prefill(ids, cache)]
+    for _ in range(steps):
+        logits.append(model.decode(int(logits[-1].argmax()), cache))
+    return torch.stack(logits)
+
+
+@pytest.fixture(scope="module")
+def server():
+    with serving(MODEL, extra=("--protect", "otp")) as (endpoint, proc):
+        yield endpoint, proc
+
+
+def test_masked_run_over_the_wire_equals_the_quantized_model_bit_for_bit(server):
+    endpoint, _ = server
+    cfg, weights = W.load(MODEL, torch.float32, "cpu")
+    norms = W.norm_weights(weights)
+    ids = fixed_prompt(cfg, 24)
+    want = prefill_and_decode(QuantizedOffload(cfg, weights), cfg, norms, ids)
+    offload = protected(endpoint)
+    try:
+        got = prefill_and_decode(offload, cfg, norms, ids)
+        report = offload.report()
+    finally:
+        offload.close()
+    assert torch.equal(got, want)
+    assert report["checked_rows"] > 0 and report["pool"]["pads_consumed"] > 0
+
+
+@pytest.mark.parametrize("kind", ["flip", "replay", "swap", "zero"])
+def test_every_injected_fault_kind_stops_the_run_naming_the_op(kind):
+    with serving(MODEL, extra=("--protect", "otp", "--inject-faults", kind)) as (endpoint, proc):
+        assert "ALTERS results" in proc.banner
+        cfg, weights = W.load(MODEL, torch.float32, "cpu")
+        offload = protected(endpoint)
+        try:
+            with pytest.raises(VerificationError, match=r"op '(qkv|o|gate_up|down|lm_head)'"):
+                prefill_and_decode(offload, cfg, W.norm_weights(weights), fixed_prompt(cfg, 24))
+        finally:
+            offload.close()
+
+
+def test_cli_protected_generation_and_its_refusals(server):
+    endpoint, _ = server
+    base = ("run", "--endpoint", endpoint, "--model", MODEL, "--prompt-ids", "5,6,7,8", "--max-new-tokens", "4",
+            "--ignore-eos", "--connect-timeout", "30")
+    ok = run_cli(*base, "--protect", "otp", "--verify")
+    assert ok.returncode == 0, ok.stderr
+    local = run_cli("run", "--local", "--model", MODEL, "--device", "cpu", "--prompt-ids", "5,6,7,8",
+                    "--max-new-tokens", "4", "--ignore-eos", "--protect", "otp", "--verify")
+    assert local.returncode == 0, local.stderr
+    pick = lambda out: out.split("Prompt")[1].split("\n")[1]        # the generated ids' line
+    assert pick(ok.stdout) == pick(local.stdout)
+    flash = run_cli(*base, "--protect", "otp", "--policy", "flash")
+    assert flash.returncode == 2 and "--protect needs --policy linear" in flash.stderr
+    other = run_cli(*base[:4], "random:tiny@7", *base[5:], "--protect", "otp")       # another model's weights
+    assert other.returncode == 2 and "fingerprint" in other.stderr and "differ" in other.stderr
+    plain = run_cli(*base, "--verify")
+    assert plain.returncode == 2 and "needs --protect" in plain.stderr
+
+
+def test_unprotected_server_is_refused():
+    with serving(MODEL) as (endpoint, _):
+        r = run_cli("run", "--endpoint", endpoint, "--model", MODEL, "--protect", "otp", "--tokens", "8")
+        assert r.returncode == 2 and "not a protected server" in r.stderr
