@@ -92,3 +92,30 @@ def test_unprotected_server_is_refused():
     with serving(MODEL) as (endpoint, _):
         r = run_cli("run", "--endpoint", endpoint, "--model", MODEL, "--protect", "otp", "--tokens", "8")
         assert r.returncode == 2 and "not a protected server" in r.stderr
+
+
+def protected_bytes(cfg, T: int) -> tuple[int, int]:
+    """(sent, received) per prefill of T tokens, from the config and the op table: 5 limb bytes per masked
+    input element, 8 bytes per int64 output element; the LM head sees the last row only; no embedding."""
+    from tsqp.ops import MATMUL_OPS, matmul_widths
+    sent = received = 0
+    for op in MATMUL_OPS:
+        width_in, width_out = matmul_widths(cfg, op)
+        rows, times = (1, 1) if op == "lm_head" else (T, cfg.num_layers)
+        sent += times * 5 * rows * width_in
+        received += times * 8 * rows * width_out
+    return sent, received
+
+
+def test_protected_prefill_moves_the_bytes_the_config_implies(server):
+    endpoint, _ = server
+    cfg, weights = W.load(MODEL, torch.float32, "cpu")
+    offload = protected(endpoint)
+    try:
+        model = TrustedModel(cfg, W.norm_weights(weights), offload, "linear")
+        model.prefill(fixed_prompt(cfg, 40), model.new_cache(40))
+        stats = offload.inner.stats
+    finally:
+        offload.close()
+    assert (stats.shm_sent_bytes, stats.shm_received_bytes) == protected_bytes(cfg, 40)
+    assert stats.rpc_calls == 4 * cfg.num_layers + 1          # no embed call: ids never leave the runner

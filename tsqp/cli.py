@@ -74,6 +74,9 @@ def parser() -> argparse.ArgumentParser:
                    help="drop larger messages (ZMQ_MAXMSGSIZE) (default 4096)")
     add_security_args(s, server=True)
     s.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    s.add_argument("--record", default=None, metavar="DIR",
+                   help="write everything this server receives and returns, per session, to DIR (owner-only; for "
+                        "`tsqp audit`); off by default")
     s.add_argument("--protect", choices=("otp",), default=None,
                    help="otp: serve masked x @ W only (int8 weights, one-time-padded inputs over Z_2^40); for "
                         "runners with --protect otp")

@@ -9,6 +9,7 @@ import torch
 from ..untrusted.compute import Compute
 from ..untrusted.faults import FaultInjector
 from ..untrusted.intmm import IntCompute
+from ..untrusted.record import Recorder
 from ..wire.keys import server_curve
 from ..untrusted.server import Server, describe_endpoint
 
@@ -27,7 +28,8 @@ def serve(args) -> None:
         compute = Compute(cfg, weights, args.device)
     norms = W.norm_weights(weights)
     del weights
-    server = Server(compute, norms, args.endpoint, W.describe(args.model), args.max_sessions,
+    recorder = Recorder(args.record) if args.record else None
+    server = Server(compute, norms, args.endpoint, W.describe(args.model), args.max_sessions, recorder=recorder,
                     idle_timeout_s=args.idle_timeout, max_msg_bytes=int(args.max_message_mb * 2**20),
                     curve=curve, insecure=args.insecure, public=args.public, spin_s=args.spin_us * 1e-6)
 
@@ -38,6 +40,8 @@ def serve(args) -> None:
         print(f"Device: {args.device}, Dtype: {'int8 weights, masked uint8 limbs in' if args.protect else args.dtype}")
         if args.protect:
             print(f"Protected: answers masked x @ W only; weights fingerprint {compute.fingerprint[:16]}...")
+        if recorder is not None:
+            print(f"RECORDING: everything received and returned is written to {args.record} (for tsqp audit)")
         if args.inject_faults:
             print(f"WARNING: --inject-faults {args.inject_faults}: this server ALTERS results on purpose "
                   f"(for measuring detection only)")

@@ -128,6 +128,8 @@ class Sessions:
                 print(f"dropped a session: {why}", file=sys.stderr, flush=True)
             self._forget_pipes(session)
             session.close_files()
+            if session.record is not None:
+                session.record.close()
 
     def reap(self) -> list[bytes]:
         """Drop the sessions of runners that died (pid gone) or went silent (no pid, idle too long)."""
