@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from .config import ConfigError, ModelConfig
-from .weights import expected_shapes, layer_names
+from .weights import check_complete, expected_shapes, layer_names
 
 # Dequantized by gguf.quants and covered by the tests (K-quants against transformers' own dequantizer).
 SUPPORTED_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1",
@@ -196,11 +196,7 @@ def weights_from_reader(reader, cfg: ModelConfig, dtype: torch.dtype, device: st
         elif name in k_names:
             w = unpermute_rows(w, cfg.num_kv_heads)
         weights[name] = w.to(device=device, dtype=dtype)
-    missing = sorted(set(shapes) - set(weights))
-    if missing:
-        raise ConfigError(f"{src}: missing tensor(s) {', '.join(missing[:3])}"
-                          + (f" and {len(missing) - 3} more" if len(missing) > 3 else ""))
-    return weights
+    return check_complete(src, shapes, weights)
 
 
 def read(path: str | Path, dtype: torch.dtype, device: str = "cpu") -> tuple[ModelConfig, dict[str, torch.Tensor]]:

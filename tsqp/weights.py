@@ -112,9 +112,14 @@ def read_safetensors(path: Path, cfg: ModelConfig, dtype: torch.dtype, device: s
                     raise ConfigError(f"{file}: tensor '{name}' has shape {tuple(t.shape)}, "
                                       f"config.json implies {shapes[name]}")
                 weights[name] = t.to(device=device, dtype=dtype)
+    return check_complete(path, shapes, weights)
+
+
+def check_complete(source, shapes: dict, weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Every tensor the config implies is there, or a ConfigError names the missing ones."""
     missing = sorted(set(shapes) - set(weights))
     if missing:
-        raise ConfigError(f"{path}: missing tensor(s) {', '.join(missing[:3])}"
+        raise ConfigError(f"{source}: missing tensor(s) {', '.join(missing[:3])}"
                           + (f" and {len(missing) - 3} more" if len(missing) > 3 else ""))
     return weights
 

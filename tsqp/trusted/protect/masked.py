@@ -20,6 +20,7 @@ import torch
 from ... import quant, ring
 from ...config import ModelConfig
 from ...stats import Stats
+from ..offload import Done
 from .freivalds import Freivalds, VerificationError
 from .pads import PadPool, PadSource
 
@@ -28,19 +29,6 @@ POLICY_MESSAGE = "--protect needs --policy linear: attention stays on the truste
 
 class UnsupportedOp(ValueError):
     """An op that cannot be offloaded under protection."""
-
-
-class Ready:
-    """A request already answered here."""
-
-    def __init__(self, value: torch.Tensor):
-        self.value = value
-
-    def result(self) -> torch.Tensor:
-        return self.value
-
-    def release(self) -> None:
-        pass
 
 
 class _QuantizedBase:
@@ -68,8 +56,8 @@ class _QuantizedBase:
             raise ValueError(f"op '{op}' takes one input [T, {w.shape[1]}], got {[tuple(x.shape) for x in xs]}")
         return key
 
-    def _embed(self, ids: torch.Tensor) -> Ready:
-        return Ready(self.embedding[ids])                                               # [T, D]
+    def _embed(self, ids: torch.Tensor) -> Done:
+        return Done(self.embedding[ids])                                               # [T, D]
 
     def close(self) -> None:
         pass
@@ -83,14 +71,14 @@ class QuantizedOffload(_QuantizedBase):
         super().__init__(cfg, weights, stats)
         self.wt64 = {key: w.q.t().to(torch.float64) for key, w in self.qweights.items()}   # [in, out]
 
-    def submit(self, op: str, layer: int | None, *xs: torch.Tensor) -> Ready:
+    def submit(self, op: str, layer: int | None, *xs: torch.Tensor) -> Done:
         if op == "embed":
             return self._embed(xs[0])
         key = self._key(op, layer, xs)
         self.stats.rpc_calls += 1
         xq, sx = quant.quantize_rows(xs[0])
         y = (xq.to(torch.float64) @ self.wt64[key]).to(torch.int64)                     # [T, out] exact
-        return Ready(quant.dequantize(y, sx, self.qweights[key].scale))
+        return Done(quant.dequantize(y, sx, self.qweights[key].scale))
 
 
 class ProtectedOffload(_QuantizedBase):
