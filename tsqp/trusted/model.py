@@ -16,6 +16,7 @@ import torch.nn.functional as F
 
 from ..config import ModelConfig
 from ..weights import layer_names
+from .attention import ATTENTION, POLICIES
 
 
 class Rope:
@@ -156,38 +157,30 @@ class KVCache:
         self.max_len, self.length = max_len, 0
 
 
-POLICIES = ("linear", "seed", "flash")
-
-
 class TrustedModel:
-    """policy: linear  - attention on the trusted side (default);
-               seed    - the prototype's split: Q K^T and P V on the server, softmax here;
-               flash   - RoPE here, then fused attention + O on the server (it already computes Q, K, V;
-                         K and V of the prompt are sent with each request, the cache stays here)."""
+    """The runner's side of the model. policy (attention.py): linear - attention here (default); seed - Q K^T
+    and P V on the server, softmax here; flash - fused attention + O on the server."""
 
     def __init__(self, cfg: ModelConfig, norms: dict[str, torch.Tensor], offload, policy: str = "linear",
                  stats=None, attn_dtype: torch.dtype = torch.float32, device: str = "cpu", fused: bool = False):
-        if policy not in POLICIES:
+        if policy not in ATTENTION:
             raise ValueError(f"unknown policy '{policy}'; choose one of {', '.join(POLICIES)}")
         self.cfg, self.offload, self.policy = cfg, offload, policy
         self.device = torch.device(device)
         self.norms = {k: v.to(self.device, torch.float32) for k, v in norms.items()}
         self.rope = Rope(cfg)
-        self.wire = offload.dtype
-        # flash ships K/V in the wire dtype, so keep them so; otherwise the attention math's dtype
-        self.attn_dtype = self.wire if policy == "flash" else attn_dtype
         self.timer = stats.timer if stats is not None else (lambda name: nullcontext())
+        self.attention = ATTENTION[policy](cfg, offload, self.timer, attn_dtype, self.device)
         self.ew = Elementwise(fused)
 
     def new_cache(self, max_len: int) -> KVCache:
-        return KVCache(self.cfg, max_len, self.attn_dtype, self.device)
+        return KVCache(self.cfg, max_len, self.attention.dtype, self.device)
 
     # ---- one chunk ---------------------------------------------------------------------------------
     def forward(self, ids: torch.Tensor, cache: KVCache, start: int, want_logits: bool = True):
         """Generator over one chunk: ids [T] at positions start..start+T-1. Yields pending requests,
         returns the last position's logits [V] (float32) or None."""
         cfg, T = self.cfg, ids.shape[0]
-        H, hd, I = cfg.num_heads, cfg.head_dim, cfg.intermediate_size
         if start + T > cache.max_len:
             raise ValueError(f"positions up to {start + T} exceed the KV cache of {cache.max_len}")
         h = (yield self.offload.submit("embed", None, ids)).to(torch.float32, copy=True)  # [T, D] residual
@@ -197,24 +190,14 @@ class TrustedModel:
         for layer in range(cfg.num_layers):
             n = layer_names(layer)
             qkv = (yield self.offload.submit("qkv", layer, x))                             # [T, Q+2KV]
-            q = self.offload.empty((T, H, hd), self.attn_dtype) if self.policy == "flash" else \
-                torch.empty(T, H, hd, dtype=self.attn_dtype, device=self.device)
+            q = self.attention.query(T)                                                    # [T, H, hd]
             with self.timer("rope"):
                 self.ew.call("rope_qkv", qkv, cos, sin, q, cache.k[layer, :, start:start + T].transpose(0, 1),
                              cache.v[layer, :, start:start + T].transpose(0, 1))            # [T, KV, hd]
-            if self.policy == "flash":
-                o = yield from self._flash_attention(q, cache, layer, start)
-            else:
-                attn = self.offload.empty((T, H * hd))                                     # [T, H*hd] wire
-                if self.policy == "linear":
-                    with self.timer("attention"):
-                        self._attention(q, cache, layer, start, attn)
-                else:
-                    yield from self._seed_attention(q, cache, layer, start, attn)
-                o = yield self.offload.submit("o", layer, attn)
+            o = yield from self.attention(q, cache, layer, start)                          # [T, D]
             h, x = self._add_norm(h, o, self.norms[n["mlp_norm"]])                          # h + o
             gate_up = (yield self.offload.submit("gate_up", layer, x))                     # [T, 2I]
-            act = self.offload.empty((T, I))
+            act = self.offload.empty((T, cfg.intermediate_size))
             with self.timer("silu"):
                 self.ew.call("silu_mul", gate_up, act)
             down = yield self.offload.submit("down", layer, act)                           # [T, D]
@@ -240,52 +223,6 @@ class TrustedModel:
         with self.timer("rmsnorm"):
             h = self.ew.call("add_rmsnorm", h, y, weight, self.cfg.rms_norm_eps, out)
         return h, out
-
-    def _mask(self, start: int, T: int) -> torch.Tensor | None:
-        """Causal mask for queries at start..start+T-1 over keys 0..start+T-1; None where SDPA needs none."""
-        if T == 1:
-            return None
-        qpos = torch.arange(start, start + T, device=self.device)[:, None]
-        return torch.arange(start + T, device=self.device)[None, :] <= qpos               # [T, S] bool
-
-    def _attention(self, q, cache, layer, start, out):
-        T, H, hd = q.shape
-        S = start + T
-        k, v = cache.k[layer, :, :S], cache.v[layer, :, :S]                                 # [KV, S, hd]
-        y = F.scaled_dot_product_attention(
-            q.transpose(0, 1)[None], k[None], v[None],                                      # [1, H, T, hd]
-            attn_mask=None if start == 0 else self._mask(start, T),
-            is_causal=start == 0 and T > 1, enable_gqa=True)
-        out.view(T, H, hd).copy_(y[0].transpose(0, 1))                                       # [T, H, hd]
-
-    def _flash_attention(self, q, cache, layer, start):
-        """q already sits in the wire buffer; K/V of positions 0..S-1 go along. Returns O's output [T, D]."""
-        S = start + q.shape[0]
-        k, v = cache.k[layer, :, :S], cache.v[layer, :, :S]                                 # [KV, S, hd]
-        return (yield self.offload.submit("attn_o", layer, q, k, v))
-
-    def _seed_attention(self, q, cache, layer, start, out):
-        """The prototype's split: Q K^T and P V on the server, scale/mask/softmax here."""
-        T, H, hd = q.shape
-        S = start + T
-        q_wire = self.offload.empty((H, T, hd))
-        k_wire = self.offload.empty((self.cfg.num_kv_heads, S, hd))
-        with self.timer("attention"):
-            q_wire.copy_(q.transpose(0, 1))
-            k_wire.copy_(cache.k[layer, :, :S])
-        scores = yield self.offload.submit("qk", layer, q_wire, k_wire)                     # [H, T, S]
-        probs = self.offload.empty((H, T, S))
-        v_wire = self.offload.empty((self.cfg.num_kv_heads, S, hd))
-        with self.timer("attention"):
-            s = scores.float() / math.sqrt(hd)
-            mask = self._mask(start, T)
-            if mask is not None:
-                s.masked_fill_(~mask, float("-inf"))
-            probs.copy_(torch.softmax(s, dim=-1))
-            v_wire.copy_(cache.v[layer, :, :S])
-        y = yield self.offload.submit("av", layer, probs, v_wire)                           # [H, T, hd]
-        with self.timer("attention"):
-            out.view(T, H, hd).copy_(y.transpose(0, 1))
 
     # ---- whole prompts and single tokens -------------------------------------------------------------
     def prefill(self, ids: torch.Tensor, cache: KVCache, chunks: int = 1) -> torch.Tensor:
