@@ -40,26 +40,24 @@ class Launched:
 
 class LocalOffload:
     """The compute service in the runner's own process: the baseline the transports are measured against,
-    and the single-process mode of a TDX VM with GPU passthrough. With a CUDA compute and trusted tensors on
-    the CPU, buffers come from a pinned staging arena and requests are queued asynchronously, as the
-    shared-memory transport does across processes."""
+    and the single-process mode of a TDX VM with GPU passthrough. The trusted side's tensors stay on the
+    CPU; with a CUDA compute, buffers come from a pinned staging arena and requests are queued
+    asynchronously, as the shared-memory transport does across processes."""
 
-    def __init__(self, compute: Compute, stats: Stats | None = None, buffer_device: str = "cpu",
-                 staging_bytes: int = 256 * 2**20, staging: bool | None = None):
-        """buffer_device: where the trusted side's tensors live (the compute's device for a no-split run).
-        staging: use the staging arena (default: when the compute is on CUDA and the buffers on the CPU)."""
-        self.compute, self.dtype, self.buffer_device = compute, compute.dtype, buffer_device
+    STAGING_BYTES = 256 * 2**20
+
+    def __init__(self, compute: Compute, stats: Stats | None = None):
+        self.compute, self.dtype = compute, compute.dtype
         self.stats = stats or Stats()
         self.arena = None
-        if staging if staging is not None else (compute.cuda and torch.device(buffer_device).type == "cpu"):
-            self.arena = Arena.anonymous(staging_bytes)
-            if compute.cuda:
-                self.arena.register_cuda()
+        if compute.cuda and isinstance(compute, Compute):     # IntCompute has no launch(): it runs in place
+            self.arena = Arena.anonymous(self.STAGING_BYTES)
+            self.arena.register_cuda()
 
     def empty(self, shape: tuple[int, ...], dtype: torch.dtype | None = None) -> torch.Tensor:
         if self.arena is not None:
             return self.arena.empty(shape, dtype or self.dtype)    # freed with the request it feeds
-        return torch.empty(shape, dtype=dtype or self.dtype, device=self.buffer_device)
+        return torch.empty(shape, dtype=dtype or self.dtype)
 
     def submit(self, op: str, layer: int | None, *xs: torch.Tensor):
         t0 = time.perf_counter()

@@ -24,16 +24,18 @@ from rich.progress import Progress
 from rich.table import Table
 
 from .. import weights as W
-from ..untrusted.compute import Compute
-from .launch import free_tcp_port, private_ipc_endpoint, start_server, stop_servers, wait_ready
-from ..trusted.model import POLICIES, TrustedModel
 from ..local import LocalOffload
-from ..wire.client import RemoteOffload, default_arena_bytes
-from .run import attn_dtype, fixed_prompt
 from ..stats import Stats
+from ..trusted.model import POLICIES, TrustedModel
+from ..untrusted.compute import Compute
+from ..wire.client import RemoteOffload, default_arena_bytes
+from .launch import free_tcp_port, private_ipc_endpoint, start_server, stop_servers, wait_ready
+from .nosplit import NoSplitModel, NoSplitOffload
+from .run import attn_dtype, fixed_prompt
 
 console = Console(highlight=False, width=None if os.isatty(1) else 200)
 TRANSPORTS = ("local", "shm", "shm-socket", "ipc", "tcp")   # shm-socket: shm, control messages over ZeroMQ
+ATTN_DTYPES = ("auto", "float32", "bfloat16")
 
 
 @dataclass
@@ -184,40 +186,37 @@ class Bench:
             raise
         return Trial(c, model, offload, stats)
 
-
     def reference(self, dtype: str, ids: torch.Tensor, device: str) -> dict:
         """The whole model on one device, no split: the same math, trusted part and compute together."""
         cfg, weights = self.local_weights(dtype)
         stats = Stats()
-        offload = LocalOffload(Compute(cfg, weights, device), stats, buffer_device=device)
+        offload = NoSplitOffload(Compute(cfg, weights, device), stats)
         norms = W.norm_weights(weights)
-        model = TrustedModel(cfg, norms, offload, "linear", stats,
+        model = NoSplitModel(device, cfg, norms, offload, "linear", stats,
                              W.torch_dtype(dtype) if device != "cpu" else attn_dtype("auto", W.torch_dtype(dtype)),
-                             device=device, fused=self.args.compile and device == "cpu")
+                             fused=self.args.compile and device == "cpu")
         sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
         times, _ = timed_prefills(model, ids.to(device), 1, self.args.repeat, self.args.warmup, stats, sync)
         del model, offload
         return summary(times)
 
 
+def choices(value: str, allowed: tuple[str, ...], what: str) -> list[str]:
+    """A comma list of choices; the first unknown one is refused by name."""
+    items = value.split(",")
+    for item in items:
+        if item not in allowed:
+            raise ValueError(f"unknown {what} '{item}'; choose from {', '.join(allowed)}")
+    return items
+
+
 def run_bench(args) -> dict:
     a = args
-    policies = a.policy.split(",")
-    for p in policies:
-        if p not in POLICIES:
-            raise ValueError(f"unknown policy '{p}'; choose from {', '.join(POLICIES)}")
-    transports = a.transport.split(",")
-    for t in transports:
-        if t not in TRANSPORTS:
-            raise ValueError(f"unknown transport '{t}'; choose from {', '.join(TRANSPORTS)}")
-    dtypes = a.dtype.split(",")
-    for d in dtypes:
-        W.torch_dtype(d)
+    policies = choices(a.policy, POLICIES, "policy")
+    transports = choices(a.transport, TRANSPORTS, "transport")
+    dtypes = choices(a.dtype, tuple(W.DTYPE), "dtype")
     chunk_list = [int(c) for c in str(a.chunks).split(",")]
-    attns = a.attn_dtype.split(",")
-    for at in attns:
-        if at not in ("auto", "float32", "bfloat16"):
-            raise ValueError(f"unknown attention dtype '{at}'; choose auto, float32 or bfloat16")
+    attns = choices(a.attn_dtype, ATTN_DTYPES, "attention dtype")
     configs = [Config(t, d, p, c, at) for d, p, c, at, t in
                itertools.product(dtypes, policies, chunk_list, attns, transports)]
     cfg = W.load_config(a.model)

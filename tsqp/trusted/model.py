@@ -161,12 +161,13 @@ class TrustedModel:
     """The runner's side of the model. policy (attention.py): linear - attention here (default); seed - Q K^T
     and P V on the server, softmax here; flash - fused attention + O on the server."""
 
+    device = torch.device("cpu")    # the runner's own; `tsqp bench`'s no-split reference runs it on the GPU
+
     def __init__(self, cfg: ModelConfig, norms: dict[str, torch.Tensor], offload, policy: str = "linear",
-                 stats=None, attn_dtype: torch.dtype = torch.float32, device: str = "cpu", fused: bool = False):
+                 stats=None, attn_dtype: torch.dtype = torch.float32, fused: bool = False):
         if policy not in ATTENTION:
             raise ValueError(f"unknown policy '{policy}'; choose one of {', '.join(POLICIES)}")
         self.cfg, self.offload, self.policy = cfg, offload, policy
-        self.device = torch.device(device)
         self.norms = {k: v.to(self.device, torch.float32) for k, v in norms.items()}
         self.rope = Rope(cfg)
         self.timer = stats.timer if stats is not None else (lambda name: nullcontext())

@@ -65,9 +65,6 @@ class Compute:
         finish() waits for the device and returns the compute seconds (copies included), measured here.
         On CUDA the copies and the kernels are queued on one stream, so the caller may work meanwhile."""
         t0 = time.perf_counter()
-        if self.cuda and out is None and all(x.device == self.device for x in inputs):
-            y = self.forward(op, layer, *inputs)     # everything on the device already: the no-split reference
-            return y, lambda: time.perf_counter() - t0
         if not self.cuda:
             if out is not None and op in ("qkv", "o", "gate_up", "down", "lm_head"):   # straight into `out`
                 y = torch.matmul(inputs[0], self.lm_head_t if op == "lm_head" else self.layers_t[layer][op], out=out)
