@@ -11,9 +11,9 @@ from pathlib import Path
 
 import torch
 
-from .config import PRESETS, ConfigError, ModelConfig
+from .config import DTYPES, PRESETS, ConfigError, ModelConfig
 
-DTYPE = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+DTYPE = {name: getattr(torch, name) for name in DTYPES}     # the one name -> torch dtype map (wire extends it)
 
 
 def torch_dtype(name: str) -> torch.dtype:

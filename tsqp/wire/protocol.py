@@ -29,6 +29,7 @@ from dataclasses import dataclass
 import torch
 
 from ..ops import BY_CODE, OPS
+from ..weights import DTYPE
 
 MAGIC, VERSION = 0xC5, 2
 CALL, RESULT = 1, 2
@@ -37,8 +38,8 @@ TENSOR = struct.Struct("<BB6xq4I")
 MAX_DIMS = 4
 MAX_TENSORS = 8
 MAX_CONTROL_BYTES = 64 * 1024
-WIRE_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
-               "int64": torch.int64, "uint8": torch.uint8, "int8": torch.int8}
+# the weights' dtypes, then token ids and the protected offload's integers (the order gives the codes)
+WIRE_DTYPES = {**DTYPE, "int64": torch.int64, "uint8": torch.uint8, "int8": torch.int8}
 DTYPE_NAME = {v: k for k, v in WIRE_DTYPES.items()}
 DTYPE_CODES = tuple(WIRE_DTYPES)            # code = index + 1
 ID_OFFSET = 8                               # where the request id sits in the header
