@@ -23,6 +23,8 @@ import zmq
 import zmq.auth
 from zmq.auth.thread import ThreadAuthenticator
 
+from .. import files
+
 DEFAULT_KEYS_DIR = Path(os.environ.get("TSQP_KEYS_DIR", "~/.config/tsqp/keys")).expanduser()
 WILDCARDS = ("*", "0.0.0.0", "::", "[::]", "")
 
@@ -35,19 +37,7 @@ class SecurityError(RuntimeError):
 
 def private_dir(d: Path) -> Path:
     """Create `d` (and missing parents) 0700; an existing directory must be ours and not open to others."""
-    missing = []
-    p = d
-    while not p.exists():
-        missing.append(p)
-        p = p.parent
-    for p in reversed(missing):
-        p.mkdir(mode=0o700)
-    st = os.lstat(d)
-    if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.getuid():
-        raise SecurityError(f"{d} is not a directory owned by uid {os.getuid()}")
-    if stat.S_IMODE(st.st_mode) & 0o022:
-        raise SecurityError(f"{d} is writable by other users (mode {oct(stat.S_IMODE(st.st_mode))}); chmod 700 it")
-    return d
+    return files.private_dir(d, SecurityError)
 
 
 def write_owner_only(path: Path, text: str, force: bool = False) -> None:

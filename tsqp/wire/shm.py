@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from ..files import private_dir
 from .protocol import WIRE_DTYPES, ProtocolError, TensorMeta
 
 SHM_ROOT = Path(os.environ.get("TSQP_SHM_ROOT", "/dev/shm"))
@@ -29,14 +30,7 @@ class ArenaError(RuntimeError):
 
 
 def arena_dir() -> Path:
-    d = SHM_ROOT / f"tsqp-{os.getuid()}"
-    d.mkdir(mode=0o700, exist_ok=True)
-    st = os.lstat(d)
-    if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.getuid():
-        raise ArenaError(f"{d} is not a directory owned by uid {os.getuid()}")
-    if stat.S_IMODE(st.st_mode) != 0o700:
-        os.chmod(d, 0o700)
-    return d
+    return private_dir(SHM_ROOT / f"tsqp-{os.getuid()}", ArenaError, repair=True, parents=False)
 
 
 def pid_alive(pid: int) -> bool:

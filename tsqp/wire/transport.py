@@ -9,6 +9,8 @@ from pathlib import Path
 
 import zmq
 
+from ..files import create_private
+
 MAX_MSG_BYTES = 4 * 2**30   # ZMQ_MAXMSGSIZE on the server: larger messages are dropped by libzmq
 HEARTBEAT_IVL_MS, HEARTBEAT_TIMEOUT_MS = 2000, 10000   # tcp only: notice peers that vanished without a FIN
 
@@ -92,14 +94,7 @@ def check_ipc_owner(endpoint: str) -> None:
 
 def private_parent(path: Path) -> None:
     """Create missing parent directories 0700; warn when an existing one lets others replace the socket."""
-    missing = []
-    p = path.parent
-    while not p.exists():
-        missing.append(p)
-        p = p.parent
-    for p in reversed(missing):
-        p.mkdir(mode=0o700)
-        os.chmod(p, 0o700)
+    create_private(path.parent)
     st = path.parent.stat()
     if st.st_mode & 0o022 and not st.st_mode & stat.S_ISVTX:
         print(f"WARNING: {path.parent} is writable by other users and not sticky: they could replace "
