@@ -1,5 +1,5 @@
-"""Issue 4: the bytes moved match what the policy has to move (computed from the config, independently of
-the runtime's own accounting), and `tsqp bench` produces its table, JSON and plot."""
+"""Issue 4: the bytes moved match what the policy has to move (computed from the config and the op table,
+independently of the runtime's own accounting), and `tsqp bench` produces its table, JSON and plot."""
 from __future__ import annotations
 
 import json
@@ -10,35 +10,40 @@ import pytest
 
 from conftest import serving
 from tsqp.config import PRESETS, ModelConfig
+from tsqp.ops import matmul_widths
 from tsqp.trusted.model import TrustedModel
 from tsqp.wire.client import RemoteOffload
 from tsqp.commands.run import fixed_prompt
 
 
 def expected_tensor_bytes(cfg: ModelConfig, T: int, itemsize: int, policy: str) -> tuple[int, int]:
-    """(sent, received) tensor bytes for a one-chunk prefill of T tokens, logits for the last position."""
-    D, I, V = cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size
-    H, KV, hd = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+    """(sent, received) tensor bytes for a one-chunk prefill of T tokens, logits for the last position.
+    The x @ W ops move [rows, in] out and [rows, out] back, widths from the op table (the server's real
+    weights enforce them); what each policy's attention moves follows from the config."""
+    D, H, KV, hd = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+
+    def matmul(op: str, rows: int = T) -> tuple[int, int]:
+        width_in, width_out = matmul_widths(cfg, op)
+        return rows * width_in * itemsize, rows * width_out * itemsize
+
     sent, recv = T * 8, T * D * itemsize                              # token ids (int64) -> embeddings
     for _ in range(cfg.num_layers):
-        sent += T * D * itemsize                                      # normed x -> qkv
-        recv += T * (H + 2 * KV) * hd * itemsize
-        if policy == "linear":
-            sent += T * H * hd * itemsize                             # attention output -> o
-        elif policy == "flash":
+        ops = ["qkv", "gate_up", "down"]                              # normed x, normed x, silu(gate) * up
+        if policy == "flash":
             sent += (T * H * hd + 2 * KV * T * hd) * itemsize         # rotated q, k, v -> attention + o
-        elif policy == "seed":
+            recv += T * D * itemsize
+        else:
+            ops.append("o")                                           # attention output -> o
+        if policy == "seed":
             sent += (H * T * hd + KV * T * hd) * itemsize             # q, k -> scores
             recv += H * T * T * itemsize
             sent += (H * T * T + KV * T * hd) * itemsize              # probabilities, v -> P V
             recv += H * T * hd * itemsize
-            sent += T * H * hd * itemsize                             # -> o
-        recv += T * D * itemsize
-        sent += T * D * itemsize                                      # normed x -> gate/up
-        recv += T * 2 * I * itemsize
-        sent += T * I * itemsize                                      # silu(gate) * up -> down
-        recv += T * D * itemsize
-    return sent + D * itemsize, recv + V * itemsize                   # last position -> logits
+        for op in ops:
+            s, r = matmul(op)
+            sent, recv = sent + s, recv + r
+    s, r = matmul("lm_head", rows=1)                                  # last position -> logits
+    return sent + s, recv + r
 
 
 def test_llama_1b_bf16_moves_about_1_25_gb():

@@ -20,6 +20,7 @@ import torch
 import tsqp.trusted.model
 from conftest import CHECKPOINTS, make_checkpoint, serving
 from tsqp.config import ModelConfig
+from tsqp.ops import matmul_widths
 from tsqp.trusted.generate import Sampling, filter_logits, generate, sample
 from tsqp.trusted.model import TrustedModel
 from tsqp.wire.client import RemoteOffload
@@ -102,9 +103,8 @@ def hf_greedy(path, ids: list[int], n: int) -> list[int]:
 def wire_bytes_per_token(cfg: ModelConfig) -> int:
     """Tensor bytes one decode step has to move (float32, T=1): embed's id in and row out, per layer qkv,
     o, gate_up and down in and out, the LM head's input row and logits."""
-    D, I = cfg.hidden_size, cfg.intermediate_size
-    per_layer = (D + cfg.qkv_size) + (cfg.q_size + D) + (D + 2 * I) + (I + D)
-    return 8 + 4 * (D + cfg.num_layers * per_layer + D + cfg.vocab_size)
+    per_layer = sum(sum(matmul_widths(cfg, op)) for op in ("qkv", "o", "gate_up", "down"))
+    return 8 + 4 * (cfg.hidden_size + cfg.num_layers * per_layer + sum(matmul_widths(cfg, "lm_head")))
 
 
 # ---- greedy against transformers, through the CLI ----------------------------------------------------

@@ -23,6 +23,7 @@ from tsqp import quant, ring
 from tsqp import weights as W
 from tsqp.untrusted.compute import Compute
 from tsqp.config import ModelConfig
+from tsqp.ops import matmul_widths
 from tsqp.trusted.model import TrustedModel
 from tsqp.local import LocalOffload
 from tsqp.trusted.protect.freivalds import PRIME, Freivalds, VerificationError
@@ -150,9 +151,7 @@ class Done:
 
 
 def linear_inputs(cfg: ModelConfig, key, T: int) -> torch.Tensor:
-    n_in = {"qkv": cfg.hidden_size, "o": cfg.q_size, "gate_up": cfg.hidden_size, "down": cfg.intermediate_size,
-            "lm_head": cfg.hidden_size}[key[0]]
-    return floats((T, n_in))
+    return floats((T, matmul_widths(cfg, key[0])[0]))
 
 
 def all_keys(cfg: ModelConfig) -> list:
