@@ -50,7 +50,7 @@ class LocalOffload:
         self.compute, self.dtype = compute, compute.dtype
         self.stats = stats or Stats()
         self.arena = None
-        if compute.cuda and isinstance(compute, Compute):     # IntCompute has no launch(): it runs in place
+        if compute.cuda and hasattr(compute, "launch"):     # IntCompute has none: its run() copies back itself
             self.arena = Arena.anonymous(self.STAGING_BYTES)
             self.arena.register_cuda()
 
