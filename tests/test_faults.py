@@ -216,7 +216,7 @@ def test_sigterm_to_server_shuts_down_cleanly():
                 assert arena_maps(server.pid, os.getpid())
                 assert sock.exists() and sock.stat().st_mode & 0o777 == 0o600
                 server.send_signal(signal.SIGTERM)
-                out, _ = server.communicate(timeout=10)
+                out = server.communicate(timeout=10)[0].decode(errors="replace")    # launch pipes bytes
             finally:
                 session.close()
             assert server.returncode == 0, out
