@@ -109,3 +109,22 @@ def test_bench_writes_table_json_and_plot(tmp_path):
             assert sent + recv <= r["bytes_moved"] < sent + recv + 1200 * r["stats"]["rpc_calls"]
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "x local, paired by round" in proc.stdout and "shm float32 flash" in proc.stdout.split("paired by round")[1]
+
+
+def test_bench_protected_rows_report_the_pool_and_move_the_config_count(tmp_path):
+    """`--transport shm-otp-verify`: a --protect otp server of its own, pads already pooled, the pool's figures
+    in the row, and the masked bytes equal to what the config implies (5 limb bytes in, 8 bytes out)."""
+    from test_protect_wire import protected_bytes
+    out = tmp_path / "b.json"
+    proc = subprocess.run([sys.executable, "-m", "tsqp.cli", "bench", "--model", "random:tiny", "--device", "cpu",
+                           "--tokens", "24", "--transport", "shm,shm-otp-verify", "--dtype", "float32",
+                           "--repeat", "2", "--no-references", "--json", str(out)],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    rows = {r["transport"]: r for r in json.loads(out.read_text())["rows"]}
+    row = rows["shm-otp-verify"]
+    pool = row["protection"]["pool"]
+    assert row["protection"]["verify"] and row["protection"]["checked_rows"] > 0
+    assert pool["pads_consumed"] > 0 and pool["fill_tokens_per_s"] > 0
+    sent, received = protected_bytes(PRESETS["tiny"], 24)
+    assert (row["stats"]["shm_sent_bytes"], row["stats"]["shm_received_bytes"]) == (sent, received)

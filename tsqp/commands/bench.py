@@ -27,6 +27,7 @@ from .. import weights as W
 from ..local import LocalOffload
 from ..stats import Stats
 from ..trusted.model import POLICIES, TrustedModel
+from ..trusted.protect.masked import ProtectedOffload
 from ..untrusted.compute import Compute
 from ..wire.client import RemoteOffload, default_arena_bytes
 from .launch import free_tcp_port, private_ipc_endpoint, start_server, stop_servers, wait_ready
@@ -34,7 +35,8 @@ from .nosplit import NoSplitModel, NoSplitOffload
 from .run import attn_dtype, fixed_prompt
 
 console = Console(highlight=False, width=None if os.isatty(1) else 200)
-TRANSPORTS = ("local", "shm", "shm-socket", "ipc", "tcp")   # shm-socket: shm, control messages over ZeroMQ
+# shm-socket: shm, control messages over ZeroMQ; shm-otp(-verify): --protect otp (--verify) over shm
+TRANSPORTS = ("local", "shm", "shm-socket", "ipc", "tcp", "shm-otp", "shm-otp-verify")
 ATTN_DTYPES = ("auto", "float32", "bfloat16")
 
 
@@ -98,6 +100,9 @@ class Trial:
         sync()
 
     def timed(self, ids: torch.Tensor, sync) -> None:
+        pool = getattr(self.offload, "pool", None)
+        if pool is not None:           # protected rows: pads already in the pool, as a real idle runner has them
+            pool.wait_full()
         self.stats.reset()
         t0 = time.perf_counter()
         self.prefill(ids, sync)
@@ -113,7 +118,8 @@ class Trial:
                 "tokens": int(ids.numel()), **summary(self.times), "times_s": self.times,
                 "bytes_moved": int(st["bytes_moved"]),
                 "trusted_s": trusted, "server_s": st["server_compute_s"],
-                "transport_s": max(med - trusted - st["server_compute_s"], 0.0), "stats": st}
+                "transport_s": max(med - trusted - st["server_compute_s"], 0.0), "stats": st,
+                **({"protection": self.offload.report()} if hasattr(self.offload, "report") else {})}
 
     def close(self) -> None:
         self.offload.close()
@@ -133,11 +139,12 @@ class Bench:
     def start_servers(self, configs: list[Config]) -> None:
         if self.args.endpoint:
             return
-        need = {(c.dtype, "tcp" if c.transport == "tcp" else "ipc") for c in configs if c.transport != "local"}
+        need = {(c.dtype, server_kind(c)) for c in configs if c.transport != "local"}
         for dtype, sock in sorted(need):
             endpoint = f"tcp://127.0.0.1:{free_tcp_port()}" if sock == "tcp" else private_ipc_endpoint(dtype[:4])
-            spin = ("--spin-us", str(self.args.spin_us)) if self.args.spin_us else ()
-            self.procs.append(start_server(endpoint, self.args.model, dtype, self.args.device, spin))
+            extra = ("--spin-us", str(self.args.spin_us)) if self.args.spin_us else ()
+            extra += ("--protect", "otp") if sock == "ipc-otp" else ()
+            self.procs.append(start_server(endpoint, self.args.model, dtype, self.args.device, extra))
             self.servers[(dtype, sock)] = endpoint
         wait_ready(self.procs)
 
@@ -150,7 +157,7 @@ class Bench:
     def endpoint(self, c: Config) -> str:
         if self.args.endpoint:
             return self.args.endpoint
-        return self.servers[(c.dtype, "tcp" if c.transport == "tcp" else "ipc")]
+        return self.servers[(c.dtype, server_kind(c))]
 
     # ---- one configuration -----------------------------------------------------------------------------
     def compute(self, dtype: str) -> Compute:
@@ -170,6 +177,17 @@ class Bench:
         if c.transport == "local":
             cfg, weights = self.local_weights(c.dtype)
             offload = LocalOffload(self.compute(c.dtype), stats)
+            norms = W.norm_weights(weights)
+        elif "otp" in c.transport:
+            if c.policy != "linear":
+                raise ValueError(f"{c.label}: --protect needs --policy linear")
+            cfg, weights = self.local_weights("float32")     # the runner's own copy, quantized from float32
+            inner = RemoteOffload(self.endpoint(c), "shm", timeout_s=a.timeout, stats=stats,
+                                  arena_bytes=lambda cfg: 2 * default_arena_bytes(cfg, ids.numel(), c.chunks),
+                                  spin_s=a.spin_us * 1e-6)
+            offload = ProtectedOffload(inner, cfg, weights, verify=c.transport.endswith("verify"),
+                                       pool_tokens=ids.numel(), stats=stats)
+            offload.expect_fingerprint(inner.info.get("fingerprint"))
             norms = W.norm_weights(weights)
         else:
             transport = "shm" if c.transport.startswith("shm") else "frames"
@@ -208,6 +226,11 @@ def choices(value: str, allowed: tuple[str, ...], what: str) -> list[str]:
         if item not in allowed:
             raise ValueError(f"unknown {what} '{item}'; choose from {', '.join(allowed)}")
     return items
+
+
+def server_kind(c: Config) -> str:
+    """Which of the bench's own servers a configuration talks to."""
+    return "tcp" if c.transport == "tcp" else "ipc-otp" if "otp" in c.transport else "ipc"
 
 
 def run_bench(args) -> dict:
