@@ -74,6 +74,7 @@ def main() -> None:
             cos[name] += F.cosine_similarity(got, ref, dim=-1).tolist()
             if name.startswith("int8") and i < a.exact_sequences:
                 quantized_logits.append(got)
+        print(f"sequence {i + 1}/{len(seqs)}: {ids.numel()} tokens, {time.perf_counter() - t0:.0f} s", flush=True)
     protected = ProtectedOffload(LocalOffload(IntCompute(cfg, w32, "cpu")), cfg, w32, verify=True)
     try:
         pmodel = TrustedModel(cfg, norms, protected, "linear")

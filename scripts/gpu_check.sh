@@ -58,7 +58,7 @@ bench --transport $TRANSPORTS --policy $POLICIES --chunks 2 --no-references --co
 summary "$OUT/bench.json" "$OUT/bench_compile.json" "$OUT/bench_levers.json" 2>&1 | tee "$OUT/summary.txt"
 
 # 4. decode: 128-token prompt, 64 new tokens, the server polling its pipes; in-process
-ep=ipc:///tmp/tsqp-gpu-check-$$.ipc
+ep=ipc://$W/gpu.ipc              # mktemp -d: a 0700 directory of ours (the server refuses others)
 python3 -m tsqp.cli serve --model $BIG --device $DEV --dtype $DT --endpoint $ep --spin-us $SPIN > "$W/serve_big.txt" 2>&1 &
 srv=$!
 for _ in $(seq 120); do grep -q ready "$W/serve_big.txt" && break; sleep 1; done

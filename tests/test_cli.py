@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import tempfile
 from pathlib import Path
@@ -152,5 +153,6 @@ def test_defaults_without_environment(monkeypatch):
         monkeypatch.delenv(k, raising=False)
     args = cli.parser().parse_args(["serve"])
     cli.resolve(args)
-    assert (args.model, args.dtype, args.endpoint) == ("random:tiny", "float32", "ipc:///tmp/tsqp_gpu_server.ipc")
+    assert (args.model, args.dtype, args.endpoint) == \
+        ("random:tiny", "float32", f"ipc:///tmp/tsqp-{os.getuid()}/gpu_server.ipc")     # a directory of our own
     assert args.device == cli.default_device()

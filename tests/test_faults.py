@@ -17,7 +17,7 @@ import pytest
 from conftest import RUN_ENV, run_here, serving, short_endpoint, start_run, wait_line
 from tsqp.wire import protocol as P
 from tsqp.wire.client import RemoteOffload
-from tsqp.wire.shm import arena_dir
+from tsqp.wire.shm import MEMFD_PREFIX, arena_dir
 from tsqp.wire.transport import Client
 
 def tsqp(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
@@ -44,8 +44,8 @@ def wait_for(cond, timeout_s: float, what: str):
 
 
 def arena_maps(server_pid: int, runner_pid: int) -> list[str]:
-    """The server's mappings of arenas that runner created (the files are unlinked: '(deleted)')."""
-    needle = f"{arena_dir()}/{runner_pid}-"
+    """The server's mappings of arenas that runner created (memfds named after the runner's pid)."""
+    needle = f"/memfd:{MEMFD_PREFIX}{runner_pid}-"
     return [line for line in Path(f"/proc/{server_pid}/maps").read_text().splitlines() if needle in line]
 
 

@@ -54,18 +54,21 @@ def test_socket_file_and_arena_are_owner_only(tmp_path):
     base = Path(short_endpoint().removeprefix("ipc://")).parent
     try:
         path = base / "made" / "by" / "tsqp" / "s.ipc"          # missing parents: tsqp creates them 0700
-        sock = bind_server(f"ipc://{path}", zmq.Context.instance())
+        sock, lock = bind_server(f"ipc://{path}", zmq.Context.instance())
         try:
             assert stat.S_ISSOCK(os.lstat(path).st_mode) and mode(path) == 0o600
+            assert mode(lock.path) == 0o600
             for d in (base / "made", base / "made" / "by", base / "made" / "by" / "tsqp"):
                 assert mode(d) == 0o700, d
         finally:
             sock.close(linger=0)
+            lock.release()
+        assert not path.exists() and not lock.path.exists()
     finally:
         shutil.rmtree(base, ignore_errors=True)
-    arena = Arena.create(1 << 16)
+    arena = Arena.create(1 << 16)          # a memfd: no file at all; its control pipes' directory is 0700
     try:
-        assert mode(arena.path) == 0o600 and arena.path.stat().st_uid == os.getuid()
+        assert not arena.path.exists()
         assert arena.path.parent == arena_dir() and mode(arena_dir()) == 0o700
     finally:
         arena.close()
@@ -77,7 +80,7 @@ def test_served_socket_is_owner_only_and_arena_unlinked_at_attach():
         assert mode(path) == 0o600 and path.stat().st_uid == os.getuid()
         r = RemoteOffload(endpoint, "shm", timeout_s=5)
         try:
-            assert not list(arena_dir().glob(f"{os.getpid()}-*")), "the server unlinked the arena file"
+            assert not list(arena_dir().glob(f"{os.getpid()}-*")), "the server unlinked the control pipes"
         finally:
             r.close()
 

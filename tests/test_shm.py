@@ -23,7 +23,7 @@ from tsqp.untrusted.compute import Compute
 from tsqp.commands.diagnose import inspect_endpoint
 from tsqp.wire.pipes import make_pipes
 from tsqp.untrusted.server import Server
-from tsqp.wire.shm import Arena, ArenaError, arena_dir
+from tsqp.wire.shm import MEMFD_PREFIX, SEALS, Arena, ArenaError, arena_dir
 
 def arenas_of(pid: int) -> list[str]:
     """Arena files a process created (named <pid>-<hex>); other test sessions' files are left out."""
@@ -31,8 +31,8 @@ def arenas_of(pid: int) -> list[str]:
 
 
 def server_maps(server_pid: int, runner_pid: int) -> list[str]:
-    """The server's mappings of that runner's arenas (the files are unlinked, the mappings remain)."""
-    needle = f"{arena_dir()}/{runner_pid}-"
+    """The server's mappings of that runner's arenas (memfds named after the runner's pid)."""
+    needle = f"/memfd:{MEMFD_PREFIX}{runner_pid}-"
     return [ln for ln in Path(f"/proc/{server_pid}/maps").read_text().splitlines() if needle in ln]
 
 
@@ -98,18 +98,24 @@ def test_shm_same_logits_as_frames_and_local_and_counts_shm_bytes(tiny, tmp_path
     assert arenas_of(os.getpid()) == []          # the run left nothing in /dev/shm
 
 
-def test_arena_file_and_directory_are_owner_only():
+def test_arena_is_a_sealed_memfd_and_its_directory_owner_only():
+    """Behaviour changed on purpose (issue 14): the arena is a memfd sealed against shrinking and growing, not
+    a file in /dev/shm, so no one, its creator included, can truncate it under a mapping (SIGBUS)."""
+    import fcntl
     arena = Arena.create(1 << 20)
     try:
-        path = arena_dir() / arena.name
-        st, dst = path.lstat(), arena_dir().lstat()
-        assert stat.S_IMODE(st.st_mode) == 0o600 and st.st_uid == os.getuid()
+        assert not (arena_dir() / arena.name).exists()             # nothing in /dev/shm
+        link = os.readlink(f"/proc/self/fd/{arena.fd}")
+        assert link == f"/memfd:{MEMFD_PREFIX}{arena.name} (deleted)"
+        assert fcntl.fcntl(arena.fd, fcntl.F_GET_SEALS) & SEALS == SEALS
+        assert os.fstat(arena.fd).st_size == arena.size == 1 << 20
+        with pytest.raises(PermissionError):
+            os.ftruncate(arena.fd, 0)
+        dst = arena_dir().lstat()
         assert stat.S_IMODE(dst.st_mode) == 0o700 and dst.st_uid == os.getuid()
-        assert st.st_size == arena.size == 1 << 20
         assert arena.name.startswith(f"{os.getpid()}-")
     finally:
         arena.close()
-    assert not path.exists()
 
 
 def test_control_message_outside_the_arena_gets_an_error_naming_it():
@@ -123,7 +129,6 @@ def test_control_message_outside_the_arena_gets_an_error_naming_it():
         head = P.decode(server.handle(peer, [P.encode({"type": "attach",
                                                        "arena": {"name": arena.name, "size": arena.size}})])[0])
         assert head["type"] == "attached"
-        assert not (arena_dir() / arena.name).exists()          # the server unlinked it on attach
 
         def call(x_offset, out_offset):
             x = P.TensorMeta("float32", (4, cfg.hidden_size), x_offset)
@@ -164,7 +169,8 @@ def test_diagnose_reports_the_live_server(tiny):
 
 # ---- lifecycle: no leftovers -----------------------------------------------------------------------
 
-def test_runner_killed_before_attach_leaves_a_file_the_next_run_removes(tiny):
+def test_runner_killed_before_attach_leaves_pipes_the_next_run_removes(tiny):
+    """Its arena was a memfd and died with it; only its control pipes' names remain, until the next runner."""
     endpoint, _ = tiny
     r, w = os.pipe()
     pid = os.fork()
@@ -180,12 +186,12 @@ def test_runner_killed_before_attach_leaves_a_file_the_next_run_removes(tiny):
     try:
         os.close(w)
         name = os.read(r, 200).decode()
-        assert arenas_of(pid) == [name, name + ".rep", name + ".req"]
+        assert arenas_of(pid) == [name + ".rep", name + ".req"]
     finally:
         os.close(r)
         os.kill(pid, signal.SIGKILL)
         os.waitpid(pid, 0)
-    assert arenas_of(pid) == [name, name + ".rep", name + ".req"]   # nobody opened them: the files stay ...
+    assert arenas_of(pid) == [name + ".rep", name + ".req"]   # nobody opened them: the names stay ...
     run_here("--endpoint", endpoint, "--tokens", "8", "--no-warmup")
     assert arenas_of(pid) == []                          # ... until the next runner creates its arena
     assert arenas_of(os.getpid()) == []
@@ -196,7 +202,7 @@ def test_runner_sigkilled_mid_run_leaves_nothing_and_the_server_serves_on(tiny):
     proc = start_run("--endpoint", endpoint, *LONG, "--transport", "shm")
     try:
         wait_line(proc, "Connected to")
-        assert arenas_of(proc.pid) == []                 # attached: the server unlinked the file at once
+        assert arenas_of(proc.pid) == []                 # attached: the server unlinked the pipes at once
         assert server_maps(server.pid, proc.pid)         # only the two mappings hold the memory
         proc.send_signal(signal.SIGKILL)
         proc.wait(10)

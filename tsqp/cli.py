@@ -67,11 +67,20 @@ def parser() -> argparse.ArgumentParser:
     add_model_args(s)
     s.add_argument("--endpoint", default=None, help=f"bind here (env {ENV['endpoint']}; default {DEFAULT_ENDPOINT})")
     s.add_argument("--max-sessions", type=int, default=8, help="runners served at once (default 8)")
+    s.add_argument("--max-sessions-per-user", type=int, default=None,
+                   help="sessions one user may hold (ipc: a uid; tcp: a CurveZMQ key, or an address with "
+                        "--insecure) (default: --max-sessions)")
     s.add_argument("--idle-timeout", type=float, default=600.0,
-                   help="drop a tcp session unheard for this many seconds (0: never; ipc sessions are dropped "
-                        "when their runner's process dies) (default 600)")
-    s.add_argument("--max-message-mb", type=float, default=4096.0,
-                   help="drop larger messages (ZMQ_MAXMSGSIZE) (default 4096)")
+                   help="drop a tcp session unheard for this many seconds (0: never; a session ends anyway when "
+                        "its connection closes) (default 600)")
+    s.add_argument("--max-request-mb", type=float, default=1024.0,
+                   help="refuse a call whose output and temporaries would need more (default 1024)")
+    s.add_argument("--max-message-mb", type=float, default=None,
+                   help="drop larger messages (ZMQ_MAXMSGSIZE) (default: --max-request-mb + 1)")
+    s.add_argument("--max-queued-mb", type=float, default=1024.0,
+                   help="drop a session whose replies, sent and still unread, exceed this (default 1024)")
+    s.add_argument("--max-arena-mb", type=float, default=16384.0,
+                   help="refuse to map (and, on CUDA, pin) a larger shared-memory arena (default 16384)")
     add_security_args(s, server=True)
     s.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     s.add_argument("--record", default=None, metavar="DIR",

@@ -140,7 +140,8 @@ PRESETS: dict[str, ModelConfig] = {
 }
 
 DEFAULT_MODEL = "random:tiny"
-DEFAULT_ENDPOINT = "ipc:///tmp/tsqp_gpu_server.ipc"
+# in a directory of this user alone (0700), which no one else can bind in first (wire/transport.py checks it)
+DEFAULT_ENDPOINT = f"ipc:///tmp/tsqp-{os.getuid()}/gpu_server.ipc"
 DTYPES = ("float32", "float16", "bfloat16")
 
 # The environment the team already uses; the CLI maps it onto settings through these two names only.

@@ -14,8 +14,18 @@ from ..wire.keys import server_curve
 from ..untrusted.server import Server, describe_endpoint
 
 
+def check_limits(args) -> None:
+    """The bounds must be positive: one line naming the flag otherwise."""
+    for flag in ("max_sessions", "max_sessions_per_user", "max_request_mb", "max_message_mb", "max_queued_mb",
+                 "max_arena_mb"):
+        value = getattr(args, flag)
+        if value is not None and not value > 0:
+            raise ValueError(f"--{flag.replace('_', '-')} must be positive, got {value}")
+
+
 def serve(args) -> None:
     t0 = time.perf_counter()
+    check_limits(args)
     curve = server_curve(args.endpoint, args.keys, args.server_key, args.allow, args.insecure)   # fail before loading
     # protected: int8 weights quantized from float32, as every runner quantizes its own copy (quant.py)
     dtype = torch.float32 if args.protect else W.torch_dtype(args.dtype)
@@ -28,10 +38,14 @@ def serve(args) -> None:
         compute = Compute(cfg, weights, args.device)
     norms = W.norm_weights(weights)
     del weights
+    max_message_mb = args.max_message_mb if args.max_message_mb is not None else args.max_request_mb + 1
     recorder = Recorder(args.record) if args.record else None
     server = Server(compute, norms, args.endpoint, W.describe(args.model), args.max_sessions, recorder=recorder,
-                    idle_timeout_s=args.idle_timeout, max_msg_bytes=int(args.max_message_mb * 2**20),
-                    curve=curve, insecure=args.insecure, public=args.public, spin_s=args.spin_us * 1e-6)
+                    idle_timeout_s=args.idle_timeout, max_msg_bytes=int(max_message_mb * 2**20),
+                    curve=curve, insecure=args.insecure, public=args.public, spin_s=args.spin_us * 1e-6,
+                    max_sessions_per_user=args.max_sessions_per_user,
+                    max_request_bytes=int(args.max_request_mb * 2**20),
+                    max_queued_bytes=int(args.max_queued_mb * 2**20), max_arena_bytes=int(args.max_arena_mb * 2**20))
 
     def ready():
         print(f"Endpoint: {args.endpoint} (bound)")

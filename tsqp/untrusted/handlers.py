@@ -1,7 +1,10 @@
 """What the server answers: control messages (JSON: hello, attach, bye, info, echo) and calls (binary headers).
 
 Frames in, frames out; a bad message gets an error reply naming the problem and never raises, so one runner's
-garbage cannot stop the others' service.
+garbage cannot stop the others' service. Before anything else: over ipc, a runner of another uid than the
+server's is refused (the kernel's SO_PEERCRED, never a claim in the message); a header's length is checked
+before it is copied; a call whose output and temporaries would exceed --max-request-mb is refused before
+anything is allocated for it.
 """
 from __future__ import annotations
 
@@ -14,23 +17,36 @@ from ..wire import protocol as P
 from ..wire.shm import ArenaError
 from ..wire.transport import transport_of
 from .compute import Compute
+from .peers import THIS_PROCESS, Peer
 from .sessions import Session, Sessions
 
 BAD_INPUT = (P.ProtocolError, OpError, ArenaError, ValueError, TypeError, KeyError, IndexError, RuntimeError)
+MAX_HEADER = P.HEAD.size + P.MAX_TENSORS * P.TENSOR.size
+MAX_REQUEST_BYTES = 1024 * 2**20     # --max-request-mb: output and temporaries of one call
 
 
 class Handlers:
     def __init__(self, compute: Compute, norms: dict[str, torch.Tensor], sessions: Sessions, endpoint: str,
-                 model: str, recorder=None):
+                 model: str, recorder=None, max_request_bytes: int = MAX_REQUEST_BYTES):
         self.compute, self.norms, self.sessions, self.endpoint, self.model = compute, norms, sessions, endpoint, model
         self.cfg, self.wire = compute.cfg, P.DTYPE_NAME[compute.dtype]
         self.recorder = recorder          # record.Recorder under `tsqp serve --record DIR`, else None
+        self.max_request_bytes = max_request_bytes
+        self.local = transport_of(endpoint) == "ipc"
         self.requests = 0
 
-    def handle(self, peer: bytes, frames: list) -> list:
-        """Any message from `peer`; returns the reply's frames."""
+    def handle(self, peer: bytes, frames: list, who: Peer = THIS_PROCESS) -> list:
+        """Any message from `peer`, sent by `who` (the kernel's account of the connection); returns the reply's
+        frames."""
         if not frames:
             return [P.error("empty message")]
+        if self.local and who.uid != os.getuid():
+            whose = "the kernel gave no credentials for this connection" if who.uid is None else \
+                f"the runner on this connection runs as uid {who.uid} (pid {who.pid}, from SO_PEERCRED)"
+            return [P.error(f"refused: {whose}; this server (uid {os.getuid()}) serves its own user only")]
+        if len(frames[0]) > max(MAX_HEADER, P.MAX_CONTROL_BYTES):     # before anything copies it
+            return [P.error(f"a header frame of {len(frames[0])} bytes; headers are at most "
+                            f"{max(MAX_HEADER, P.MAX_CONTROL_BYTES)}")]
         if P.is_binary(frames[0]):
             return self.call(peer, frames)
         header = {}
@@ -38,7 +54,7 @@ class Handlers:
             header = P.decode(frames[0])
             kind = header["type"]
             if kind == "hello":
-                return self.hello(peer, header)
+                return self.hello(peer, header, who)
             if kind == "attach":
                 arena = self.sessions.attach(peer, header.get("arena"), bool(header.get("pipes")),
                                              self.compute.cuda)
@@ -62,12 +78,10 @@ class Handlers:
                 "pid": os.getpid(), "recording": self.recorder is not None,
                 "fingerprint": getattr(self.compute, "fingerprint", None)}
 
-    def hello(self, peer: bytes, header: dict) -> list:
-        """Open a session; the runner gets the config and the norm weights."""
-        pid = header.get("pid")
-        local = transport_of(self.endpoint) == "ipc"     # a pid means something only on this host
-        pid = pid if local and isinstance(pid, int) and not isinstance(pid, bool) and 0 < pid < 2**22 else None
-        session = self.sessions.open(peer, pid)
+    def hello(self, peer: bytes, header: dict, who: Peer) -> list:
+        """Open a session; the runner gets the config and the norm weights. A `pid` in the hello is ignored:
+        the session lives as long as the connection `who` came on."""
+        session = self.sessions.open(peer, who)
         if self.recorder is not None:
             session.record = self.recorder.session(peer.hex())
         names = sorted(self.norms)
@@ -77,6 +91,8 @@ class Handlers:
 
     # ---- calls ------------------------------------------------------------------------------------------
     def call(self, peer: bytes, frames: list) -> list:
+        if len(frames[0]) > MAX_HEADER:
+            return [P.error(f"a call header of {len(frames[0])} bytes; at most {MAX_HEADER}")]
         head = bytes(frames[0])
         m = None
         try:
@@ -105,6 +121,11 @@ class Handlers:
         """A call's inputs and output against the op table and the session's arena: (inputs, out, out meta)."""
         metas, want = list(m.tensors[:-1]), m.tensors[-1]
         dtype, shape = output_of(self.cfg, self.wire, m.op, m.layer, [(t.dtype, t.shape) for t in metas])
+        need = footprint(self.cfg, self.wire, m.op, metas, P.TensorMeta(dtype, shape))
+        if need > self.max_request_bytes:
+            raise P.ProtocolError(f"needs about {need / 2**20:.0f} MiB for its output {dtype}{list(shape)} and "
+                                  f"temporaries, above this server's limit of "
+                                  f"{self.max_request_bytes / 2**20:.0f} MiB per request (--max-request-mb)")
         arena = session.arena
         if arena is not None:
             if frames:
@@ -151,6 +172,23 @@ class Handlers:
             raise P.ProtocolError("echo: src and dst regions overlap")
         dst.copy_(src)      # with the server's threads, as its ops read and write the arena
         return [P.encode({"type": "echo"})]
+
+
+def footprint(cfg, wire: str, op: str, inputs: list[P.TensorMeta], out: P.TensorMeta) -> int:
+    """Bytes one call occupies on the server, estimated from the shapes alone: its inputs (copied out of
+    shared memory or to the device), its output and the op's temporaries."""
+    total = sum(m.nbytes for m in inputs) + out.nbytes
+    if wire == "uint8":              # protected: int32 partial products [5, T, out] and their int64 sum
+        return total + 3 * out.nbytes
+    item = P.WIRE_DTYPES[out.dtype].itemsize
+    group = cfg.num_heads // max(cfg.num_kv_heads, 1)
+    if op in ("qk", "av"):           # k or v repeated over each group of heads: [H, S, hd]
+        return total + inputs[1].nbytes * group
+    if op == "attn_o":               # scores and probabilities [H, T, S], the mask, k and v repeated, [T, H*hd]
+        T, S = inputs[0].shape[0], inputs[1].shape[1]
+        return (total + 2 * cfg.num_heads * T * S * item + T * S + 2 * inputs[1].nbytes * group
+                + 2 * T * cfg.q_size * item)
+    return total                     # matmul, embed: the output is all they make
 
 
 def overlaps(out: torch.Tensor, inputs: list[torch.Tensor]) -> bool:

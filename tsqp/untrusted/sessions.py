@@ -1,7 +1,10 @@
 """The server's sessions: one per connected runner, with its shared-memory arena and control pipes, if any.
 
-A session ends on `bye`, on a new hello from the same peer, when its runner's process is gone (ipc: checked
-every second), or after --idle-timeout unheard (tcp).
+A session belongs to the connection its hello came on. It ends on `bye`, on a new hello on that connection,
+when that connection closes (the socket monitor says so: a runner that dies or closes its socket), or, over
+tcp, after --idle-timeout unheard. Nothing the runner states (a pid, a name) decides how long it lives.
+Sessions are counted per user (the kernel's uid over ipc, the CurveZMQ key or the address over tcp) against
+--max-sessions-per-user, and in all against --max-sessions.
 """
 from __future__ import annotations
 
@@ -13,7 +16,8 @@ from dataclasses import dataclass, field
 from ..wire import protocol as P
 from ..wire.pipes import Channel, open_pipe, pipe_paths
 from ..wire.shm import NAME as ARENA_NAME
-from ..wire.shm import Arena, ArenaError, arena_dir, pid_alive
+from ..wire.shm import Arena, ArenaError, arena_dir
+from .peers import Peer
 
 CHECKED_CACHE = 1024   # checked calls remembered per session (a prefill reuses a few dozen region layouts)
 
@@ -21,7 +25,7 @@ CHECKED_CACHE = 1024   # checked calls remembered per session (a prefill reuses 
 @dataclass
 class Session:
     last_seen: float
-    pid: int | None = None          # the runner's pid, for sessions on this host (ipc): dropped when it dies
+    peer: Peer                      # who opened it, and on which connection
     arena: Arena | None = None
     pipes: Channel | None = None    # the control pipes, when the runner asked for them
     checked: dict = field(default_factory=dict)   # a call's header bytes but its id -> (inputs, out, out meta)
@@ -67,8 +71,11 @@ def open_pipes(name) -> Channel:
 class Sessions:
     """peer id -> Session, and which pipe belongs to whom (the loop polls the pipes beside the socket)."""
 
-    def __init__(self, max_sessions: int, idle_timeout_s: float, on_pipes_change):
+    def __init__(self, max_sessions: int, idle_timeout_s: float, on_pipes_change, per_user: int | None = None,
+                 max_arena_bytes: int | None = None):
         self.max_sessions, self.idle_timeout_s = max_sessions, idle_timeout_s
+        self.per_user = per_user or max_sessions
+        self.max_arena_bytes = max_arena_bytes
         self.by_peer: dict[bytes, Session] = {}
         self.pipe_peers: dict[int, bytes] = {}      # control pipe fd -> its session's peer
         self.on_pipes_change = on_pipes_change      # (fd, added: bool): the loop's poller follows
@@ -83,14 +90,18 @@ class Sessions:
         session.last_seen = time.monotonic()
         return session
 
-    def open(self, peer: bytes, pid: int | None) -> Session:
+    def open(self, peer: bytes, who: Peer) -> Session:
         self.drop(peer)
         if len(self.by_peer) >= self.max_sessions:
             self.reap()
         if len(self.by_peer) >= self.max_sessions:
             raise P.ProtocolError(f"server is at its session limit ({self.max_sessions} sessions, --max-sessions); "
                                   f"try again later")
-        session = self.by_peer[peer] = Session(time.monotonic(), pid)
+        mine = sum(s.peer.user == who.user for s in self.by_peer.values())
+        if mine >= self.per_user:
+            raise P.ProtocolError(f"{who.user} already holds {mine} sessions, this server's limit per user "
+                                  f"(--max-sessions-per-user {self.per_user}); close one first")
+        session = self.by_peer[peer] = Session(time.monotonic(), who)
         return session
 
     def attach(self, peer: bytes, spec, want_pipes: bool, pin_cuda: bool) -> Arena:
@@ -98,14 +109,19 @@ class Sessions:
         session = self.need(peer)
         if not isinstance(spec, dict) or not isinstance(spec.get("size"), int) or spec["size"] <= 0:
             raise P.ProtocolError("attach: 'arena' must be {name, size}")
-        pipes = open_pipes(spec.get("name")) if want_pipes else None
+        if not isinstance(spec.get("name"), str) or not ARENA_NAME.match(spec["name"]):
+            raise P.ProtocolError(f"bad arena name {spec.get('name')!r}")
+        pipes = open_pipes(spec["name"]) if want_pipes else None
+        arena = None
         try:
-            arena = Arena.attach(spec.get("name"), spec["size"])
+            arena = Arena.attach(spec["name"], spec["size"], session.peer.pid, self.max_arena_bytes)
             if pin_cuda:
                 arena.register_cuda()
         except BaseException:
             if pipes is not None:
                 pipes.close()
+            if arena is not None:
+                arena.close()
             raise
         self._forget_pipes(session)
         session.close_files()
@@ -113,7 +129,6 @@ class Sessions:
         if pipes is not None:
             self.pipe_peers[pipes.in_fd] = peer
             self.on_pipes_change(pipes.in_fd, True)
-        session.pid = int(ARENA_NAME.match(spec["name"]).group(1))    # its creator: shm is same-host
         return arena
 
     def _forget_pipes(self, session: Session) -> None:
@@ -125,22 +140,26 @@ class Sessions:
         session = self.by_peer.pop(peer, None)
         if session is not None:
             if why:
-                print(f"dropped a session: {why}", file=sys.stderr, flush=True)
+                print(f"dropped a session of {session.peer.user}: {why}", file=sys.stderr, flush=True)
             self._forget_pipes(session)
             session.close_files()
             if session.record is not None:
                 session.record.close()
 
+    def connection_closed(self, fd: int) -> None:
+        """Its runner closed the connection (or died): end the sessions opened on it."""
+        for peer in [p for p, s in self.by_peer.items() if s.peer.fd == fd]:
+            self.drop(peer, "its connection closed")
+
     def reap(self) -> list[bytes]:
-        """Drop the sessions of runners that died (pid gone) or went silent (no pid, idle too long)."""
+        """Drop tcp sessions unheard for --idle-timeout (ipc ones end with their connection)."""
+        if not self.idle_timeout_s:
+            return []
         now = time.monotonic()
         dead = [peer for peer, s in self.by_peer.items()
-                if (s.pid is not None and not pid_alive(s.pid))
-                or (s.pid is None and self.idle_timeout_s and now - s.last_seen > self.idle_timeout_s)]
+                if s.peer.uid is None and now - s.last_seen > self.idle_timeout_s]
         for peer in dead:
-            s = self.by_peer[peer]
-            self.drop(peer, f"runner pid {s.pid} is gone" if s.pid is not None else
-                      f"idle for {now - s.last_seen:.0f} s")
+            self.drop(peer, f"idle for {now - self.by_peer[peer].last_seen:.0f} s")
         return dead
 
     def close_all(self) -> None:

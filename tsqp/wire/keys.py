@@ -15,6 +15,7 @@ from __future__ import annotations
 import datetime
 import ipaddress
 import os
+import socket
 import stat
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,7 +27,6 @@ from zmq.auth.thread import ThreadAuthenticator
 from .. import files
 
 DEFAULT_KEYS_DIR = Path(os.environ.get("TSQP_KEYS_DIR", "~/.config/tsqp/keys")).expanduser()
-WILDCARDS = ("*", "0.0.0.0", "::", "[::]", "")
 
 
 class SecurityError(RuntimeError):
@@ -167,23 +167,43 @@ def tcp_host(endpoint: str) -> str | None:
     return endpoint.removeprefix("tcp://").rpartition(":")[0]
 
 
-def is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
+def resolve(host: str) -> list[ipaddress.IPv4Address | ipaddress.IPv6Address] | None:
+    """The addresses a bind host stands for (as libzmq reads `0`, `0.0` or `0x0`: the C resolver's numeric
+    forms), or None when the resolver does not know it (an interface name: check_bound decides then)."""
+    name = host.strip("[]")
+    if name in ("*", ""):
+        return [ipaddress.ip_address("0.0.0.0")]
     try:
-        return ipaddress.ip_address(host.strip("[]")).is_loopback
-    except ValueError:
-        return False
+        infos = socket.getaddrinfo(name, None, proto=socket.IPPROTO_TCP)
+    except (socket.gaierror, UnicodeError):
+        return None
+    return [ipaddress.ip_address(info[4][0].split("%")[0]) for info in infos]
+
+
+def is_wildcard(address) -> bool:
+    mapped = getattr(address, "ipv4_mapped", None)
+    return address.is_unspecified or (mapped is not None and mapped.is_unspecified)
+
+
+def is_loopback(host: str) -> bool:
+    addresses = resolve(host)
+    return bool(addresses) and all(a.is_loopback for a in addresses)
+
+
+def wildcard_refusal(endpoint: str) -> SecurityError:
+    return SecurityError(f"{endpoint} listens on every network interface; bind tcp://127.0.0.1:PORT for this "
+                         f"host only, or pass --public to listen on all interfaces")
 
 
 def check_bind(endpoint: str, curve: ServerCurve | None, insecure: bool, public: bool) -> list[str]:
-    """Refuse a tcp bind that exposes more than asked for; return warnings to print."""
+    """Refuse a tcp bind that exposes more than asked for, judged by the address the host resolves to
+    (`tcp://0:PORT` is every interface, as `*` is); return warnings to print."""
     host = tcp_host(endpoint)
     if host is None:
         return []
-    if host in WILDCARDS and not public:
-        raise SecurityError(f"{endpoint} listens on every network interface; bind tcp://127.0.0.1:PORT for this "
-                            f"host only, or pass --public to listen on all interfaces")
+    addresses = resolve(host) or []
+    if any(is_wildcard(a) for a in addresses) and not public:
+        raise wildcard_refusal(endpoint)
     if curve is None and not insecure:
         raise SecurityError(f"{endpoint} needs CurveZMQ keys (`tsqp keys`, then --keys DIR) or an explicit "
                             f"--insecure")
@@ -192,6 +212,16 @@ def check_bind(endpoint: str, curve: ServerCurve | None, insecure: bool, public:
         return [f"WARNING: --insecure: plain tcp on {endpoint}: {reach} can run requests without authentication "
                 f"and read or alter every activation, norm weight and result in transit (no encryption)"]
     return []
+
+
+def check_bound(last_endpoint: str, public: bool) -> None:
+    """After the bind, from the address libzmq actually bound (ZMQ_LAST_ENDPOINT): a wildcard without
+    --public is refused even when the name did not look like one (an interface name, say)."""
+    host = tcp_host(last_endpoint)
+    if host is None or public:
+        return
+    if any(is_wildcard(a) for a in resolve(host) or []):
+        raise wildcard_refusal(last_endpoint)
 
 
 # ---- from the command line -------------------------------------------------------------------------

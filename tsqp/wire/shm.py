@@ -1,12 +1,25 @@
-"""A session's shared-memory arena: one file in /dev/shm/tsqp-<uid>/ (0600 in a 0700 directory), mapped
-by the runner and the server. Tensors are views of it; control messages carry offsets.
+"""A session's shared-memory arena: a sealed memfd that the runner creates and the server maps. Tensors are
+views of it; control messages carry offsets.
 
-Lifecycle: the runner creates the file, the server maps it and unlinks it at once, so after that the
-memory lives exactly as long as the two mappings and no crash can leave a file behind. A runner that
-dies before the server attached leaves a file named after its pid; `remove_stale()` clears those.
+    runner                                            server
+    memfd_create("tsqp-<pid>-<hex>"), ftruncate,
+    fallocate, F_ADD_SEALS SHRINK|GROW|SEAL:
+    no one, its creator included, can change
+    its size again, so no mapping of it can
+    ever fault past its end (SIGBUS)
+    attach {name, size} ──────────────────────────>  the runner's pid from SO_PEERCRED (the kernel's, not
+                                                      the runner's word); opens /proc/<pid>/fd/<n> whose
+                                                      link is /memfd:tsqp-<name>; checks it is that memfd,
+                                                      sealed SHRINK and GROW, of its own uid and of `size`
+                                                      bytes; maps it and closes the fd
+
+Nothing lives in /dev/shm: the memory goes with the last mapping, whatever dies. /dev/shm/tsqp-<uid>/ (0700)
+holds only a session's control pipes until the server opens them (pipes.py); a runner killed before that
+leaves them, named after its pid, and `remove_stale()` clears them.
 """
 from __future__ import annotations
 
+import fcntl
 import mmap
 import os
 import re
@@ -16,13 +29,14 @@ from pathlib import Path
 
 import torch
 
-from ..files import private_dir
 from .protocol import WIRE_DTYPES, ProtocolError, TensorMeta
 
 SHM_ROOT = Path(os.environ.get("TSQP_SHM_ROOT", "/dev/shm"))
 NAME = re.compile(r"^(\d+)-[0-9a-f]{16}$")
-LEFTOVER = re.compile(r"^(\d+)-[0-9a-f]{16}(\.req|\.rep)?$")     # an arena, or its control pipes
+LEFTOVER = re.compile(r"^(\d+)-[0-9a-f]{16}(\.req|\.rep)?$")     # an arena's control pipes (or an old arena)
 ALIGN = 256
+SEALS = fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW        # what the server requires: the size cannot change
+MEMFD_PREFIX = "tsqp-"
 
 
 class ArenaError(RuntimeError):
@@ -30,7 +44,25 @@ class ArenaError(RuntimeError):
 
 
 def arena_dir() -> Path:
-    return private_dir(SHM_ROOT / f"tsqp-{os.getuid()}", ArenaError, repair=True, parents=False)
+    """/dev/shm/tsqp-<uid>, this user's alone (made under umask 077; a loose mode is fixed through an fd)."""
+    d = SHM_ROOT / f"tsqp-{os.getuid()}"
+    old = os.umask(0o077)
+    try:
+        d.mkdir(mode=0o700, exist_ok=True)
+    finally:
+        os.umask(old)
+    fd = os.open(d, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    try:
+        st = os.fstat(fd)
+        if st.st_uid != os.getuid():
+            raise ArenaError(f"{d} is not a directory owned by uid {os.getuid()} (it belongs to uid {st.st_uid})")
+        if stat.S_IMODE(st.st_mode) != 0o700:
+            os.fchmod(fd, 0o700)
+    except OSError as e:
+        raise ArenaError(f"{d}: {e.strerror}") from None
+    finally:
+        os.close(fd)
+    return d
 
 
 def pid_alive(pid: int) -> bool:
@@ -44,7 +76,7 @@ def pid_alive(pid: int) -> bool:
 
 
 def remove_stale() -> list[str]:
-    """Unlink arenas (and pipes) whose creating process is gone (a runner killed before the server attached)."""
+    """Unlink control pipes (and old-style arena files) whose creating process is gone."""
     removed = []
     for f in arena_dir().iterdir():
         m = LEFTOVER.match(f.name)
@@ -54,9 +86,34 @@ def remove_stale() -> list[str]:
     return removed
 
 
+def find_memfd(pid: int, name: str) -> int:
+    """Open the memfd called MEMFD_PREFIX + name among process `pid`'s descriptors; returns our own fd."""
+    want = f"/memfd:{MEMFD_PREFIX}{name} (deleted)"
+    where = Path(f"/proc/{pid}/fd")
+    try:
+        entries = os.listdir(where)
+    except OSError as e:
+        raise ArenaError(f"cannot look for the arena among the runner's descriptors ({where}: {e.strerror}); "
+                         f"a runner on this host in this pid namespace can use shm, others --transport frames") \
+            from None
+    for entry in entries:
+        try:
+            if os.readlink(where / entry) != want:
+                continue
+            fd = os.open(where / entry, os.O_RDWR | os.O_CLOEXEC)
+        except OSError:
+            continue                  # closed or swapped meanwhile: the check below is what counts
+        if os.readlink(f"/proc/self/fd/{fd}") == want:     # what we opened, not what the link said before
+            return fd
+        os.close(fd)
+    raise ArenaError(f"the runner (pid {pid}) holds no memfd named {MEMFD_PREFIX}{name}")
+
+
 class Arena:
-    def __init__(self, mm: mmap.mmap, name: str, size: int, path: Path | None):
-        self.mm, self.name, self.size, self.path = mm, name, size, path
+    def __init__(self, mm: mmap.mmap, name: str, size: int, path: Path | None, fd: int | None = None):
+        """path: the runner's session name in arena_dir(); its control pipes go beside it (pipes.make_pipes).
+        fd: the runner's memfd, kept open so that the server can find it at attach."""
+        self.mm, self.name, self.size, self.path, self.fd = mm, name, size, path, fd
         self.base = torch.frombuffer(mm, dtype=torch.uint8)        # [size] bytes
         self.ptr = self.base.data_ptr()
         self.cuda_registered = False
@@ -66,26 +123,22 @@ class Arena:
 
     @classmethod
     def create(cls, size: int) -> "Arena":
+        """The runner's arena: a memfd of `size` bytes (rounded up to pages), allocated now and sealed."""
         size = (size + mmap.PAGESIZE - 1) // mmap.PAGESIZE * mmap.PAGESIZE
         d = arena_dir()
         remove_stale()
-        vfs = os.statvfs(d)
-        free = vfs.f_bavail * vfs.f_frsize
-        if free < size:
-            raise ArenaError(f"{SHM_ROOT} has {free / 2**20:.0f} MiB free, the arena needs {size / 2**20:.0f} MiB; "
-                             f"enlarge it (docker: --shm-size) or use --transport frames")
         name = f"{os.getpid()}-{secrets.token_hex(8)}"
-        path = d / name
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+        fd = os.memfd_create(MEMFD_PREFIX + name, os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
         try:
-            os.posix_fallocate(fd, 0, size)   # fail now, not with SIGBUS later, if tmpfs runs out
+            os.ftruncate(fd, size)
+            os.posix_fallocate(fd, 0, size)   # fail now, not with SIGBUS at first touch, if memory runs out
+            fcntl.fcntl(fd, fcntl.F_ADD_SEALS, SEALS | fcntl.F_SEAL_SEAL)
             mm = mmap.mmap(fd, size)
         except OSError as e:
             os.close(fd)
-            path.unlink(missing_ok=True)
-            raise ArenaError(f"cannot create a {size / 2**20:.0f} MiB arena in {d}: {e}") from None
-        os.close(fd)
-        return cls(mm, name, size, path)
+            raise ArenaError(f"cannot create a {size / 2**20:.0f} MiB arena (memfd): {e}; lower --arena-mb or use "
+                             f"--transport frames") from None
+        return cls(mm, name, size, d / name, fd)
 
     @classmethod
     def anonymous(cls, size: int) -> "Arena":
@@ -94,25 +147,36 @@ class Arena:
         return cls(mmap.mmap(-1, size), "anonymous", size, None)
 
     @classmethod
-    def attach(cls, name: str, size: int) -> "Arena":
-        """Map a runner's arena (server side) and unlink its file."""
+    def attach(cls, name: str, size: int, pid: int | None, max_size: int | None = None) -> "Arena":
+        """Map a runner's sealed memfd (server side). pid: the runner's process as the kernel names it
+        (SO_PEERCRED); max_size: the largest arena this server maps."""
         if not isinstance(name, str) or not NAME.match(name):
             raise ProtocolError(f"bad arena name {name!r}")
-        path = arena_dir() / name
-        try:
-            fd = os.open(path, os.O_RDWR | os.O_NOFOLLOW)
-        except OSError as e:
-            raise ArenaError(f"cannot open arena {path}: {e.strerror}") from None
+        if not isinstance(size, int) or isinstance(size, bool) or size <= 0:
+            raise ProtocolError(f"bad arena size {size!r}")
+        if max_size is not None and size > max_size:
+            raise ArenaError(f"an arena of {size / 2**20:.0f} MiB is larger than this server maps "
+                             f"({max_size / 2**20:.0f} MiB, --max-arena-mb)")
+        if not pid:
+            raise ArenaError("shared memory needs a runner on this host (ipc://) whose process the server can see; "
+                             "use --transport frames")
+        fd = find_memfd(pid, name)
         try:
             st = os.fstat(fd)
-            if st.st_uid != os.getuid() or stat.S_IMODE(st.st_mode) & 0o077:
-                raise ArenaError(f"arena {path} is not owner-only (uid {st.st_uid}, mode {oct(st.st_mode)})")
+            try:
+                seals = fcntl.fcntl(fd, fcntl.F_GET_SEALS)
+            except OSError:
+                seals = 0
+            if not stat.S_ISREG(st.st_mode) or st.st_uid != os.getuid():
+                raise ArenaError(f"arena {name} is not a memfd of uid {os.getuid()} (uid {st.st_uid})")
+            if seals & SEALS != SEALS:
+                raise ArenaError(f"arena {name} is not sealed against shrinking and growing (seals {seals:#x}): "
+                                 f"its runner could truncate it under the server")
             if st.st_size != size:
-                raise ArenaError(f"arena {path} has {st.st_size} bytes, the hello said {size}")
+                raise ArenaError(f"arena {name} has {st.st_size} bytes, the attach said {size}")
             mm = mmap.mmap(fd, size)
         finally:
             os.close(fd)
-        path.unlink(missing_ok=True)
         return cls(mm, name, size, None)
 
     # ---- views -------------------------------------------------------------------------------------
@@ -184,8 +248,8 @@ class Arena:
         if self.cuda_registered:
             torch.cuda.cudart().cudaHostUnregister(self.ptr)
             self.cuda_registered = False
-        if self.path is not None:
-            self.path.unlink(missing_ok=True)
-            self.path = None
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
         # the mapping itself goes when the last tensor view of it is collected
         self.base, self.views, self.made = None, {}, {}
