@@ -31,12 +31,8 @@ DATA = Path(__file__).resolve().parent.parent / "tests" / "data"
 
 
 def teacher_forced(model: TrustedModel, ids: torch.Tensor) -> torch.Tensor:
-    """Logits [n-1, V] at positions 0..n-2 with the true tokens fed in (prefill one, then decode)."""
-    cache = model.new_cache(ids.numel())
-    out = [model.prefill(ids[:1], cache)]
-    for t in ids[1:-1].tolist():
-        out.append(model.decode(t, cache))
-    return torch.stack(out)
+    """Logits [n-1, V] at positions 0..n-2 with the true tokens fed in (one prefill, every position scored)."""
+    return model.score(ids[:-1], model.new_cache(ids.numel()))
 
 
 def main() -> None:

@@ -245,3 +245,14 @@ def test_llama_32_1b_preset_has_the_exact_shapes():
             assert getattr(cfg, f.name) == getattr(published, f.name), f.name
     # Llama-3.2-1B has 1,235,814,400 parameters (tied head counted once)
     assert sum(int(np.prod(s)) for s in W.expected_shapes(cfg).values()) == 1_235_814_400
+
+
+def test_score_gives_every_positions_logits_as_prefill_gives_the_last(checkpoints):
+    """TrustedModel.score (teacher-forced evaluation) row i equals prefill of ids[:i+1]'s last logits."""
+    cfg, weights = W.load(str(checkpoints["gqa_llama3_tied"]), torch.float32, "cpu")
+    model = TrustedModel(cfg, W.norm_weights(weights), LocalOffload(Compute(cfg, weights, "cpu")), "linear")
+    ids = prompt(cfg.vocab_size)[:9]
+    every = model.score(ids, model.new_cache(ids.numel()))
+    assert every.shape == (9, cfg.vocab_size)
+    for i in (0, 4, 8):
+        torch.testing.assert_close(every[i], model.prefill(ids[:i + 1], model.new_cache(i + 1)), rtol=1e-5, atol=1e-5)

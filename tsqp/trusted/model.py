@@ -178,9 +178,10 @@ class TrustedModel:
         return KVCache(self.cfg, max_len, self.attention.dtype, self.device)
 
     # ---- one chunk ---------------------------------------------------------------------------------
-    def forward(self, ids: torch.Tensor, cache: KVCache, start: int, want_logits: bool = True):
+    def forward(self, ids: torch.Tensor, cache: KVCache, start: int, want_logits: bool = True,
+                all_positions: bool = False):
         """Generator over one chunk: ids [T] at positions start..start+T-1. Yields pending requests,
-        returns the last position's logits [V] (float32) or None."""
+        returns the last position's logits [V] (float32), every position's [T, V] (all_positions), or None."""
         cfg, T = self.cfg, ids.shape[0]
         if start + T > cache.max_len:
             raise ValueError(f"positions up to {start + T} exceed the KV cache of {cache.max_len}")
@@ -209,8 +210,9 @@ class TrustedModel:
         cache.length = max(cache.length, start + T)
         if not want_logits:
             return None
-        x = self._norm(h[-1:], self.norms["model.norm.weight"])
-        return (yield self.offload.submit("lm_head", None, x)).to(torch.float32, copy=True)[0]                # [V]
+        x = self._norm(h if all_positions else h[-1:], self.norms["model.norm.weight"])
+        logits = (yield self.offload.submit("lm_head", None, x)).to(torch.float32, copy=True)     # [T or 1, V]
+        return logits if all_positions else logits[0]
 
     def _norm(self, h: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         out = self.offload.empty(tuple(h.shape))
@@ -235,6 +237,10 @@ class TrustedModel:
         gens = [self.forward(p, cache, o, want_logits=(i == len(parts) - 1))
                 for i, (p, o) in enumerate(zip(parts, offsets))]
         return run_interleaved(gens)[-1]
+
+    def score(self, ids: torch.Tensor, cache: KVCache) -> torch.Tensor:
+        """ids [T] -> every position's logits [T, V] (teacher-forced evaluation: row i predicts ids[i+1])."""
+        return run_interleaved([self.forward(ids, cache, cache.length, all_positions=True)])[-1]
 
     def decode(self, token: int, cache: KVCache) -> torch.Tensor:
         ids = torch.tensor([token], device=self.device)
