@@ -29,7 +29,8 @@ from .launch import free_tcp_port, private_ipc_endpoint, start_server, stop_serv
 from ..trusted.model import POLICIES, TrustedModel
 from ..local import LocalOffload
 from ..wire.client import RemoteOffload, default_arena_bytes
-from .run import attn_dtype, fixed_prompt
+from .engine import attn_dtype
+from .run import fixed_prompt
 from ..stats import Stats
 
 console = Console(highlight=False, width=None if os.isatty(1) else 200)
