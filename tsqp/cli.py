@@ -149,6 +149,9 @@ def parser() -> argparse.ArgumentParser:
     h.add_argument("--port", type=int, default=8000, help="listen on this port (default 8000; 0: any free one, printed)")
     h.add_argument("--model-name", default=None,
                    help="the model id clients name (default: --model's file name without .gguf, or its directory name)")
+    h.add_argument("--tls-cert", default=None, help="serve HTTPS with this certificate (PEM), ending TLS in the "
+                                                   "runner's process; with --tls-key")
+    h.add_argument("--tls-key", default=None, help="the certificate's private key (PEM)")
     h.add_argument("--api-key", default=os.environ.get("TSQP_API_KEY"),
                    help="require 'Authorization: Bearer KEY' (env TSQP_API_KEY; default: no key)")
     h.add_argument("--workers", type=int, default=4,

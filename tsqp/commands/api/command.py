@@ -2,7 +2,11 @@
 check the compute server once, start the worker pool, then serve HTTP until SIGINT/SIGTERM."""
 from __future__ import annotations
 
+import ipaddress
+import socket
+import sys
 import time
+from pathlib import Path
 
 import torch
 import uvicorn
@@ -37,6 +41,24 @@ def check_flags(args) -> None:
             raise ValueError(f"{name} must be >= {low}, got {value}")
     if not args.session_idle > 0:
         raise ValueError(f"--session-idle must be > 0, got {args.session_idle}")
+    if (args.tls_cert is None) != (args.tls_key is None):
+        raise ValueError("--tls-cert and --tls-key go together")
+    for path in (args.tls_cert, args.tls_key):
+        if path is not None and not Path(path).is_file():
+            raise ValueError(f"{path}: not found")
+
+
+def exposure_warnings(args) -> list[str]:
+    """What a bind beyond this host exposes: prompts and answers cross its network in the clear without TLS
+    (and TLS ended outside the enclave would hand them to its host), and anyone can use it without a key."""
+    if ipaddress.ip_address(socket.gethostbyname(args.host) if ":" not in args.host else args.host).is_loopback:
+        return []
+    warnings = []
+    if args.tls_cert is None:
+        warnings.append(f"WARNING: --host {args.host} without --tls-cert: prompts and answers travel in the clear")
+    if args.api_key is None:
+        warnings.append(f"WARNING: --host {args.host} without --api-key: anyone who reaches it can use it")
+    return warnings
 
 
 def serve_api(args) -> None:
@@ -65,11 +87,15 @@ def serve_api(args) -> None:
         print(f"Compute: {where(args)}, dtype {P_name(dtype)}, policy {args.policy}"
               f"{', protect ' + args.protect if getattr(args, 'protect', None) else ''}"
               f"{' + verify' if args.verify else ''}, {torch.get_num_threads()} threads", flush=True)
-        print(f"Workers: {args.workers} sessions, {args.queue} waiting at most (then 429)", flush=True)
-        print(f"Listening: http://{shown}:{port}/v1", flush=True)
+        print(f"Workers: {args.workers} (a session each), up to {args.queue} requests waiting (then 429)", flush=True)
+        for line in exposure_warnings(args):
+            print(line, file=sys.stderr, flush=True)
+        scheme = "https" if args.tls_cert else "http"
+        print(f"Listening: {scheme}://{shown}:{port}/v1", flush=True)
         print(f"ready in {time.perf_counter() - t0:.1f} s", flush=True)
         config = uvicorn.Config(api.app(), log_level="warning", access_log=False, lifespan="off",
-                                timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S)
+                                timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S, ssl_certfile=args.tls_cert,
+                                ssl_keyfile=args.tls_key)
         Server(config, pool).run(sockets=[sock])
     finally:
         if first is not None:
