@@ -102,7 +102,7 @@ class Session:
             self.offload.close()
             raise RemoteError("the compute server now serves another model than at start-up; restart tsqp api")
         self.model = build_model(offloads.args, self.cfg, norms, self.offload, self.stats)
-        self.tokens, self.used_at = tokens, time.monotonic()
+        self.tokens = tokens
 
     def alive(self, timeout_s: float) -> bool:
         """A remote session's server still answers, and is the same process (in-process ones always are)."""
@@ -216,7 +216,6 @@ class Pool:
                 if session is None:
                     session = Session(self.offloads, session_tokens(needed, self.cfg.max_position_embeddings),
                                       self.cfg)
-                session.used_at = time.monotonic()
                 job.emit(self._generate(session, job))
                 return session
             except Exception as e:          # every failure becomes the client's answer; the worker goes on
@@ -228,7 +227,7 @@ class Pool:
                     traceback.print_exc(file=sys.stderr)
                 job.emit(Failed(error))
                 return None
-        return session
+        return None                         # not reached: the second try returns or fails
 
     def _generate(self, session: Session, job: Job) -> Done | Failed:
         stream, stops = self.tokenizer.stream(), StopStrings(job.stops)
