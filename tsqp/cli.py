@@ -58,6 +58,38 @@ def add_security_args(p: argparse.ArgumentParser, server: bool) -> None:
                                                            "no encryption (says what it exposes)")
 
 
+def add_runner_args(p: argparse.ArgumentParser) -> None:
+    """What every trusted runner takes (`run`, `api`): the model, the server, the split and its protection."""
+    add_model_args(p)
+    add_client_args(p)
+    add_security_args(p, server=False)
+    p.add_argument("--local", action="store_true", help="compute in-process, no transport (the baseline)")
+    p.add_argument("--policy", choices=("linear", "seed", "flash"), default="linear",
+                   help="linear: attention on the trusted side; seed: the prototype's split (QK^T, PV offloaded); "
+                        "flash: RoPE here, fused attention + O on the server")
+    p.add_argument("--protect", choices=("otp",), default=None,
+                   help="otp: every offloaded x @ W gets a fresh one-time pad over exact integers (int8 weights, "
+                        "16-bit activations); embedding and logits stay here; needs --model (the runner's own "
+                        "copy of the checkpoint), --policy linear and a `tsqp serve --protect otp`")
+    p.add_argument("--verify", action="store_true",
+                   help="with --protect: check every result with Freivalds' test before use (false accept <= 2^-40)")
+    p.add_argument("--pad-pool", type=int, default=64,
+                   help="with --protect: pads precomputed per op, in tokens, filled in the background (default 64)")
+    p.add_argument("--compile", action="store_true",
+                   help="fuse the trusted elementwise steps with torch.compile (needs a C++ compiler; compiles "
+                        "once per prompt length)")
+    p.add_argument("--attn-dtype", choices=("auto", "float32", "bfloat16"), default="auto",
+                   help="dtype of the trusted side's attention math and KV cache (auto: bfloat16 when the wire "
+                        "is bfloat16 and the CPU has AMX, else float32)")
+    p.add_argument("--chunks", type=int, default=1, help="split the prefill into interleaved chunks (overlap)")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads on the trusted side")
+
+
+def add_tokenizer_arg(p) -> None:
+    p.add_argument("--tokenizer", default=None, help="a tokenizer.json or a model directory holding one "
+                                                     "(default: --model when it is a directory or a .gguf file)")
+
+
 def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="tsqp", description="LLM inference split between a trusted CPU "
                                  "runner and an untrusted GPU compute server.")
@@ -98,10 +130,7 @@ def parser() -> argparse.ArgumentParser:
 
     r = sub.add_parser("run", help="run the trusted runner: one prefill, or generation with --max-new-tokens "
                                    "or --prompt; with statistics")
-    add_model_args(r)
-    add_client_args(r)
-    add_security_args(r, server=False)
-    r.add_argument("--local", action="store_true", help="compute in-process, no transport (the baseline)")
+    add_runner_args(r)
     r.add_argument("--tokens", type=int, default=128, help="a fixed prompt of N token ids (default 128)")
     r.add_argument("--prompt-ids", default=None, help="comma-separated token ids instead of --tokens")
     g = r.add_argument_group("generation (with --max-new-tokens or --prompt; otherwise one prefill)")
@@ -110,8 +139,7 @@ def parser() -> argparse.ArgumentParser:
                                                 "--tokenizer or --model: tokenizer_config.json, chat_template.jinja "
                                                 "or the GGUF's metadata); stops at the template's end of turn")
     g.add_argument("--system", default=None, help="with --chat: a system message first")
-    g.add_argument("--tokenizer", default=None, help="a tokenizer.json or a model directory holding one "
-                                                     "(default: --model when it is a directory)")
+    add_tokenizer_arg(g)
     g.add_argument("--max-new-tokens", type=int, default=None,
                    help="generate up to N tokens after the prompt (default with --prompt: 128)")
     g.add_argument("--temperature", type=float, default=None,
@@ -120,28 +148,33 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("--top-p", type=float, default=None, help="sample among the most likely tokens holding mass p")
     g.add_argument("--seed", type=int, default=None, help="sampling seed (default: a fresh one, reported in the JSON)")
     g.add_argument("--ignore-eos", action="store_true", help="run to --max-new-tokens (benchmarks)")
-    r.add_argument("--policy", choices=("linear", "seed", "flash"), default="linear",
-                   help="linear: attention on the trusted side; seed: the prototype's split (QK^T, PV offloaded); "
-                        "flash: RoPE here, fused attention + O on the server")
-    r.add_argument("--protect", choices=("otp",), default=None,
-                   help="otp: every offloaded x @ W gets a fresh one-time pad over exact integers (int8 weights, "
-                        "16-bit activations); embedding and logits stay here; needs --model (the runner's own "
-                        "copy of the checkpoint), --policy linear and a `tsqp serve --protect otp`")
-    r.add_argument("--verify", action="store_true",
-                   help="with --protect: check every result with Freivalds' test before use (false accept <= 2^-40)")
-    r.add_argument("--pad-pool", type=int, default=64,
-                   help="with --protect: pads precomputed per op, in tokens, filled in the background (default 64)")
-    r.add_argument("--compile", action="store_true",
-                   help="fuse the trusted elementwise steps with torch.compile (needs a C++ compiler; compiles "
-                        "once per prompt length)")
-    r.add_argument("--attn-dtype", choices=("auto", "float32", "bfloat16"), default="auto",
-                   help="dtype of the trusted side's attention math and KV cache (auto: bfloat16 when the wire "
-                        "is bfloat16 and the CPU has AMX, else float32)")
-    r.add_argument("--chunks", type=int, default=1, help="split the prefill into interleaved chunks (overlap)")
-    r.add_argument("--threads", type=int, default=None, help="torch CPU threads on the trusted side")
     r.add_argument("--json", default=None, help="write settings and statistics here")
     r.add_argument("--dump-logits", default=None, help="write the last position's logits (float32 .npy)")
     r.add_argument("--no-warmup", action="store_true", help="time the first prefill")
+
+    a = sub.add_parser("api", help="serve an OpenAI-compatible HTTP API (/v1/models, /v1/completions, "
+                                   "/v1/chat/completions) from the trusted runner")
+    add_runner_args(a)
+    add_tokenizer_arg(a)
+    h = a.add_argument_group("HTTP")
+    h.add_argument("--host", default="127.0.0.1", help="listen here (default 127.0.0.1: this host only)")
+    h.add_argument("--port", type=int, default=8000, help="listen on this port (default 8000; 0: any free one, printed)")
+    h.add_argument("--model-name", default=None,
+                   help="the model id clients name (default: --model's file name without .gguf, or its directory name)")
+    h.add_argument("--tls-cert", default=None, help="serve HTTPS with this certificate (PEM), ending TLS in the "
+                                                   "runner's process; with --tls-key")
+    h.add_argument("--tls-key", default=None, help="the certificate's private key (PEM)")
+    h.add_argument("--api-key", default=os.environ.get("TSQP_API_KEY"),
+                   help="require 'Authorization: Bearer KEY' (env TSQP_API_KEY; default: no key)")
+    h.add_argument("--workers", type=int, default=4,
+                   help="requests generated at once, each on its own session to the compute server (default 4)")
+    h.add_argument("--queue", type=int, default=16,
+                   help="requests that may wait for a worker; beyond that a request gets 429 (default 16)")
+    h.add_argument("--max-tokens", type=int, default=512,
+                   help="max_tokens for a request that names none, capped by the context (default 512)")
+    h.add_argument("--session-idle", type=float, default=300.0,
+                   help="close a worker's session unused this many seconds, freeing the server's slot; the next "
+                        "request opens a fresh one (default 300)")
 
     d = sub.add_parser("diagnose", help="measure ipc/tcp/shm round trips against its own echo servers; "
                                         "report the environment")
@@ -198,7 +231,7 @@ def resolve(args) -> None:
     if getattr(args, "threads", None):
         import torch
         torch.set_num_threads(args.threads)
-    if args.command == "run" and not args.local:
+    if args.command in ("run", "api") and not args.local:
         from .wire.keys import client_curve
         args.curve = client_curve(args.endpoint, args.keys, args.server_key, args.client_key, args.insecure)
 
@@ -222,7 +255,7 @@ def main(argv: list[str] | None = None) -> int:
     # them from the working side (measured: 12x slower prefills on a busy 2-core machine). Must precede torch.
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     args = parser().parse_args(argv)
-    if args.command == "run":
+    if args.command in ("run", "api"):
         signal.signal(signal.SIGTERM, interrupt)
     try:
         resolve(args)
@@ -233,6 +266,9 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "run":
             from .commands.run import run
             run(args)
+        elif args.command == "api":
+            from .commands.api.command import serve_api
+            serve_api(args)
         elif args.command == "bench":
             from .commands.bench import run_bench
             run_bench(args)

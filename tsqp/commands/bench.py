@@ -30,9 +30,10 @@ from ..trusted.model import POLICIES, TrustedModel
 from ..trusted.protect.masked import ProtectedOffload
 from ..untrusted.compute import Compute
 from ..wire.client import RemoteOffload, default_arena_bytes
+from .engine import attn_dtype
 from .launch import free_tcp_port, private_ipc_endpoint, start_server, stop_servers, wait_ready
 from .nosplit import NoSplitModel, NoSplitOffload
-from .run import attn_dtype, fixed_prompt
+from .run import fixed_prompt
 
 console = Console(highlight=False, width=None if os.isatty(1) else 200)
 # shm-socket: shm, control messages over ZeroMQ; shm-otp(-verify): --protect otp (--verify) over shm

@@ -10,19 +10,13 @@ import numpy as np
 import torch
 from rich.console import Console
 
-from .. import weights as W
-from ..untrusted.compute import Compute
 from ..config import ModelConfig
 from ..trusted.generate import Sampling, add_rows, check_length, generate, generation_stats
 from ..trusted.model import TrustedModel
-from ..local import LocalOffload
-from ..wire.client import RemoteOffload, default_arena_bytes
 from ..stats import Stats
-from ..trusted.chat import ChatTemplate
-from ..trusted.protect.masked import ProtectedOffload
-from ..untrusted.intmm import IntCompute
-from ..trusted.tokenizer import Tokenizer, TokenizerError
 from ..wire.transport import transport_of
+from .engine import (P_name, attn_dtype, build_model, check_ids, open_chat_template, open_offload,
+                     open_tokenizer, where)
 
 console = Console(highlight=False)
 
@@ -31,84 +25,6 @@ def fixed_prompt(cfg: ModelConfig, n: int) -> torch.Tensor:
     """The same n token ids on every run and in every mode, so runs compare."""
     g = torch.Generator().manual_seed(1234)
     return torch.randint(0, cfg.vocab_size, (n,), generator=g)
-
-
-def check_ids(cfg: ModelConfig, ids: torch.Tensor) -> None:
-    if ids.numel() == 0:
-        raise ValueError("the prompt is empty")
-    bad = ids[(ids < 0) | (ids >= cfg.vocab_size)]
-    if bad.numel():
-        raise ValueError(f"token id {int(bad[0])} is outside the vocabulary 0..{cfg.vocab_size - 1}")
-
-
-def open_offload(args, stats: Stats, tokens: int):
-    """(offload, cfg, norms) for --local or a remote endpoint, wrapped in the protection when asked for."""
-    if getattr(args, "protect", None):
-        return open_protected(args, stats, tokens)
-    if args.verify:
-        raise ValueError("--verify checks masked results: it needs --protect otp")
-    if args.local:
-        dtype = W.torch_dtype(args.dtype)
-        cfg, weights = W.load(args.model, dtype, args.device)
-        compute = Compute(cfg, weights, args.device)
-        norms = W.norm_weights(weights)
-        return LocalOffload(compute, stats), cfg, norms
-    arena = args.arena_mb * 2**20 if args.arena_mb else \
-        (lambda cfg: default_arena_bytes(cfg, tokens, args.chunks, args.policy == "seed"))
-    remote = RemoteOffload(args.endpoint, args.transport, timeout_s=args.timeout,
-                           connect_timeout_s=args.connect_timeout, arena_bytes=arena, stats=stats,
-                           curve=getattr(args, "curve", None), control=getattr(args, "control", "pipes"),
-                           spin_s=getattr(args, "spin_us", 0.0) * 1e-6)
-    return remote, remote.cfg, remote.norms
-
-
-def open_protected(args, stats: Stats, tokens: int):
-    """--protect otp: the runner's own checkpoint gives the config, the norms, the embedding and the weights to
-    unmask and check with; nothing about the model is taken from the server, whose config and stated
-    fingerprint must match ours."""
-    if args.policy != "linear":
-        raise ValueError(f"--protect needs --policy linear: attention stays on the trusted side (--policy "
-                         f"{args.policy} would send Q, K and V in the clear)")
-    cfg, weights = W.load(args.model, torch.float32, "cpu")
-    if args.local:
-        inner = LocalOffload(IntCompute(cfg, weights, args.device), stats)
-    else:
-        arena = args.arena_mb * 2**20 if args.arena_mb else (lambda c: 2 * default_arena_bytes(c, tokens, args.chunks))
-        inner = RemoteOffload(args.endpoint, args.transport, timeout_s=args.timeout,
-                              connect_timeout_s=args.connect_timeout, arena_bytes=arena, stats=stats,
-                              curve=getattr(args, "curve", None), control=getattr(args, "control", "pipes"),
-                              spin_s=getattr(args, "spin_us", 0.0) * 1e-6)
-        try:
-            if inner.dtype != torch.uint8:
-                raise ValueError(f"{args.endpoint} is not a protected server (it serves {P_name(inner.dtype)} "
-                                 f"in the clear); start it with `tsqp serve --protect otp`")
-            if inner.cfg != cfg:
-                raise ValueError(f"the server's model config differs from {args.model}'s: refusing it")
-        except BaseException:
-            inner.close()
-            raise
-    offload = ProtectedOffload(inner, cfg, weights, verify=args.verify, pool_tokens=args.pad_pool, stats=stats)
-    try:
-        stated = inner.info.get("fingerprint") if not args.local else inner.compute.fingerprint
-        offload.expect_fingerprint(stated)
-    except BaseException:
-        offload.close()
-        raise
-    return offload, cfg, W.norm_weights(weights)
-
-
-def cpu_has_amx() -> bool:
-    try:
-        return "amx_bf16" in Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-
-
-def attn_dtype(choice: str, wire: torch.dtype) -> torch.dtype:
-    """Chosen by measurement: bf16 attention only pays where AMX runs bf16 matmuls; elsewhere fp32."""
-    if choice == "auto":
-        return torch.bfloat16 if wire == torch.bfloat16 and cpu_has_amx() else torch.float32
-    return W.torch_dtype(choice)
 
 
 def settings_of(args, offload, tokens: int) -> dict:
@@ -143,14 +59,11 @@ def run(args) -> dict:
     tokens = len(ids_arg) if ids_arg else args.tokens
     offload, cfg, norms = open_offload(args, stats, tokens)
     try:
-        where = "in-process (--local)" if args.local else f"{args.endpoint} ({transport_of(args.endpoint).upper()}, " \
-                f"{args.transport})"
-        console.print(f"Connected to {where}: {cfg.num_layers} layers, dtype {P_name(offload.dtype)}, "
+        console.print(f"Connected to {where(args)}: {cfg.num_layers} layers, dtype {P_name(offload.dtype)}, "
                       f"policy {args.policy}, {torch.get_num_threads()} threads")
         ids = torch.tensor(ids_arg) if ids_arg else fixed_prompt(cfg, tokens)
         check_ids(cfg, ids)
-        model = TrustedModel(cfg, norms, offload, args.policy, stats, attn_dtype(args.attn_dtype, offload.dtype),
-                             fused=getattr(args, "compile", False))
+        model = build_model(args, cfg, norms, offload, stats)
         if not args.no_warmup:
             prefill_once(model, cfg, ids[: min(16, tokens)], 1)
             prefill_once(model, cfg, ids, args.chunks)
@@ -175,27 +88,8 @@ def run(args) -> dict:
     return result
 
 
-def P_name(dtype: torch.dtype) -> str:
-    return str(dtype).removeprefix("torch.")
-
-
 # ---- generation: `tsqp run --max-new-tokens N [--prompt TEXT | --prompt-ids 1,2,3]` -----------------------
 DEFAULT_NEW_TOKENS = 128     # for --prompt without --max-new-tokens
-
-
-def open_tokenizer(args) -> Tokenizer | None:
-    """From --tokenizer, else the runner's own --model directory (never a path the server names: the
-    tokenizer is part of the trusted side). Required for --prompt; with ids, used only where one is found."""
-    source = args.tokenizer or (None if args.model.startswith("random:") else args.model)
-    if args.prompt is None and args.chat is None:
-        found = source is not None and (args.tokenizer or source.endswith(".gguf")
-                                        or (Path(source) / "tokenizer.json").is_file())
-        return Tokenizer(source) if found else None
-    if source is None:
-        raise TokenizerError(f"--prompt and --chat need a tokenizer: pass --tokenizer PATH (a tokenizer.json or a model "
-                             f"directory) or --model DIR (env LLAMA_MODEL_PATH); the model is {args.model}, "
-                             f"which has none (use --prompt-ids)")
-    return Tokenizer(source)
 
 
 def warm_up(model: TrustedModel, ids: torch.Tensor, chunks: int) -> None:
@@ -214,7 +108,7 @@ def run_generation(args) -> dict:
     tokenizer = open_tokenizer(args)
     stop_ids = None
     if args.chat is not None:
-        template = ChatTemplate.from_source(args.tokenizer or args.model, tokenizer)
+        template = open_chat_template(args, tokenizer)
         messages = ([{"role": "system", "content": args.system}] if args.system else []) + \
             [{"role": "user", "content": args.chat}]
         ids_arg, stop_ids = template.prompt_ids(tokenizer, messages), template.stop_ids
@@ -226,15 +120,12 @@ def run_generation(args) -> dict:
     stats = Stats()
     offload, cfg, norms = open_offload(args, stats, tokens + max_new)   # the arena: room for the longest step
     try:
-        where = "in-process (--local)" if args.local else f"{args.endpoint} ({transport_of(args.endpoint).upper()}, " \
-                f"{args.transport})"
-        console.print(f"Connected to {where}: {cfg.num_layers} layers, dtype {P_name(offload.dtype)}, "
+        console.print(f"Connected to {where(args)}: {cfg.num_layers} layers, dtype {P_name(offload.dtype)}, "
                       f"policy {args.policy}, {torch.get_num_threads()} threads")
         ids = torch.tensor(ids_arg, dtype=torch.long) if ids_arg is not None else fixed_prompt(cfg, tokens)
         check_ids(cfg, ids)
         check_length(cfg, ids.numel(), max_new)
-        model = TrustedModel(cfg, norms, offload, args.policy, stats, attn_dtype(args.attn_dtype, offload.dtype),
-                             fused=getattr(args, "compile", False))
+        model = build_model(args, cfg, norms, offload, stats)
         if not args.no_warmup:
             warm_up(model, ids, args.chunks)
         stats.reset()

@@ -92,7 +92,7 @@ def check_length(cfg: ModelConfig, prompt_len: int, max_new_tokens: int) -> None
 class Generation:
     prompt_ids: list[int]
     ids: list[int]                                  # the new tokens, the EOS that stopped it included
-    stop: str                                       # "eos" or "max_new_tokens"
+    stop: str                                       # "eos", "max_new_tokens" or "caller" (on_token said so)
     ttft_s: float                                   # prefill + first sample
     step_s: list[float] = field(default_factory=list)  # each later token: one decode step + its sample
     total_s: float = 0.0
@@ -114,7 +114,8 @@ def generate(model: TrustedModel, prompt: torch.Tensor, max_new_tokens: int, sam
              stop_ids: list[int] | None = None) -> Generation:
     """prompt [T] -> Generation. stats: the offload's (its counters split prefill from decode).
     on_token(token, logits) is called as each token is chosen; logits [V] may live in a transport buffer,
-    valid only during the call (clone to keep)."""
+    valid only during the call (clone to keep). If it returns True, generation ends there (stop "caller":
+    a stop string seen, a client gone)."""
     cfg = model.cfg
     T = prompt.numel()
     check_length(cfg, T, max_new_tokens)
@@ -127,19 +128,17 @@ def generate(model: TrustedModel, prompt: torch.Tensor, max_new_tokens: int, sam
     logits = model.prefill(prompt, cache, chunks)
     token = sample(logits, sampling, g)
     gen = Generation(prompt.tolist(), [token], "", time.perf_counter() - t0)
-    if on_token:
-        on_token(token, logits)
+    ended = bool(on_token and on_token(token, logits))
     before = counters(stats)
-    while token not in eos and len(gen.ids) < max_new_tokens:
+    while not ended and token not in eos and len(gen.ids) < max_new_tokens:
         t = time.perf_counter()
         logits = model.decode(token, cache)
         token = sample(logits, sampling, g)
         gen.step_s.append(time.perf_counter() - t)
         gen.ids.append(token)
-        if on_token:
-            on_token(token, logits)
+        ended = bool(on_token and on_token(token, logits))
     gen.total_s = time.perf_counter() - t0
-    gen.stop = "eos" if token in eos else "max_new_tokens"
+    gen.stop = "caller" if ended else "eos" if token in eos else "max_new_tokens"
     after = counters(stats)
     gen.decode = {k: after[k] - before[k] for k in after}
     return gen

@@ -138,6 +138,18 @@ class RemoteOffload:
         self.channel = PipeChannel(bell, self.endpoint, self.client.timeout_s, spin_s) if pipes else \
             SocketChannel(self.client)
 
+    def server_alive(self, timeout_s: float) -> bool:
+        """Whether the server process that welcomed this session still answers within timeout_s, for a runner
+        that keeps a session between jobs: a dead server would otherwise cost the next call its whole timeout,
+        and a restarted one (another pid) has forgotten the session. Only between calls (none in flight)."""
+        if self.waiting:
+            raise RuntimeError("server_alive() with calls in flight")
+        try:
+            head, _ = self._ask({"type": "info"}, "the info (is the server alive?)", timeout_s)
+        except (TransportError, RemoteError, zmq.ZMQError):
+            return False
+        return head.get("pid") == self.info.get("pid")
+
     @property
     def arena(self) -> Arena | None:
         return self.path.arena if isinstance(self.path, ArenaPath) else None

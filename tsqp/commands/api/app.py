@@ -1,0 +1,278 @@
+"""`tsqp api`: an OpenAI-compatible HTTP API in the trusted runner's process, on Starlette and uvicorn.
+
+  GET  /v1/models                 the one model served (its context length as max_model_len)
+  POST /v1/chat/completions       messages -> the model's chat template -> ids; stops at the end of turn
+  POST /v1/completions            a prompt string or token ids; stops at the model's eos
+  both: max_tokens, temperature, top_p, seed, stop, n=1, stream (server-sent events ending in [DONE]),
+        stream_options.include_usage; usage counts in tokens
+
+The event loop only parses, tokenizes and writes; generation runs on the pool's worker threads (pool.py),
+each with its own session to the compute server. Errors are OpenAI's JSON bodies with the HTTP status:
+400 bad request, 401 key, 404 model or route, 413 body, 429 queue full, 502/503 compute server.
+"""
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import secrets
+import socket
+import time
+from pathlib import Path
+
+from starlette.applications import Starlette
+from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException
+from starlette.requests import Request as HTTPRequest
+from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.routing import Route
+
+from ...config import ModelConfig
+from ...trusted.chat import ChatTemplate, ChatTemplateError
+from ...trusted.generate import Sampling
+from ...trusted.tokenizer import Tokenizer
+from . import schema
+from .pool import Done, Failed, Job, Pool, Text
+from .schema import APIError
+
+MAX_BODY_BYTES = 8 * 2**20
+DISCONNECT_POLL_S = 1.0         # how often a waiting non-streamed request checks that its client is still there
+
+
+def error_response(e: APIError) -> JSONResponse:
+    return JSONResponse(e.body(), status_code=e.status)
+
+
+def sse(data) -> bytes:
+    return f"data: {data if isinstance(data, str) else json.dumps(data, ensure_ascii=False)}\n\n".encode()
+
+
+class Api:
+    """The routes' state: the model served, its tokenizer and chat template, the worker pool."""
+
+    def __init__(self, model_id: str, cfg: ModelConfig, tokenizer: Tokenizer, template: ChatTemplate | None,
+                 template_error: str | None, pool: Pool, default_max_tokens: int, api_key: str | None):
+        self.model_id, self.cfg, self.tokenizer, self.template = model_id, cfg, tokenizer, template
+        self.template_error, self.pool = template_error, pool
+        self.default_max_tokens, self.api_key = default_max_tokens, api_key
+        self.created = int(time.time())
+
+    def app(self) -> Starlette:
+        async def not_found(request, exc: HTTPException):
+            what = "route" if exc.status_code == 404 else "method"
+            return error_response(APIError(exc.status_code, f"no {what} {request.method} {request.url.path}",
+                                           code=f"{what}_not_found" if what == "route" else None))
+
+        async def internal(request, exc: Exception):       # a bug: still an OpenAI body (uvicorn logs the trace)
+            return error_response(APIError(500, f"internal error: {type(exc).__name__}: {exc}", "internal_error"))
+
+        routes = [Route("/v1/models", self.models, methods=["GET"]),
+                  Route("/v1/models/{model:path}", self.model, methods=["GET"]),
+                  Route("/v1/chat/completions", self.chat, methods=["POST"]),
+                  Route("/v1/completions", self.text, methods=["POST"])]
+        return Starlette(routes=routes, exception_handlers={HTTPException: not_found, Exception: internal})
+
+    # ---- routes ------------------------------------------------------------------------------------------
+    def card(self) -> dict:
+        return {"id": self.model_id, "object": "model", "created": self.created, "owned_by": "tsqp",
+                "max_model_len": self.cfg.max_position_embeddings}
+
+    async def models(self, request: HTTPRequest) -> Response:
+        try:
+            self.check_key(request)
+        except APIError as e:
+            return error_response(e)
+        return JSONResponse({"object": "list", "data": [self.card()]})
+
+    async def model(self, request: HTTPRequest) -> Response:
+        try:
+            self.check_key(request)
+            self.check_model(request.path_params["model"])
+        except APIError as e:
+            return error_response(e)
+        return JSONResponse(self.card())
+
+    async def chat(self, request: HTTPRequest) -> Response:
+        return await self.complete(request, "chat")
+
+    async def text(self, request: HTTPRequest) -> Response:
+        return await self.complete(request, "text")
+
+    # ---- one completion ------------------------------------------------------------------------------------
+    async def complete(self, request: HTTPRequest, kind: str) -> Response:
+        try:
+            self.check_key(request)
+            req = schema.parse(await read_body(request), kind)
+            self.check_model(req.model)
+            ids, stop_ids = await run_in_threadpool(self.prompt_ids, req)
+            job, events = self.start(req, ids, stop_ids)
+        except APIError as e:
+            return error_response(e)
+        rid = ("chatcmpl-" if kind == "chat" else "cmpl-") + secrets.token_hex(12)
+        created = int(time.time())
+        if req.stream:
+            first = await next_event(events, job)
+            if isinstance(first, Failed):       # nothing sent yet: the status can still say what happened
+                return error_response(first.error)
+            return StreamingResponse(self.stream(req, rid, created, job, events, first),
+                                     media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+        return await self.collect(request, req, rid, created, job, events)
+
+    def check_key(self, request: HTTPRequest) -> None:
+        if self.api_key is None:
+            return
+        given = request.headers.get("authorization", "").removeprefix("Bearer ").strip()
+        if not hmac.compare_digest(given.encode(), self.api_key.encode()):
+            raise APIError(401, "missing or wrong API key (Authorization: Bearer KEY)", code="invalid_api_key")
+
+    def check_model(self, name: str) -> None:
+        if name != self.model_id:
+            raise APIError(404, f"The model '{name}' does not exist; this server serves '{self.model_id}'",
+                           param="model", code="model_not_found")
+
+    def prompt_ids(self, req: schema.Request) -> tuple[list[int], list[int] | None]:
+        """(prompt ids, the ids that end the generation: the template's end of turn, or None for the model's
+        eos). Runs on a thread: templates and long prompts take a while."""
+        if req.kind == "chat":
+            if self.template is None:
+                raise APIError(400, f"this model has no chat template ({self.template_error}); use /v1/completions",
+                               param="messages")
+            try:
+                ids = self.template.prompt_ids(self.tokenizer, req.messages)
+            except ChatTemplateError as e:
+                raise APIError(400, str(e), param="messages") from None
+            stop_ids, param = self.template.stop_ids, "messages"
+        else:
+            ids = self.tokenizer.encode(req.prompt) if isinstance(req.prompt, str) else list(req.prompt)
+            stop_ids, param = None, "prompt"
+            outside = [t for t in ids if not 0 <= t < self.cfg.vocab_size]
+            if outside:
+                raise APIError(400, f"token id {outside[0]} is outside the vocabulary 0..{self.cfg.vocab_size - 1}",
+                               param=param)
+        if not ids:
+            raise APIError(400, "the prompt is empty", param=param)
+        return ids, stop_ids
+
+    def max_new_tokens(self, req: schema.Request, prompt_tokens: int) -> int:
+        """Refuse a prompt (plus max_tokens) beyond the model's context; fill in max_tokens when not given."""
+        context, asked = self.cfg.max_position_embeddings, req.max_tokens
+        if prompt_tokens >= context:
+            raise APIError(400, f"This model's maximum context length is {context} tokens; the prompt holds "
+                                f"{prompt_tokens}", param="messages" if req.kind == "chat" else "prompt",
+                           code="context_length_exceeded")
+        if asked is None:
+            return min(self.default_max_tokens, context - prompt_tokens)
+        if prompt_tokens + asked > context:
+            raise APIError(400, f"This model's maximum context length is {context} tokens; the prompt holds "
+                                f"{prompt_tokens} and max_tokens asks for {asked} more", param="max_tokens",
+                           code="context_length_exceeded")
+        return asked
+
+    def start(self, req: schema.Request, ids: list[int], stop_ids: list[int] | None) -> tuple[Job, asyncio.Queue]:
+        """Queue the generation; its events arrive on the returned queue."""
+        max_new = self.max_new_tokens(req, len(ids))
+        greedy = req.temperature == 0
+        sampling = Sampling.make(req.temperature, None, None if greedy else req.top_p, req.seed)
+        loop, events = asyncio.get_running_loop(), asyncio.Queue()
+
+        def emit(event) -> None:
+            try:
+                loop.call_soon_threadsafe(events.put_nowait, event)
+            except RuntimeError:        # the event loop has closed (shutting down): nobody is listening
+                job.cancelled.set()
+
+        job = Job(ids, max_new, sampling, stop_ids, req.stop, emit)
+        self.pool.submit(job)
+        return job, events
+
+    async def collect(self, request: HTTPRequest, req: schema.Request, rid: str, created: int, job: Job,
+                      events: asyncio.Queue) -> Response:
+        """A request without stream: wait for the whole text, watching that the client stays."""
+        parts = []
+        try:
+            while True:
+                try:
+                    event = await asyncio.wait_for(events.get(), DISCONNECT_POLL_S)
+                except asyncio.TimeoutError:
+                    if await request.is_disconnected():
+                        job.cancelled.set()
+                        return Response(status_code=499)    # nobody reads it; frees the worker
+                    continue
+                if isinstance(event, Text):
+                    parts.append(event.text)
+                elif isinstance(event, Failed):
+                    return error_response(event.error)
+                else:
+                    counts = schema.usage(event.prompt_tokens, event.completion_tokens)
+                    return JSONResponse(schema.completion(req, rid, created, self.model_id, "".join(parts),
+                                                          event.finish_reason, counts))
+        finally:
+            job.cancelled.set()         # a no-op once done; ends the generation if this coroutine was cancelled
+
+    async def stream(self, req: schema.Request, rid: str, created: int, job: Job, events: asyncio.Queue, event):
+        """Server-sent events: a chunk per piece of text, a last chunk with the finish reason, the usage when
+        asked for, then [DONE]. A client that goes away ends the generation after the current token."""
+        try:
+            if req.kind == "chat":
+                yield sse(schema.chunk(req, rid, created, self.model_id, first=True))
+            while True:
+                if isinstance(event, Text):
+                    yield sse(schema.chunk(req, rid, created, self.model_id, text=event.text))
+                elif isinstance(event, Failed):      # after the headers: the error goes in the stream
+                    yield sse(event.error.body())
+                    break
+                elif isinstance(event, Done):
+                    yield sse(schema.chunk(req, rid, created, self.model_id, finish=event.finish_reason,
+                                           text="" if req.kind == "text" else None))
+                    if req.include_usage:
+                        counts = schema.usage(event.prompt_tokens, event.completion_tokens)
+                        yield sse(schema.chunk(req, rid, created, self.model_id, counts=counts))
+                    break
+                event = await next_event(events, job)
+            yield sse("[DONE]")
+        finally:
+            job.cancelled.set()
+
+
+async def next_event(events: asyncio.Queue, job: Job):
+    try:
+        return await events.get()
+    except asyncio.CancelledError:
+        job.cancelled.set()
+        raise
+
+
+async def read_body(request: HTTPRequest) -> bytes:
+    """The request's bytes, refused past MAX_BODY_BYTES (413) without reading them all."""
+    length = request.headers.get("content-length")
+    if length is not None and length.isdigit() and int(length) > MAX_BODY_BYTES:
+        raise APIError(413, f"the request body ({int(length)} bytes) exceeds {MAX_BODY_BYTES} bytes")
+    body = bytearray()
+    async for part in request.stream():
+        body += part
+        if len(body) > MAX_BODY_BYTES:
+            raise APIError(413, f"the request body exceeds {MAX_BODY_BYTES} bytes")
+    return bytes(body)
+
+
+def model_id_of(spec: str) -> str:
+    """The id clients name: a GGUF file's name without .gguf, a model directory's name, or a preset."""
+    if spec.startswith("random:"):
+        return spec
+    p = Path(spec)
+    return p.stem if p.suffix.lower() == ".gguf" else p.name
+
+
+def bind(host: str, port: int) -> socket.socket:
+    """Bind before serving, so that a port in use is one clear error and port 0 can be reported."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as e:
+        sock.close()
+        raise OSError(f"cannot listen on {host}:{port}: {e.strerror}") from None
+    sock.listen(128)
+    sock.set_inheritable(True)
+    return sock

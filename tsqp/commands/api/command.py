@@ -1,0 +1,106 @@
+"""`tsqp api --host H --port P [--endpoint E | --local] --model M ...`: set up as `tsqp run` does (engine.py),
+check the compute server once, start the worker pool, then serve HTTP until SIGINT/SIGTERM."""
+from __future__ import annotations
+
+import ipaddress
+import socket
+import sys
+import time
+from pathlib import Path
+
+import torch
+import uvicorn
+
+from ...trusted.chat import ChatTemplateError
+from ..engine import Offloads, P_name, open_chat_template, open_tokenizer, where
+from .app import Api, bind, model_id_of
+from .pool import MIN_SESSION_TOKENS, Pool, Session
+
+GRACEFUL_SHUTDOWN_S = 5         # on SIGTERM, responses still being written get this long before they are cut
+
+
+class Server(uvicorn.Server):
+    """uvicorn's server that tells the pool first on SIGINT/SIGTERM: running generations end at their next
+    token, so open streams finish with an error event and [DONE] instead of being cancelled mid-way."""
+
+    def __init__(self, config: uvicorn.Config, pool: Pool):
+        super().__init__(config)
+        self.pool = pool
+
+    def handle_exit(self, sig, frame) -> None:
+        self.pool.stop()
+        super().handle_exit(sig, frame)
+
+
+def check_flags(args) -> None:
+    if not 0 <= args.port <= 65535:
+        raise ValueError(f"--port must be in 0..65535, got {args.port}")
+    for name, value, low in (("--workers", args.workers, 1), ("--queue", args.queue, 0),
+                             ("--max-tokens", args.max_tokens, 1)):
+        if value < low:
+            raise ValueError(f"{name} must be >= {low}, got {value}")
+    if not args.session_idle > 0:
+        raise ValueError(f"--session-idle must be > 0, got {args.session_idle}")
+    if (args.tls_cert is None) != (args.tls_key is None):
+        raise ValueError("--tls-cert and --tls-key go together")
+    for path in (args.tls_cert, args.tls_key):
+        if path is not None and not Path(path).is_file():
+            raise ValueError(f"{path}: not found")
+
+
+def exposure_warnings(args) -> list[str]:
+    """What a bind beyond this host exposes: prompts and answers cross its network in the clear without TLS
+    (and TLS ended outside the enclave would hand them to its host), and anyone can use it without a key."""
+    if ipaddress.ip_address(socket.gethostbyname(args.host) if ":" not in args.host else args.host).is_loopback:
+        return []
+    warnings = []
+    if args.tls_cert is None:
+        warnings.append(f"WARNING: --host {args.host} without --tls-cert: prompts and answers travel in the clear")
+    if args.api_key is None:
+        warnings.append(f"WARNING: --host {args.host} without --api-key: anyone who reaches it can use it")
+    return warnings
+
+
+def serve_api(args) -> None:
+    t0 = time.perf_counter()
+    check_flags(args)
+    tokenizer = open_tokenizer(args, required=True)
+    try:
+        template, template_error = open_chat_template(args, tokenizer), None
+    except ChatTemplateError as e:          # completions still work; chat requests are told why not
+        template, template_error = None, str(e)
+    sock = bind(args.host, args.port)
+    offloads = Offloads(args)
+    first = pool = None
+    try:
+        first = Session(offloads, MIN_SESSION_TOKENS, None)     # the start-up check: the server answers
+        cfg, dtype = first.cfg, first.offload.dtype
+        pool = Pool(offloads, tokenizer, cfg, args.workers, args.queue, args.session_idle, where(args),
+                    args.connect_timeout, first)
+        first = None                                            # the pool's first worker holds it now
+        model_id = args.model_name or model_id_of(args.model)
+        api = Api(model_id, cfg, tokenizer, template, template_error, pool, args.max_tokens, args.api_key)
+        host, port = sock.getsockname()[:2]
+        shown = f"[{host}]" if ":" in host else host
+        print(f"Model: {model_id} ({cfg.num_layers} layers, context {cfg.max_position_embeddings} tokens, "
+              f"chat template: {'yes' if template else 'none'})", flush=True)
+        print(f"Compute: {where(args)}, dtype {P_name(dtype)}, policy {args.policy}"
+              f"{', protect ' + args.protect if getattr(args, 'protect', None) else ''}"
+              f"{' + verify' if args.verify else ''}, {torch.get_num_threads()} threads", flush=True)
+        print(f"Workers: {args.workers} (a session each), up to {args.queue} requests waiting (then 429)", flush=True)
+        for line in exposure_warnings(args):
+            print(line, file=sys.stderr, flush=True)
+        scheme = "https" if args.tls_cert else "http"
+        print(f"Listening: {scheme}://{shown}:{port}/v1", flush=True)
+        print(f"ready in {time.perf_counter() - t0:.1f} s", flush=True)
+        config = uvicorn.Config(api.app(), log_level="warning", access_log=False, lifespan="off",
+                                timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S, ssl_certfile=args.tls_cert,
+                                ssl_keyfile=args.tls_key)
+        Server(config, pool).run(sockets=[sock])
+    finally:
+        if first is not None:
+            first.close()
+        if pool is not None:
+            pool.close(timeout_s=args.timeout + 5)
+        sock.close()
+
