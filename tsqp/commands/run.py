@@ -1,22 +1,22 @@
 """`tsqp run`: connect (or build the compute in-process), run one prefill or generate, report the statistics."""
 from __future__ import annotations
 
-import json
 import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 from rich.console import Console
 
 from .. import weights as W
 from ..untrusted.compute import Compute
 from ..config import ModelConfig
-from ..trusted.generate import Sampling, add_rows, check_length, generate, generation_stats
+from ..trusted.generate import Sampling, add_rows, check_length, check_logits, generate, generation_stats
 from ..trusted.model import TrustedModel
 from ..local import LocalOffload
-from ..wire.client import RemoteOffload, default_arena_bytes
+from ..wire.client import MiB, Budget, RemoteOffload, default_arena_bytes
+from ..wire.hello import Expected
+from .files import write_json, write_npy
 from ..stats import Stats
 from ..trusted.chat import ChatTemplate
 from ..trusted.protect.masked import ProtectedOffload
@@ -41,6 +41,26 @@ def check_ids(cfg: ModelConfig, ids: torch.Tensor) -> None:
         raise ValueError(f"token id {int(bad[0])} is outside the vocabulary 0..{cfg.vocab_size - 1}")
 
 
+def own_model(args) -> Expected | None:
+    """The runner's own copy of the model (--model a directory or a .gguf file): config, norms and special tokens
+    come from it, and the server must serve exactly it. None for a random preset (the server's, once checked)."""
+    if args.model.startswith("random:"):
+        return None
+    return Expected(W.describe(args.model), W.load_config(args.model),
+                    lambda dtype: W.load_norms(args.model, dtype)[1])
+
+
+def budget_of(args, tokens: int) -> Budget:
+    return Budget(tokens=tokens, seed_policy=args.policy == "seed", max_bytes=args.max_arena_mb * MiB)
+
+
+def connect(args, stats: Stats, tokens: int, arena, expect: Expected | None) -> RemoteOffload:
+    return RemoteOffload(args.endpoint, args.transport, timeout_s=args.timeout,
+                         connect_timeout_s=args.connect_timeout, arena_bytes=arena, stats=stats,
+                         curve=getattr(args, "curve", None), control=getattr(args, "control", "pipes"),
+                         spin_s=getattr(args, "spin_us", 0.0) * 1e-6, expect=expect, budget=budget_of(args, tokens))
+
+
 def open_offload(args, stats: Stats, tokens: int):
     """(offload, cfg, norms) for --local or a remote endpoint, wrapped in the protection when asked for."""
     if getattr(args, "protect", None):
@@ -53,18 +73,19 @@ def open_offload(args, stats: Stats, tokens: int):
         compute = Compute(cfg, weights, args.device)
         norms = W.norm_weights(weights)
         return LocalOffload(compute, stats), cfg, norms
-    arena = args.arena_mb * 2**20 if args.arena_mb else \
+    arena = args.arena_mb * MiB if args.arena_mb else \
         (lambda cfg: default_arena_bytes(cfg, tokens, args.chunks, args.policy == "seed"))
-    remote = RemoteOffload(args.endpoint, args.transport, timeout_s=args.timeout,
-                           connect_timeout_s=args.connect_timeout, arena_bytes=arena, stats=stats,
-                           curve=getattr(args, "curve", None), control=getattr(args, "control", "pipes"),
-                           spin_s=getattr(args, "spin_us", 0.0) * 1e-6)
+    remote = connect(args, stats, tokens, arena, own_model(args))
+    if remote.dtype == torch.uint8:
+        remote.close()
+        raise ValueError(f"{args.endpoint} is a protected server (it answers masked x @ W only): run with "
+                         f"--protect otp and --model, the runner's own copy of its checkpoint")
     return remote, remote.cfg, remote.norms
 
 
 def open_protected(args, stats: Stats, tokens: int):
     """--protect otp: the runner's own checkpoint gives the config, the norms, the embedding and the weights to
-    unmask and check with; nothing about the model is taken from the server, whose config and stated
+    unmask and check with; nothing about the model is taken from the server, whose config, norms and stated
     fingerprint must match ours."""
     if args.policy != "linear":
         raise ValueError(f"--protect needs --policy linear: attention stays on the trusted side (--policy "
@@ -73,20 +94,14 @@ def open_protected(args, stats: Stats, tokens: int):
     if args.local:
         inner = LocalOffload(IntCompute(cfg, weights, args.device), stats)
     else:
-        arena = args.arena_mb * 2**20 if args.arena_mb else (lambda c: 2 * default_arena_bytes(c, tokens, args.chunks))
-        inner = RemoteOffload(args.endpoint, args.transport, timeout_s=args.timeout,
-                              connect_timeout_s=args.connect_timeout, arena_bytes=arena, stats=stats,
-                              curve=getattr(args, "curve", None), control=getattr(args, "control", "pipes"),
-                              spin_s=getattr(args, "spin_us", 0.0) * 1e-6)
-        try:
-            if inner.dtype != torch.uint8:
-                raise ValueError(f"{args.endpoint} is not a protected server (it serves {P_name(inner.dtype)} "
-                                 f"in the clear); start it with `tsqp serve --protect otp`")
-            if inner.cfg != cfg:
-                raise ValueError(f"the server's model config differs from {args.model}'s: refusing it")
-        except BaseException:
+        arena = args.arena_mb * MiB if args.arena_mb else (lambda c: 2 * default_arena_bytes(c, tokens, args.chunks))
+        norms = W.norm_weights(weights)
+        expect = Expected(W.describe(args.model), cfg, lambda dtype: {k: v.to(dtype) for k, v in norms.items()})
+        inner = connect(args, stats, tokens, arena, expect)
+        if inner.dtype != torch.uint8:
             inner.close()
-            raise
+            raise ValueError(f"{args.endpoint} is not a protected server (it serves {P_name(inner.dtype)} "
+                             f"in the clear); start it with `tsqp serve --protect otp`")
     offload = ProtectedOffload(inner, cfg, weights, verify=args.verify, pool_tokens=args.pad_pool, stats=stats)
     try:
         stated = inner.info.get("fingerprint") if not args.local else inner.compute.fingerprint
@@ -132,7 +147,8 @@ def settings_of(args, offload, tokens: int) -> dict:
 
 
 def prefill_once(model: TrustedModel, cfg: ModelConfig, ids: torch.Tensor, chunks: int) -> torch.Tensor:
-    return model.prefill(ids, model.new_cache(ids.numel()), chunks)
+    logits = model.prefill(ids, model.new_cache(ids.numel()), chunks)
+    return check_logits(logits, f"the prefill of {ids.numel()} tokens")
 
 
 def run(args) -> dict:
@@ -167,11 +183,9 @@ def run(args) -> dict:
     stats.print(f"tsqp run: prefill of {tokens} tokens")
     console.print(f"next token (argmax): {result['argmax']}")
     if args.json:
-        Path(args.json).write_text(json.dumps(result, indent=1))
-        console.print(f"wrote {args.json}")
+        console.print(f"wrote {write_json(args.json, result)}")
     if args.dump_logits:
-        np.save(args.dump_logits, logits.numpy().astype(np.float32))
-        console.print(f"wrote {args.dump_logits}")
+        console.print(f"wrote {write_npy(args.dump_logits, logits.numpy().astype('float32'))}")
     return result
 
 
@@ -200,9 +214,9 @@ def open_tokenizer(args) -> Tokenizer | None:
 
 def warm_up(model: TrustedModel, ids: torch.Tensor, chunks: int) -> None:
     cache = model.new_cache(ids.numel() + 2)
-    token = int(model.prefill(ids, cache, chunks).argmax())
-    for _ in range(2):
-        token = int(model.decode(token, cache).argmax())
+    token = int(check_logits(model.prefill(ids, cache, chunks), "the warm-up prefill").argmax())
+    for step in range(2):
+        token = int(check_logits(model.decode(token, cache), f"warm-up decode step {step + 1}").argmax())
 
 
 def run_generation(args) -> dict:
@@ -270,6 +284,5 @@ def run_generation(args) -> dict:
         offload.close()
     console.print(add_rows(stats.table(f"tsqp run: {tokens}-token prompt, {len(gen.ids)} new tokens"), g))
     if args.json:
-        Path(args.json).write_text(json.dumps(result, indent=1))
-        console.print(f"wrote {args.json}")
+        console.print(f"wrote {write_json(args.json, result)}")
     return result
