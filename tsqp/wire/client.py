@@ -22,7 +22,7 @@ import zmq
 from ..config import PEER_LIMITS, ModelConfig
 from ..stats import Stats
 from . import protocol as P
-from .channel import PipeChannel, SocketChannel
+from .channel import PipeChannel, RunnerContext, SocketChannel
 from .datapath import ArenaPath, Call, FramePath, check_reply
 from .hello import Expected, HelloError, printable, read_welcome
 from .pipes import Channel as Pipes
@@ -125,7 +125,7 @@ class RemoteOffload:
         # a context of its own: its sockets get the runner's caps before they connect (libzmq copies a
         # socket's options into each connection when it is made)
         self.receive_cap = receive_cap(transport, expect.cfg if expect else None, budget)
-        self.ctx = zmq.Context()
+        self.ctx = RunnerContext()
         self.ctx.setsockopt(zmq.MAXMSGSIZE, self.receive_cap)
         self.ctx.setsockopt(zmq.RCVHWM, RECEIVE_QUEUE)
         try:
