@@ -180,10 +180,10 @@ class RemoteOffload:
                 need["the largest result"] = largest_result(cfg, b.tokens, b.seed_policy)
         for what, n in need.items():
             if n > b.max_bytes:
-                raise RemoteError(f"{self.endpoint}: the served model ({self.info['model']}: {cfg.num_layers} "
-                                  f"layers, hidden {cfg.hidden_size}, vocab {cfg.vocab_size}) needs {n / MiB:.0f} MiB for "
-                                  f"{what}{f' at {b.tokens} tokens' if b.tokens else ''}, above this runner's "
-                                  f"limit of {b.max_bytes / MiB:.0f} MiB (--max-arena-mb)")
+                raise RemoteError(f"{self.endpoint}: {what} would take {n / MiB:.0f} MiB (the served model "
+                                  f"{self.info['model']}: {cfg.num_layers} layers, hidden {cfg.hidden_size}, vocab "
+                                  f"{cfg.vocab_size}{f'; {b.tokens} tokens' if b.tokens else ''}), above this "
+                                  f"runner's limit of {b.max_bytes / MiB:.0f} MiB (--max-arena-mb)")
 
     def _attach(self, nbytes: int, timeout_s: float, pipes: bool, spin_s: float) -> None:
         """Create the session's arena (and its control pipes) and have the server map it (the server then
