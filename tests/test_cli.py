@@ -74,9 +74,12 @@ def test_dump_logits_equals_local(tiny_server, tmp_path, monkeypatch, restore_si
     the same preset. LLAMA_* hold other values throughout, so any place the environment beat a flag shows."""
     endpoint, _ = tiny_server
     common = ("--tokens", 16, "--no-warmup")
+    # --model given to the remote runs too: a runner's model (flag, or LLAMA_MODEL_PATH) is its own copy, which
+    # the server must match; a random preset takes the server's (checked) config
+    common_remote = ("--model", "random:tiny", *common)
     argvs = [
-        ["run", "--endpoint", endpoint, *common, "--dump-logits", tmp_path / "shm.npy"],
-        ["run", "--endpoint", endpoint, "--transport", "frames", "--policy", "seed", "--chunks", 2, *common,
+        ["run", "--endpoint", endpoint, *common_remote, "--dump-logits", tmp_path / "shm.npy"],
+        ["run", "--endpoint", endpoint, "--transport", "frames", "--policy", "seed", "--chunks", 2, *common_remote,
          "--dump-logits", tmp_path / "frames.npy", "--json", tmp_path / "frames.json"],
     ]
     remote_runs = run_cli_many(argvs, env=HOSTILE_ENV)

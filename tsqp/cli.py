@@ -34,6 +34,9 @@ def add_client_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--connect-timeout", type=float, default=5.0,
                    help="seconds to wait for the server's hello (default 5)")
     p.add_argument("--arena-mb", type=int, default=None, help="shared-memory arena size (default: from the model)")
+    p.add_argument("--max-arena-mb", type=int, default=4096,
+                   help="the most this runner allocates for its arena or KV cache, or accepts in one reply frame, "
+                        "whatever the server's model says (default 4096)")
     p.add_argument("--control", choices=("pipes", "socket"), default="pipes",
                    help="with shm, where the calls' headers go: two pipes beside the arena (each message wakes the "
                         "other side directly) or the ZeroMQ socket (default pipes)")

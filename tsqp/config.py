@@ -2,8 +2,9 @@
 from __future__ import annotations
 
 import json
+import math
 import os
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 
@@ -46,6 +47,17 @@ class ModelConfig:
     @classmethod
     def from_dict(cls, d: dict) -> "ModelConfig":
         return cls(**d)
+
+    @classmethod
+    def from_peer(cls, d, source: str = "the server's config") -> "ModelConfig":
+        """A config another process sent (a server's hello): every field checked for type, range and
+        consistency against this side's own limits (PEER_LIMITS) before anything is sized from it."""
+        return check_peer_config(d, source)
+
+    def differences(self, other: "ModelConfig") -> list[tuple[str, object, object]]:
+        """(field, ours, theirs) for each field where the two configs differ."""
+        return [(f.name, getattr(self, f.name), getattr(other, f.name)) for f in fields(self)
+                if getattr(self, f.name) != getattr(other, f.name)]
 
     @classmethod
     def from_hf(cls, hf: dict, source: str = "config.json") -> "ModelConfig":
@@ -117,6 +129,96 @@ class ModelConfig:
         except json.JSONDecodeError as e:
             raise ConfigError(f"{file}: not valid JSON ({e})") from None
         return cls.from_hf(hf, str(file))
+
+
+# What a runner accepts from a peer, whatever the peer says: beyond these it refuses before allocating anything.
+# Far above any llama model (Llama-3.1-405B: vocab 128256, hidden 16384, intermediate 53248, 126 layers).
+PEER_LIMITS = {"vocab_size": 2**20, "hidden_size": 65536, "intermediate_size": 2**18, "num_layers": 1024,
+               "num_heads": 1024, "num_kv_heads": 1024, "head_dim": 1024, "max_position_embeddings": 2**24}
+MAX_Q_SIZE = 2**17          # num_heads * head_dim
+MAX_EOS_IDS = 64
+SCALING_KEYS = ("rope_type", "factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
+
+
+def shown(value, limit: int = 60) -> str:
+    """A peer's value in an error message: its repr, cut short (a hello may hold 64 KiB of anything)."""
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+def is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def is_number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def check_peer_config(d, source: str) -> ModelConfig:
+    """See ModelConfig.from_peer; ConfigError names the field, what it holds and what is allowed."""
+    if not isinstance(d, dict):
+        raise ConfigError(f"{source} is {shown(d)}, not an object")
+    names = [f.name for f in fields(ModelConfig)]
+    unknown = [k for k in d if k not in names]
+    if unknown:
+        raise ConfigError(f"{source}: unknown field {shown(unknown[0])}")
+    missing = [n for n in names if n not in d]
+    if missing:
+        raise ConfigError(f"{source}: missing field '{missing[0]}'")
+
+    def bad(name: str, want: str):
+        raise ConfigError(f"{source}: field '{name}' is {shown(d[name])}; expected {want}")
+
+    for name, cap in PEER_LIMITS.items():
+        if not is_int(d[name]) or not 1 <= d[name] <= cap:
+            bad(name, f"an integer in 1..{cap}")
+    V = d["vocab_size"]
+    if d["num_heads"] % d["num_kv_heads"]:
+        bad("num_kv_heads", f"a divisor of num_heads ({d['num_heads']})")
+    if d["head_dim"] % 2:
+        bad("head_dim", "an even number (RoPE rotates pairs)")
+    if d["num_heads"] * d["head_dim"] > MAX_Q_SIZE:
+        bad("head_dim", f"num_heads * head_dim <= {MAX_Q_SIZE}")
+    if not is_number(d["rms_norm_eps"]) or not 0 < d["rms_norm_eps"] < 1:
+        bad("rms_norm_eps", "a finite number in (0, 1)")
+    if not is_number(d["rope_theta"]) or not d["rope_theta"] > 0:
+        bad("rope_theta", "a finite positive number")
+    if not isinstance(d["tie_word_embeddings"], bool):
+        bad("tie_word_embeddings", "true or false")
+    if d["bos_token_id"] is not None and (not is_int(d["bos_token_id"]) or not 0 <= d["bos_token_id"] < V):
+        bad("bos_token_id", f"null or a token id in 0..{V - 1}")
+    eos = d["eos_token_id"]
+    if not isinstance(eos, list) or len(eos) > MAX_EOS_IDS or not all(is_int(e) and 0 <= e < V for e in eos):
+        bad("eos_token_id", f"a list of at most {MAX_EOS_IDS} token ids in 0..{V - 1}")
+    if len(set(eos)) >= V:
+        bad("eos_token_id", "some tokens that are not end-of-sequence (these ids cover the whole vocabulary)")
+    scaling = check_peer_scaling(d["rope_scaling"], source)
+    return ModelConfig(**{**d, "rms_norm_eps": float(d["rms_norm_eps"]), "rope_theta": float(d["rope_theta"]),
+                          "rope_scaling": scaling, "eos_token_id": list(eos)})
+
+
+def check_peer_scaling(s, source: str) -> dict | None:
+    """None, or Llama-3 rope scaling with exactly its five fields, each in the range the formula needs."""
+    if s is None:
+        return None
+    where = f"{source}: field 'rope_scaling'"
+    if not isinstance(s, dict) or sorted(s) != sorted(SCALING_KEYS):
+        raise ConfigError(f"{where} is {shown(s)}; expected null or an object with exactly "
+                          f"{', '.join(SCALING_KEYS)}")
+    if s["rope_type"] != "llama3":
+        raise ConfigError(f"{where}: rope_type is {shown(s['rope_type'])}; only 'llama3' is supported")
+    for k in ("factor", "low_freq_factor", "high_freq_factor"):
+        if not is_number(s[k]) or not s[k] > 0:
+            raise ConfigError(f"{where}: {k} is {shown(s[k])}; expected a finite positive number")
+    if not s["high_freq_factor"] > s["low_freq_factor"]:
+        raise ConfigError(f"{where}: high_freq_factor ({s['high_freq_factor']}) must exceed low_freq_factor "
+                          f"({s['low_freq_factor']})")
+    old = s["original_max_position_embeddings"]
+    if not is_int(old) or not 1 <= old <= PEER_LIMITS["max_position_embeddings"]:
+        raise ConfigError(f"{where}: original_max_position_embeddings is {shown(old)}; expected an integer in "
+                          f"1..{PEER_LIMITS['max_position_embeddings']}")
+    return {k: (s[k] if k in ("rope_type", "original_max_position_embeddings") else float(s[k]))
+            for k in SCALING_KEYS}
 
 
 LLAMA3_SCALING = {"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0,

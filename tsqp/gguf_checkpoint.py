@@ -163,11 +163,15 @@ def read_weights(path: str | Path, cfg: ModelConfig, dtype: torch.dtype, device:
     return weights_from_reader(open_reader(path), cfg, dtype, device)
 
 
-def weights_from_reader(reader, cfg: ModelConfig, dtype: torch.dtype, device: str = "cpu") -> dict[str, torch.Tensor]:
+def weights_from_reader(reader, cfg: ModelConfig, dtype: torch.dtype, device: str = "cpu",
+                        only: set[str] | None = None) -> dict[str, torch.Tensor]:
+    """only: dequantize just these tensors (Hugging Face names)."""
     from gguf.quants import dequantize
 
     src = reader.data.filename
     shapes = expected_shapes(cfg)
+    if only is not None:
+        shapes = {k: v for k, v in shapes.items() if k in only}
     q_names = {layer_names(i)["q"] for i in range(cfg.num_layers)}
     k_names = {layer_names(i)["k"] for i in range(cfg.num_layers)}
     plan = []

@@ -74,6 +74,25 @@ def load(spec: str, dtype: torch.dtype, device: str = "cpu") -> tuple[ModelConfi
     return cfg, read_safetensors(Path(spec), cfg, dtype, device)
 
 
+def norm_names(cfg: ModelConfig) -> list[str]:
+    """The RMSNorm weights' names: two per layer and the final one, the only weights the runner keeps."""
+    return [layer_names(i)[k] for i in range(cfg.num_layers) for k in ("attn_norm", "mlp_norm")] + \
+        ["model.norm.weight"]
+
+
+def load_norms(spec: str, dtype: torch.dtype) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
+    """(config, the norm weights) of a model directory or .gguf file, reading no other tensor."""
+    if spec.lower().endswith(".gguf"):
+        from .gguf_checkpoint import config_from_reader, open_reader, weights_from_reader
+        reader = open_reader(spec)
+        cfg = config_from_reader(reader)
+        return cfg, weights_from_reader(reader, cfg, dtype, only=set(norm_names(cfg)))
+    cfg = load_config(spec)
+    if spec.startswith("random:"):
+        return cfg, norm_weights(load(spec, dtype)[1])
+    return cfg, read_safetensors(Path(spec), cfg, dtype, "cpu", only=set(norm_names(cfg)))
+
+
 def random_weights(cfg: ModelConfig, dtype: torch.dtype, device: str, seed: int = 0) -> dict[str, torch.Tensor]:
     """Deterministic for a seed: each tensor draws from its own generator, so order does not matter."""
     weights = {}
@@ -88,7 +107,9 @@ def random_weights(cfg: ModelConfig, dtype: torch.dtype, device: str, seed: int 
     return weights
 
 
-def read_safetensors(path: Path, cfg: ModelConfig, dtype: torch.dtype, device: str) -> dict[str, torch.Tensor]:
+def read_safetensors(path: Path, cfg: ModelConfig, dtype: torch.dtype, device: str,
+                     only: set[str] | None = None) -> dict[str, torch.Tensor]:
+    """only: read just these tensors (names from expected_shapes)."""
     from safetensors import safe_open
 
     index = path / "model.safetensors.index.json"
@@ -99,6 +120,8 @@ def read_safetensors(path: Path, cfg: ModelConfig, dtype: torch.dtype, device: s
     if not files:
         raise ConfigError(f"{path}: no *.safetensors files found")
     shapes = expected_shapes(cfg)
+    if only is not None:
+        shapes = {k: v for k, v in shapes.items() if k in only}
     weights = {}
     for file in files:
         if not file.is_file():

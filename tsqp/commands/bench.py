@@ -9,7 +9,6 @@ this process (what running everything inside the enclave costs). Every row shows
 from __future__ import annotations
 
 import itertools
-import json
 import os
 import platform
 import shutil
@@ -31,6 +30,7 @@ from ..trusted.protect.masked import ProtectedOffload
 from ..untrusted.compute import Compute
 from ..wire.client import RemoteOffload, default_arena_bytes
 from .engine import attn_dtype
+from .files import write_figure, write_json
 from .launch import free_tcp_port, private_ipc_endpoint, start_server, stop_servers, wait_ready
 from .nosplit import NoSplitModel, NoSplitOffload
 from .run import fixed_prompt
@@ -300,7 +300,7 @@ def run_bench(args) -> dict:
     if tax_line(result):
         console.print(tax_line(result), soft_wrap=True)
     if a.json:
-        Path(a.json).write_text(json.dumps(result, indent=1))
+        write_json(a.json, result)
         console.print(f"wrote {a.json}")
     if a.plot:
         plot(result, a.plot)
@@ -403,6 +403,6 @@ def plot(result: dict, path: str) -> None:
     ax.set_title(f"{result['settings']['model']}, {result['settings']['tokens']} tokens")
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    write_figure(path, fig, dpi=120)
     plt.close(fig)
 

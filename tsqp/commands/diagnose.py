@@ -10,7 +10,6 @@ uses the result in place. Every round trip moves the payload there and back: ban
 """
 from __future__ import annotations
 
-import json
 import os
 import platform
 import shutil
@@ -19,7 +18,6 @@ import sys
 import tempfile
 import time
 from dataclasses import asdict, dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -28,6 +26,7 @@ from rich.console import Console
 from rich.table import Table
 
 from ..config import env_endpoint
+from .files import write_json
 from ..wire import protocol as P
 from ..wire import shm
 from .launch import free_tcp_port, start_server, stop_servers, wait_ready
@@ -424,6 +423,6 @@ def diagnose(args) -> dict:
               "rows": [asdict(r) for r in rows], "latency": [asdict(r) for r in lat.values()],
               "cuda_copies": copies, "verdicts": checks, "env": {**env, "shm": shm_info}}
     if args.json:
-        Path(args.json).write_text(json.dumps(result, indent=1))
+        write_json(args.json, result)
         console.print(f"wrote {args.json}")
     return result

@@ -21,7 +21,8 @@ from ..trusted.protect.masked import ProtectedOffload
 from ..trusted.tokenizer import Tokenizer, TokenizerError
 from ..untrusted.compute import Compute
 from ..untrusted.intmm import IntCompute
-from ..wire.client import RemoteOffload, default_arena_bytes
+from ..wire.client import MiB, Budget, RemoteOffload, default_arena_bytes
+from ..wire.hello import Expected
 from ..wire.transport import transport_of
 
 
@@ -35,6 +36,19 @@ def check_ids(cfg: ModelConfig, ids: torch.Tensor) -> None:
     bad = ids[(ids < 0) | (ids >= cfg.vocab_size)]
     if bad.numel():
         raise ValueError(f"token id {int(bad[0])} is outside the vocabulary 0..{cfg.vocab_size - 1}")
+
+
+def own_model(args) -> Expected | None:
+    """The runner's own copy of the model (--model a directory or a .gguf file): config, norms and special tokens
+    come from it, and the server must serve exactly it. None for a random preset (the server's, once checked)."""
+    if args.model.startswith("random:"):
+        return None
+    return Expected(W.describe(args.model), W.load_config(args.model),
+                    lambda dtype: W.load_norms(args.model, dtype)[1])
+
+
+def budget_of(args, tokens: int) -> Budget:
+    return Budget(tokens=tokens, seed_policy=args.policy == "seed", max_bytes=args.max_arena_mb * MiB)
 
 
 # ---- offload sessions ----------------------------------------------------------------------------------
@@ -59,17 +73,22 @@ class Offloads:
                 self._compute = Compute(cfg, weights, args.device), W.norm_weights(weights)
             compute, norms = self._compute
             return LocalOffload(compute, stats), compute.cfg, norms
-        arena = args.arena_mb * 2**20 if args.arena_mb else \
+        arena = args.arena_mb * MiB if args.arena_mb else \
             (lambda cfg: default_arena_bytes(cfg, tokens, args.chunks, args.policy == "seed"))
-        remote = self._remote(stats, arena)
+        remote = self._remote(stats, arena, tokens, own_model(args))
+        if remote.dtype == torch.uint8:
+            remote.close()
+            raise ValueError(f"{args.endpoint} is a protected server (it answers masked x @ W only): run with "
+                             f"--protect otp and --model, the runner's own copy of its checkpoint")
         return remote, remote.cfg, remote.norms
 
-    def _remote(self, stats: Stats, arena) -> RemoteOffload:
+    def _remote(self, stats: Stats, arena, tokens: int, expect: Expected | None) -> RemoteOffload:
         args = self.args
         return RemoteOffload(args.endpoint, args.transport, timeout_s=args.timeout,
                              connect_timeout_s=args.connect_timeout, arena_bytes=arena, stats=stats,
                              curve=getattr(args, "curve", None), control=getattr(args, "control", "pipes"),
-                             spin_s=getattr(args, "spin_us", 0.0) * 1e-6)
+                             spin_s=getattr(args, "spin_us", 0.0) * 1e-6, expect=expect,
+                             budget=budget_of(args, tokens))
 
     def _open_protected(self, stats: Stats, tokens: int):
         """--protect otp: the runner's own checkpoint gives the config, the norms, the embedding and the weights
@@ -87,9 +106,11 @@ class Offloads:
                 self._compute = IntCompute(cfg, weights, args.device)
             inner = LocalOffload(self._compute, stats)
         else:
-            arena = args.arena_mb * 2**20 if args.arena_mb else \
+            arena = args.arena_mb * MiB if args.arena_mb else \
                 (lambda c: 2 * default_arena_bytes(c, tokens, args.chunks))
-            inner = self._remote(stats, arena)
+            norms = W.norm_weights(weights)
+            expect = Expected(W.describe(args.model), cfg, lambda dtype: {k: v.to(dtype) for k, v in norms.items()})
+            inner = self._remote(stats, arena, tokens, expect)
             try:
                 if inner.dtype != torch.uint8:
                     raise ValueError(f"{args.endpoint} is not a protected server (it serves {P_name(inner.dtype)} "

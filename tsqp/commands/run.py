@@ -1,18 +1,17 @@
 """`tsqp run`: connect (or build the compute in-process), run one prefill or generate, report the statistics."""
 from __future__ import annotations
 
-import json
 import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 from rich.console import Console
 
 from ..config import ModelConfig
-from ..trusted.generate import Sampling, add_rows, check_length, generate, generation_stats
+from ..trusted.generate import Sampling, add_rows, check_length, check_logits, generate, generation_stats
 from ..trusted.model import TrustedModel
+from .files import write_json, write_npy
 from ..stats import Stats
 from ..wire.transport import transport_of
 from .engine import (P_name, attn_dtype, build_model, check_ids, open_chat_template, open_offload,
@@ -48,7 +47,8 @@ def settings_of(args, offload, tokens: int) -> dict:
 
 
 def prefill_once(model: TrustedModel, cfg: ModelConfig, ids: torch.Tensor, chunks: int) -> torch.Tensor:
-    return model.prefill(ids, model.new_cache(ids.numel()), chunks)
+    logits = model.prefill(ids, model.new_cache(ids.numel()), chunks)
+    return check_logits(logits, f"the prefill of {ids.numel()} tokens")
 
 
 def run(args) -> dict:
@@ -80,11 +80,9 @@ def run(args) -> dict:
     stats.print(f"tsqp run: prefill of {tokens} tokens")
     console.print(f"next token (argmax): {result['argmax']}")
     if args.json:
-        Path(args.json).write_text(json.dumps(result, indent=1))
-        console.print(f"wrote {args.json}")
+        console.print(f"wrote {write_json(args.json, result)}")
     if args.dump_logits:
-        np.save(args.dump_logits, logits.numpy().astype(np.float32))
-        console.print(f"wrote {args.dump_logits}")
+        console.print(f"wrote {write_npy(args.dump_logits, logits.numpy().astype('float32'))}")
     return result
 
 
@@ -94,9 +92,9 @@ DEFAULT_NEW_TOKENS = 128     # for --prompt without --max-new-tokens
 
 def warm_up(model: TrustedModel, ids: torch.Tensor, chunks: int) -> None:
     cache = model.new_cache(ids.numel() + 2)
-    token = int(model.prefill(ids, cache, chunks).argmax())
-    for _ in range(2):
-        token = int(model.decode(token, cache).argmax())
+    token = int(check_logits(model.prefill(ids, cache, chunks), "the warm-up prefill").argmax())
+    for step in range(2):
+        token = int(check_logits(model.decode(token, cache), f"warm-up decode step {step + 1}").argmax())
 
 
 def run_generation(args) -> dict:
@@ -161,6 +159,5 @@ def run_generation(args) -> dict:
         offload.close()
     console.print(add_rows(stats.table(f"tsqp run: {tokens}-token prompt, {len(gen.ids)} new tokens"), g))
     if args.json:
-        Path(args.json).write_text(json.dumps(result, indent=1))
-        console.print(f"wrote {args.json}")
+        console.print(f"wrote {write_json(args.json, result)}")
     return result

@@ -78,6 +78,16 @@ def sample(logits: torch.Tensor, s: Sampling, generator: torch.Generator) -> int
 
 
 # ---- the loop ----------------------------------------------------------------------------------------
+def check_logits(logits: torch.Tensor, step: str) -> torch.Tensor:
+    """A step's logits [V] must be finite: NaN or inf come from a broken model or a lying server, and a token
+    chosen from them (argmax of NaN is 0) would pass for output."""
+    finite = torch.isfinite(logits)
+    if not finite.all():
+        raise ValueError(f"the logits of {step} hold {int((~finite).sum())} non-finite value(s) (NaN or inf) "
+                         f"among {logits.numel()}; no token can be chosen from them")
+    return logits
+
+
 def check_length(cfg: ModelConfig, prompt_len: int, max_new_tokens: int) -> None:
     """Refuse before anything starts: positions beyond the model's maximum have no trained rope."""
     if max_new_tokens < 1:
@@ -125,14 +135,14 @@ def generate(model: TrustedModel, prompt: torch.Tensor, max_new_tokens: int, sam
     cache = model.new_cache(T + max_new_tokens)
 
     t0 = time.perf_counter()
-    logits = model.prefill(prompt, cache, chunks)
+    logits = check_logits(model.prefill(prompt, cache, chunks), "the prefill")
     token = sample(logits, sampling, g)
     gen = Generation(prompt.tolist(), [token], "", time.perf_counter() - t0)
     ended = bool(on_token and on_token(token, logits))
     before = counters(stats)
     while not ended and token not in eos and len(gen.ids) < max_new_tokens:
         t = time.perf_counter()
-        logits = model.decode(token, cache)
+        logits = check_logits(model.decode(token, cache), f"decode step {len(gen.ids)}")
         token = sample(logits, sampling, g)
         gen.step_s.append(time.perf_counter() - t)
         gen.ids.append(token)

@@ -1,37 +1,96 @@
 """Where a runner's calls and the server's replies travel: the ZeroMQ socket, or the two control pipes beside
-the arena. Both move whole messages ([header, *frames]) and wait for replies against a deadline."""
+the arena. Both move whole messages ([header, *frames]) and wait for replies against a deadline that the
+caller fixed (one per call, from its submit), whatever else arrives meanwhile."""
 from __future__ import annotations
 
 import time
+
+import zmq
+from zmq.utils.monitor import recv_monitor_message
 
 from .pipes import Channel as Pipes
 from .transport import Client, ServerTimeout
 
 
-class SocketChannel:
-    """Calls and replies over the session's ZeroMQ socket (frames transport, or shm with --control socket)."""
+class ConnectionLost(ServerTimeout):
+    """No reply can come any more: the connection dropped (said at once, not at the deadline). A server that
+    went away, or one that sent a frame over the runner's receive cap (libzmq drops the connection)."""
 
-    def __init__(self, client: Client):
-        self.client = client
+
+MONITORED = zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_DISCONNECTED
+
+
+class MonitoredSocket(zmq.Socket):
+    """A DEALER whose monitor starts with it, before it connects, so no event of its first connection is missed
+    (a monitor attached after connect() races the handshake)."""
+    watch = None          # its monitor's PAIR socket (a class attribute: pyzmq takes other names for options)
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        if self.type == zmq.DEALER:
+            self.watch = self.get_monitor_socket(MONITORED)
+
+
+class RunnerContext(zmq.Context):
+    """The runner's own ZeroMQ context: its DEALER sockets are monitored from birth (see SocketChannel)."""
+    _socket_class = MonitoredSocket
+
+
+class SocketChannel:
+    """Calls and replies over the session's ZeroMQ socket (the control messages; the calls too with the frames
+    transport or shm with --control socket). A monitor on the socket tells a dropped connection at once: the
+    session is gone with it (a reconnection gets a new identity), so waiting on would only delay the error. A
+    connection that never completed its handshake (a CurveZMQ server refusing the key) is not a drop: that
+    wait ends at the deadline, as before."""
+
+    def __init__(self, client: Client, receive_cap: int):
+        """client: made in a RunnerContext (its socket carries its monitor)."""
+        self.client, self.receive_cap = client, receive_cap
+        self.monitor = client.sock.watch
+        self.up = False                       # a handshake succeeded: a disconnect from now on loses the session
+        self.poller = zmq.Poller()
+        self.poller.register(client.sock, zmq.POLLIN)
+        self.poller.register(self.monitor, zmq.POLLIN)
 
     def send(self, header: bytes, frames: list, what: str) -> None:
         self.client.send([header, *frames], what=what)
 
-    def receive(self, deadline: float, what: str) -> list[list]:
-        """The messages that arrived by the deadline (at least one), each [header, *frames]."""
-        left = deadline - time.monotonic()
-        if left <= 0:
-            raise ServerTimeout(f"no reply from {self.client.endpoint} within {self.client.timeout_s:g} s while "
-                                f"waiting for {what}; is `tsqp serve` running there?")
-        return [self.client.recv(what, left)]
+    def receive(self, deadline: float, what: str, timeout_s: float | None = None) -> list[list]:
+        """The messages that arrived by the deadline (at least one), each [header, *frames]. timeout_s: the
+        wait the deadline stands for, as the message says it (default: the session's reply timeout)."""
+        while True:
+            left = deadline - time.monotonic()
+            ready = dict(self.poller.poll(max(0, int(left * 1000)))) if left > 0 else {}
+            if self.client.sock in ready:         # a reply that came before a drop is still read
+                return [self.client.sock.recv_multipart(copy=False)]
+            if self.monitor not in ready:
+                break
+            if self._dropped():
+                raise ConnectionLost(f"the connection to {self.client.endpoint} dropped while waiting for {what}: "
+                                     f"the server went away, or sent a frame over this runner's receive cap of "
+                                     f"{self.receive_cap} bytes")
+        t = self.client.timeout_s if timeout_s is None else timeout_s
+        raise ServerTimeout(f"no reply from {self.client.endpoint} within {t:g} s while waiting for {what}; "
+                            f"is `tsqp serve` running there?")
+
+    def _dropped(self) -> bool:
+        """Read the monitor's events: True once an established connection went down."""
+        while self.monitor.poll(0):
+            event = recv_monitor_message(self.monitor)["event"]
+            if event == zmq.EVENT_HANDSHAKE_SUCCEEDED:
+                self.up = True
+            elif event == zmq.EVENT_DISCONNECTED and self.up:
+                return True
+        return False
 
     def close(self) -> None:
-        pass                       # the socket belongs to the session
+        self.client.sock.disable_monitor()
+        self.monitor.close(linger=0)
 
 
 class PipeChannel:
     """Calls and replies over the control pipes (one wake-up per message instead of ZeroMQ's three threads).
-    spin_s: poll this long for each reply before sleeping."""
+    spin_s: poll for each reply this long before sleeping."""
 
     def __init__(self, pipes: Pipes, endpoint: str, timeout_s: float, spin_s: float = 0.0):
         self.pipes, self.endpoint, self.timeout_s, self.spin_s = pipes, endpoint, timeout_s, spin_s

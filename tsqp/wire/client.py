@@ -3,6 +3,10 @@
   session   the ZeroMQ socket's JSON conversation: hello (config, norms), attach (the arena), bye
   data path where tensors travel: the shared-memory arena (`ArenaPath`) or raw frames (`FramePath`)
   channel   where calls and replies travel: the control pipes (`PipeChannel`) or the socket (`SocketChannel`)
+
+The server is untrusted: the welcome is checked field by field (hello.py), every reply against the call it
+answers (datapath.check_reply), and the runner's memory is bounded by its own numbers (`Budget`), fixed
+before the server says anything: the socket's receive cap and queue, the arena, the KV cache.
 """
 from __future__ import annotations
 
@@ -10,19 +14,26 @@ import contextlib
 import itertools
 import os
 import time
+from dataclasses import dataclass
 
 import torch
 import zmq
 
-from ..config import ModelConfig
+from ..config import PEER_LIMITS, ModelConfig
 from ..stats import Stats
 from . import protocol as P
-from .channel import PipeChannel, SocketChannel
+from .channel import PipeChannel, RunnerContext, SocketChannel
 from .datapath import ArenaPath, Call, FramePath, check_reply
+from .hello import Expected, HelloError, printable, read_welcome
 from .pipes import Channel as Pipes
-from .pipes import make_pipes, open_pipe
+from .pipes import PipeError, make_pipes, open_pipe
 from .shm import Arena
 from .transport import Client, ServerTimeout, TransportError, check_ipc_owner
+
+MiB = 2**20
+DEFAULT_MAX_BYTES = 4096 * MiB   # --max-arena-mb
+RECEIVE_QUEUE = 64               # replies ZeroMQ may hold unread (a runner has one call in flight per chunk)
+WIDEST = 8                       # bytes per element of the widest result (int64, protected)
 
 
 class RemoteError(RuntimeError):
@@ -31,6 +42,42 @@ class RemoteError(RuntimeError):
 
 def describe(op: str, layer: int | None) -> str:
     return f"op {op}" + (f" (layer {layer})" if layer is not None else "")
+
+
+def server_text(message) -> str:
+    """What a server said, made safe to print on one line (it may be anything: escapes, 64 KiB of it)."""
+    return printable(message if isinstance(message, str) else repr(message), 300)
+
+
+@dataclass(frozen=True)
+class Budget:
+    """The runner's own bounds, fixed before it hears from a server: nothing a server states raises them.
+    tokens: the longest step the runner will run (prompt + new tokens), None when unknown; max_bytes: the
+    most it allocates for the arena, for the KV cache, and for any one frame it receives."""
+    tokens: int | None = None
+    seed_policy: bool = False
+    max_bytes: int = DEFAULT_MAX_BYTES
+
+
+def largest_result(cfg: ModelConfig, tokens: int, seed_policy: bool) -> int:
+    """Bytes of the largest result a step of `tokens` tokens gets (lm_head answers the last row only)."""
+    T = tokens
+    n = max(T * max(cfg.qkv_size, 2 * cfg.intermediate_size, cfg.hidden_size), cfg.vocab_size)
+    if seed_policy:
+        n = max(n, cfg.num_heads * T * T)          # Q K^T scores [H, T, S]
+    return WIDEST * n
+
+
+def receive_cap(transport: str, cfg: ModelConfig | None, budget: Budget) -> int:
+    """The largest frame the runner accepts (ZMQ_MAXMSGSIZE), set before connecting: a control message or a
+    norm weight, and with the frames transport a result (sized from the runner's own config and tokens when it
+    has them, else the budget)."""
+    hidden = cfg.hidden_size if cfg is not None else PEER_LIMITS["hidden_size"]
+    cap = max(P.MAX_CONTROL_BYTES, 4 * hidden)      # a norm weight: [D] of at most 4-byte floats
+    if transport == "frames":
+        cap = max(cap, budget.max_bytes if cfg is None or budget.tokens is None else
+                  min(budget.max_bytes, largest_result(cfg, budget.tokens, budget.seed_policy)))
+    return cap
 
 
 class Pending:
@@ -56,30 +103,41 @@ class Pending:
 class RemoteOffload:
     def __init__(self, endpoint: str, transport: str = "shm", timeout_s: float = 30.0,
                  connect_timeout_s: float = 5.0, arena_bytes=64 * 2**20,
-                 stats: Stats | None = None, curve=None, control: str = "pipes", spin_s: float = 0.0):
+                 stats: Stats | None = None, curve=None, control: str = "pipes", spin_s: float = 0.0,
+                 expect: Expected | None = None, budget: Budget = Budget()):
         """arena_bytes: an int, or a function of the served model's config (known after the hello).
         curve: a keys.ClientCurve for a CurveZMQ (tcp) server, or None.
         control: with shm, where calls go: "pipes" beside the arena (pipes.py) or "socket"; spin_s: with
-        pipes, poll for each reply this long before sleeping."""
+        pipes, poll for each reply this long before sleeping.
+        expect: the runner's own copy of the model (config and norms): the server must serve exactly it.
+        budget: the runner's bounds on what it allocates."""
         if transport not in ("shm", "frames"):
             raise ValueError(f"unknown transport '{transport}'; choose shm or frames")
         if control not in ("pipes", "socket"):
             raise ValueError(f"unknown control channel '{control}'; choose pipes or socket")
-        self.endpoint, self.transport = endpoint, transport
+        self.endpoint, self.transport, self.budget = endpoint, transport, budget
         self.stats = stats or Stats()
-        self.client = self.path = self.channel = None
+        self.client = self.link = self.path = self.channel = self.ctx = None
         self.ids = itertools.count(1)
         self.waiting: dict[int, Pending] = {}       # calls sent and not yet answered
         self.replies: dict[int, tuple] = {}         # answered, not yet collected: id -> (message, frames, time)
         check_ipc_owner(endpoint)
-        self.client = Client(endpoint, timeout_s, curve=curve)
+        # a context of its own: its sockets get the runner's caps before they connect (libzmq copies a
+        # socket's options into each connection when it is made)
+        self.receive_cap = receive_cap(transport, expect.cfg if expect else None, budget)
+        self.ctx = RunnerContext()
+        self.ctx.setsockopt(zmq.MAXMSGSIZE, self.receive_cap)
+        self.ctx.setsockopt(zmq.RCVHWM, RECEIVE_QUEUE)
         try:
-            self._hello(connect_timeout_s)
+            self.client = Client(endpoint, timeout_s, ctx=self.ctx, curve=curve)
+            self.link = SocketChannel(self.client, self.receive_cap)
+            self._hello(connect_timeout_s, expect)
+            nbytes = arena_bytes(self.cfg) if callable(arena_bytes) else arena_bytes
+            self._check_budget(nbytes if transport == "shm" else 0)
             if transport == "shm":
-                nbytes = arena_bytes(self.cfg) if callable(arena_bytes) else arena_bytes
                 self._attach(nbytes, connect_timeout_s, pipes=control == "pipes", spin_s=spin_s)
             else:
-                self.path, self.channel = FramePath(self.cfg, self.dtype), SocketChannel(self.client)
+                self.path, self.channel = FramePath(self.cfg, self.dtype), self.link
         except BaseException:
             self.close()
             raise
@@ -87,16 +145,16 @@ class RemoteOffload:
     # ---- the session: JSON control messages -------------------------------------------------------------
     def _ask(self, message: dict, what: str, timeout_s: float) -> tuple[dict, list]:
         self.client.send([P.encode(message)])
-        frames = self.client.recv(what, timeout_s)
+        frames = self.link.receive(time.monotonic() + timeout_s, what, timeout_s)[0]
         try:
             head = P.decode(frames[0])
         except P.ProtocolError as e:
             raise RemoteError(f"{self.endpoint}: bad reply to {what}: {e}") from None
         if head["type"] == "error":
-            raise RemoteError(f"{self.endpoint}: {head.get('error')}")
+            raise RemoteError(f"{self.endpoint}: {server_text(head.get('error'))}")
         return head, frames[1:]
 
-    def _hello(self, timeout_s: float) -> None:
+    def _hello(self, timeout_s: float, expect: Expected | None) -> None:
         # the pid lets a server on this host drop the session (and its arena) if this process dies
         try:
             head, frames = self._ask({"type": "hello", "pid": os.getpid()}, "the hello (connect)", timeout_s)
@@ -106,15 +164,26 @@ class RemoteOffload:
             raise ServerTimeout(f"{e} (a CurveZMQ server does not answer a client whose public key it has not "
                                 f"allowed, nor a plain one: check --keys, --server-key, --client-key)") from None
         try:
-            self.info = head
-            self.cfg = ModelConfig.from_dict(head["config"])
-            self.dtype = P.WIRE_DTYPES[head["dtype"]]
-            metas = [P.meta_from_json(m) for m in head["tensors"]]
-            if len(metas) != len(head["norms"]) or len(frames) != len(metas):
-                raise P.ProtocolError(f"{len(head['norms'])} norm names, {len(metas)} metas, {len(frames)} frames")
-            self.norms = {n: P.tensor_from_frame(m, f).clone() for n, m, f in zip(head["norms"], metas, frames)}
-        except (KeyError, TypeError, ValueError) as e:
-            raise RemoteError(f"{self.endpoint}: malformed hello: {type(e).__name__}: {e}") from None
+            welcome = read_welcome(head, frames, expect)
+        except HelloError as e:
+            raise RemoteError(f"{self.endpoint}: refusing the server's hello: {e}") from None
+        self.cfg, self.dtype, self.norms, self.info = welcome.cfg, welcome.dtype, welcome.norms, welcome.info
+
+    def _check_budget(self, arena_bytes: int) -> None:
+        """Before allocating anything sized from the served model: the arena, the KV cache and (frames) the
+        largest result within the runner's own limit."""
+        b, cfg = self.budget, self.cfg
+        need = {"the arena": arena_bytes}
+        if b.tokens is not None:
+            need["the KV cache"] = 2 * cfg.num_layers * cfg.kv_size * b.tokens * 4       # float32 K and V
+            if self.transport == "frames":
+                need["the largest result"] = largest_result(cfg, b.tokens, b.seed_policy)
+        for what, n in need.items():
+            if n > b.max_bytes:
+                raise RemoteError(f"{self.endpoint}: {what} would take {n / MiB:.0f} MiB (the served model "
+                                  f"{self.info['model']}: {cfg.num_layers} layers, hidden {cfg.hidden_size}, vocab "
+                                  f"{cfg.vocab_size}{f'; {b.tokens} tokens' if b.tokens else ''}), above this "
+                                  f"runner's limit of {b.max_bytes / MiB:.0f} MiB (--max-arena-mb)")
 
     def _attach(self, nbytes: int, timeout_s: float, pipes: bool, spin_s: float) -> None:
         """Create the session's arena (and its control pipes) and have the server map it (the server then
@@ -123,9 +192,12 @@ class RemoteOffload:
         try:
             if pipes:
                 paths = make_pipes(arena.path)
-                bell = Pipes(open_pipe(paths[1]), open_pipe(paths[0]))    # read replies, write requests
-            self._ask({"type": "attach", "arena": {"name": arena.name, "size": arena.size}, "pipes": pipes},
-                      "the arena attach", timeout_s)
+                bell = Pipes(open_pipe(paths[1]), open_pipe(paths[0]), max_message=P.MAX_CONTROL_BYTES)
+            head, frames = self._ask({"type": "attach", "arena": {"name": arena.name, "size": arena.size},
+                                      "pipes": pipes}, "the arena attach", timeout_s)
+            if head["type"] != "attached" or frames:
+                raise RemoteError(f"{self.endpoint}: a {server_text(head['type'])} message with {len(frames)} "
+                                  f"frame(s) answered the arena attach")
         except BaseException:
             arena.close()
             for p in paths:
@@ -135,8 +207,7 @@ class RemoteOffload:
             raise
         arena.path = None
         self.path = ArenaPath(arena, self.cfg, self.dtype)
-        self.channel = PipeChannel(bell, self.endpoint, self.client.timeout_s, spin_s) if pipes else \
-            SocketChannel(self.client)
+        self.channel = PipeChannel(bell, self.endpoint, self.client.timeout_s, spin_s) if pipes else self.link
 
     def server_alive(self, timeout_s: float) -> bool:
         """Whether the server process that welcomed this session still answers within timeout_s, for a runner
@@ -174,7 +245,12 @@ class RemoteOffload:
     def _wait(self, pending: Pending) -> torch.Tensor:
         t0 = time.perf_counter()
         while pending.rid not in self.replies:
-            for frames in self.channel.receive(pending.deadline, str(pending)):
+            try:
+                arrived = self.channel.receive(pending.deadline, str(pending))
+            except PipeError as e:
+                raise RemoteError(f"server at {self.endpoint} broke the protocol on the control pipe while "
+                                  f"{pending} was pending: {e}") from None
+            for frames in arrived:
                 self._file(frames, pending)
         m, frames, got_at = self.replies.pop(pending.rid)
         self.stats.wait_s += time.perf_counter() - t0
@@ -182,43 +258,53 @@ class RemoteOffload:
         self.stats.received_bytes += sum(len(f) for f in frames)
         self.stats.server_compute_s += m.compute_s
         t1 = time.perf_counter()
-        y = self.path.result(pending.call, frames)
+        try:
+            y = self.path.result(pending.call, frames)
+        except P.ProtocolError as e:
+            raise RemoteError(f"server at {self.endpoint} broke the protocol answering {pending}: {e}") from None
         if pending.call.out is not None:
             self.stats.shm_received_bytes += pending.call.want.nbytes
         self.stats.deserialize_s += time.perf_counter() - t1
         return y
 
     def _file(self, frames: list, pending: Pending) -> None:
-        """Match one reply to the call it answers; anything else ends the run with a named error."""
+        """Match one reply to the call it answers; anything else ends the run with a named error. Only replies
+        to calls in flight are kept, so what waits here is bounded by the calls the runner made."""
         head = frames[0]
         try:
             if not P.is_binary(head):
                 msg = P.decode(head)
                 rid = msg.get("id")
                 what = self.waiting.get(rid, pending) if isinstance(rid, int) else pending
-                raise RemoteError(f"server at {self.endpoint} failed {what}: {msg.get('error', msg)}")
+                raise RemoteError(f"server at {self.endpoint} failed {what}: {server_text(msg.get('error', msg))}")
             m = P.unpack(head)
             asked = self.waiting.pop(m.id, None)
             if asked is None:
                 raise P.ProtocolError(f"a reply with id {m.id}, which no call in flight has")
-            check_reply(m, asked.op, asked.call.want)
+            check_reply(m, asked.op, asked.layer, asked.call.want)
         except P.ProtocolError as e:
             raise RemoteError(f"server at {self.endpoint} broke the protocol while {pending} was pending: {e}") \
                 from None
         self.replies[m.id] = (m, frames, time.perf_counter())
 
     def close(self) -> None:
-        if self.channel is not None:
+        if self.channel is not None and self.channel is not self.link:
             self.channel.close()
-            self.channel = None
+        self.channel = None
         if self.client is not None:
             # best effort, and only to a server that answered the hello: the server may be gone
             with contextlib.suppress(TransportError, zmq.ZMQError):
                 if hasattr(self, "info"):
                     self.client.send([P.encode({"type": "bye"})], block=False)
                     self.client.recv("bye", timeout_s=1.0)
+            if self.link is not None:
+                self.link.close()
+                self.link = None
             self.client.close()
             self.client = None
+        if self.ctx is not None:
+            self.ctx.destroy(linger=0)
+            self.ctx = None
         if self.path is not None:
             self.path.close()
             self.path = None

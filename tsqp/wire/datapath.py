@@ -12,6 +12,8 @@ from ..ops import output_of
 from . import protocol as P
 from .shm import Arena
 
+MAX_COMPUTE_S = 1e6          # a server's stated compute time for one call, summed into the statistics
+
 
 @dataclass
 class Call:
@@ -39,15 +41,20 @@ def expected_output(cfg: ModelConfig, wire: str, op: str, layer, metas: list[P.T
     return P.TensorMeta(dtype, shape)
 
 
-def check_reply(m: P.Message, op: str, want: P.TensorMeta) -> None:
-    """A result must be for the op asked and hold exactly the output asked for (a hostile server may lie)."""
+def check_reply(m: P.Message, op: str, layer, want: P.TensorMeta) -> None:
+    """A result must answer the op and layer asked and hold exactly the output asked for: its dtype, its shape
+    and (shm) the region the runner named. A hostile server may lie about any of it."""
+    if m.kind != P.RESULT:
+        raise P.ProtocolError(f"the reply to op {op} is a call, not a result")
+    if (m.op, m.layer) != (op, layer):
+        raise P.ProtocolError(f"the reply to op {op} (layer {layer}) is a result of op {m.op} (layer {m.layer})")
+    if len(m.tensors) != 1:
+        raise P.ProtocolError(f"the reply to op {op} holds {len(m.tensors)} tensor records; a result has 1")
     got = m.tensors[0]
-    if m.kind != P.RESULT or m.op != op or (got.dtype, got.shape, got.offset) != (want.dtype, want.shape,
-                                                                                  want.offset):
-        raise P.ProtocolError(f"the reply to op {op} is a {m.op} result of {got.dtype}{list(got.shape)} "
-                              f"(offset {got.offset}); asked for {want.dtype}{list(want.shape)} (offset "
-                              f"{want.offset})")
-    if not m.compute_s >= 0:          # NaN too
+    if (got.dtype, got.shape, got.offset) != (want.dtype, want.shape, want.offset):
+        raise P.ProtocolError(f"the reply to op {op} is {got.dtype}{list(got.shape)} (offset {got.offset}); "
+                              f"asked for {want.dtype}{list(want.shape)} (offset {want.offset})")
+    if not 0 <= m.compute_s < MAX_COMPUTE_S:          # NaN and inf too
         raise P.ProtocolError(f"the reply to op {op} reports compute_s {m.compute_s}")
 
 
@@ -113,6 +120,7 @@ class FramePath:
                     sum(f.nbytes for f in frames))
 
     def result(self, call: Call, frames: list) -> torch.Tensor:
+        """The result over its frame's memory, once the frame's size matches what was asked for."""
         if len(frames) != 2:
             raise P.ProtocolError(f"a result over frames needs 1 tensor frame, got {len(frames) - 1}")
         return P.tensor_from_frame(call.want, frames[1])

@@ -51,11 +51,13 @@ def open_pipe(path: Path) -> int:
 
 
 class Channel:
-    """One direction each: write messages to `out_fd`, read them from `in_fd`."""
+    """One direction each: write messages to `out_fd`, read them from `in_fd`. max_message: the longest
+    message the reader accepts (the runner reads replies: a header or an error, far below MAX_MESSAGE)."""
 
-    def __init__(self, in_fd: int, out_fd: int):
-        self.in_fd, self.out_fd = in_fd, out_fd
-        self.buf = bytearray()
+    def __init__(self, in_fd: int, out_fd: int, max_message: int = MAX_MESSAGE):
+        self.in_fd, self.out_fd, self.max_message = in_fd, out_fd, max_message
+        self.read_limit = LENGTH.size + max_message + READ_BYTES    # per receive(): a peer writing without
+        self.buf = bytearray()                                      # pause cannot keep us reading forever
         self.poll_in = select.poll()
         self.poll_in.register(in_fd, select.POLLIN)
         self.poll_out = select.poll()
@@ -84,8 +86,8 @@ class Channel:
                     raise TimeoutError(f"the control pipe stayed full for {timeout_s:g} s") from None
 
     def receive(self) -> list[bytes]:
-        """The messages that arrived whole so far (never blocks)."""
-        while True:
+        """The messages that arrived whole so far (never blocks; reads at most read_limit bytes per call)."""
+        while len(self.buf) < self.read_limit:
             try:
                 chunk = os.read(self.in_fd, READ_BYTES)
             except BlockingIOError:
@@ -100,8 +102,8 @@ class Channel:
         out = []
         while len(self.buf) >= LENGTH.size:
             (n,) = LENGTH.unpack_from(self.buf)
-            if n > MAX_MESSAGE:
-                raise PipeError(f"control message length {n} exceeds {MAX_MESSAGE}: the stream is corrupt")
+            if n > self.max_message:
+                raise PipeError(f"control message length {n} exceeds {self.max_message}: the stream is corrupt")
             if len(self.buf) < LENGTH.size + n:
                 break
             out.append(bytes(self.buf[LENGTH.size:LENGTH.size + n]))
