@@ -211,6 +211,8 @@ def parser() -> argparse.ArgumentParser:
     b.add_argument("--no-references", action="store_true", help="skip the device-only and CPU-only references")
     b.add_argument("--json", default=None, help="write settings, references and rows here")
     b.add_argument("--plot", default=None, help="write a stacked bar chart (PNG) here")
+    from .commands import audit as audit_command
+    audit_command.add_parser(sub)
     k = sub.add_parser("keys", help="generate CurveZMQ key pairs for tcp:// (owner-only files)")
     k.add_argument("--dir", default=None, help="where (env TSQP_KEYS_DIR; default ~/.config/tsqp/keys)")
     k.add_argument("--name", default=None, help="one pair NAME (a client's is allow-listed); default: server and client")
@@ -278,6 +280,9 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "diagnose":
             from .commands.diagnose import diagnose
             diagnose(args)
+        elif args.command == "audit":
+            from .commands.audit import main as audit_main
+            audit_main(args)
         elif args.command == "keys":
             from .commands.keys import keys_command
             keys_command(args)
