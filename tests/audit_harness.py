@@ -18,10 +18,10 @@ import torch
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms
 
 from tsqp import weights as W
-from tsqp.compute import Compute
+from tsqp.untrusted.compute import Compute
 from tsqp.generate import generate
-from tsqp.model import TrustedModel
-from tsqp.offload import LocalOffload
+from tsqp.trusted.model import TrustedModel
+from tsqp.local import LocalOffload
 from tsqp.untrusted.record import Recorder, RecordingCompute, open_private
 
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"

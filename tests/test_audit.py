@@ -53,7 +53,7 @@ def _smollm2_hf_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def prompts(_smollm2_hf_dir) -> list[list[int]]:
-    from tsqp.tokenizer import Tokenizer
+    from tsqp.trusted.tokenizer import Tokenizer
     tok = Tokenizer(_smollm2_hf_dir)
     return [tok.encode(text) for text in read_prompts()]
 
