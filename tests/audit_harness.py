@@ -19,7 +19,7 @@ from cryptography.hazmat.primitives.ciphers import Cipher, algorithms
 
 from tsqp import weights as W
 from tsqp.untrusted.compute import Compute
-from tsqp.generate import generate
+from tsqp.trusted.generate import generate
 from tsqp.trusted.model import TrustedModel
 from tsqp.local import LocalOffload
 from tsqp.untrusted.record import Recorder, RecordingCompute, open_private
