@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import stat
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -28,7 +30,11 @@ from tsqp.audit.replay import Context, PublicModel, rms_normalize
 from tsqp.audit.report import AuditSettings, load_truth, run_audit
 from tsqp.audit.scoring import chi2_sf, wilson
 from tsqp.audit.views import sequences
-from tsqp.untrusted.record import Recorder, RecordingCompute
+from tsqp.untrusted.record import Recorder
+
+# the first test to use a fixture pays for it: the checkpoint and 55 recorded generations take minutes on a
+# busy 2-core machine, beyond the suite's 300 s per test
+pytestmark = pytest.mark.timeout(900)
 
 NEW_TOKENS = 5          # a prefill and 4 decode steps per prompt
 WIRE = torch.float32    # tsqp's default wire dtype (bfloat16 matmuls are ~10x slower on CPUs without AMX;
@@ -64,9 +70,20 @@ def loaded(_smollm2_hf_dir):
 
 
 @pytest.fixture(scope="module")
-def plain(_smollm2_hf_dir, prompts, loaded, tmp_path_factory):
+def rec_root(tmp_path_factory):
+    """Where the module's recordings go (~2 GB): in memory (/dev/shm) when there is one, which spares the
+    shared disk's write-back; removed when the module ends."""
+    shm = Path("/dev/shm")
+    root = Path(tempfile.mkdtemp(prefix="tsqp-audit-test-", dir=shm)) if shm.is_dir() and os.access(shm, os.W_OK) \
+        else tmp_path_factory.mktemp("rec")
+    yield root
+    shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def plain(_smollm2_hf_dir, prompts, loaded, rec_root):
     """(recording folder, the runs): the split as it is today."""
-    folder = tmp_path_factory.mktemp("rec") / "plain"
+    folder = rec_root / "plain"
     runs = run_prompts(_smollm2_hf_dir, prompts, NEW_TOKENS, WIRE, folder, loaded=loaded)
     return folder, runs
 
@@ -193,8 +210,8 @@ def test_the_layer0_match_reads_rows_not_ids(plain, public, prompts):
 
 # ---- the token-mixing mask ----------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
-def mixed(_smollm2_hf_dir, prompts, loaded, tmp_path_factory):
-    folder = tmp_path_factory.mktemp("rec") / "mixed"
+def mixed(_smollm2_hf_dir, prompts, loaded, rec_root):
+    folder = rec_root / "mixed"
     runs = run_prompts(_smollm2_hf_dir, prompts, 2, WIRE, folder, mask=True, loaded=loaded)
     return folder, runs
 
@@ -216,6 +233,9 @@ def test_token_mixing_mask_keeps_the_row_span(mixed, plain, public, prompts):
     assert span["tried"] >= 500
     assert span["rate"] >= 0.95, span
     assert span["chance"] < 0.01
+    # a decode step is one row: M is a scalar there, and a scaled row still names its token
+    decode = attack(report, "layer0_cosine")["generated_exact"]
+    assert decode["tried"] == len(prompts) and decode["rate"] >= 0.99
 
 
 def test_span_membership_separates_present_from_absent(public, prompts):
@@ -240,7 +260,7 @@ def test_public_replay_is_the_model(_smollm2_hf_dir, public, prompts):
     from transformers import AutoModelForCausalLM
     cfg, weights = public
     model = PublicModel(cfg, weights, torch.float32)
-    ids = torch.tensor(prompts[5])
+    ids = torch.tensor(prompts[0])
     hf = AutoModelForCausalLM.from_pretrained(_smollm2_hf_dir, dtype=torch.float32).eval()
     with torch.no_grad():
         hidden = hf(ids[None], output_hidden_states=True).hidden_states
@@ -266,9 +286,9 @@ def test_vocabulary_matching_at_deeper_layers(plain, public, _smollm2_hf_dir):
     first = A.FirstPosition(model, settings.start_token)
     sessions = recording.load(folder)
     first_ranks = [int((first.ranked == r["prompt_ids"][0]).nonzero()) for r in runs]
-    chosen = [i for i, rank in enumerate(first_ranks) if rank < 256][:3]   # first token within the shortlist
-    assert len(chosen) == 3
-    matched = correct = 0
+    chosen = [i for i, rank in enumerate(first_ranks) if rank < 256][:2]   # first token within the shortlist
+    assert len(chosen) == 2
+    matched = correct = decode_hits = decode_tried = 0
     for i in chosen:
         [seq] = sequences(sessions[i])
         truth = runs[i]["prompt_ids"] + runs[i]["generated_ids"][:NEW_TOKENS - 1]
@@ -277,10 +297,12 @@ def test_vocabulary_matching_at_deeper_layers(plain, public, _smollm2_hf_dir):
             assert g.prompt[0] == truth[0] and g.confident[0], (i, layer)
             found = g.prompt + g.decode
             assert len(found) == len(truth)
+            decode_hits += sum(a == b for a, b in zip(g.decode, truth[len(g.prompt):]))
+            decode_tried += len(g.decode)
             matched += sum(g.confident)
             correct += sum(ok and a == b for ok, a, b in zip(g.confident, found, truth))
     assert matched == correct                                     # a near-exact match names the right token
-    assert matched >= 6
+    assert decode_tried == 2 * 2 * (NEW_TOKENS - 1) and decode_hits >= 0.9 * decode_tried
 
 
 # ---- masked inputs --------------------------------------------------------------------------------------

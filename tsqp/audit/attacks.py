@@ -6,7 +6,7 @@ of tokens it believes the prompt holds.
 
 - direct          token ids read from the embedding requests.
 - layer0_cosine   layer 0's qkv input is RMSNorm(E[t]) * g0 row by row: the nearest vocabulary entry by
-                  cosine, for each prefill row and each decode step's single row.
+                  |cosine|, for each prefill row and each decode step's single row.
 - layer0_span     for rows mixed across positions (M X): a vocabulary entry whose layer-0 vector lies in the
                   row span of the received block (relative residual after projection near 0) is present.
 - vocab_match     "vocabulary matching" at layer L: position by position, the attacker extends its own KV
@@ -46,8 +46,9 @@ class Guess:
 
 
 def nearest(rows: torch.Tensor, table_unit: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """rows [n, D] -> (index of the most cosine-similar row of table_unit [V, D] (unit rows), its cosine)."""
-    cos = F.normalize(rows.float(), dim=-1) @ table_unit.T                               # [n, V]
+    """rows [n, D] -> (index of the row of table_unit [V, D] (unit rows) with the largest |cosine|, that
+    |cosine|). The absolute value: a row scaled by any factor, negative too, still names its token."""
+    cos = (F.normalize(rows.float(), dim=-1) @ table_unit.T).abs_()                      # [n, V]
     best = cos.max(dim=-1)
     return best.indices, best.values
 
@@ -82,10 +83,10 @@ class Layer0:
         if prompt_rows is not None:
             idx, cos = nearest(prompt_rows, self.unit)
             prompt = idx.tolist()
-        decode = []
-        for p in seq.decode:
-            r = self.rows(p)
-            decode.append(int(nearest(r[-1:], self.unit)[0][0]) if r is not None else None)
+        steps = [self.rows(p) for p in seq.decode]
+        found = [r[-1:] for r in steps if r is not None]
+        ids = iter(nearest(torch.cat(found), self.unit)[0].tolist() if found else [])     # one pass over the table
+        decode = [next(ids) if r is not None else None for r in steps]
         return Guess(prompt=prompt, decode=decode or None,
                      info={"min_cosine": float(cos.min()) if cos is not None else None})
 
@@ -149,9 +150,11 @@ class FirstPosition:
         return have[:k]
 
 
-def pick(stages, distances_for, settings: VocabSettings) -> tuple[int, float, int]:
-    """Try shortlists of growing size until one candidate matches: (index in the ranking, its distance,
-    candidates tried). distances_for(lo, hi) -> distances of ranked candidates lo..hi-1."""
+def pick(stages, distances_for, settings: VocabSettings) -> tuple[int, bool, int]:
+    """Try shortlists of growing size until one candidate matches: (index in the ranking of the nearest
+    candidate, whether it matched, candidates tried). A match is near-exact and unambiguous: distance below
+    `accept` with the runner-up `margin` times farther. distances_for(lo, hi) -> distances of ranked
+    candidates lo..hi-1."""
     dists, done = torch.empty(0), 0
     for k in stages:
         if k > done:
@@ -160,9 +163,10 @@ def pick(stages, distances_for, settings: VocabSettings) -> tuple[int, float, in
         top = torch.topk(dists, min(2, dists.numel()), largest=False)
         best = float(top.values[0])
         runner_up = float(top.values[1]) if dists.numel() > 1 else float("inf")
-        if best < settings.accept and runner_up >= settings.margin * best:
+        matched = best < settings.accept and runner_up >= settings.margin * best
+        if matched:
             break
-    return int(top.indices[0]), best, done
+    return int(top.indices[0]), matched, done
 
 
 def vocab_match(seq: Sequence, model: PublicModel, layer: int, settings: VocabSettings,
@@ -188,18 +192,23 @@ def vocab_match(seq: Sequence, model: PublicModel, layer: int, settings: VocabSe
     first = first or FirstPosition(model, settings.start_token)
     ctx = Context(model, max(len(targets), 1))
     recovered, matched, tried_total = [], [], 0
+    prior = None                                   # the attacker's next-token logits after its recovered prefix
     for position, row in enumerate(targets):
-        if position == 0:
-            vocab = first.ranked.numel()
-            i, best, tried = pick([min(k, vocab) for k in settings.first_stages],
-                                  lambda lo, hi: relative_distance(first.rows(layer, hi)[lo:], row), settings)
-            token = int(first.ranked[i])
-        else:
-            ranked = torch.argsort(prior, descending=True)        # the shortlist: the prior's top-k
-            i, best, tried = pick(settings.stages, lambda lo, hi: relative_distance(
-                ctx.candidates_at(layer, ranked[lo:hi]), row), settings)
-            token = int(ranked[i])
-        matched.append(best < settings.accept)
+        if position == 0:                          # shared rows, ranked by the document-start prior
+            ranked = first.ranked
+            stages = [min(k, ranked.numel()) for k in settings.first_stages]
+
+            def distances(lo, hi, row=row):
+                return relative_distance(first.rows(layer, hi)[lo:], row)
+        else:                                      # the shortlist: the prior's top-k
+            ranked = torch.argsort(prior, descending=True)
+            stages = settings.stages
+
+            def distances(lo, hi, row=row, ranked=ranked):
+                return relative_distance(ctx.candidates_at(layer, ranked[lo:hi]), row)
+        i, ok, tried = pick(stages, distances, settings)
+        token = int(ranked[i])
+        matched.append(ok)
         tried_total += tried
         recovered.append(token)
         if position + 1 < len(targets):

@@ -18,10 +18,10 @@ from rich.table import Table
 
 from . import attacks as A
 from . import masked as MK
-from .recording import RecordedSession
+from .recording import TORCH_DTYPES, RecordedSession
 from .replay import PublicModel
 from .scoring import Rate, exact, set_recall
-from .views import Sequence, sequences
+from .views import sequences
 
 METRICS = ("prompt_exact", "prompt_set", "generated_exact", "generated_set")
 
@@ -50,7 +50,6 @@ def wire_dtype(session: RecordedSession) -> torch.dtype | None:
     """The dtype of the activations the server received (its weights' dtype)."""
     for call in session.calls:
         if call.op == "qkv" and call.input_refs and call.input_refs[0].is_float:
-            from .recording import TORCH_DTYPES
             return TORCH_DTYPES[call.input_refs[0].dtype]
     return None
 

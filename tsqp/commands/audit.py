@@ -109,7 +109,8 @@ def main(args) -> dict:
         m = a.get("near_exact_matches")
         if m and m["positions"]:
             console.print(f"{a['attack']}: {m['matched']} of {m['positions']} positions matched near-exactly "
-                          f"(relative distance < {settings.vocab.accept}), {m['correct']} of them the right token; "
+                          f"(relative distance < {settings.vocab.accept}, runner-up {settings.vocab.margin}x "
+                          f"farther), {m['correct']} of them the right token; "
                           f"the others' token was outside the shortlist or followed a wrong one")
     console.print(masked_table(report))
     report["markdown"] = markdown(report)
