@@ -1,6 +1,7 @@
 """Where a runner's calls and the server's replies travel: the ZeroMQ socket, or the two control pipes beside
 the arena. Both move whole messages ([header, *frames]) and wait for replies against a deadline that the
-caller fixed (one per call, from its submit), whatever else arrives meanwhile."""
+caller fixed (one per call, from its submit), whatever else arrives meanwhile. `what` names the wait in
+errors (anything printable: made into text only when an error needs it)."""
 from __future__ import annotations
 
 import time
@@ -52,10 +53,10 @@ class SocketChannel:
         self.poller.register(client.sock, zmq.POLLIN)
         self.poller.register(self.monitor, zmq.POLLIN)
 
-    def send(self, header: bytes, frames: list, what: str) -> None:
+    def send(self, header: bytes, frames: list, what) -> None:
         self.client.send([header, *frames], what=what)
 
-    def receive(self, deadline: float, what: str, timeout_s: float | None = None) -> list[list]:
+    def receive(self, deadline: float, what, timeout_s: float | None = None) -> list[list]:
         """The messages that arrived by the deadline (at least one), each [header, *frames]. timeout_s: the
         wait the deadline stands for, as the message says it (default: the session's reply timeout)."""
         while True:
@@ -95,13 +96,13 @@ class PipeChannel:
     def __init__(self, pipes: Pipes, endpoint: str, timeout_s: float, spin_s: float = 0.0):
         self.pipes, self.endpoint, self.timeout_s, self.spin_s = pipes, endpoint, timeout_s, spin_s
 
-    def send(self, header: bytes, frames: list, what: str) -> None:
+    def send(self, header: bytes, frames: list, what) -> None:
         try:
             self.pipes.send(header, self.timeout_s)
         except TimeoutError as e:
             raise ServerTimeout(f"could not send {what} to {self.endpoint}: {e}") from None
 
-    def receive(self, deadline: float, what: str) -> list[list]:
+    def receive(self, deadline: float, what) -> list[list]:
         now = time.monotonic()
         spin_until = now + self.spin_s
         while True:

@@ -81,8 +81,9 @@ def receive_cap(transport: str, cfg: ModelConfig | None, budget: Budget) -> int:
 
 
 class Pending:
-    def __init__(self, remote: "RemoteOffload", rid: int, op: str, layer, call: Call, sent_at: float):
-        self.remote, self.rid, self.op, self.layer, self.call, self.sent_at = remote, rid, op, layer, call, sent_at
+    def __init__(self, remote: "RemoteOffload", rid: int, op: str, layer, call: Call):
+        self.remote, self.rid, self.op, self.layer, self.call = remote, rid, op, layer, call
+        self.sent_at = 0.0
         self.deadline = time.monotonic() + remote.client.timeout_s     # one deadline per call, from submit
         self.value = None
 
@@ -234,19 +235,21 @@ class RemoteOffload:
         rid = next(self.ids)
         call = self.path.call(op, layer, rid, xs)
         t1 = time.perf_counter()
-        self.channel.send(call.header, call.frames, describe(op, layer))
+        pending = Pending(self, rid, op, layer, call)
+        self.channel.send(call.header, call.frames, pending)       # the pending call names itself in errors
+        pending.sent_at = time.perf_counter()
+        self.waiting[rid] = pending
         self.stats.serialize_s += t1 - t0
         self.stats.sent_bytes += len(call.header) + (0 if call.out is not None else call.in_bytes)
         self.stats.shm_sent_bytes += call.in_bytes if call.out is not None else 0
         self.stats.rpc_calls += 1
-        pending = self.waiting[rid] = Pending(self, rid, op, layer, call, time.perf_counter())
         return pending
 
     def _wait(self, pending: Pending) -> torch.Tensor:
         t0 = time.perf_counter()
         while pending.rid not in self.replies:
             try:
-                arrived = self.channel.receive(pending.deadline, str(pending))
+                arrived = self.channel.receive(pending.deadline, pending)
             except PipeError as e:
                 raise RemoteError(f"server at {self.endpoint} broke the protocol on the control pipe while "
                                   f"{pending} was pending: {e}") from None

@@ -24,7 +24,7 @@ from __future__ import annotations
 import json
 import struct
 import warnings
-from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 
@@ -49,8 +49,7 @@ class ProtocolError(ValueError):
     """A message that does not follow this protocol; the text names what is wrong."""
 
 
-@dataclass(frozen=True)
-class TensorMeta:
+class TensorMeta(NamedTuple):       # tuples: built on every call and reply, cheaply
     dtype: str
     shape: tuple[int, ...]
     offset: int | None = None   # into the shm arena; None for a raw frame
@@ -87,8 +86,7 @@ class TensorMeta:
         return cls(DTYPE_CODES[code - 1], tuple(shape[:ndim]), None if offset == -1 else offset)
 
 
-@dataclass(frozen=True)
-class Message:
+class Message(NamedTuple):
     """A decoded call or result header."""
     kind: int
     op: str
