@@ -3,7 +3,7 @@ or as raw ZeroMQ frames after the header. Either builds a call's header and turn
 checking the reply against what the op table says the runner asked for."""
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
@@ -23,17 +23,6 @@ class Call:
     out: torch.Tensor | None      # that region's view (arena)
     regions: list[int]            # arena offsets to free with the call
     in_bytes: int
-
-
-@dataclass
-class Layout:
-    """A checked shm call: its packed header (any id) and what its output is. Keyed on its input buffers'
-    identities; it holds them, so no other tensor can take their ids."""
-    inputs: tuple[torch.Tensor, ...]
-    regions: tuple[int, ...]
-    want: P.TensorMeta
-    in_bytes: int
-    headers: dict = field(default_factory=dict)     # output offset -> packed header (id 0)
 
 
 def expected_output(cfg: ModelConfig, wire: str, op: str, layer, metas: list[P.TensorMeta]) -> P.TensorMeta:
@@ -60,37 +49,24 @@ def check_reply(m: P.Message, op: str, layer, want: P.TensorMeta) -> None:
 
 class ArenaPath:
     def __init__(self, arena: Arena, cfg: ModelConfig, wire: torch.dtype):
-        self.arena, self.cfg, self.wire = arena, cfg, wire
-        self.layouts: dict[tuple, Layout] = {}
+        self.arena, self.cfg, self.wire = arena, cfg, P.DTYPE_NAME[wire]
 
     def empty(self, shape, dtype=None) -> torch.Tensor:
-        return self.arena.empty(tuple(shape), dtype or self.wire)     # freed with the call it feeds
+        return self.arena.empty(tuple(shape), dtype or P.WIRE_DTYPES[self.wire])     # freed with the call it feeds
 
     def call(self, op: str, layer, rid: int, xs) -> Call:
-        bufs, regions = [], []
+        inputs = []
         for x in xs:
             off = self.arena.offset_of(x)
             if off is None:                 # not written in place: copy it in once
                 x = self.arena.empty(tuple(x.shape), x.dtype).copy_(x)
                 off = self.arena.offset_of(x)
-            bufs.append(x)
-            regions.append(off)
-        key = (op, layer, *map(id, bufs))
-        layout = self.layouts.get(key)
-        if layout is None or any(a is not b for a, b in zip(layout.inputs, bufs)):
-            metas = [P.TensorMeta.of(x, off) for x, off in zip(bufs, regions)]
-            if len(self.layouts) >= 4096:
-                self.layouts.clear()
-            layout = self.layouts[key] = Layout(tuple(bufs), tuple(regions),
-                                                expected_output(self.cfg, P.DTYPE_NAME[self.wire], op, layer, metas),
-                                                sum(m.nbytes for m in metas))
-        out = self.arena.empty(layout.want.shape, layout.want.torch_dtype)
-        want = P.TensorMeta(layout.want.dtype, layout.want.shape, self.arena.offset_of(out))
-        header = layout.headers.get(want.offset)
-        if header is None:
-            inputs = [P.TensorMeta.of(x, off) for x, off in zip(bufs, regions)]
-            header = layout.headers[want.offset] = P.encode_call(op, layer, 0, inputs, want)
-        return Call(P.with_id(header, rid), [], want, out, [*regions, want.offset], layout.in_bytes)
+            inputs.append(P.TensorMeta.of(x, off))
+        want = expected_output(self.cfg, self.wire, op, layer, inputs)
+        out = self.arena.empty(want.shape, want.torch_dtype)
+        want = want._replace(offset=self.arena.offset_of(out))
+        return Call(P.encode_call(op, layer, rid, inputs, want), [], want, out,
+                    [*(m.offset for m in inputs), want.offset], sum(m.nbytes for m in inputs))
 
     def result(self, call: Call, frames: list) -> torch.Tensor:
         if len(frames) > 1:

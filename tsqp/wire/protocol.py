@@ -137,7 +137,7 @@ def peek_id(buf) -> int | None:
 
 
 def with_id(header: bytes | bytearray, rid: int) -> bytes:
-    """A packed header with another request id (the runner reuses a checked call's bytes)."""
+    """A packed header with another request id (a header reused as is, but for its id)."""
     buf = bytearray(header)
     struct.pack_into("<Q", buf, ID_OFFSET, rid)
     return bytes(buf)
