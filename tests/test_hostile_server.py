@@ -29,7 +29,7 @@ from tsqp.trusted.model import TrustedModel
 from tsqp.untrusted.compute import Compute
 from tsqp.untrusted.server import Server
 from tsqp.wire import protocol as P
-from tsqp.wire.client import Budget, RemoteError, RemoteOffload
+from tsqp.wire.client import Budget, RemoteError, RemoteOffload, largest_result
 from tsqp.wire.hello import Expected
 from tsqp.wire.transport import ServerTimeout
 
@@ -343,6 +343,42 @@ def test_a_frame_over_the_receive_cap_drops_the_connection_at_once(liar):
     text = refused(liar, r"dropped while waiting for the hello.*receive cap of 262144 bytes", within_s=2.0,
                    transport="shm")
     assert "went away" in text
+
+
+def test_a_frames_runner_without_the_model_takes_no_big_frame_before_it_knows_the_model(liar):
+    """Over frames, a runner without --model hears the model from the hello: until then its cap is a control
+    message's, so a 64 MiB frame in the welcome is dropped unread; its results then get a cap sized from the
+    (checked) config and its own tokens, on a second connection whose hello must equal the first."""
+    big = bytes(64 * 2**20)
+    liar.on_hello = lambda head, frames: welcome(head, [*frames, big])
+    before = rss_kib()
+    refused(liar, r"dropped while waiting for the hello.*receive cap of 262144 bytes", within_s=2.0)
+    assert (rss_kib() - before) / 1024 < 32                     # the 64 MiB never reached this process
+    liar.reset()
+    budget = Budget(tokens=512)                 # results up to 3 MiB: more than the hello's cap
+    remote = connect(liar, budget=budget)
+    try:
+        assert remote.receive_cap == largest_result(remote.cfg, 512, False) > 262144
+        cfg, weights = W.load("random:tiny", torch.float32, "cpu")
+        local = TrustedModel(cfg, W.norm_weights(weights), LocalOffload(Compute(cfg, weights, "cpu")))
+        assert torch.equal(prefill(remote), local.prefill(TOKENS, local.new_cache(TOKENS.numel())))
+    finally:
+        remote.close()
+    # a result frame over that cap: the connection drops and the runner names the wait at once
+    liar.on_call = lambda m, reply, session: [[reply[0], bytes(remote.receive_cap + 1)]]
+    refused(liar, r"dropped while waiting for op .*receive cap", within_s=2.0, budget=budget)
+
+
+def test_a_second_hello_that_differs_is_refused(liar):
+    hellos = []
+
+    def lie(head, frames):
+        hellos.append(1)
+        if len(hellos) > 1:
+            head["config"]["rms_norm_eps"] = head["config"]["rms_norm_eps"] * 2
+        return welcome(head, frames)
+    liar.on_hello = lie
+    refused(liar, r"second hello differs from its first", budget=Budget(tokens=512))
 
 
 def run_measured(argv: list[str], timeout_s: float = 120) -> tuple[int, str, int]:

@@ -70,12 +70,13 @@ def largest_result(cfg: ModelConfig, tokens: int, seed_policy: bool) -> int:
 
 def receive_cap(transport: str, cfg: ModelConfig | None, budget: Budget) -> int:
     """The largest frame the runner accepts (ZMQ_MAXMSGSIZE), set before connecting: a control message or a
-    norm weight, and with the frames transport a result (sized from the runner's own config and tokens when it
-    has them, else the budget)."""
+    norm weight, and with the frames transport and a known config a result (sized from the config and the
+    runner's tokens when it has them, else the budget). A frames runner that does not know the model yet
+    connects with the control cap, and again with this one once the hello told it the model."""
     hidden = cfg.hidden_size if cfg is not None else PEER_LIMITS["hidden_size"]
     cap = max(P.MAX_CONTROL_BYTES, 4 * hidden)      # a norm weight: [D] of at most 4-byte floats
-    if transport == "frames":
-        cap = max(cap, budget.max_bytes if cfg is None or budget.tokens is None else
+    if transport == "frames" and cfg is not None:
+        cap = max(cap, budget.max_bytes if budget.tokens is None else
                   min(budget.max_bytes, largest_result(cfg, budget.tokens, budget.seed_policy)))
     return cap
 
@@ -125,16 +126,16 @@ class RemoteOffload:
         check_ipc_owner(endpoint)
         # a context of its own: its sockets get the runner's caps before they connect (libzmq copies a
         # socket's options into each connection when it is made)
-        self.receive_cap = receive_cap(transport, expect.cfg if expect else None, budget)
         self.ctx = RunnerContext()
-        self.ctx.setsockopt(zmq.MAXMSGSIZE, self.receive_cap)
         self.ctx.setsockopt(zmq.RCVHWM, RECEIVE_QUEUE)
         try:
-            self.client = Client(endpoint, timeout_s, ctx=self.ctx, curve=curve)
-            self.link = SocketChannel(self.client, self.receive_cap)
+            self._connect(receive_cap(transport, expect.cfg if expect else None, budget), timeout_s, curve)
             self._hello(connect_timeout_s, expect)
             nbytes = arena_bytes(self.cfg) if callable(arena_bytes) else arena_bytes
             self._check_budget(nbytes if transport == "shm" else 0)
+            cap = receive_cap(transport, self.cfg, budget)
+            if cap > self.receive_cap:          # frames: results need more than the hello did, now bounded
+                self._rehello(cap, timeout_s, connect_timeout_s, curve, expect)
             if transport == "shm":
                 self._attach(nbytes, connect_timeout_s, pipes=control == "pipes", spin_s=spin_s)
             else:
@@ -144,6 +145,12 @@ class RemoteOffload:
             raise
 
     # ---- the session: JSON control messages -------------------------------------------------------------
+    def _connect(self, cap: int, timeout_s: float, curve) -> None:
+        self.receive_cap = cap
+        self.ctx.setsockopt(zmq.MAXMSGSIZE, cap)
+        self.client = Client(self.endpoint, timeout_s, ctx=self.ctx, curve=curve)
+        self.link = SocketChannel(self.client, cap)
+
     def _ask(self, message: dict, what: str, timeout_s: float) -> tuple[dict, list]:
         self.client.send([P.encode(message)])
         frames = self.link.receive(time.monotonic() + timeout_s, what, timeout_s)[0]
@@ -169,6 +176,16 @@ class RemoteOffload:
         except HelloError as e:
             raise RemoteError(f"{self.endpoint}: refusing the server's hello: {e}") from None
         self.cfg, self.dtype, self.norms, self.info = welcome.cfg, welcome.dtype, welcome.norms, welcome.info
+
+    def _rehello(self, cap: int, timeout_s: float, connect_timeout_s: float, curve, expect) -> None:
+        """A new session on a connection with the larger cap; its hello must equal the first one's."""
+        cfg, norms = self.cfg, self.norms
+        self._say_bye()
+        self._connect(cap, timeout_s, curve)
+        self._hello(connect_timeout_s, expect)
+        if self.cfg != cfg or self.norms.keys() != norms.keys() or \
+                any(not torch.equal(self.norms[k], norms[k]) for k in norms):
+            raise RemoteError(f"{self.endpoint}: the server's second hello differs from its first")
 
     def _check_budget(self, arena_bytes: int) -> None:
         """Before allocating anything sized from the served model: the arena, the KV cache and (frames) the
@@ -290,21 +307,26 @@ class RemoteOffload:
                 from None
         self.replies[m.id] = (m, frames, time.perf_counter())
 
+    def _say_bye(self) -> None:
+        """End the session (best effort, and only to a server that answered the hello: it may be gone) and
+        close its socket."""
+        if self.client is None:
+            return
+        with contextlib.suppress(TransportError, zmq.ZMQError):
+            if hasattr(self, "info"):
+                self.client.send([P.encode({"type": "bye"})], block=False)
+                self.client.recv("bye", timeout_s=1.0)
+        if self.link is not None:
+            self.link.close()
+            self.link = None
+        self.client.close()
+        self.client = None
+
     def close(self) -> None:
         if self.channel is not None and self.channel is not self.link:
             self.channel.close()
         self.channel = None
-        if self.client is not None:
-            # best effort, and only to a server that answered the hello: the server may be gone
-            with contextlib.suppress(TransportError, zmq.ZMQError):
-                if hasattr(self, "info"):
-                    self.client.send([P.encode({"type": "bye"})], block=False)
-                    self.client.recv("bye", timeout_s=1.0)
-            if self.link is not None:
-                self.link.close()
-                self.link = None
-            self.client.close()
-            self.client = None
+        self._say_bye()
         if self.ctx is not None:
             self.ctx.destroy(linger=0)
             self.ctx = None
