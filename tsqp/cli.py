@@ -71,7 +71,7 @@ def add_runner_args(p: argparse.ArgumentParser) -> None:
                    help="linear: attention on the trusted side; seed: the prototype's split (QK^T, PV offloaded); "
                         "flash: RoPE here, fused attention + O on the server")
     p.add_argument("--protect", choices=("otp",), default=None,
-                   help="otp: every offloaded x @ W gets a fresh one-time pad over exact integers (int8 weights, "
+                   help="otp: every offloaded x @ W gets a fresh one-time pad over exact integers (12-bit weights, "
                         "16-bit activations); embedding and logits stay here; needs --model (the runner's own "
                         "copy of the checkpoint), --policy linear and a `tsqp serve --protect otp`")
     p.add_argument("--verify", action="store_true",
@@ -122,7 +122,7 @@ def parser() -> argparse.ArgumentParser:
                    help="write everything this server receives and returns, per session, to DIR (owner-only; for "
                         "`tsqp audit`); off by default")
     s.add_argument("--protect", choices=("otp",), default=None,
-                   help="otp: serve masked x @ W only (int8 weights, one-time-padded inputs over Z_2^40); for "
+                   help="otp: serve masked x @ W only (12-bit weights, one-time-padded inputs over Z_2^40); for "
                         "runners with --protect otp")
     s.add_argument("--inject-faults", choices=("flip", "replay", "swap", "zero"), default=None,
                    help="TESTING ONLY, with --protect: alter results on purpose so that --verify's detection can "

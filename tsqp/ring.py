@@ -1,15 +1,18 @@
 """Exact arithmetic in the ring Z_2^40, shared by both sides: limbs, the limb matmul, the signed lift.
 
 A ring element travels as LIMBS = 5 bytes (limb j = byte j, little-endian): a tensor of T x n elements is
-uint8 [5, T, n]. The matmul B @ W^T mod 2^40 of such limbs with int8 weights W [out, n] runs as one int8
-GEMM with int32 accumulation (`torch._int_mm`) over the 5 limbs stacked as rows, recentred to int8:
+uint8 [5, T, n]. The weights are integers of up to 12 bits (quant.py), |W| <= WEIGHT_MAX = 2047, held as two
+int8 planes W = 2^6 hi + lo with lo in [-32, 31] and hi in [-32, 32]. The matmul B @ W^T mod 2^40 runs as
+one int8 GEMM with int32 accumulation (`torch._int_mm`): the 5 limbs stacked as rows, recentred to int8,
+times both planes side by side:
 
     B = sum_j 2^(8j) b_j = sum_j 2^(8j) (b_j - 128) + 128 * sum_j 2^(8j)
-    B W^T = sum_j 2^(8j) P_j + offset,  P_j = (b_j - 128) W^T,  offset = 128 colsum(W) sum_j 2^(8j)
+    B W^T = sum_j 2^(8j) (2^6 H_j + L_j) + offset,  H_j = (b_j - 128) hi^T,  L_j = (b_j - 128) lo^T,
+    offset = 128 colsum(W) sum_j 2^(8j)
 
-Every int32 sum P_j is exact while n * 128 * 127 < 2^31, i.e. n <= MAX_IN. They are combined in int64
-as P_0 + 2^8 P_1 + 2^16 P_2 + 2^24 P_3 + 2^32 (P_4 mod 2^8) + (offset mod 2^40): |sum| < 2^56, so no
-int64 operation overflows (2^32 P_4 is only needed mod 2^40), and the result is reduced mod 2^40.
+Every int32 sum H_j, L_j is exact (|.| <= 128 * 32 * n < 2^31 for n <= MAX_IN). They are combined in int64 as
+sum_{j<4} 2^(8j) (2^6 H_j + L_j) + 2^32 ((2^6 H_4 + L_4) mod 2^8) + (offset mod 2^40): |sum| < 2^43 n, far
+from overflow (2^32 times the last limb's sum is only needed mod 2^40), and reduced mod 2^40.
 Both the server (the product of masked input) and the runner (the pads' U = R W^T) use `limb_matmul`.
 """
 from __future__ import annotations
@@ -26,7 +29,9 @@ LIMBS = K // 8               # bytes per element
 MOD = 1 << K
 MASK = MOD - 1
 HALF = 1 << (K - 1)
-MAX_IN = (2**31 - 1) // (128 * 127)      # 132104: int32 accumulation of a limb product stays exact
+WEIGHT_MAX = 2047                        # 12-bit weights: two int8 planes of SPLIT bits below
+SPLIT = 6                                # W = 2^SPLIT hi + lo
+MAX_IN = (2**31 - 1) // (128 * 32)       # 524287: int32 accumulation of a plane product stays exact
 
 # _int_mm on CUDA wants more than 16 rows and both other dimensions a multiple of 8 (the CPU kernel takes
 # any shape); zero padding keeps the product exact.
@@ -82,35 +87,50 @@ def int_mm(a: torch.Tensor, b: torch.Tensor, pad: bool | None = None) -> torch.T
     return torch._int_mm(a, b)
 
 
-def _combine(parts: list[torch.Tensor]) -> torch.Tensor:
-    """Five integer tensors with |part| < 2^31 -> sum_j 2^(8j) part_j mod 2^40 as int64 (|sum| < 2^56)."""
-    y = parts[0].to(torch.int64, copy=True)
-    for j in range(1, LIMBS - 1):
-        y.add_(parts[j], alpha=1 << (8 * j))
-    y.add_(parts[-1].bitwise_and(0xFF), alpha=1 << (8 * (LIMBS - 1)))      # 2^32 P_4 mod 2^40
-    return y
+def _combine(hi: torch.Tensor, lo: torch.Tensor) -> torch.Tensor:
+    """The planes' limb products, int32 [5, T, out] each -> sum_j 2^(8j) (2^6 hi_j + lo_j) mod 2^40 as int64
+    (not yet reduced; |sum| < 2^43 n)."""
+    y = torch.zeros(hi.shape[1:], dtype=torch.int64, device=hi.device)
+    for j in range(LIMBS - 1):
+        y.add_(hi[j], alpha=1 << (8 * j + SPLIT)).add_(lo[j], alpha=1 << (8 * j))
+    last = hi[-1].to(torch.int64).mul_(1 << SPLIT).add_(lo[-1]).bitwise_and_(0xFF)    # mod 2^8, before 2^32 x
+    return y.add_(last, alpha=1 << (8 * (LIMBS - 1)))
+
+
+def planes(q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Integer weights [out, in] with |q| <= WEIGHT_MAX -> int8 (hi, lo) with q = 2^SPLIT hi + lo."""
+    q = q.to(torch.int32)
+    lo = torch.remainder(q + 32, 1 << SPLIT) - 32                                     # [-32, 31]
+    hi = torch.div(q - lo, 1 << SPLIT, rounding_mode="floor")                        # exact: [-32, 32]
+    return hi.to(torch.int8), lo.to(torch.int8)
 
 
 class RingWeight:
-    """Public int8 weights W [out, in] prepared for `limb_matmul`: W^T contiguous (the fast layout for the
-    CPU kernel) and the constant the recentred limbs leave out, 128 colsum(W) sum_j 2^(8j) mod 2^40."""
+    """Public integer weights W [out, in] (|W| <= WEIGHT_MAX) prepared for `limb_matmul`: both int8 planes
+    transposed side by side, [in, 2 out] row-major (the fast layout for the CPU kernel), and the constant the
+    recentred limbs leave out, 128 colsum(W) sum_j 2^(8j) mod 2^40."""
 
     def __init__(self, q: torch.Tensor, device: str | torch.device = "cpu"):
-        if q.dtype != torch.int8 or q.dim() != 2:
-            raise ValueError(f"ring weights must be int8 [out, in], got {q.dtype} {tuple(q.shape)}")
-        if q.numel() and int(q.min()) < -127:
-            raise ValueError("ring weights must lie in [-127, 127] (the int32 bound assumes it)")
+        if q.dtype not in (torch.int8, torch.int16, torch.int32, torch.int64) or q.dim() != 2:
+            raise ValueError(f"ring weights must be integers [out, in], got {q.dtype} {tuple(q.shape)}")
+        if q.numel() and int(q.abs().max()) > WEIGHT_MAX:
+            raise ValueError(f"ring weights must lie in [-{WEIGHT_MAX}, {WEIGHT_MAX}] (the int32 bound assumes it)")
         if q.shape[1] > MAX_IN:
             raise ValueError(f"input width {q.shape[1]} exceeds {MAX_IN}: int32 accumulation would not be exact")
         self.out_features, self.in_features = q.shape
-        self.wt = _row_major(q.t()).to(device)                                    # [in, out]
-        colsum128 = 128 * q.sum(1, dtype=torch.int64)                             # [out], |.| < 2^31
-        self.offset = _combine([colsum128] * LIMBS).bitwise_and_(MASK).to(device)
+        hi, lo = planes(q)
+        self.wt = torch.cat([hi, lo]).t().contiguous().to(device)                   # [in, 2 out]
+        colsum128 = (128 * q.sum(1, dtype=torch.int64)).bitwise_and_(MASK)         # [out] mod 2^40
+        offset = torch.zeros_like(colsum128)
+        for j in range(LIMBS):      # 2^(8j) colsum128 mod 2^40, each term below 2^40: no int64 overflow
+            offset += colsum128.bitwise_and((1 << (K - 8 * j)) - 1) << (8 * j)
+        self.offset = offset.bitwise_and_(MASK).to(device)
 
 
 def limb_matmul(limbs: torch.Tensor, w: RingWeight, pad: bool | None = None) -> torch.Tensor:
     """uint8 [5, T, in] (B's limbs) -> int64 [T, out] = B W^T mod 2^40, exact."""
     _, T, n = limbs.shape
     signed = torch.bitwise_xor(limbs, 0x80).view(torch.int8)                      # b_j - 128 as int8
-    p = int_mm(signed.reshape(LIMBS * T, n), w.wt, pad).view(LIMBS, T, -1)        # [5, T, out] int32
-    return _combine(list(p)).add_(w.offset).bitwise_and_(MASK)
+    p = int_mm(signed.reshape(LIMBS * T, n), w.wt, pad).view(LIMBS, T, -1)        # [5, T, 2 out] int32
+    out = w.out_features
+    return _combine(p[..., :out], p[..., out:]).add_(w.offset).bitwise_and_(MASK)

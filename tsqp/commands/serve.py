@@ -27,7 +27,7 @@ def serve(args) -> None:
     t0 = time.perf_counter()
     check_limits(args)
     curve = server_curve(args.endpoint, args.keys, args.server_key, args.allow, args.insecure)   # fail before loading
-    # protected: int8 weights quantized from float32, as every runner quantizes its own copy (quant.py)
+    # protected: 12-bit weights quantized from float32, as every runner quantizes its own copy (quant.py)
     dtype = torch.float32 if args.protect else W.torch_dtype(args.dtype)
     cfg, weights = W.load(args.model, dtype, "cpu" if args.device.startswith("cuda") else args.device)
     n = W.n_params(weights)
@@ -51,7 +51,7 @@ def serve(args) -> None:
         print(f"Endpoint: {args.endpoint} (bound)")
         print(f"Transport: {describe_endpoint(args.endpoint)}"
               + (f", CurveZMQ ({len(curve.allowed)} allowed client key(s))" if curve else ""))
-        print(f"Device: {args.device}, Dtype: {'int8 weights, masked uint8 limbs in' if args.protect else args.dtype}")
+        print(f"Device: {args.device}, Dtype: {'12-bit weights (two int8 planes), masked uint8 limbs in' if args.protect else args.dtype}")
         if args.protect:
             print(f"Protected: answers masked x @ W only; weights fingerprint {compute.fingerprint[:16]}...")
         if recorder is not None:

@@ -1,9 +1,9 @@
-"""The server's side of protected offload: int8 weights times masked inputs in Z_2^40, exactly.
+"""The server's side of protected offload: 12-bit weights times masked inputs in Z_2^40, exactly.
 
 `IntCompute` quantizes the server's copy of the public weights (tsqp/quant.py, so both sides hold the
 same integers; `fingerprint` is what the server states) and answers a linear request whose input is a
 masked ring element in limbs, uint8 [5, T, in], with Z = B W^T mod 2^40, int64 [T, out] (ring.limb_matmul:
-one int8 GEMM with int32 accumulation over the five limbs). It never sees an unmasked activation. It has
+one int8 GEMM with int32 accumulation: the five limbs times the weights' two int8 planes). It never sees an unmasked activation. It has
 the `Compute` surface that `LocalOffload` drives (cfg, dtype, cuda, run), so
 `LocalOffload(IntCompute(cfg, weights))` is an in-process inner for `ProtectedOffload`.
 """

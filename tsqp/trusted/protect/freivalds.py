@@ -15,7 +15,7 @@ v = v0 + 2^21 v1 with v0, v1 in [0, 2^21). `matvec_mod` multiplies int64 rows a 
 limb: every product has |a v_k| < 2^42 and a row of n terms stays below n 2^42 < 2^63 for n < 2^21
 (MAX_TERMS; vocabularies are ~2^17). Partial results are reduced to [0, PRIME) before being shifted:
 x < 2^42 times 2^21 is < 2^63. Operands: X quantized, |X| <= 32767 < 2^15; Y split into 20-bit limbs,
-Y = y0 + 2^20 y1 with y0 in [0, 2^20) and |y1| <= 2^21 for |Y| <= 2^41; W int8, |W| <= 127.
+Y = y0 + 2^20 y1 with y0 in [0, 2^20) and |y1| <= 2^21 for |Y| <= 2^41; W of up to 12 bits, |W| <= 2047.
 """
 from __future__ import annotations
 
@@ -59,8 +59,8 @@ def matvec_mod(a: torch.Tensor, v_limbs: tuple[torch.Tensor, torch.Tensor], prim
 
 
 class Freivalds:
-    """The check for one (op, layer) with int8 weights q [out, in]; `prime` is PRIME unless a test wants a
-    weaker one."""
+    """The check for one (op, layer) with integer weights q [out, in] (|q| <= 2047); `prime` is PRIME unless a
+    test wants a weaker one."""
 
     def __init__(self, q: torch.Tensor, prime: int = PRIME):
         if not 2 < prime < 1 << 42:
@@ -72,7 +72,7 @@ class Freivalds:
         self._ws_limbs = split_limbs(self._weighted_columns(q))                   # [in] = W^T s mod p
 
     def _weighted_columns(self, q: torch.Tensor) -> torch.Tensor:
-        """W^T s mod p, [in]: each W^T s_k summed exactly in int64 (|.| < 127 * 2^21 * out < 2^45 for
+        """W^T s mod p, [in]: each W^T s_k summed exactly in int64 (|.| < 2^11 * 2^21 * out < 2^49 for
         out < 2^17), a block of output rows at a time so that no int64 copy of the whole W is made."""
         block = 4096
         sums = torch.zeros((2, q.shape[1]), dtype=torch.int64)                    # [2, in]

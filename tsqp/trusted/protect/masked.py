@@ -5,7 +5,7 @@ quantized with tsqp/quant.py; nothing model-related is taken from the server sid
   X (float [T, in]) -> Xq int64, sx (16-bit per row)      quant.quantize_rows
   B = Xq + R mod 2^40, R a fresh pad's rows               pads.PadPool.take -> (R, U = R W^T mod 2^40)
   send B as uint8 limbs [5, T, in]; the server returns Z = B W^T mod 2^40, int64 [T, out]
-  Y = lift(Z - U mod 2^40)  exact: |Xq W^T| <= 32767 * 127 * in < 2^39 for in <= ring.MAX_IN
+  Y = lift(Z - U mod 2^40)  exact: |Xq W^T| <= 32767 * quant.weight_max(in) * in < 2^39
   Freivalds check of (Xq, Y), then y = Y * sx[t] * sw[o] (quant.dequantize)
 "embed" is a local lookup (the server never sees token ids); attention ops are refused: masks over Z_2^40
 only commute with a fixed public matrix. `QuantizedOffload` computes the same integers in-process with no
@@ -65,7 +65,7 @@ class _QuantizedBase:
 
 class QuantizedOffload(_QuantizedBase):
     """The same quantized linear layers computed here, unmasked: Y = Xq Wq^T as a float64 GEMM, exact
-    because every partial sum is an integer below 32767 * 127 * in < 2^53."""
+    because every partial sum is an integer below 2^39 < 2^53."""
 
     def __init__(self, cfg: ModelConfig, weights: dict[str, torch.Tensor], stats: Stats | None = None):
         super().__init__(cfg, weights, stats)
