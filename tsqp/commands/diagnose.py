@@ -163,16 +163,27 @@ def measure_shm(endpoint: str, sizes, repeat: int, budget_s: float, lat_samples:
 
 
 def shm_room(sizes) -> tuple[list[int], dict]:
-    """The sizes an arena of 2x the payload fits in /dev/shm (keeping half of the free space for others)."""
+    """The sizes an arena of 2x the payload fits in (keeping half of the memory available for others). Arenas
+    are sealed memfds, the runner's own memory (not /dev/shm's size, which docker's --shm-size sets):
+    what bounds them is the memory available; /dev/shm/tsqp-<uid> holds only control pipes."""
     try:
+        shm.Arena.create(shm.ALIGN).close()            # memfd_create and its seals work here
         d = shm.arena_dir()
     except (OSError, shm.ArenaError) as e:
-        return [], {"path": str(shm.SHM_ROOT), "error": str(e)}
-    vfs = os.statvfs(d)
+        return [], {"path": "memfd", "error": str(e)}
     dead = [f.name for f in d.iterdir() if (m := shm.LEFTOVER.match(f.name)) and not shm.pid_alive(int(m.group(1)))]
-    info = {"path": str(shm.SHM_ROOT), "size_bytes": vfs.f_blocks * vfs.f_frsize,
-            "free_bytes": vfs.f_bavail * vfs.f_frsize, "leftover_arenas": sorted(dead)}
+    info = {"path": "memfd (the runner's memory)", "free_bytes": available_memory(),
+            "pipes_dir": str(d), "leftover_pipes": sorted(dead)}
     return [n for n in sizes if 2 * n + shm.ALIGN <= info["free_bytes"] // 2], info
+
+
+def available_memory() -> int:
+    """MemAvailable from /proc/meminfo, in bytes."""
+    with open("/proc/meminfo") as f:
+        for line in f:
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    raise OSError("/proc/meminfo has no MemAvailable")
 
 
 def cuda_copies(sizes=(1 * MiB, 16 * MiB, 64 * MiB), repeat: int = 10) -> list[dict]:
@@ -287,13 +298,13 @@ def verdicts(lat: dict[str, Row], rows: list[Row], shm_info: dict, shm_error: st
     if shm_error:
         say("shm", "problem", f"shared memory unavailable: {shm_error}")
     elif shm_info.get("free_bytes") is not None and shm_info["free_bytes"] < 2 * (2 * RATIO_SIZE):
-        say("shm", "problem", f"{shm_info['path']} has only {shm_info['free_bytes'] / MiB:.0f} MiB free: too small "
-            f"for arenas of large prefills (docker: --shm-size)")
+        say("shm", "problem", f"only {shm_info['free_bytes'] / MiB:.0f} MiB of memory available: too small for "
+            f"the arenas (sealed memfds) of large prefills")
     else:
-        say("shm", "ok", f"{shm_info.get('path')}: {shm_info.get('free_bytes', 0) / MiB:.0f} MiB free")
-    if shm_info.get("leftover_arenas"):
-        say("shm leftovers", "warn", f"{len(shm_info['leftover_arenas'])} arena file(s) of dead runners in "
-            f"{shm_info['path']}/tsqp-{os.getuid()} (the next runner removes them)")
+        say("shm", "ok", f"arenas are sealed memfds; {shm_info.get('free_bytes', 0) / MiB:.0f} MiB of memory available")
+    if shm_info.get("leftover_pipes"):
+        say("shm leftovers", "warn", f"{len(shm_info['leftover_pipes'])} control pipe(s) of dead runners in "
+            f"{shm_info['pipes_dir']} (the next runner removes them)")
     s, i = by.get(("shm", RATIO_SIZE)), by.get(("ipc", RATIO_SIZE))
     if s and i:
         r = s.bandwidth_GBps / i.bandwidth_GBps
@@ -398,7 +409,7 @@ def diagnose(args) -> dict:
             except (shm.ArenaError, RemoteError) as e:
                 shm_error = str(e)
         elif not shm_error:
-            shm_error = f"{shm_info['path']} has {shm_info['free_bytes'] / MiB:.0f} MiB free, too little for any arena"
+            shm_error = f"{shm_info['free_bytes'] / MiB:.0f} MiB of memory available, too little for any arena"
     finally:
         stop_servers(procs)
         shutil.rmtree(tmp, ignore_errors=True)
