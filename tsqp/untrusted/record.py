@@ -31,8 +31,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .. import files
+
 FORMAT = 1
-DIR_MODE, FILE_MODE = 0o700, 0o600
+FILE_MODE = 0o600
 
 # torch dtype -> (name in the index, numpy dtype the bytes are stored as)
 STORED = {
@@ -44,16 +46,6 @@ STORED = {
 }
 # a stored dtype whose bytes numpy reads as another dtype: view them back as this torch dtype
 VIEW_AS = {"bfloat16": torch.bfloat16}
-
-
-def make_private_dir(path: Path) -> Path:
-    """Create `path` (and parents) owner-only; an existing folder must be ours, and is made owner-only."""
-    path.mkdir(mode=DIR_MODE, parents=True, exist_ok=True)
-    st = path.stat()
-    if st.st_uid != os.getuid():
-        raise PermissionError(f"{path}: owned by uid {st.st_uid}, not by this user; refusing to record there")
-    os.chmod(path, DIR_MODE)       # mkdir's mode is filtered by the umask, and an existing folder keeps its own
-    return path
 
 
 def open_private(path: Path, mode: str = "wb"):
@@ -80,7 +72,7 @@ class SessionRecord:
     """One runner session's calls. Thread-compatible, not thread-safe (the server serves in one thread)."""
 
     def __init__(self, path: Path, label: str):
-        self.path, self.label, self.seq = make_private_dir(path), label, 0
+        self.path, self.label, self.seq = files.private_dir(path, repair=True), label, 0
         with open_private(path / "session.json", "w") as f:
             json.dump({"format": FORMAT, "label": label, "started": time.time()}, f)
         self.index = open_private(path / "index.jsonl", "a")
@@ -113,7 +105,7 @@ class Recorder:
     """The recording folder: one SessionRecord per runner session."""
 
     def __init__(self, path: str | Path):
-        self.path = make_private_dir(Path(path))
+        self.path = files.private_dir(Path(path), repair=True)
         taken = [int(m.group(1)) for p in self.path.iterdir() if (m := re.match(r"(\d{4,})-", p.name))]
         self.next = max(taken, default=-1) + 1        # a second server run on the same folder appends
         self.sessions: list[SessionRecord] = []

@@ -29,6 +29,7 @@ from pathlib import Path
 
 import torch
 
+from .. import files
 from .protocol import WIRE_DTYPES, ProtocolError, TensorMeta
 
 SHM_ROOT = Path(os.environ.get("TSQP_SHM_ROOT", "/dev/shm"))
@@ -45,24 +46,7 @@ class ArenaError(RuntimeError):
 
 def arena_dir() -> Path:
     """/dev/shm/tsqp-<uid>, this user's alone (made under umask 077; a loose mode is fixed through an fd)."""
-    d = SHM_ROOT / f"tsqp-{os.getuid()}"
-    old = os.umask(0o077)
-    try:
-        d.mkdir(mode=0o700, exist_ok=True)
-    finally:
-        os.umask(old)
-    fd = os.open(d, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
-    try:
-        st = os.fstat(fd)
-        if st.st_uid != os.getuid():
-            raise ArenaError(f"{d} is not a directory owned by uid {os.getuid()} (it belongs to uid {st.st_uid})")
-        if stat.S_IMODE(st.st_mode) != 0o700:
-            os.fchmod(fd, 0o700)
-    except OSError as e:
-        raise ArenaError(f"{d}: {e.strerror}") from None
-    finally:
-        os.close(fd)
-    return d
+    return files.private_dir(SHM_ROOT / f"tsqp-{os.getuid()}", ArenaError, repair=True, parents=False)
 
 
 def pid_alive(pid: int) -> bool:

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import zmq
 
+from .. import files
 
 MAX_MSG_BYTES = 4 * 2**30   # ZMQ_MAXMSGSIZE on the server: larger messages are dropped by libzmq
 HEARTBEAT_IVL_MS, HEARTBEAT_TIMEOUT_MS = 2000, 10000   # tcp only: notice peers that vanished without a FIN
@@ -117,15 +118,6 @@ def check_private_dir(d: Path, what: str) -> None:
     why = unsafe_ancestor(d)
     if why is not None:
         raise TransportError(f"{what}: {why}, so others could replace {d}; use a directory of your own")
-
-
-def make_private_dirs(d: Path) -> None:
-    """Create `d` and missing parents with mode 0700 (the umask, never a chmod by path)."""
-    old = os.umask(0o077)
-    try:
-        d.mkdir(mode=0o700, parents=True, exist_ok=True)
-    finally:
-        os.umask(old)
 
 
 def check_ipc_owner(endpoint: str) -> None:
@@ -254,7 +246,7 @@ class EndpointLock:
 
 def claim_ipc_path(path: Path) -> EndpointLock:
     """Make the socket's directory (0700) or check it is ours alone, take the lock, clear a stale socket."""
-    make_private_dirs(path.parent)
+    files.create_private(path.parent)
     check_private_dir(path.parent, f"refusing to bind ipc://{path}")
     lock = EndpointLock(path)
     try:
