@@ -321,15 +321,27 @@ def huge_model(head, frames):
     return welcome(head, [torch.ones(D).numpy().tobytes()] * len(frames))
 
 
+def arena_memfds() -> set[str]:
+    """This process's open arenas: memfds named tsqp-<pid>-<hex> (shm.Arena)."""
+    fds = set()
+    for fd in Path("/proc/self/fd").iterdir():
+        try:
+            target = os.readlink(fd)
+        except OSError:
+            continue
+        if target.startswith("/memfd:tsqp-"):
+            fds.add(target)
+    return fds
+
+
 def test_a_model_beyond_the_runners_budget_is_refused_before_any_allocation(liar):
     liar.on_hello = huge_model
-    shm = Path(f"/dev/shm/tsqp-{os.getuid()}")
-    before = set(shm.iterdir()) if shm.is_dir() else set()
-    text = refused(liar, r"the arena would take 896 MiB \(the served model random:tiny: 2 layers, hidden 65536, "
+    before = arena_memfds()
+    refused(liar, r"the arena would take 896 MiB \(the served model random:tiny: 2 layers, hidden 65536, "
                          r"vocab 1048576; 128 tokens\), above this runner's limit of 256 MiB \(--max-arena-mb\)",
                    transport="shm", budget=Budget(tokens=128, max_bytes=256 * 2**20),
                    arena_bytes=lambda cfg: 2 * 128 * (3 * cfg.intermediate_size + 2 * cfg.hidden_size) * 4)
-    assert (set(shm.iterdir()) if shm.is_dir() else set()) == before      # no arena was created
+    assert arena_memfds() == before == set()                               # no arena was created
     refused(liar, r"the KV cache would take 4096 MiB", budget=Budget(tokens=4096, max_bytes=256 * 2**20))
     refused(liar, r"the largest result would take 512 MiB",
             budget=Budget(tokens=128, max_bytes=256 * 2**20))
