@@ -36,7 +36,7 @@ from tsqp.untrusted.handlers import Handlers
 from tsqp.wire import protocol as P
 from tsqp.wire.client import RemoteOffload
 from tsqp.wire.keys import SecurityError, check_bound
-from tsqp.wire.pipes import Channel, make_pipes, open_pipe
+from tsqp.wire.pipes import LENGTH, Channel, make_pipes, open_pipe
 from tsqp.wire.shm import MEMFD_PREFIX, Arena, arena_dir
 from tsqp.wire.transport import Client, TransportError
 
@@ -345,6 +345,49 @@ def test_a_runner_that_never_reads_its_replies_loses_its_session_not_the_server_
             raw.close()
     assert proc.poll() is None
     served_well(summary)
+
+
+def test_a_flooded_pipe_is_served_in_turn_with_the_others(server, tiny):
+    """Runner A writes 500 gate_up calls into its control pipe at once; runner B then sends one. The server
+    serves one call per pipe per turn, so B's reply comes after a few of A's, not after all 500 (it used to
+    read A's whole pipe and serve it in one go)."""
+    endpoint, _ = server
+    cfg, _ = tiny
+    T, D, I = 64, cfg.hidden_size, cfg.intermediate_size
+    call = P.encode_call("gate_up", 0, 1, [P.TensorMeta("float32", (T, D), 0)],
+                         P.TensorMeta("float32", (T, 2 * I), 1 << 16))
+    runners = []
+    try:
+        for _ in range(2):
+            raw, arena = Raw(endpoint), Arena.create(1 << 20)
+            req, rep = make_pipes(arena.path)
+            pipes = Channel(open_pipe(rep), open_pipe(req))
+            runners.append((raw, arena, pipes))
+            assert attach(raw, arena, pipes=True)["type"] == "attached"
+        (_, _, a), (_, _, b) = runners
+        flood = b"".join(LENGTH.pack(len(call)) + P.with_id(call, i + 1) for i in range(500))
+        assert os.write(a.out_fd, flood) == len(flood)             # 46 KB: one write, in the pipe at once
+        t0 = time.monotonic()
+        b.send(P.with_id(call, 1), 2.0)
+        got = []
+        while not got and time.monotonic() - t0 < 10:
+            b.wait(1.0)
+            got = b.receive()
+        assert got and P.unpack(got[0]).id == 1, got
+        a_replies = []
+        while a.wait(0.0):
+            a_replies += a.receive()
+        assert len(a_replies) < 100, f"{len(a_replies)} of A's 500 calls were served before B's one"
+        deadline = time.monotonic() + 30
+        while len(a_replies) < 500 and time.monotonic() < deadline:      # and A's calls all get served
+            a.wait(1.0)
+            a_replies += a.receive()
+        assert sorted(P.unpack(r).id for r in a_replies) == list(range(1, 501))
+    finally:
+        for raw, arena, pipes in runners:
+            pipes.close()
+            raw.close()
+            arena.close()
 
 
 def test_a_full_reply_pipe_costs_its_own_session_and_stalls_no_one(server, tiny):

@@ -93,13 +93,14 @@ class Server:
             self.poller.unregister(fd)
 
     def serve_pipe(self, peer: bytes) -> None:
-        """Serve the calls that arrived on a session's control pipe, in order; replies go back the same way,
-        without waiting: a runner whose reply pipe is full does not read its replies and loses its session."""
+        """Serve the next call that arrived on a session's control pipe (one per turn, so that a runner that
+        floods its pipe waits its turn like the others); the reply goes back the same way, without waiting:
+        a runner whose reply pipe is full does not read its replies and loses its session."""
         session = self.sessions_.get(peer)
         if session is None or session.pipes is None:
             return
         try:
-            messages = session.pipes.receive()
+            messages = session.pipes.receive(limit=1)
         except PipeError as e:        # framing lost: say why on the reply pipe, then end the session
             with contextlib.suppress(TimeoutError, OSError):
                 session.pipes.send(P.error(f"control pipe: {e}; session dropped"), 0.0)
@@ -184,11 +185,12 @@ class Server:
                 self.sessions_.reap()
                 self._tidy_outboxes()
                 next_reap = now + REAP_EVERY_S
-            ready = dict(self.poller.poll(0 if now < spin_until else POLL_MS))
+            backlog = self.sessions_.pipes_with_backlog()     # calls read ahead, not yet served
+            ready = dict(self.poller.poll(0 if backlog or now < spin_until else POLL_MS))
             for fd in connections.drain():
                 self.sessions_.connection_closed(fd)
             pipe_peers = self.sessions_.pipe_peers
-            for fd in [fd for fd in ready if fd in pipe_peers]:
+            for fd in [fd for fd in pipe_peers if fd in ready or fd in backlog]:    # one call each, in turn
                 if fd in pipe_peers:         # not dropped while serving another pipe
                     self.serve_pipe(pipe_peers[fd])
                     spin_until = time.monotonic() + self.spin_s

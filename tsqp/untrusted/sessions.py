@@ -104,6 +104,11 @@ class Sessions:
         session = self.by_peer[peer] = Session(time.monotonic(), who)
         return session
 
+    def pipes_with_backlog(self) -> set[int]:
+        """The control pipe fds whose sessions have a whole call read ahead and not yet served."""
+        return {fd for fd, peer in self.pipe_peers.items()
+                if (s := self.by_peer.get(peer)) is not None and s.pipes is not None and s.pipes.buffered}
+
     def attach(self, peer: bytes, spec, want_pipes: bool, pin_cuda: bool) -> Arena:
         """Map the session's shared-memory arena (replacing an earlier one), and its pipes if asked for."""
         session = self.need(peer)

@@ -85,8 +85,9 @@ class Channel:
                 if left <= 0 or not self.poll_out.poll(left * 1000):
                     raise TimeoutError(f"the control pipe stayed full for {timeout_s:g} s") from None
 
-    def receive(self) -> list[bytes]:
-        """The messages that arrived whole so far (never blocks; reads at most read_limit bytes per call)."""
+    def receive(self, limit: int | None = None) -> list[bytes]:
+        """The messages that arrived whole so far, at most `limit` of them (the rest wait in the buffer: see
+        `buffered`). Never blocks; holds at most read_limit bytes read ahead."""
         while len(self.buf) < self.read_limit:
             try:
                 chunk = os.read(self.in_fd, READ_BYTES)
@@ -100,7 +101,7 @@ class Channel:
             if len(chunk) < READ_BYTES:      # a short read emptied the pipe: no second read (and exception)
                 break
         out = []
-        while len(self.buf) >= LENGTH.size:
+        while len(self.buf) >= LENGTH.size and (limit is None or len(out) < limit):
             (n,) = LENGTH.unpack_from(self.buf)
             if n > self.max_message:
                 raise PipeError(f"control message length {n} exceeds {self.max_message}: the stream is corrupt")
@@ -109,6 +110,13 @@ class Channel:
             out.append(bytes(self.buf[LENGTH.size:LENGTH.size + n]))
             del self.buf[:LENGTH.size + n]
         return out
+
+    @property
+    def buffered(self) -> bool:
+        """Whether a whole message already waits in the buffer (a poll of the pipe would not say so)."""
+        if len(self.buf) < LENGTH.size:
+            return False
+        return len(self.buf) >= LENGTH.size + LENGTH.unpack_from(self.buf)[0]
 
     def wait(self, timeout_s: float) -> bool:
         """Block until something arrives (True) or timeout_s passes (False)."""
