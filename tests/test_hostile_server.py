@@ -559,6 +559,23 @@ def test_the_cli_fails_on_nan_logits_instead_of_reporting_token_0(liar):
     assert "non-finite" in err and "next token" not in err, err
 
 
+def test_the_cli_over_frames_without_a_model_takes_no_gigabyte_frame(liar):
+    """The issue's case, as a user runs it: `tsqp run --transport frames` without --model, and a welcome with
+    an extra 1 GiB frame. The runner's first connection takes a control message's size at most: the frame
+    is dropped unread and the run ends with one line, its memory that of a runner that never saw it."""
+    big = bytes(2**30)
+    liar.on_hello = lambda head, frames: welcome(head, [*frames, big])
+    try:
+        rc, err, peak_kib = run_measured(["--endpoint", liar.endpoint, "--transport", "frames", "--tokens", "8",
+                                          "--no-warmup", "--connect-timeout", "20"])
+    finally:
+        liar.reset()
+        del big
+    assert rc == 2 and err.count("\n") == 1 and "Traceback" not in err, err
+    assert "receive cap" in err, err
+    assert peak_kib < 700 * 1024, f"peak RSS {peak_kib / 1024:.0f} MiB"
+
+
 # ---- deadlines: one per call, from its submit --------------------------------------------------------------
 
 def test_junk_every_half_second_fails_within_the_timeout(liar):
