@@ -176,7 +176,8 @@ def test_plain_split_prompt_tokens_by_the_direct_attack(plain_report, prompts):
     a = attack(plain_report, "direct")["prompt_exact"]
     assert a["tried"] == sum(map(len, prompts)) >= 500
     assert a["rate"] >= 0.99 and a["ci95"][0] > 0.98
-    assert a["chance"] == pytest.approx(1 / 49152)
+    assert a["chance_uniform"] == pytest.approx(1 / 49152)
+    assert a["at_chance"] is False and a["chance"] < 0.2      # unrelated prompts share a few openings
 
 
 def test_plain_split_prompt_tokens_by_the_layer0_match(plain_report, prompts):
@@ -232,7 +233,7 @@ def test_token_mixing_mask_keeps_the_row_span(mixed, plain, public, prompts):
     span = attack(report, "layer0_span")["prompt_set"]
     assert span["tried"] >= 500
     assert span["rate"] >= 0.95, span
-    assert span["chance"] < 0.01
+    assert span["chance_uniform"] < 0.01 and span["at_chance"] is False
     # a decode step is one row: M is a scalar there, and a scaled row still names its token
     decode = attack(report, "layer0_cosine")["generated_exact"]
     assert decode["tried"] == len(prompts) and decode["rate"] >= 0.99
