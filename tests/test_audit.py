@@ -208,7 +208,8 @@ def test_the_layer0_match_reads_rows_not_ids(plain, public, prompts):
     for session, run in zip(recording.load(folder)[:5], runs):
         session.calls = [c for c in session.calls if c.op != "embed"]
         [seq] = sequences(session)
-        assert A.direct(seq).prompt is None
+        assert A.direct(seq).prompt == [None] * len(run["prompt_ids"])      # no ids: every position a miss
+        assert A.direct(seq).info["ids_seen"] == 0
         guess = layer0.cosine(seq)
         assert guess.prompt == run["prompt_ids"]
         assert guess.decode == run["generated_ids"][:NEW_TOKENS - 1]
@@ -472,7 +473,8 @@ def test_protected_masked_limbs_are_uniform_and_independent(protected_report, pr
     first, again = sequences(sessions[0])[0], sequences(sessions[PROTECTED_PROMPTS])[0]
     x, y = first.prefill.rows("qkv", 0).double(), again.prefill.rows("qkv", 0).double()
     assert x.shape == y.shape and not torch.equal(x, y)
-    assert abs(float(torch.corrcoef(torch.stack((x.reshape(-1), y.reshape(-1))))[0, 1])) < 0.02
+    r = float(torch.corrcoef(torch.stack((x.reshape(-1), y.reshape(-1))))[0, 1])
+    assert abs(r) * x.numel() ** 0.5 < 4.5           # r ~ N(0, 1/n) for unrelated values: |z| < 4.5, p < 1e-5
 
 
 def test_attacks_read_the_limbs_when_the_pad_is_broken(_smollm2_hf_dir, prompts, public, tmp_path):
