@@ -2,6 +2,12 @@
 Hugging Face folder, recorded generations with their ground truth, and the token-mixing mask of TSQP's
 later prototype (a comparison, never a user option).
 
+Protected runs take the real path: a `tsqp serve --protect otp --record DIR` process, and runner sessions
+opened in this process exactly as `tsqp run --protect otp --verify` opens them (commands/engine.py's
+Offloads, which loads the runner's checkpoint once for all sessions). The server names a session by its
+connection; sessions open one after another, so the recording's session folders are in the runs' order,
+which is how the ground truth is matched to them (`write_truth`, checked against each prefill's length).
+
 The token-mixing mask: for each linear call the runner sends M X with M = D + a b^T (D diagonal, a and b
 random vectors, fresh per call) and unmasks M^{-1} (M X W) with Sherman-Morrison. It keeps the row span of
 X, which is what the audit's row-span attack uses. Its randomness comes from ChaCha20 keyed from os.urandom.
@@ -17,7 +23,13 @@ import numpy as np
 import torch
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms
 
+from tsqp import cli
 from tsqp import weights as W
+from tsqp.audit import recording
+from tsqp.audit.views import sequences
+from tsqp.commands import launch
+from tsqp.commands.engine import Offloads, build_model
+from tsqp.stats import Stats
 from tsqp.untrusted.compute import Compute
 from tsqp.trusted.generate import generate
 from tsqp.trusted.model import TrustedModel
@@ -152,4 +164,72 @@ def run_prompts(model_dir: Path, prompts: list[list[int]], new_tokens: int, dtyp
             for n, run in enumerate(runs):
                 f.write(json.dumps({"session": f"prompt-{n}", "prompt_ids": run["prompt_ids"],
                                     "generated_ids": run["generated_ids"]}) + "\n")
+    return runs
+
+
+# ---- the real path: a `tsqp serve` process and `tsqp run`'s sessions ------------------------------------
+def runner_args(model, endpoint: str, protect: bool = True, verify: bool = True, pad_pool: int = 0):
+    """The flags `tsqp run --model M --endpoint E [--protect otp --verify]` parse to, resolved as the CLI
+    resolves them. pad_pool 0: pads made on demand, only as many as a run uses (the pool's background
+    filling would make 64 tokens' worth per session on the 2 shared cores)."""
+    argv = ["run", "--model", str(model), "--endpoint", endpoint, "--pad-pool", str(pad_pool)]
+    if protect:
+        argv += ["--protect", "otp"] + (["--verify"] if verify else [])
+    args = cli.parser().parse_args(argv)
+    cli.resolve(args)
+    return args
+
+
+def run_sessions(args, prompts: list[list[int]], new_tokens: int, repeats: int = 1) -> list[dict]:
+    """Every prompt in turn, the whole list `repeats` times (so the first N runs are N different prompts), each
+    run in a fresh runner session on args.endpoint, greedy for new_tokens tokens. Returns per run {"prompt_ids", "generated_ids", "logits" (each step's [V] float32),
+    "protection" (the offload's report, protected runs only)}."""
+    offloads = Offloads(args)
+    runs = []
+    for _ in range(repeats):
+        for ids in prompts:
+            stats = Stats()
+            offload, cfg, norms = offloads.open(stats, len(ids) + new_tokens)
+            try:
+                model = build_model(args, cfg, norms, offload, stats)
+                logits = []
+                gen = generate(model, torch.tensor(ids), new_tokens, ignore_eos=True,
+                               on_token=lambda token, lg: logits.append(lg.detach().float().clone()))
+                runs.append({"prompt_ids": list(ids), "generated_ids": gen.ids, "logits": logits,
+                             "protection": offload.report() if hasattr(offload, "report") else None})
+            finally:
+                offload.close()
+    return runs
+
+
+def write_truth(record_dir: Path, runs: list[dict]) -> Path:
+    """The runner's ground truth beside a server's recording (truth.jsonl, owner-only): session folders in
+    the runs' order, each checked to hold its run's prefill length and decode steps."""
+    sessions = recording.load(record_dir)
+    if len(sessions) != len(runs):
+        raise ValueError(f"{record_dir}: {len(sessions)} recorded sessions for {len(runs)} runs")
+    path = Path(record_dir) / "truth.jsonl"
+    with open_private(path, "w") as f:
+        for session, run in zip(sessions, runs):
+            [seq] = sequences(session)
+            if seq.prompt_len != len(run["prompt_ids"]) or len(seq.decode) != len(run["generated_ids"]) - 1:
+                raise ValueError(f"{session.path}: {seq.prompt_len} prompt rows and {len(seq.decode)} decode "
+                                 f"steps, the run had {len(run['prompt_ids'])} and {len(run['generated_ids']) - 1}")
+            f.write(json.dumps({"session": session.label, "prompt_ids": run["prompt_ids"],
+                                "generated_ids": run["generated_ids"]}) + "\n")
+    return path
+
+
+def record_protected(model, record_dir: Path, prompts: list[list[int]], new_tokens: int, repeats: int = 2,
+                     verify: bool = True) -> list[dict]:
+    """Start `tsqp serve --protect otp --record record_dir`, run every prompt `repeats` times through it as
+    `tsqp run --protect otp [--verify]` does, stop it, and write the ground truth. Returns the runs."""
+    proc = launch.start_server(launch.private_ipc_endpoint(), str(model),
+                               extra=("--protect", "otp", "--record", str(record_dir), "--threads", "1"))
+    try:
+        launch.wait_ready([proc], 300)
+        runs = run_sessions(runner_args(model, proc.endpoint, verify=verify), prompts, new_tokens, repeats)
+    finally:
+        launch.stop_servers([proc])
+    write_truth(record_dir, runs)
     return runs

@@ -5,6 +5,9 @@ What must show: the plain split gives away >= 99% of prompt tokens to the direct
 the layer-0 match, and >= 99% of the tokens fed to decode steps to the decode-step match; the token-mixing
 mask of TSQP's later prototype still gives away >= 95% (set recall, row span at layer 0); recording changes
 no logit; the recording format is owner-only and pickle-free; masked-input statistics flag a bad mask.
+Protected runs (`--protect otp --verify` through a real `tsqp serve --protect otp --record`, a subset of the
+prompts, each twice): every attack at chance, the masked limbs uniform and independent between runs of the
+same prompt; the same attacks, on limbs whose pad is broken (zero), recover the text.
 """
 from __future__ import annotations
 
@@ -21,14 +24,16 @@ import numpy as np
 import pytest
 import torch
 
-from audit_harness import Csprng, load_model, make_smollm2_hf_dir, read_prompts, run_prompts
+from audit_harness import (Csprng, load_model, make_smollm2_hf_dir, read_prompts, record_protected, run_prompts,
+                           run_sessions, runner_args)
+from conftest import serving_all
 from tsqp import weights as W
 from tsqp.audit import attacks as A
 from tsqp.audit import masked as MK
 from tsqp.audit import recording
 from tsqp.audit.replay import Context, PublicModel, rms_normalize
 from tsqp.audit.report import AuditSettings, load_truth, run_audit
-from tsqp.audit.scoring import chi2_sf, wilson
+from tsqp.audit.scoring import chi2_sf, fisher_greater, wilson
 from tsqp.audit.views import sequences
 from tsqp.untrusted.record import Recorder
 
@@ -176,7 +181,8 @@ def test_plain_split_prompt_tokens_by_the_direct_attack(plain_report, prompts):
     a = attack(plain_report, "direct")["prompt_exact"]
     assert a["tried"] == sum(map(len, prompts)) >= 500
     assert a["rate"] >= 0.99 and a["ci95"][0] > 0.98
-    assert a["chance"] == pytest.approx(1 / 49152)
+    assert a["chance_uniform"] == pytest.approx(1 / 49152)
+    assert a["at_chance"] is False and a["chance"] < 0.2      # unrelated prompts share a few openings
 
 
 def test_plain_split_prompt_tokens_by_the_layer0_match(plain_report, prompts):
@@ -202,7 +208,8 @@ def test_the_layer0_match_reads_rows_not_ids(plain, public, prompts):
     for session, run in zip(recording.load(folder)[:5], runs):
         session.calls = [c for c in session.calls if c.op != "embed"]
         [seq] = sequences(session)
-        assert A.direct(seq).prompt is None
+        assert A.direct(seq).prompt == [None] * len(run["prompt_ids"])      # no ids: every position a miss
+        assert A.direct(seq).info["ids_seen"] == 0
         guess = layer0.cosine(seq)
         assert guess.prompt == run["prompt_ids"]
         assert guess.decode == run["generated_ids"][:NEW_TOKENS - 1]
@@ -232,7 +239,7 @@ def test_token_mixing_mask_keeps_the_row_span(mixed, plain, public, prompts):
     span = attack(report, "layer0_span")["prompt_set"]
     assert span["tried"] >= 500
     assert span["rate"] >= 0.95, span
-    assert span["chance"] < 0.01
+    assert span["chance_uniform"] < 0.01 and span["at_chance"] is False
     # a decode step is one row: M is a scalar there, and a scaled row still names its token
     decode = attack(report, "layer0_cosine")["generated_exact"]
     assert decode["tried"] == len(prompts) and decode["rate"] >= 0.99
@@ -378,3 +385,163 @@ def test_tsqp_audit_command(plain, _smollm2_hf_dir, tmp_path):
     assert names == ["direct", "layer0_cosine", "layer0_span", "returned_logits", "vocab_L0", "vocab_L15"]
     assert attack(report, "direct")["prompt_exact"]["rate"] == 1.0
     assert report["markdown"].startswith("| attack |")
+
+
+# ---- protected runs (--protect otp --verify) ------------------------------------------------------------
+PROTECTED_PROMPTS = 4        # the first 4 prompts (7 to 20 tokens), each run twice in fresh sessions
+PROTECTED_TOKENS = 3         # a prefill and 2 decode steps
+
+
+@pytest.fixture(scope="module")
+def protected(_smollm2_hf_dir, prompts, rec_root):
+    """(recording folder, runs): a real `tsqp serve --protect otp --record` and `tsqp run --protect otp
+    --verify`'s sessions; runs 0-3 are the prompts once, runs 4-7 the same prompts again."""
+    folder = rec_root / "protected"
+    runs = record_protected(_smollm2_hf_dir, folder, prompts[:PROTECTED_PROMPTS], PROTECTED_TOKENS, repeats=2)
+    return folder, runs
+
+
+@pytest.fixture(scope="module")
+def protected_report(protected, public, _smollm2_hf_dir):
+    """Small shortlists keep vocabulary matching to 2 cores: on masked rows no candidate ever matches, so every
+    stage is paid in full."""
+    from tsqp.commands.audit import document_start
+    folder, _ = protected
+    cfg, weights = public
+    vocab = A.VocabSettings(stages=(8,), first_stages=(64,), start_token=document_start(str(_smollm2_hf_dir), cfg))
+    return run_audit(recording.load(folder), cfg, weights, load_truth(folder / "truth.jsonl"),
+                     AuditSettings(vocab=vocab, vocab_sequences=2))
+
+
+def test_protected_recording_holds_only_masked_limbs(protected, public):
+    """What crossed: no token ids, no float activation; every linear input uint8 limbs [5, T, in], every
+    result int64 ring values; every run checked by Freivalds' test; masking is exact (a prompt's two runs
+    give the same logits bit for bit)."""
+    folder, runs = protected
+    cfg, _ = public
+    sessions = recording.load(folder)
+    assert len(sessions) == 2 * PROTECTED_PROMPTS
+    for session, run in zip(sessions, runs):
+        assert {c.op for c in session.calls} == {"qkv", "o", "gate_up", "down", "lm_head"}
+        assert len(session.calls) == PROTECTED_TOKENS * (1 + 4 * cfg.num_layers)
+        for c in session.calls:
+            [ref] = c.input_refs
+            assert ref.dtype == "uint8" and ref.shape[0] == 5 and c.output_ref.dtype == "int64", (c.op, ref)
+        assert run["protection"]["verify"] and run["protection"]["checked_rows"] > 0
+    for a, b in zip(runs[:PROTECTED_PROMPTS], runs[PROTECTED_PROMPTS:]):
+        assert a["prompt_ids"] == b["prompt_ids"] and a["generated_ids"] == b["generated_ids"]
+        assert all(torch.equal(x, y) for x, y in zip(a["logits"], b["logits"]))
+
+
+def test_every_attack_is_at_chance_on_protected_recordings(protected_report, prompts):
+    report = protected_report
+    names = [a["attack"] for a in report["attacks"]]
+    assert names == ["direct", "layer0_cosine", "layer0_span", "returned_logits", "vocab_L0", "vocab_L15", "vocab_L29"]
+    n_prompt = 2 * sum(map(len, prompts[:PROTECTED_PROMPTS]))
+    assert report["counts"]["prompt_tokens"] == n_prompt
+    # the attacks ran on the limbs (reassembled and lifted), not skipped: every position was tried
+    assert attack(report, "layer0_cosine")["prompt_exact"]["tried"] == n_prompt
+    assert attack(report, "direct")["prompt_exact"]["tried"] == n_prompt
+    assert all(g["direct"]["info"]["ids_seen"] == 0 for g in report["guesses"])
+    assert attack(report, "returned_logits")["generated_exact"]["tried"] == 2 * PROTECTED_PROMPTS * (PROTECTED_TOKENS - 1)
+    judged = 0
+    for a in report["attacks"]:
+        for m in ("prompt_exact", "prompt_set", "generated_exact", "generated_set"):
+            r = a[m]
+            if not r["tried"]:
+                continue
+            assert r["chance_method"] == "unrelated pairings", (a["attack"], m)
+            assert r["at_chance"] is True, (a["attack"], m, r)
+            judged += 1
+    assert judged >= 20
+    # the exact-position attacks find (close to) nothing: at most a stray hit, as on unrelated text
+    assert attack(report, "layer0_cosine")["prompt_exact"]["hits"] <= 2
+
+
+def test_protected_masked_limbs_are_uniform_and_independent(protected_report, protected):
+    m = protected_report["masked"]
+    pooled = [u for u in m["uniformity"] if u["session"] == "all"]
+    assert sorted((u["dtype"], u["lane"]) for u in pooled) == [("uint8 limbs", j) for j in range(5)]
+    assert all(u["values"] > 10**6 for u in pooled)
+    assert m["uniformity"] and all(u["pass"] for u in m["uniformity"]), [u for u in m["uniformity"] if not u["pass"]]
+    assert len(m["independence"]) == PROTECTED_PROMPTS and all(r["pass"] for r in m["independence"])
+    for r in m["independence"]:
+        assert abs(r["equal_fraction"] - 1 / 256) < 1e-3 and abs(r["correlation"]) < 0.01
+    # the same prompt twice: different bytes, and unrelated ring values once reassembled
+    folder, _ = protected
+    sessions = recording.load(folder)
+    first, again = sequences(sessions[0])[0], sequences(sessions[PROTECTED_PROMPTS])[0]
+    x, y = first.prefill.rows("qkv", 0).double(), again.prefill.rows("qkv", 0).double()
+    assert x.shape == y.shape and not torch.equal(x, y)
+    r = float(torch.corrcoef(torch.stack((x.reshape(-1), y.reshape(-1))))[0, 1])
+    assert abs(r) * x.numel() ** 0.5 < 4.5           # r ~ N(0, 1/n) for unrelated values: |z| < 4.5, p < 1e-5
+
+
+def test_attacks_read_the_limbs_when_the_pad_is_broken(_smollm2_hf_dir, prompts, public, tmp_path):
+    """The same attacks on the same kind of recording (limbs in, ring values out), pads replaced by zeros:
+    they recover the prompt and the generated tokens and the uniformity test fails, so 'at chance' above is
+    the pads' doing, not attacks blind to limbs."""
+    from tsqp.local import LocalOffload
+    from tsqp.trusted.model import TrustedModel
+    from tsqp.trusted.protect.masked import ProtectedOffload
+    from tsqp.trusted.protect.pads import PadSource
+    from tsqp.untrusted.intmm import IntCompute
+    from tsqp.untrusted.record import RecordingCompute, open_private
+    from tsqp.trusted.generate import generate
+
+    class ZeroPads(PadSource):
+        def fresh(self, nbytes: int):
+            n, _ = super().fresh(nbytes)
+            return n, torch.zeros(nbytes, dtype=torch.uint8)
+
+    cfg, weights = W.load(str(_smollm2_hf_dir), torch.float32)
+    compute, recorder = IntCompute(cfg, weights), Recorder(tmp_path / "broken")
+    with open_private(tmp_path / "broken" / "truth.jsonl", "w") as truth:
+        for n, ids in enumerate(prompts[:2]):
+            inner = LocalOffload(RecordingCompute(compute, recorder.session(f"prompt-{n}")))
+            offload = ProtectedOffload(inner, cfg, weights, pool_tokens=0, lm_head_rows=0, background=False)
+            offload.pool.source = ZeroPads()
+            gen = generate(TrustedModel(cfg, {k: v for k, v in weights.items() if k.endswith("norm.weight")}, offload),
+                           torch.tensor(ids), PROTECTED_TOKENS, ignore_eos=True)
+            truth.write(json.dumps({"session": f"prompt-{n}", "prompt_ids": ids, "generated_ids": gen.ids}) + "\n")
+    recorder.close()
+    pcfg, pweights = public
+    report = run_audit(recording.load(tmp_path / "broken"), pcfg, pweights,
+                       load_truth(tmp_path / "broken" / "truth.jsonl"), AuditSettings(layers=[0], vocab_sequences=0))
+    cosine = attack(report, "layer0_cosine")
+    assert cosine["prompt_exact"]["rate"] >= 0.99 and cosine["generated_exact"]["rate"] == 1.0
+    assert cosine["prompt_exact"]["at_chance"] is False
+    assert attack(report, "layer0_span")["prompt_set"]["rate"] >= 0.95
+    assert attack(report, "returned_logits")["generated_exact"]["rate"] == 1.0
+    assert attack(report, "direct")["prompt_exact"]["hits"] == 0          # the runner still embeds
+    assert not all(u["pass"] for u in report["masked"]["uniformity"])
+
+
+def test_fisher_test_against_scipy():
+    stats = pytest.importorskip("scipy.stats")
+    for a, n, b, m in ((1, 950, 0, 30000), (3, 950, 0, 30000), (10, 100, 100, 1000), (40, 100, 100, 1000),
+                       (0, 10, 5, 50)):
+        want = stats.fisher_exact([[a, n - a], [b, m - b]], alternative="greater").pvalue
+        assert fisher_greater(a, n, b, m) == pytest.approx(want, rel=1e-9, abs=1e-300)
+
+
+# ---- recording through a real server changes no result --------------------------------------------------
+def test_recording_through_a_real_server_changes_no_logit(_smollm2_hf_dir, prompts, protected, tmp_path):
+    """`tsqp serve --record` (a real process) against the same server unrecorded, the runner's sessions as
+    `tsqp run` opens them: the same tokens and the same logits bit for bit, for the plain split and for
+    --protect otp --verify (whose recorded runs are the `protected` fixture's)."""
+    model = str(_smollm2_hf_dir)
+    few = prompts[:2]
+    specs = [{"model": model, "extra": ("--record", str(tmp_path / "plain"), "--threads", "1")},
+             {"model": model, "extra": ("--threads", "1")},
+             {"model": model, "extra": ("--protect", "otp", "--threads", "1")}]
+    with serving_all(specs, timeout_s=180) as [(recorded, _), (unrecorded, _), (protected_plain, _)]:
+        plain = [run_sessions(runner_args(model, e, protect=False), few, PROTECTED_TOKENS) for e in (recorded, unrecorded)]
+        again = run_sessions(runner_args(model, protected_plain), few, PROTECTED_TOKENS)
+    sessions = recording.load(tmp_path / "plain")
+    assert len(sessions) == len(few) and all(len(s.calls) > 0 for s in sessions)
+    pairs = list(zip(*plain)) + list(zip(protected[1][:len(few)], again))
+    for a, b in pairs:
+        assert a["generated_ids"] == b["generated_ids"]
+        assert len(a["logits"]) == len(b["logits"]) == PROTECTED_TOKENS
+        assert all(torch.equal(x, y) for x, y in zip(a["logits"], b["logits"]))

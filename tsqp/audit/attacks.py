@@ -4,7 +4,8 @@ Each attack reads one `views.Sequence` (a prompt's prefill and its decode steps 
 returns a `Guess`: a token per prompt position and per decode step (None where it has none), and/or a set
 of tokens it believes the prompt holds.
 
-- direct          token ids read from the embedding requests.
+- direct          token ids read from the embedding requests (none under --protect: the runner embeds; then
+                  every position is a miss, 0 ids seen).
 - layer0_cosine   layer 0's qkv input is RMSNorm(E[t]) * g0 row by row: the nearest vocabulary entry by
                   |cosine|, for each prefill row and each decode step's single row.
 - layer0_span     for rows mixed across positions (M X): a vocabulary entry whose layer-0 vector lies in the
@@ -18,6 +19,11 @@ of tokens it believes the prompt holds.
                   token alone, so its candidates' rows are computed once for all sequences, in the order of the
                   prior after a document-start token, in larger stages. At layer 0 the whole vocabulary.
 - returned_logits the logits the server returns: their argmax is the next token under greedy decoding.
+                  Integer (ring) results are lifted to signed and each output multiplied by the largest |w| of
+                  its public weight row (symmetric per-channel int8 quantization divides by it).
+
+Rows that arrived as ring limbs (views.as_rows) have an unknown scale: vocabulary matching then compares
+directions (the relative residual after the best scaling of each candidate) instead of distances.
 """
 from __future__ import annotations
 
@@ -62,7 +68,11 @@ def direct(seq: Sequence) -> Guess:
 
     prompt = ids_of(seq.prefill)
     decode = [ids_of(p) for p in seq.decode]
-    return Guess(prompt=prompt, decode=[d[0] if d else None for d in decode] if any(decode) else None)
+    seen = len(prompt or []) + sum(len(d or []) for d in decode)
+    if prompt is None:                       # no ids crossed: the attack names no token, every position a miss
+        return Guess(prompt=[None] * seq.prompt_len, decode=[None] * len(seq.decode), info={"ids_seen": seen})
+    return Guess(prompt=prompt, decode=[d[0] if d else None for d in decode] if any(decode) else None,
+                 info={"ids_seen": seen})
 
 
 # ---- layer 0 --------------------------------------------------------------------------------------------
@@ -131,6 +141,12 @@ def relative_distance(candidates: torch.Tensor, row: torch.Tensor) -> torch.Tens
     return (candidates - row).norm(dim=-1) / row.norm().clamp_min(1e-30)
 
 
+def scaled_distance(candidates: torch.Tensor, row: torch.Tensor) -> torch.Tensor:
+    """min over a of ||a c - x|| / ||x|| = sqrt(1 - cos^2(c, x)): for rows of an unknown scale (integers)."""
+    cos = F.normalize(candidates, dim=-1) @ F.normalize(row, dim=0)
+    return (1 - cos.double().pow(2)).clamp_min(0).sqrt().float()
+
+
 class FirstPosition:
     """A layer's input at position 0 depends on the token alone, so the candidates' rows there are computed
     once, in the order of the document-start prior, and shared by every sequence (an attacker would keep
@@ -182,6 +198,7 @@ def vocab_match(seq: Sequence, model: PublicModel, layer: int, settings: VocabSe
         guess.prompt = guess.prompt[:limit]
         guess.decode = guess.decode if limit == n_prompt else None
         return guess
+    measure = scaled_distance if seq.prefill.ring_rows("qkv", layer) else relative_distance
     targets = list(prompt_rows.float()[:limit])                   # one received row per position, in order
     if limit == n_prompt:                                         # decode steps continue the same context
         for p in seq.decode:
@@ -199,13 +216,13 @@ def vocab_match(seq: Sequence, model: PublicModel, layer: int, settings: VocabSe
             stages = [min(k, ranked.numel()) for k in settings.first_stages]
 
             def distances(lo, hi, row=row):
-                return relative_distance(first.rows(layer, hi)[lo:], row)
+                return measure(first.rows(layer, hi)[lo:], row)
         else:                                      # the shortlist: the prior's top-k
             ranked = torch.argsort(prior, descending=True)
             stages = settings.stages
 
             def distances(lo, hi, row=row, ranked=ranked):
-                return relative_distance(ctx.candidates_at(layer, ranked[lo:hi]), row)
+                return measure(ctx.candidates_at(layer, ranked[lo:hi]), row)
         i, ok, tried = pick(stages, distances, settings)
         token = int(ranked[i])
         matched.append(ok)
@@ -219,11 +236,14 @@ def vocab_match(seq: Sequence, model: PublicModel, layer: int, settings: VocabSe
 
 
 # ---- what the server returns ----------------------------------------------------------------------------
-def returned_logits(seq: Sequence) -> Guess:
-    """Decode step k fed the token chosen from pass k's logits (the prefill is pass 0): greedy = argmax."""
+def returned_logits(seq: Sequence, head_scale: torch.Tensor | None = None) -> Guess:
+    """Decode step k fed the token chosen from pass k's logits (the prefill is pass 0): greedy = argmax.
+    head_scale [V]: per-output scale for integer results (max |w| of each row of the public LM head)."""
     decode = []
     for p in seq.passes[:len(seq.decode)]:
         logits = p.logits()
+        if logits is not None and head_scale is not None and p.calls_of("lm_head")[-1].output_ref.dtype == "int64":
+            logits = logits * head_scale
         decode.append(int(logits[-1].float().argmax()) if logits is not None and logits.is_floating_point()
                       else None)
     return Guess(decode=decode)

@@ -20,10 +20,11 @@ from . import attacks as A
 from . import masked as MK
 from .recording import TORCH_DTYPES, RecordedSession
 from .replay import PublicModel
-from .scoring import Rate, exact, set_recall
+from .scoring import SHIFTS, Rate, exact, set_recall
 from .views import sequences
 
 METRICS = ("prompt_exact", "prompt_set", "generated_exact", "generated_set")
+CHANCE_ALPHA = 0.01      # family-wise: all of a report's at-chance verdicts together (scoring.py)
 
 
 @dataclass
@@ -54,20 +55,37 @@ def wire_dtype(session: RecordedSession) -> torch.dtype | None:
     return None
 
 
-class Scorer:
-    """Per attack, the four rates."""
+def tally(guess: A.Guess, truth: dict, n_decode: int, vocab: int) -> dict[str, tuple[int, int, float]]:
+    """One guess against one truth: metric -> (hits, tried, uniform-guess hits)."""
+    out = {}
+    prompt, fed = truth["prompt_ids"], list(truth.get("generated_ids", []))[:n_decode]
+    if guess.prompt is not None:
+        out["prompt_exact"] = exact(guess.prompt, prompt, vocab)
+    tokens = guess.prompt_tokens()
+    if tokens is not None:     # a positional guess that stopped early is scored on the positions it tried
+        tried = prompt if guess.prompt_set is not None else prompt[:len(guess.prompt)]
+        out["prompt_set"] = set_recall(tokens, tried, vocab)
+    if guess.decode is not None and fed:
+        out["generated_exact"] = exact(guess.decode, fed, vocab)
+        out["generated_set"] = set_recall({t for t in guess.decode if t is not None}, fed, vocab)
+    return out
 
-    def __init__(self, vocab: int):
-        self.vocab = vocab
-        self.rates: dict[str, dict[str, Rate]] = {}
+
+class Scorer:
+    """Per attack, the four rates, each with its chance level (scoring.py: unrelated pairings)."""
+
+    def __init__(self, vocab: int, shifts: int = SHIFTS):
+        self.vocab, self.shifts = vocab, shifts
+        self.scored: dict[str, list[tuple[A.Guess, dict, int]]] = {}
         self.confident: dict[str, dict] = {}
 
     def add(self, attack: str, guess: A.Guess, truth: dict | None, n_decode: int) -> None:
-        rates = self.rates.setdefault(attack, {m: Rate() for m in METRICS})
+        scored = self.scored.setdefault(attack, [])
         if truth is None:
             return
-        prompt, fed = truth["prompt_ids"], list(truth.get("generated_ids", []))[:n_decode]
+        scored.append((guess, truth, n_decode))
         if guess.confident is not None:       # how often a near-exact match named the right token
+            prompt, fed = truth["prompt_ids"], list(truth.get("generated_ids", []))[:n_decode]
             confident = self.confident.setdefault(attack, {"positions": 0, "matched": 0, "correct": 0})
             tokens = (guess.prompt or []) + (guess.decode or [])
             true = prompt[:len(guess.prompt or [])] + fed
@@ -75,22 +93,41 @@ class Scorer:
                 confident["positions"] += 1
                 confident["matched"] += ok
                 confident["correct"] += ok and g == t
-        if guess.prompt is not None:
-            rates["prompt_exact"].add(*exact(guess.prompt, prompt, self.vocab))
-        tokens = guess.prompt_tokens()
-        if tokens is not None:     # a positional guess that stopped early is scored on the positions it tried
-            tried = prompt if guess.prompt_set is not None else prompt[:len(guess.prompt)]
-            rates["prompt_set"].add(*set_recall(tokens, tried, self.vocab))
-        if guess.decode is not None and fed:
-            rates["generated_exact"].add(*exact(guess.decode, fed, self.vocab))
-            rates["generated_set"].add(*set_recall({t for t in guess.decode if t is not None}, fed, self.vocab))
+
+    def rates(self, attack: str) -> dict[str, Rate]:
+        scored = self.scored.get(attack, [])
+        rates = {m: Rate() for m in METRICS}
+        for guess, truth, n_decode in scored:
+            for m, counts in tally(guess, truth, n_decode, self.vocab).items():
+                rates[m].add(*counts)
+        n = len(scored)
+        pooled = {m: [0, 0] for m in METRICS}
+        best: dict[str, float] = {}
+        for k in range(1, min(self.shifts, n - 1) + 1):
+            shifted = {m: Rate() for m in METRICS}
+            for i, (guess, _, n_decode) in enumerate(scored):
+                other = scored[(i + k) % n][1]
+                if other["prompt_ids"] == scored[i][1]["prompt_ids"]:
+                    continue                      # the same prompt run again is not unrelated text
+                for m, counts in tally(guess, other, n_decode, self.vocab).items():
+                    shifted[m].add(*counts)
+            for m, r in shifted.items():
+                if r.n:
+                    pooled[m][0] += r.hits
+                    pooled[m][1] += r.n
+                    best[m] = max(best.get(m, 0.0), r.rate)
+        for m, r in rates.items():
+            if pooled[m][1]:
+                r.chance_hits, r.chance_n = pooled[m]
+                r.chance, r.chance_max = pooled[m][0] / pooled[m][1], best[m]
+        return rates
 
 
 ATTACK_TEXT = {
     "direct": "token ids in the embedding requests",
     "layer0_cosine": "layer 0 input vs RMSNorm(E[t])*g0, cosine per row (prefill rows; decode steps)",
     "layer0_span": "layer 0: vocabulary vectors in the received block's row span",
-    "returned_logits": "argmax of the returned logits (greedy decoding)",
+    "returned_logits": "argmax of the returned logits (greedy decoding; ring results lifted and rescaled)",
 }
 
 
@@ -102,6 +139,7 @@ def run_audit(sessions: list[RecordedSession], model_cfg, weights: dict, truth: 
     models: dict[torch.dtype, PublicModel] = {}
     layer0s: dict[torch.dtype, A.Layer0] = {}
     firsts: dict[torch.dtype, A.FirstPosition] = {}
+    head_scales: dict[torch.dtype, torch.Tensor] = {}
     cfg = model_cfg
     layers = settings.layers if settings.layers is not None else \
         sorted({0, cfg.num_layers // 2, cfg.num_layers - 1})
@@ -114,6 +152,7 @@ def run_audit(sessions: list[RecordedSession], model_cfg, weights: dict, truth: 
             models[wire] = PublicModel(cfg, weights, wire)
             layer0s[wire] = A.Layer0(models[wire])
             firsts[wire] = A.FirstPosition(models[wire], settings.vocab.start_token)
+            head_scales[wire] = models[wire].head_t.float().abs().amax(0)                       # [V]
         model, layer0 = models[wire], layer0s[wire]
         for seq in sequences(session):
             counts["sequences"] += 1
@@ -123,7 +162,7 @@ def run_audit(sessions: list[RecordedSession], model_cfg, weights: dict, truth: 
             true = true[seq.index] if seq.index < len(true) else None
             found = {"direct": A.direct(seq), "layer0_cosine": layer0.cosine(seq),
                      "layer0_span": layer0.span(seq, settings.span_threshold),
-                     "returned_logits": A.returned_logits(seq)}
+                     "returned_logits": A.returned_logits(seq, head_scales[wire])}
             if settings.vocab_sequences is None or vocab_done < settings.vocab_sequences:
                 vocab_done += 1
                 for layer in layers:
@@ -137,17 +176,23 @@ def run_audit(sessions: list[RecordedSession], model_cfg, weights: dict, truth: 
                                       "prompt_set": sorted(g.prompt_set) if g.prompt_set is not None else None,
                                       "info": g.info} for name, g in found.items()}})
     masked_claimed = sum(len(MK.masked_inputs(c)) for s in sessions for c in s.calls)
-    uniformity = [row for s in sessions for row in MK.uniformity(s)] if masked_claimed else []
+    uniformity = MK.uniformity_all(sessions) if masked_claimed else []
     prompt_of = {label: tuple(seqs[0]["prompt_ids"]) for label, seqs in (truth or {}).items()} or None
-    independence = [r for a, b in MK.same_prompt_pairs(sessions, prompt_of)
-                    if (r := MK.independence(a, b)) is not None] if masked_claimed else []
+    independence = MK.family([r for a, b in MK.same_prompt_pairs(sessions, prompt_of)
+                              if (r := MK.independence(a, b)) is not None]) if masked_claimed else []
+    all_rates = {name: scorer.rates(name) for name in scorer.scored}
+    judged = sum(1 for rates in all_rates.values() for r in rates.values() if r.n and r.chance_n)
+    chance_alpha = CHANCE_ALPHA / max(judged, 1)
     attacks_out = []
-    for name, rates in scorer.rates.items():
+    for name, rates in all_rates.items():
         text = ATTACK_TEXT.get(name) or (f"vocabulary matching at layer {name.removeprefix('vocab_L')}, "
                                          f"shortlists {list(settings.vocab.stages)} from the model's prior")
-        attacks_out.append({"attack": name, "what": text, **{m: rates[m].to_dict() for m in METRICS},
+        attacks_out.append({"attack": name, "what": text, **{m: rates[m].to_dict(chance_alpha) for m in METRICS},
                             **({"near_exact_matches": scorer.confident[name]} if name in scorer.confident else {})})
     return {"counts": counts, "scored": truth is not None, "vocab_size": cfg.vocab_size,
+            "chance": {"method": f"each attack's guesses scored against the prompts {SHIFTS} cyclic shifts away "
+                                 f"(same prompt skipped)", "alpha_each": chance_alpha,
+                       "alpha_family": CHANCE_ALPHA},
             "vocab_layers": layers, "vocab_sequences": vocab_done,
             "settings": {**asdict(settings.vocab), "span_threshold": settings.span_threshold},
             "attacks": attacks_out,
@@ -161,20 +206,29 @@ def cell(rate: dict) -> str:
     if not rate["tried"]:
         return "-"
     lo, hi = rate["ci95"]
-    return f"{100 * rate['rate']:.1f}% [{100 * lo:.1f}, {100 * hi:.1f}] of {rate['tried']}"
+    return f"{100 * rate['rate']:.1f}% [{100 * lo:.1f}, {100 * hi:.1f}] of {rate['tried']}; chance " \
+           f"{100 * rate['chance']:.2g}%"
 
 
-def chance_cell(a: dict) -> str:
-    parts = [f"{100 * a[m]['chance']:.3g}%" if a[m]["tried"] else "-" for m in ("prompt_exact", "prompt_set")]
-    return " / ".join(parts)
+SHORT = {"prompt_exact": "prompt exact", "prompt_set": "prompt set", "generated_exact": "generated exact",
+         "generated_set": "generated set"}
+
+
+def verdict(a: dict) -> str:
+    """'at chance' when every scored metric is; else which are above it."""
+    above = [SHORT[m] for m in METRICS if a[m]["tried"] and a[m].get("at_chance") is False]
+    judged = [m for m in METRICS if a[m]["tried"] and a[m].get("at_chance") is not None]
+    if not judged:
+        return "-"
+    return "at chance" if not above else "ABOVE chance: " + ", ".join(above)
 
 
 HEADERS = ("attack", "prompt: exact position", "prompt: set recall", "generated: exact", "generated: set recall",
-           "chance (prompt exact / set)")
+           "verdict")
 
 
 def rows(report: dict) -> list[tuple[str, ...]]:
-    return [(a["attack"], *(cell(a[m]) for m in METRICS), chance_cell(a)) for a in report["attacks"]]
+    return [(a["attack"], *(cell(a[m]) for m in METRICS), verdict(a)) for a in report["attacks"]]
 
 
 def rich_table(report: dict, title: str = "tsqp audit: what the server learns") -> Table:
@@ -186,20 +240,36 @@ def rich_table(report: dict, title: str = "tsqp audit: what the server learns") 
     return t
 
 
-def masked_table(report: dict) -> Table:
+def masked_summary(m: dict) -> list[str]:
+    """One line per family of tests: how many, how many pass at which per-test level, the smallest p."""
+    lines = []
+    for name, tests in (("uniformity", m["uniformity"]), ("independence", m["independence"])):
+        if tests:
+            passed = sum(r["pass"] for r in tests)
+            lines.append(f"{name}: {passed} of {len(tests)} tests pass (each at p >= {tests[0]['alpha']:.2g}, "
+                         f"family-wise {MK.ALPHA:g}); smallest p {min(r['p'] for r in tests):.3g}")
+    return lines
+
+
+def masked_table(report: dict, max_rows: int = 24) -> Table:
+    """The masked-input tests; with many sessions, the pooled ones and the failures (summary: masked_summary)."""
     t = Table(title="masked inputs", show_header=True)
     for h in ("test", "what", "statistic", "p", "verdict"):
         t.add_column(h)
     m = report["masked"]
     if not m["claimed_masked_inputs"]:
         t.add_row("-", "no input is claimed masked: every activation crossed in the clear", "-", "-", "-")
-    for u in m["uniformity"]:
+    uniformity, independence = m["uniformity"], m["independence"]
+    if len(uniformity) + len(independence) > max_rows:
+        uniformity = [u for u in uniformity if u["session"] == "all" or not u["pass"]]
+        independence = [r for r in independence if not r["pass"]][:max_rows]
+    for u in uniformity:
         t.add_row("uniformity", f"{u['session']} {u['dtype']} lane {u['lane']} ({u['values']} values)",
                   f"chi2 {u['chi2']:.1f} / {u['dof']} dof", f"{u['p']:.3g}", "pass" if u["pass"] else "FAIL")
-    for r in m["independence"]:
+    for r in independence:
         t.add_row("independence", " vs ".join(r["sessions"]) + f" ({r['bytes']} bytes)",
                   f"equal {r['equal_fraction']:.4f}, r {r['correlation']:.4f}",
-                  f"{min(r['p_equal'], r['p_correlation']):.3g}", "pass" if r["pass"] else "FAIL")
+                  f"{r['p']:.3g}", "pass" if r["pass"] else "FAIL")
     return t
 
 

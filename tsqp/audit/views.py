@@ -5,6 +5,11 @@ A pass ends with its `lm_head` call (the runner asks for logits once per prefill
 a chunked prefill's chunks all come before that call). The first pass of a session is a prefill; a later
 pass with more than one row at layer 0 starts a new sequence (a second prompt on the same session); a
 one-row pass after a prefill is a decode step.
+
+Under `--protect otp` an input arrives as ring limbs, uint8 [5, T, in] (tsqp/ring.py: B = X + R mod 2^40 as
+byte limbs). The attacker reads them as it reads any input: reassembled into ring integers and lifted to
+their signed representatives (what B would be if the pad were zero), then as float rows [T, in] for the
+same attacks. Integer results (int64 ring values) are lifted the same way.
 """
 from __future__ import annotations
 
@@ -12,7 +17,32 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .recording import RecordedCall, RecordedSession
+from .. import ring
+from .recording import RecordedCall, RecordedSession, TensorRef
+
+
+def is_limbs(ref: TensorRef) -> bool:
+    """A ring element's byte limbs: uint8 [5, T, in]."""
+    return ref.dtype == "uint8" and len(ref.shape) == 3 and ref.shape[0] == ring.LIMBS
+
+
+def rows_of(ref: TensorRef) -> int:
+    """Positions in a recorded input: T of limbs [5, T, in], else the first dimension."""
+    return ref.shape[1] if is_limbs(ref) else (ref.shape[0] if ref.shape else 0)
+
+
+def as_rows(call: RecordedCall, i: int = 0) -> torch.Tensor:
+    """Input i as the attacker reads it: limbs -> the signed lift of their ring integers, float32 [T, in]
+    (magnitudes up to 2^39: float32's range holds them and their squares); anything else as recorded."""
+    ref = call.input_refs[i]
+    if is_limbs(ref):
+        return ring.lift(ring.from_limbs(ref.load())).float()
+    return ref.load()
+
+
+def as_signed(t: torch.Tensor) -> torch.Tensor:
+    """A returned tensor as the attacker reads it: int64 ring values -> their signed lift (float32)."""
+    return ring.lift(t.clone()).float() if t.dtype == torch.int64 else t
 
 
 @dataclass
@@ -22,12 +52,12 @@ class Pass:
 
     def rows(self, op: str, layer: int | None) -> torch.Tensor | None:
         """The first inputs of every `op` call at `layer`, concatenated in order: [T, width], or None."""
-        parts = [c.input(0) for c in self.calls if c.op == op and c.layer == layer]
+        parts = [as_rows(c) for c in self.calls if c.op == op and c.layer == layer]
         return torch.cat(parts) if parts else None
 
     def row_blocks(self, op: str, layer: int | None) -> list[torch.Tensor]:
         """The same inputs, one block per call (a chunked prefill sends several)."""
-        return [c.input(0) for c in self.calls if c.op == op and c.layer == layer]
+        return [as_rows(c) for c in self.calls if c.op == op and c.layer == layer]
 
     def calls_of(self, op: str, layer: int | None = None) -> list[RecordedCall]:
         return [c for c in self.calls if c.op == op and (layer is None or c.layer == layer)]
@@ -36,12 +66,16 @@ class Pass:
     def n_rows(self) -> int:
         """Positions in this pass: rows of layer 0's qkv input (or of the embedding request)."""
         calls = self.calls_of("qkv", 0) or self.calls_of("embed")
-        return sum(c.input_refs[0].shape[0] for c in calls)
+        return sum(rows_of(c.input_refs[0]) for c in calls)
+
+    def ring_rows(self, op: str, layer: int | None) -> bool:
+        """Whether `op`'s inputs at `layer` came as ring limbs (integers of an unknown scale)."""
+        return any(is_limbs(c.input_refs[0]) for c in self.calls_of(op, layer) if c.input_refs)
 
     def logits(self) -> torch.Tensor | None:
-        """What the server returned for the LM head: [rows, V]."""
+        """What the server returned for the LM head: [rows, V] (ring values lifted to signed)."""
         calls = self.calls_of("lm_head")
-        return calls[-1].output if calls else None
+        return as_signed(calls[-1].output) if calls and calls[-1].output_ref is not None else None
 
 
 @dataclass

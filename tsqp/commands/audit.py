@@ -1,7 +1,7 @@
 """`tsqp audit DIR --model M [--json PATH]`: attack a recording (`tsqp serve --record DIR`) as the curious
 server would, with the public checkpoint only, and print what it recovers of the prompts and the generated
-tokens (exact position accuracy and set recall, 95% Wilson intervals, chance levels), plus the tests any
-input claimed masked must pass."""
+tokens (exact position accuracy and set recall, 95% Wilson intervals, chance levels measured on unrelated
+prompts, a verdict: at chance or above it), plus the tests any input claimed masked must pass."""
 from __future__ import annotations
 
 import argparse
@@ -73,8 +73,8 @@ def main(args) -> dict:
     from tsqp import weights as W
     from tsqp.audit import attacks as A
     from tsqp.audit import recording
-    from tsqp.audit.report import AuditSettings, load_truth, markdown, masked_table, rich_table, run_audit, \
-        stderr_progress
+    from tsqp.audit.report import AuditSettings, load_truth, markdown, masked_summary, masked_table, rich_table, \
+        run_audit, stderr_progress
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -113,6 +113,8 @@ def main(args) -> dict:
                           f"farther), {m['correct']} of them the right token; "
                           f"the others' token was outside the shortlist or followed a wrong one")
     console.print(masked_table(report))
+    for line in masked_summary(report["masked"]):
+        console.print(line)
     report["markdown"] = markdown(report)
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=1))
