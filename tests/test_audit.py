@@ -518,7 +518,7 @@ def test_attacks_read_the_limbs_when_the_pad_is_broken(_smollm2_hf_dir, prompts,
 
 
 def test_fisher_test_against_scipy():
-    stats = pytest.importorskip("scipy.stats")
+    from scipy import stats             # the test extra's oracle for this one test
     for a, n, b, m in ((1, 950, 0, 30000), (3, 950, 0, 30000), (10, 100, 100, 1000), (40, 100, 100, 1000),
                        (0, 10, 5, 50)):
         want = stats.fisher_exact([[a, n - a], [b, m - b]], alternative="greater").pvalue
