@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
 # One prepared run on a lent GPU host (the device tool): install the carried pyzmq wheel, then, most
-# important first: `tsqp bench` on the Llama-3.2-1B shape (eager, compiled, all levers), decode latency,
-# CUDA-vs-CPU logits.
+# important first: the protected prefill and decode (issue 13's targets), `tsqp bench` on the Llama-3.2-1B
+# shape (eager, compiled, all levers), decode latency, CUDA-vs-CPU logits.
 # Everything lands in $OUT. DEV=cpu runs the same steps on a machine without a GPU (a dry run).
 set -uo pipefail
-OUT=${OUT:-/tmp/tsqp-out}          # what comes back: at most 8 files (7 here)
+OUT=${OUT:-/tmp/tsqp-out}          # what comes back: at most 8 files (8 here)
 W=$(mktemp -d)                      # everything else
 DEV=${DEV:-cuda:0}
 mkdir -p "$OUT"
@@ -46,6 +46,12 @@ for path in sys.argv[1:]:
 PY
 }
 
+# 0. issue 13's targets first: the protected prefill (--protect otp, then with --verify; pads pooled before each
+#    timed prefill) beside shm and the whole model on this host's cores (the cpu-only reference), and the
+#    protected decode beside the unprotected one (step 4)
+timeout ${PROTECT_S:-240} python3 -m tsqp.cli bench --device $DEV --model $BIG --tokens $TOK \
+  --transport shm,shm-otp,shm-otp-verify --policy linear --repeat 3 --json "$OUT/bench_protect.json" 2>&1 \
+  | tee "$W/bench_protect.txt"
 # 1. the benchmark: 1024 tokens of the Llama-3.2-1B shape, bf16, with the no-split references (eager torch)
 bench --transport $TRANSPORTS --policy $POLICIES --chunks $CHUNKS --json "$OUT/bench.json" --plot "$OUT/bench.png" \
   2>&1 | tee "$W/bench.txt"
@@ -68,9 +74,15 @@ for v in "pipes:"; do
     --json "$W/decode_${v%%:*}.json" > "$W/decode_${v%%:*}.txt" 2>&1
 done
 kill $srv; wait $srv
+python3 -m tsqp.cli serve --protect otp --model $BIG --device $DEV --endpoint $ep > "$W/serve_otp.txt" 2>&1 &
+srv=$!
+for _ in $(seq 180); do grep -q ready "$W/serve_otp.txt" && break; sleep 1; done
+timeout 240 python3 -m tsqp.cli run --endpoint $ep --protect otp --verify --model $BIG --pad-pool 256 \
+  --prompt-ids $ids --max-new-tokens 64 --ignore-eos --json "$W/decode_otp.json" > "$W/decode_otp.txt" 2>&1
+kill $srv; wait $srv
 timeout 90 python3 -m tsqp.cli run --local --device $DEV --dtype $DT --model $BIG --prompt-ids $ids \
   --max-new-tokens 64 --ignore-eos --json "$W/decode_local.json" > "$W/decode_local.txt" 2>&1
-python3 - "$W" local pipes <<'PY' 2>&1 | tee "$OUT/decode.txt"
+python3 - "$W" local pipes otp <<'PY' 2>&1 | tee "$OUT/decode.txt"
 import json, sys
 for name in sys.argv[2:]:
     try:
@@ -106,5 +118,5 @@ if [ "$DIAG" = 1 ]; then
   cat "$W/diagnose.txt" >> "$OUT/check.txt"
 fi
 cat "$W/host.txt" >> "$OUT/check.txt"
-cat "$W/bench.txt" "$W/bench_compile.txt" "$W/bench_levers.txt" > "$OUT/tables.txt" 2>/dev/null
+cat "$W/bench_protect.txt" "$W/bench.txt" "$W/bench_compile.txt" "$W/bench_levers.txt" > "$OUT/tables.txt" 2>/dev/null
 echo "done"

@@ -17,10 +17,11 @@ from tsqp.wire.client import RemoteOffload
 MODEL = "random:tiny"
 
 
-def protected(endpoint: str, verify: bool = True) -> ProtectedOffload:
+def protected(endpoint: str, verify: bool = True, length_bucket: int = 1) -> ProtectedOffload:
     cfg, weights = W.load(MODEL, torch.float32, "cpu")
     inner = RemoteOffload(endpoint, "shm", timeout_s=30, arena_bytes=32 * 2**20)
-    offload = ProtectedOffload(inner, cfg, weights, verify=verify, pool_tokens=16, stats=Stats())
+    offload = ProtectedOffload(inner, cfg, weights, verify=verify, pool_tokens=16, stats=Stats(),
+                               length_bucket=length_bucket)
     offload.expect_fingerprint(inner.info["fingerprint"])
     return offload
 
@@ -120,3 +121,28 @@ def test_protected_prefill_moves_the_bytes_the_config_implies(server):
         offload.close()
     assert (stats.shm_sent_bytes, stats.shm_received_bytes) == protected_bytes(cfg, 40)
     assert stats.rpc_calls == 4 * cfg.num_layers + 1          # no embed call: ids never leave the runner
+
+
+def test_length_buckets_hide_the_prompt_length_and_change_no_logit(server):
+    """--length-bucket 16: prompts of 17 and 29 tokens both reach the server as 32-row requests (the bytes the
+    config implies for 32 tokens, but the LM head's one row); the logits equal the unpadded run's bit for bit."""
+    endpoint, _ = server
+    cfg, weights = W.load(MODEL, torch.float32, "cpu")
+    norms = W.norm_weights(weights)
+    moved = []
+    for T in (17, 29):
+        ids = fixed_prompt(cfg, T)
+        want = prefill_and_decode(QuantizedOffload(cfg, weights), cfg, norms, ids, steps=2)
+        offload = protected(endpoint, length_bucket=16)
+        try:
+            got = prefill_and_decode(offload, cfg, norms, ids, steps=2)
+            stats = offload.inner.stats
+            moved.append((stats.shm_sent_bytes, stats.shm_received_bytes))
+        finally:
+            offload.close()
+        assert torch.equal(got, want), T
+    sent, received = protected_bytes(cfg, 32)
+    one_step = protected_bytes(cfg, 1)
+    assert moved[0] == moved[1] == (sent + 2 * one_step[0], received + 2 * one_step[1])    # + 2 decode steps
+    refused = run_cli("run", "--endpoint", endpoint, "--model", MODEL, "--tokens", "8", "--length-bucket", "4")
+    assert refused.returncode == 2 and "--length-bucket pads masked requests: it needs --protect" in refused.stderr

@@ -76,6 +76,10 @@ def add_runner_args(p: argparse.ArgumentParser) -> None:
                         "copy of the checkpoint), --policy linear and a `tsqp serve --protect otp`")
     p.add_argument("--verify", action="store_true",
                    help="with --protect: check every result with Freivalds' test before use (false accept <= 2^-40)")
+    p.add_argument("--length-bucket", type=int, default=1, metavar="N",
+                   help="with --protect: pad each prefill request with zero rows to a multiple of N, so the server "
+                        "learns the prompt's length only to within N tokens (costs up to N-1 rows of work; default "
+                        "1: off)")
     p.add_argument("--pad-pool", type=int, default=64,
                    help="with --protect: pads precomputed per op, in tokens, filled in the background (default 64)")
     p.add_argument("--compile", action="store_true",

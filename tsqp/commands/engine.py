@@ -47,6 +47,11 @@ def own_model(args) -> Expected | None:
                     lambda dtype: W.load_norms(args.model, dtype)[1])
 
 
+def bucketed(tokens: int, bucket: int) -> int:
+    """tokens rounded up to a multiple of bucket (--length-bucket)."""
+    return -(-tokens // bucket) * bucket
+
+
 def budget_of(args, tokens: int) -> Budget:
     return Budget(tokens=tokens, seed_policy=args.policy == "seed", max_bytes=args.max_arena_mb * MiB)
 
@@ -67,6 +72,8 @@ class Offloads:
             return self._open_protected(stats, tokens)
         if args.verify:
             raise ValueError("--verify checks masked results: it needs --protect otp")
+        if args.length_bucket != 1:
+            raise ValueError("--length-bucket pads masked requests: it needs --protect otp")
         if args.local:
             if self._compute is None:
                 cfg, weights = W.load(args.model, W.torch_dtype(args.dtype), args.device)
@@ -107,10 +114,10 @@ class Offloads:
             inner = LocalOffload(self._compute, stats)
         else:
             arena = args.arena_mb * MiB if args.arena_mb else \
-                (lambda c: 2 * default_arena_bytes(c, tokens, args.chunks))
+                (lambda c: 2 * default_arena_bytes(c, bucketed(tokens, args.length_bucket), args.chunks))
             norms = W.norm_weights(weights)
             expect = Expected(W.describe(args.model), cfg, lambda dtype: {k: v.to(dtype) for k, v in norms.items()})
-            inner = self._remote(stats, arena, tokens, expect)
+            inner = self._remote(stats, arena, bucketed(tokens, args.length_bucket), expect)
             try:
                 if inner.dtype != torch.uint8:
                     raise ValueError(f"{args.endpoint} is not a protected server (it serves {P_name(inner.dtype)} "
@@ -120,7 +127,8 @@ class Offloads:
             except BaseException:
                 inner.close()
                 raise
-        offload = ProtectedOffload(inner, cfg, weights, verify=args.verify, pool_tokens=args.pad_pool, stats=stats)
+        offload = ProtectedOffload(inner, cfg, weights, verify=args.verify, pool_tokens=args.pad_pool, stats=stats,
+                                   length_bucket=args.length_bucket)
         try:
             stated = inner.info.get("fingerprint") if not args.local else inner.compute.fingerprint
             offload.expect_fingerprint(stated)

@@ -86,15 +86,20 @@ class ProtectedOffload(_QuantizedBase):
     inner.submit(op, layer, uint8 [5, T, in]) -> int64 [T, out] = B W^T mod 2^40).
 
     verify: run the Freivalds checks (a failed one raises VerificationError and ends the session: every
-    later submit raises too). pool_tokens / batch_tokens / lm_head_rows: see pads.PadPool. A server's
+    later submit raises too). pool_tokens / batch_tokens / lm_head_rows: see pads.PadPool. length_bucket:
+    a request of several rows (a prefill) is padded with zero rows up to a multiple of it, so the server
+    learns the prompt's length only to within a bucket (padded rows are masked, computed and checked like
+    the others, then dropped; decode steps are one row each). A server's
     stated fingerprint is checked with `expect_fingerprint` before the first request. close() closes
     `inner` too."""
 
     def __init__(self, inner, cfg: ModelConfig, weights: dict[str, torch.Tensor], verify: bool = True,
                  pool_tokens: int = 64, batch_tokens: int = 16, lm_head_rows: int | None = None,
-                 stats: Stats | None = None, background: bool = True):
+                 stats: Stats | None = None, background: bool = True, length_bucket: int = 1):
         super().__init__(cfg, weights, stats if stats is not None else getattr(inner, "stats", None))
-        self.inner, self.verify = inner, verify
+        if length_bucket < 1:
+            raise ValueError(f"length_bucket must be at least 1, got {length_bucket}")
+        self.inner, self.verify, self.length_bucket = inner, verify, length_bucket
         self.ring_weights = {key: ring.RingWeight(w.q) for key, w in self.qweights.items()}
         self.checks = {key: Freivalds(w.q) for key, w in self.qweights.items()} if verify else {}
         self.pool = PadPool(self.ring_weights, pool_tokens, batch_tokens, lm_head_rows, PadSource(), background)
@@ -112,6 +117,9 @@ class ProtectedOffload(_QuantizedBase):
         T = xs[0].shape[0]
         with self.stats.timer("mask"):
             xq, sx = quant.quantize_rows(xs[0])                                          # [T, in]
+            if T > 1 and T % self.length_bucket:                                          # pad to the bucket
+                xq = torch.cat([xq, xq.new_zeros(self.length_bucket - T % self.length_bucket, xq.shape[1])])
+                T = xq.shape[0]
             r, u = self.pool.take(key, T)
             limbs = self.inner.empty((ring.LIMBS, T, xq.shape[1]), torch.uint8)          # [5, T, in]
             ring.to_limbs((xq + r).bitwise_and_(ring.MASK), out=limbs)
@@ -168,7 +176,7 @@ class MaskedPending:
         except VerificationError as e:
             owner.failure = e
             raise
-        return quant.dequantize(y, self.sx, owner.qweights[self.key].scale)
+        return quant.dequantize(y[:self.sx.shape[0]], self.sx, owner.qweights[self.key].scale)   # padding dropped
 
     def release(self) -> None:
         self.pending.release()
