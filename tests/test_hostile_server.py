@@ -563,14 +563,12 @@ def test_the_cli_over_frames_without_a_model_takes_no_gigabyte_frame(liar):
     """The issue's case, as a user runs it: `tsqp run --transport frames` without --model, and a welcome with
     an extra 1 GiB frame. The runner's first connection takes a control message's size at most: the frame
     is dropped unread and the run ends with one line, its memory that of a runner that never saw it."""
-    big = bytes(2**30)
-    liar.on_hello = lambda head, frames: welcome(head, [*frames, big])
+    liar.on_hello = lambda head, frames, big=bytes(2**30): welcome(head, [*frames, big])
     try:
         rc, err, peak_kib = run_measured(["--endpoint", liar.endpoint, "--transport", "frames", "--tokens", "8",
                                           "--no-warmup", "--connect-timeout", "20"])
     finally:
-        liar.reset()
-        del big
+        liar.reset()                    # the gigabyte goes with the lie
     assert rc == 2 and err.count("\n") == 1 and "Traceback" not in err, err
     assert "receive cap" in err, err
     assert peak_kib < 700 * 1024, f"peak RSS {peak_kib / 1024:.0f} MiB"
