@@ -99,9 +99,9 @@ def _combine(hi: torch.Tensor, lo: torch.Tensor) -> torch.Tensor:
 
 def planes(q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Integer weights [out, in] with |q| <= WEIGHT_MAX -> int8 (hi, lo) with q = 2^SPLIT hi + lo."""
-    q = q.to(torch.int32)
-    lo = torch.remainder(q + 32, 1 << SPLIT) - 32                                     # [-32, 31]
-    hi = torch.div(q - lo, 1 << SPLIT, rounding_mode="floor")                        # exact: [-32, 32]
+    q = q.to(torch.int16)
+    lo = (q + 32).bitwise_and_((1 << SPLIT) - 1).sub_(32)                            # q mod 64, in [-32, 31]
+    hi = (q - lo).bitwise_right_shift_(SPLIT)                                         # exact: [-32, 32]
     return hi.to(torch.int8), lo.to(torch.int8)
 
 
