@@ -17,7 +17,7 @@ from ..local import LocalOffload
 from ..stats import Stats
 from ..trusted.chat import ChatTemplate
 from ..trusted.model import TrustedModel
-from ..trusted.protect.masked import ProtectedOffload
+from ..trusted.protect.masked import ProtectedOffload, QuantizedModel
 from ..trusted.tokenizer import Tokenizer, TokenizerError
 from ..untrusted.compute import Compute
 from ..untrusted.intmm import IntCompute
@@ -64,6 +64,7 @@ class Offloads:
         self.args = args
         self._checkpoint: tuple[ModelConfig, dict] | None = None   # --protect: the runner's own weights
         self._compute = None                                        # --local: the in-process compute
+        self._quantized = None                                      # --protect: its quantized form
 
     def open(self, stats: Stats, tokens: int):
         """A session with room for `tokens` positions, wrapped in the protection when asked for."""
@@ -127,7 +128,9 @@ class Offloads:
             except BaseException:
                 inner.close()
                 raise
-        offload = ProtectedOffload(inner, cfg, weights, verify=args.verify, pool_tokens=args.pad_pool, stats=stats,
+        if self._quantized is None:
+            self._quantized = QuantizedModel(cfg, weights)        # once for all sessions
+        offload = ProtectedOffload(inner, cfg, self._quantized, verify=args.verify, pool_tokens=args.pad_pool, stats=stats,
                                    length_bucket=args.length_bucket)
         try:
             stated = inner.info.get("fingerprint") if not args.local else inner.compute.fingerprint

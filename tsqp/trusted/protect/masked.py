@@ -31,16 +31,36 @@ class UnsupportedOp(ValueError):
     """An op that cannot be offloaded under protection."""
 
 
-class _QuantizedBase:
-    """What both offloads share: the runner's quantized weights, the local embedding, op checks."""
+class QuantizedModel:
+    """The runner's own model as protection uses it, read-only and shareable between sessions: the embedding
+    table, the quantized weights, their fingerprint and their ring form (each session adds its own secrets:
+    pads and Freivalds vectors)."""
 
-    def __init__(self, cfg: ModelConfig, weights: dict[str, torch.Tensor], stats: Stats | None):
+    def __init__(self, cfg: ModelConfig, weights: dict[str, torch.Tensor]):
         self.cfg = cfg
-        self.dtype = torch.float32
-        self.stats = stats if stats is not None else Stats()
         self.embedding = weights["model.embed_tokens.weight"].to("cpu", torch.float32)   # [V, D], trusted
         self.qweights = quant.quantize_model(cfg, weights)
         self.fingerprint = quant.fingerprint(self.qweights)
+        self._ring = None
+
+    @property
+    def ring_weights(self) -> dict:
+        if self._ring is None:
+            self._ring = {key: ring.RingWeight(w.q) for key, w in self.qweights.items()}
+        return self._ring
+
+
+class _QuantizedBase:
+    """What both offloads share: the runner's quantized weights, the local embedding, op checks. `weights`:
+    the float checkpoint, or a QuantizedModel made from it once for many sessions."""
+
+    def __init__(self, cfg: ModelConfig, weights, stats: Stats | None):
+        self.cfg = cfg
+        self.dtype = torch.float32
+        self.stats = stats if stats is not None else Stats()
+        self.quantized = weights if isinstance(weights, QuantizedModel) else QuantizedModel(cfg, weights)
+        self.embedding, self.qweights, self.fingerprint = \
+            self.quantized.embedding, self.quantized.qweights, self.quantized.fingerprint
 
     def empty(self, shape: tuple[int, ...], dtype: torch.dtype | None = None) -> torch.Tensor:
         return torch.empty(shape, dtype=dtype or self.dtype)
@@ -93,14 +113,14 @@ class ProtectedOffload(_QuantizedBase):
     stated fingerprint is checked with `expect_fingerprint` before the first request. close() closes
     `inner` too."""
 
-    def __init__(self, inner, cfg: ModelConfig, weights: dict[str, torch.Tensor], verify: bool = True,
+    def __init__(self, inner, cfg: ModelConfig, weights, verify: bool = True,
                  pool_tokens: int = 64, batch_tokens: int = 16, lm_head_rows: int | None = None,
                  stats: Stats | None = None, background: bool = True, length_bucket: int = 1):
         super().__init__(cfg, weights, stats if stats is not None else getattr(inner, "stats", None))
         if length_bucket < 1:
             raise ValueError(f"length_bucket must be at least 1, got {length_bucket}")
         self.inner, self.verify, self.length_bucket = inner, verify, length_bucket
-        self.ring_weights = {key: ring.RingWeight(w.q) for key, w in self.qweights.items()}
+        self.ring_weights = self.quantized.ring_weights
         self.checks = {key: Freivalds(w.q) for key, w in self.qweights.items()} if verify else {}
         self.pool = PadPool(self.ring_weights, pool_tokens, batch_tokens, lm_head_rows, PadSource(), background)
         self.failure: VerificationError | None = None
