@@ -569,6 +569,7 @@ AS_USER = textwrap.dedent("""
     import zmq, zmq.auth.thread, zmq.utils.monitor
     import tsqp.cli, tsqp.commands.serve, tsqp.untrusted.server, tsqp.weights, tsqp.untrusted.compute
     import tsqp.untrusted.intmm, tsqp.untrusted.faults, tsqp.wire.client
+    tsqp.cli.parser()                 # its subcommands' lazy imports too
     user = pwd.getpwnam(sys.argv[1])
     os.setgroups([])
     os.setgid(user.pw_gid)

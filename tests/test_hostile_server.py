@@ -10,6 +10,8 @@ import os
 import re
 import subprocess
 import sys
+import tempfile
+import textwrap
 import threading
 import time
 from pathlib import Path
@@ -393,21 +395,33 @@ def test_a_second_hello_that_differs_is_refused(liar):
     refused(liar, r"second hello differs from its first", budget=Budget(tokens=512))
 
 
+# The runner is started by a small launcher process: a child's peak RSS (wait4's ru_maxrss) counts the memory
+# of the process it was forked from, and this test process may hold gigabytes by then.
+MEASURE = textwrap.dedent("""
+    import os, sys
+    pid = os.fork()
+    if pid == 0:
+        os.execv(sys.executable, [sys.executable, "-m", "tsqp.cli", "run", *sys.argv[2:]])
+    _, status, usage = os.wait4(pid, 0)
+    with open(sys.argv[1], "w") as f:
+        f.write(str(usage.ru_maxrss))
+    sys.exit(os.waitstatus_to_exitcode(status))
+""")
+
+
 def run_measured(argv: list[str], timeout_s: float = 120) -> tuple[int, str, int]:
     """`tsqp run ARGV` as a process: (exit status, stderr, its peak RSS in KiB, from the kernel)."""
-    proc = subprocess.Popen([sys.executable, "-m", "tsqp.cli", "run", *argv], stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, text=True, env=RUN_ENV)
-    deadline = time.monotonic() + timeout_s
-    while True:
-        pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
-        if pid:
-            break
-        if time.monotonic() > deadline:
-            proc.kill()
-            raise AssertionError(f"tsqp run {argv} hung")
-        time.sleep(0.05)
-    proc.returncode = os.waitstatus_to_exitcode(status)
-    return proc.returncode, proc.stderr.read(), usage.ru_maxrss
+    with tempfile.TemporaryDirectory() as d:
+        peak = Path(d) / "maxrss"
+        proc = subprocess.Popen([sys.executable, "-c", MEASURE, str(peak), *argv], stdout=subprocess.DEVNULL,
+                                stderr=subprocess.PIPE, text=True, env=RUN_ENV, start_new_session=True)
+        try:
+            _, err = proc.communicate(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, 9)
+            proc.wait()
+            raise AssertionError(f"tsqp run {argv} hung") from None
+        return proc.returncode, err, int(peak.read_text())
 
 
 def rss_kib() -> int:
