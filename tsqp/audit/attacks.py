@@ -20,7 +20,7 @@ of tokens it believes the prompt holds.
                   prior after a document-start token, in larger stages. At layer 0 the whole vocabulary.
 - returned_logits the logits the server returns: their argmax is the next token under greedy decoding.
                   Integer (ring) results are lifted to signed and each output multiplied by the largest |w| of
-                  its public weight row (symmetric per-channel int8 quantization divides by it).
+                  its public weight row (symmetric per-channel quantization divides by it).
 
 Rows that arrived as ring limbs (views.as_rows) have an unknown scale: vocabulary matching then compares
 directions (the relative residual after the best scaling of each candidate) instead of distances.

@@ -167,8 +167,9 @@ def shm_room(sizes) -> tuple[list[int], dict]:
     are sealed memfds, the runner's own memory (not /dev/shm's size, which docker's --shm-size sets):
     what bounds them is the memory available; /dev/shm/tsqp-<uid> holds only control pipes."""
     try:
-        shm.Arena.create(shm.ALIGN).close()            # memfd_create and its seals work here
-        d = shm.arena_dir()
+        probe = shm.Arena.create(shm.ALIGN)           # memfd_create and its seals work here
+        d = probe.path.parent
+        probe.close()
     except (OSError, shm.ArenaError) as e:
         return [], {"path": "memfd", "error": str(e)}
     dead = [f.name for f in d.iterdir() if (m := shm.LEFTOVER.match(f.name)) and not shm.pid_alive(int(m.group(1)))]

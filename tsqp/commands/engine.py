@@ -114,11 +114,12 @@ class Offloads:
                 self._compute = IntCompute(cfg, weights, args.device)
             inner = LocalOffload(self._compute, stats)
         else:
+            rows = bucketed(tokens, args.length_bucket)            # what the server may be sent, padding included
             arena = args.arena_mb * MiB if args.arena_mb else \
-                (lambda c: 2 * default_arena_bytes(c, bucketed(tokens, args.length_bucket), args.chunks))
+                (lambda c: 2 * default_arena_bytes(c, rows, args.chunks))
             norms = W.norm_weights(weights)
             expect = Expected(W.describe(args.model), cfg, lambda dtype: {k: v.to(dtype) for k, v in norms.items()})
-            inner = self._remote(stats, arena, bucketed(tokens, args.length_bucket), expect)
+            inner = self._remote(stats, arena, rows, expect)
             try:
                 if inner.dtype != torch.uint8:
                     raise ValueError(f"{args.endpoint} is not a protected server (it serves {P_name(inner.dtype)} "

@@ -20,7 +20,8 @@ console = Console(highlight=False)
 
 
 def fixed_prompt(cfg: ModelConfig, n: int) -> torch.Tensor:
-    """The same n token ids on every run and in every mode, so runs compare."""
+    """The same n token ids on every run and in every mode, so runs compare: a public benchmark prompt,
+    seeded on purpose (pads and secrets come from protect/pads.py's ChaCha20 keyed by os.urandom)."""
     g = torch.Generator().manual_seed(1234)
     return torch.randint(0, cfg.vocab_size, (n,), generator=g)
 
