@@ -167,3 +167,24 @@ def test_headers_round_trip_and_malformed_ones_are_named():
             P.unpack(bad)
     with pytest.raises(P.ProtocolError, match="neither a binary header nor JSON"):
         P.decode(b"\x80\x04\x95pickled")
+
+
+def test_a_result_is_taken_only_as_the_header_its_call_expects():
+    """The runner compares a reply with the one result header that answers its call (all but the id and the
+    time); anything else goes through the full parse, which names what differs."""
+    from tsqp.wire.datapath import Call, reply_time
+    want = P.TensorMeta("float32", (4, 64), 8192)
+    expected = P.encode_result("o", 2, 0, want, 0.0)
+    call = Call(b"", [], want, None, [], 0, expected)
+    assert reply_time(P.with_id(expected, 77, 0.25), call) == 0.25
+    padded = bytearray(P.with_id(expected, 77, 0.5))
+    padded[5] = 1                                                   # a padding byte: carries nothing
+    assert reply_time(bytes(padded), call) == 0.5
+    lies = {"offset 4096": P.encode_result("o", 2, 7, want._replace(offset=4096), 0.1),
+            "layer 3": P.encode_result("o", 3, 7, want, 0.1),
+            r"float32\[4, 32\]": P.encode_result("o", 2, 7, want._replace(shape=(4, 32)), 0.1),
+            "compute_s -1": P.encode_result("o", 2, 7, want, -1.0),
+            "a call": P.encode_call("o", 2, 7, [want], want)}
+    for named, reply in lies.items():
+        with pytest.raises(P.ProtocolError, match=named):
+            reply_time(reply, call)

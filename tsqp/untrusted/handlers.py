@@ -94,31 +94,35 @@ class Handlers:
         if len(frames[0]) > MAX_HEADER:
             return [P.error(f"a call header of {len(frames[0])} bytes; at most {MAX_HEADER}")]
         head = bytes(frames[0])
-        m = None
+        op = None
         try:
-            m = P.unpack(head)
-            if m.kind != P.CALL:
-                raise P.ProtocolError("a result sent to the server")
-            session = self.sessions.need(peer)
-            key = head[:P.ID_OFFSET] + head[P.ID_OFFSET + 8:]    # the call but its id
-            checked = session.checked.get(key) if session.arena is not None and m.op != "embed" else None
+            session = self.sessions.get(peer)
+            # the same bytes but the id as a call checked before (a decode step repeats its calls): no parse
+            shm = session is not None and session.arena is not None
+            checked = session.checked.get(P.but_id(head)) if shm else None
             if checked is None:
+                m = P.unpack(head)
+                op = m.op
+                if m.kind != P.CALL:
+                    raise P.ProtocolError("a result sent to the server")
+                session = self.sessions.need(peer)
                 checked = self.check(session, m, frames[1:])
                 if session.arena is not None and m.op != "embed":     # token ids are checked on every call
-                    session.remember(key, checked)
-            inputs, out, out_meta = checked
-            y, compute_s = self.compute.run(m.op, m.layer, inputs, out)
+                    session.remember(P.but_id(head), checked)
+            op, layer, inputs, out, reply = checked
+            rid = P.peek_id(head)
+            y, compute_s = self.compute.run(op, layer, inputs, out)
         except BAD_INPUT as e:
-            return [P.error(f"op {m.op if m else '?'}: {type(e).__name__}: {e}", m.id if m else P.peek_id(head),
-                            m.op if m else None)]
+            return [P.error(f"op {op or '?'}: {type(e).__name__}: {e}", P.peek_id(head), op)]
         self.requests += 1
         if session.record is not None:
-            session.record.call(m.op, m.layer, m.id, inputs, y, {"compute_s": compute_s})
-        reply = P.encode_result(m.op, m.layer, m.id, out_meta, compute_s)
+            session.record.call(op, layer, rid, inputs, y, {"compute_s": compute_s})
+        reply = P.with_id(reply, rid, compute_s)
         return [reply] if session.arena is not None else [reply, P.tensor_bytes(y)]
 
     def check(self, session: Session, m: P.Message, frames: list) -> tuple:
-        """A call's inputs and output against the op table and the session's arena: (inputs, out, out meta)."""
+        """A call's inputs and output against the op table and the session's arena: (op, layer, inputs, out,
+        the result's header but for its id and compute time)."""
         metas, want = list(m.tensors[:-1]), m.tensors[-1]
         dtype, shape = output_of(self.cfg, self.wire, m.op, m.layer, [(t.dtype, t.shape) for t in metas])
         need = footprint(self.cfg, self.wire, m.op, metas, P.TensorMeta(dtype, shape))
@@ -149,7 +153,7 @@ class Handlers:
         if (want.dtype, want.shape) != (dtype, shape):
             raise P.ProtocolError(f"asks for a {want.dtype}{list(want.shape)} output; the op gives "
                                   f"{dtype}{list(shape)}")
-        return inputs, out, want
+        return m.op, m.layer, inputs, out, P.encode_result(m.op, m.layer, 0, want, 0.0)
 
     def echo(self, peer: bytes, header: dict, frames: list) -> list:
         """For `tsqp diagnose`: frames come back as they are; in a shm session, `nbytes` are copied from

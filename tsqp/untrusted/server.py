@@ -29,6 +29,7 @@ from .sessions import Sessions
 
 POLL_MS = 100
 REAP_EVERY_S = 1.0
+DRAIN_EVERY_S = 0.05
 MAX_QUEUED_BYTES = 1024 * 2**20     # --max-queued-mb: a runner's replies sent but not yet taken by the kernel
 MAX_ARENA_BYTES = 16 * 2**30        # --max-arena-mb: the largest arena the server maps (and pins, on CUDA)
 
@@ -177,7 +178,7 @@ class Server:
 
     def _loop(self, sock: zmq.Socket, connections: Connections) -> None:
         self.poller.register(sock, zmq.POLLIN)
-        next_reap = time.monotonic() + REAP_EVERY_S
+        next_reap = next_drain = time.monotonic() + REAP_EVERY_S
         spin_until = 0.0
         while not self.stopping:
             now = time.monotonic()
@@ -187,8 +188,10 @@ class Server:
                 next_reap = now + REAP_EVERY_S
             backlog = self.sessions_.pipes_with_backlog()     # calls read ahead, not yet served
             ready = dict(self.poller.poll(0 if backlog or now < spin_until else POLL_MS))
-            for fd in connections.drain():
-                self.sessions_.connection_closed(fd)
+            if not ready or now >= next_drain:      # idle, or every DRAIN_EVERY_S while busy (not per call:
+                next_drain = now + DRAIN_EVERY_S    # it costs a few us): a closed connection ends its session
+                for fd in connections.drain():
+                    self.sessions_.connection_closed(fd)
             pipe_peers = self.sessions_.pipe_peers
             for fd in [fd for fd in pipe_peers if fd in ready or fd in backlog]:    # one call each, in turn
                 if fd in pipe_peers:         # not dropped while serving another pipe

@@ -28,7 +28,7 @@ class Session:
     peer: Peer                      # who opened it, and on which connection
     arena: Arena | None = None
     pipes: Channel | None = None    # the control pipes, when the runner asked for them
-    checked: dict = field(default_factory=dict)   # a call's header bytes but its id -> (inputs, out, out meta)
+    checked: dict = field(default_factory=dict)   # a call header but its id -> handlers.check()
     record: object | None = None    # a record.SessionRecord under `tsqp serve --record`
 
     def remember(self, key: bytes, value: tuple) -> None:

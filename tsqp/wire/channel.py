@@ -106,14 +106,15 @@ class PipeChannel:
         now = time.monotonic()
         spin_until = now + self.spin_s
         while True:
-            got = self.pipes.receive()
-            if got:
-                return [[m] for m in got]
+            # wait first: a reply is seldom there already, and reading an empty pipe costs an exception
+            if self.pipes.buffered or self.pipes.wait(0.0 if now < spin_until else deadline - now):
+                got = self.pipes.receive()
+                if got:
+                    return [[m] for m in got]
+            now = time.monotonic()
             if now >= deadline:
                 raise ServerTimeout(f"no reply from {self.endpoint} within {self.timeout_s:g} s while waiting "
                                     f"for {what} (control pipes); is `tsqp serve` running there?")
-            self.pipes.wait(0.0 if now < spin_until else deadline - now)    # poll(0) while spinning
-            now = time.monotonic()
 
     def close(self) -> None:
         self.pipes.close()

@@ -23,7 +23,7 @@ from ..config import PEER_LIMITS, ModelConfig
 from ..stats import Stats
 from . import protocol as P
 from .channel import PipeChannel, RunnerContext, SocketChannel
-from .datapath import ArenaPath, Call, FramePath, check_reply
+from .datapath import ArenaPath, Call, FramePath, reply_time
 from .hello import Expected, HelloError, printable, read_welcome
 from .pipes import Channel as Pipes
 from .pipes import PipeError, make_pipes, open_pipe
@@ -122,7 +122,7 @@ class RemoteOffload:
         self.client = self.link = self.path = self.channel = self.ctx = None
         self.ids = itertools.count(1)
         self.waiting: dict[int, Pending] = {}       # calls sent and not yet answered
-        self.replies: dict[int, tuple] = {}         # answered, not yet collected: id -> (message, frames, time)
+        self.replies: dict[int, tuple] = {}         # answered, not yet collected: id -> (compute s, frames, time)
         check_ipc_owner(endpoint)
         # a context of its own: its sockets get the runner's caps before they connect (libzmq copies a
         # socket's options into each connection when it is made)
@@ -272,11 +272,11 @@ class RemoteOffload:
                                   f"{pending} was pending: {e}") from None
             for frames in arrived:
                 self._file(frames, pending)
-        m, frames, got_at = self.replies.pop(pending.rid)
+        compute_s, frames, got_at = self.replies.pop(pending.rid)
         self.stats.wait_s += time.perf_counter() - t0
         self.stats.rpc_time_s += got_at - pending.sent_at
         self.stats.received_bytes += sum(len(f) for f in frames)
-        self.stats.server_compute_s += m.compute_s
+        self.stats.server_compute_s += compute_s
         t1 = time.perf_counter()
         try:
             y = self.path.result(pending.call, frames)
@@ -290,22 +290,24 @@ class RemoteOffload:
     def _file(self, frames: list, pending: Pending) -> None:
         """Match one reply to the call it answers; anything else ends the run with a named error. Only replies
         to calls in flight are kept, so what waits here is bounded by the calls the runner made."""
-        head = frames[0]
+        head = bytes(frames[0])
         try:
             if not P.is_binary(head):
                 msg = P.decode(head)
                 rid = msg.get("id")
                 what = self.waiting.get(rid, pending) if isinstance(rid, int) else pending
                 raise RemoteError(f"server at {self.endpoint} failed {what}: {server_text(msg.get('error', msg))}")
-            m = P.unpack(head)
-            asked = self.waiting.pop(m.id, None)
+            rid = P.peek_id(head)
+            if rid is None:
+                P.unpack(head)                # raises, naming what is wrong
+            asked = self.waiting.pop(rid, None)
             if asked is None:
-                raise P.ProtocolError(f"a reply with id {m.id}, which no call in flight has")
-            check_reply(m, asked.op, asked.layer, asked.call.want)
+                raise P.ProtocolError(f"a reply with id {rid}, which no call in flight has")
+            compute_s = reply_time(head, asked.call)
         except P.ProtocolError as e:
             raise RemoteError(f"server at {self.endpoint} broke the protocol while {pending} was pending: {e}") \
                 from None
-        self.replies[m.id] = (m, frames, time.perf_counter())
+        self.replies[rid] = (compute_s, frames, time.perf_counter())
 
     def _say_bye(self) -> None:
         """End the session (best effort, and only to a server that answered the hello: it may be gone) and

@@ -3,7 +3,7 @@ or as raw ZeroMQ frames after the header. Either builds a call's header and turn
 checking the reply against what the op table says the runner asked for."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -15,7 +15,7 @@ from .shm import Arena
 MAX_COMPUTE_S = 1e6          # a server's stated compute time for one call, summed into the statistics
 
 
-@dataclass
+@dataclass(slots=True)
 class Call:
     header: bytes
     frames: list
@@ -23,6 +23,7 @@ class Call:
     out: torch.Tensor | None      # that region's view (arena)
     regions: list[int]            # arena offsets to free with the call
     in_bytes: int
+    reply: bytes                  # the one result header that answers it, but for its id and compute time
 
 
 def expected_output(cfg: ModelConfig, wire: str, op: str, layer, metas: list[P.TensorMeta]) -> P.TensorMeta:
@@ -30,9 +31,23 @@ def expected_output(cfg: ModelConfig, wire: str, op: str, layer, metas: list[P.T
     return P.TensorMeta(dtype, shape)
 
 
+def reply_time(head: bytes, call: Call) -> float:
+    """The compute seconds a result header states, once it is the one result that answers `call`: byte for
+    byte the header asked for but for its id (matched by the caller) and the time. Anything else is a
+    ProtocolError naming what differs. A hostile server may lie about any of it."""
+    if len(head) == len(call.reply) and P.but_id(head) == P.but_id(call.reply):
+        compute_s = P.ID_TIME.unpack_from(head, P.ID_OFFSET)[1]
+        if 0 <= compute_s < MAX_COMPUTE_S:          # NaN and inf too
+            return compute_s
+    want = P.unpack(call.reply)
+    m = P.unpack(head)
+    check_reply(m, want.op, want.layer, call.want)
+    return m.compute_s          # differs only in bytes that carry nothing (padding)
+
+
 def check_reply(m: P.Message, op: str, layer, want: P.TensorMeta) -> None:
     """A result must answer the op and layer asked and hold exactly the output asked for: its dtype, its shape
-    and (shm) the region the runner named. A hostile server may lie about any of it."""
+    and (shm) the region the runner named."""
     if m.kind != P.RESULT:
         raise P.ProtocolError(f"the reply to op {op} is a call, not a result")
     if (m.op, m.layer) != (op, layer):
@@ -47,32 +62,50 @@ def check_reply(m: P.Message, op: str, layer, want: P.TensorMeta) -> None:
         raise P.ProtocolError(f"the reply to op {op} reports compute_s {m.compute_s}")
 
 
+@dataclass
+class Plan:
+    """What a call of one op on given input regions always is: worked out once (a decode step repeats its
+    calls on the same regions, a prefill too), then reused with a fresh id."""
+    inputs: list[P.TensorMeta]
+    output: P.TensorMeta          # dtype and shape; its region is allocated per call
+    in_bytes: int
+    headers: dict = field(default_factory=dict)    # output offset -> (call header, result header), ids 0
+
+
 class ArenaPath:
     def __init__(self, arena: Arena, cfg: ModelConfig, wire: torch.dtype):
         self.arena, self.cfg, self.wire = arena, cfg, P.DTYPE_NAME[wire]
-        self.outputs: dict[tuple, P.TensorMeta] = {}     # (op, layer, input dtypes and shapes) -> the output
+        self.plans: dict[tuple, Plan] = {}     # (op, layer, each input's offset, dtype, shape) -> its plan
 
     def empty(self, shape, dtype=None) -> torch.Tensor:
         return self.arena.empty(tuple(shape), dtype or P.WIRE_DTYPES[self.wire])     # freed with the call it feeds
 
     def call(self, op: str, layer, rid: int, xs) -> Call:
-        inputs = []
+        offsets, key = [], [op, layer]
         for x in xs:
             off = self.arena.offset_of(x)
             if off is None:                 # not written in place: copy it in once
                 x = self.arena.empty(tuple(x.shape), x.dtype).copy_(x)
                 off = self.arena.offset_of(x)
-            inputs.append(P.TensorMeta.of(x, off))
-        key = (op, layer, *((m.dtype, m.shape) for m in inputs))
-        want = self.outputs.get(key)
-        if want is None:                    # a decode step asks the op table once per op and layer, not per token
-            if len(self.outputs) >= 4096:
-                self.outputs.clear()
-            want = self.outputs[key] = expected_output(self.cfg, self.wire, op, layer, inputs)
-        out = self.arena.empty(want.shape, want.torch_dtype)
-        want = want._replace(offset=self.arena.offset_of(out))
-        return Call(P.encode_call(op, layer, rid, inputs, want), [], want, out,
-                    [*(m.offset for m in inputs), want.offset], sum(m.nbytes for m in inputs))
+            offsets.append(off)
+            key += (off, x.dtype, x.shape)
+        key = tuple(key)
+        plan = self.plans.get(key)
+        if plan is None:
+            if len(self.plans) >= 4096:
+                self.plans.clear()
+            inputs = [P.TensorMeta.of(x, off) for x, off in zip(xs, offsets)]
+            plan = self.plans[key] = Plan(inputs, expected_output(self.cfg, self.wire, op, layer, inputs),
+                                          sum(m.nbytes for m in inputs))
+        out = self.arena.empty(plan.output.shape, plan.output.torch_dtype)
+        out_offset = self.arena.offset_of(out)
+        headers = plan.headers.get(out_offset)
+        if headers is None:
+            want = plan.output._replace(offset=out_offset)
+            headers = plan.headers[out_offset] = (P.encode_call(op, layer, 0, plan.inputs, want),
+                                                  P.encode_result(op, layer, 0, want, 0.0), want)
+        return Call(P.with_id(headers[0], rid), [], headers[2], out, [*offsets, out_offset], plan.in_bytes,
+                    headers[1])
 
     def result(self, call: Call, frames: list) -> torch.Tensor:
         if len(frames) > 1:
@@ -99,7 +132,7 @@ class FramePath:
         want = expected_output(self.cfg, P.DTYPE_NAME[self.wire], op, layer, metas)
         frames = [P.tensor_bytes(x) for x in xs]
         return Call(P.encode_call(op, layer, rid, metas, want), frames, want, None, [],
-                    sum(f.nbytes for f in frames))
+                    sum(f.nbytes for f in frames), P.encode_result(op, layer, 0, want, 0.0))
 
     def result(self, call: Call, frames: list) -> torch.Tensor:
         """The result over its frame's memory, once the frame's size matches what was asked for."""

@@ -42,7 +42,8 @@ MAX_CONTROL_BYTES = 64 * 1024
 WIRE_DTYPES = {**DTYPE, "int64": torch.int64, "uint8": torch.uint8, "int8": torch.int8}
 DTYPE_NAME = {v: k for k, v in WIRE_DTYPES.items()}
 DTYPE_CODES = tuple(WIRE_DTYPES)            # code = index + 1
-ID_OFFSET = 8                               # where the request id sits in the header
+ID_OFFSET = 8                               # where the request id sits in the header, compute_s after it
+ID_TIME = struct.Struct("<Qd")              # the two fields a repeated call or its result changes
 
 
 class ProtocolError(ValueError):
@@ -136,16 +137,21 @@ def peek_id(buf) -> int | None:
     return struct.unpack_from("<Q", buf, ID_OFFSET)[0]
 
 
-def with_id(header: bytes | bytearray, rid: int) -> bytes:
-    """A packed header with another request id (a header reused as is, but for its id)."""
-    buf = bytearray(header)
-    struct.pack_into("<Q", buf, ID_OFFSET, rid)
-    return bytes(buf)
+def with_id(header: bytes, rid: int, compute_s: float = 0.0) -> bytes:
+    """A packed header with another request id and compute time: a call or result header built once for an op
+    on given arena regions serves every later call on them (a decode step repeats the same calls)."""
+    return header[:ID_OFFSET] + ID_TIME.pack(rid, compute_s) + header[ID_OFFSET + ID_TIME.size:]
+
+
+def but_id(header: bytes) -> bytes:
+    """A header without its id and compute time: equal for two calls of one op on the same regions."""
+    return header[:ID_OFFSET] + header[ID_OFFSET + ID_TIME.size:]
 
 
 def is_binary(frame) -> bool:
-    mv = memoryview(frame).cast("B")
-    return mv.nbytes > 0 and mv[0] == MAGIC
+    if not isinstance(frame, bytes):
+        frame = memoryview(frame).cast("B")
+    return len(frame) > 0 and frame[0] == MAGIC
 
 
 # ---- control messages: JSON -------------------------------------------------------------------------
