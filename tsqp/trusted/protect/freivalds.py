@@ -83,17 +83,20 @@ class Freivalds:
         low, high = torch.remainder(sums, self.prime)
         return torch.remainder(low + mulpow2_mod(high, LIMB_BITS, self.prime), self.prime)
 
-    def rows_ok(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        """x int64 [T, in] (|x| < 2^15), y int64 [T, out] (|y| <= 2^41) -> bool [T]: row t passes."""
+    def rows_ok(self, x: torch.Tensor, y: torch.Tensor, scratch: torch.Tensor | None = None) -> torch.Tensor:
+        """x int64 [T, in] (|x| < 2^15), y int64 [T, out] (|y| <= 2^41) -> bool [T]: row t passes.
+        scratch: int64 like y, to hold each of y's limbs in turn (else one is allocated per limb)."""
         p = self.prime
-        y0, y1 = y & ((1 << Y_LIMB_BITS) - 1), y >> Y_LIMB_BITS                  # y = y0 + 2^20 y1
-        lhs = torch.remainder(matvec_mod(y0, self._s_limbs, p)
-                              + mulpow2_mod(matvec_mod(y1, self._s_limbs, p), Y_LIMB_BITS, p), p)
+        limb = torch.empty_like(y) if scratch is None else scratch
+        y0 = matvec_mod(torch.bitwise_and(y, (1 << Y_LIMB_BITS) - 1, out=limb), self._s_limbs, p)   # y = y0
+        y1 = matvec_mod(torch.bitwise_right_shift(y, Y_LIMB_BITS, out=limb), self._s_limbs, p)      # + 2^20 y1
+        lhs = torch.remainder(y0 + mulpow2_mod(y1, Y_LIMB_BITS, p), p)
         rhs = matvec_mod(x, self._ws_limbs, p)
         return lhs == rhs
 
-    def verify(self, x: torch.Tensor, y: torch.Tensor, op: str, layer: int | None) -> None:
-        ok = self.rows_ok(x, y)
+    def verify(self, x: torch.Tensor, y: torch.Tensor, op: str, layer: int | None,
+               scratch: torch.Tensor | None = None) -> None:
+        ok = self.rows_ok(x, y, scratch)
         if not bool(ok.all()):
             bad = (~ok).nonzero().flatten().tolist()
             raise VerificationError(op, layer, f"Freivalds check failed on row(s) {bad[:8]} of {y.shape[0]}")
