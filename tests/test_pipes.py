@@ -175,11 +175,11 @@ def test_a_result_is_taken_only_as_the_header_its_call_expects():
     from tsqp.wire.datapath import Call, reply_time
     want = P.TensorMeta("float32", (4, 64), 8192)
     expected = P.encode_result("o", 2, 0, want, 0.0)
-    call = Call(b"", [], want, None, [], 0, expected)
-    assert reply_time(P.with_id(expected, 77, 0.25), call) == 0.25
+    call = Call(b"", [], want, None, [], 0, P.but_id(expected))
+    assert reply_time(P.with_id(expected, 77, 0.25), "o", 2, call) == 0.25
     padded = bytearray(P.with_id(expected, 77, 0.5))
     padded[5] = 1                                                   # a padding byte: carries nothing
-    assert reply_time(bytes(padded), call) == 0.5
+    assert reply_time(bytes(padded), "o", 2, call) == 0.5
     lies = {"offset 4096": P.encode_result("o", 2, 7, want._replace(offset=4096), 0.1),
             "layer 3": P.encode_result("o", 3, 7, want, 0.1),
             r"float32\[4, 32\]": P.encode_result("o", 2, 7, want._replace(shape=(4, 32)), 0.1),
@@ -187,4 +187,4 @@ def test_a_result_is_taken_only_as_the_header_its_call_expects():
             "a call": P.encode_call("o", 2, 7, [want], want)}
     for named, reply in lies.items():
         with pytest.raises(P.ProtocolError, match=named):
-            reply_time(reply, call)
+            reply_time(reply, "o", 2, call)

@@ -98,8 +98,8 @@ class Handlers:
         try:
             session = self.sessions.get(peer)
             # the same bytes but the id as a call checked before (a decode step repeats its calls): no parse
-            shm = session is not None and session.arena is not None
-            checked = session.checked.get(P.but_id(head)) if shm else None
+            key = P.but_id(head)
+            checked = session.checked.get(key) if session is not None and session.arena is not None else None
             if checked is None:
                 m = P.unpack(head)
                 op = m.op
@@ -108,7 +108,7 @@ class Handlers:
                 session = self.sessions.need(peer)
                 checked = self.check(session, m, frames[1:])
                 if session.arena is not None and m.op != "embed":     # token ids are checked on every call
-                    session.remember(P.but_id(head), checked)
+                    session.remember(key, checked)
             op, layer, inputs, out, reply = checked
             rid = P.peek_id(head)
             y, compute_s = self.compute.run(op, layer, inputs, out)

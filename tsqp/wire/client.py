@@ -303,7 +303,7 @@ class RemoteOffload:
             asked = self.waiting.pop(rid, None)
             if asked is None:
                 raise P.ProtocolError(f"a reply with id {rid}, which no call in flight has")
-            compute_s = reply_time(head, asked.call)
+            compute_s = reply_time(head, asked.op, asked.layer, asked.call)
         except P.ProtocolError as e:
             raise RemoteError(f"server at {self.endpoint} broke the protocol while {pending} was pending: {e}") \
                 from None

@@ -23,7 +23,7 @@ class Call:
     out: torch.Tensor | None      # that region's view (arena)
     regions: list[int]            # arena offsets to free with the call
     in_bytes: int
-    reply: bytes                  # the one result header that answers it, but for its id and compute time
+    reply: bytes                  # the one result header that answers it, but for its id and time (but_id)
 
 
 def expected_output(cfg: ModelConfig, wire: str, op: str, layer, metas: list[P.TensorMeta]) -> P.TensorMeta:
@@ -31,17 +31,16 @@ def expected_output(cfg: ModelConfig, wire: str, op: str, layer, metas: list[P.T
     return P.TensorMeta(dtype, shape)
 
 
-def reply_time(head: bytes, call: Call) -> float:
-    """The compute seconds a result header states, once it is the one result that answers `call`: byte for
-    byte the header asked for but for its id (matched by the caller) and the time. Anything else is a
-    ProtocolError naming what differs. A hostile server may lie about any of it."""
-    if len(head) == len(call.reply) and P.but_id(head) == P.but_id(call.reply):
+def reply_time(head: bytes, op: str, layer, call: Call) -> float:
+    """The compute seconds a result header states, once it is the one result that answers `call` (of op and
+    layer): byte for byte the header asked for but for its id (matched by the caller) and the time. Anything
+    else is a ProtocolError naming what differs. A hostile server may lie about any of it."""
+    if len(head) == len(call.reply) + P.ID_TIME.size and P.but_id(head) == call.reply:
         compute_s = P.ID_TIME.unpack_from(head, P.ID_OFFSET)[1]
         if 0 <= compute_s < MAX_COMPUTE_S:          # NaN and inf too
             return compute_s
-    want = P.unpack(call.reply)
     m = P.unpack(head)
-    check_reply(m, want.op, want.layer, call.want)
+    check_reply(m, op, layer, call.want)
     return m.compute_s          # differs only in bytes that carry nothing (padding)
 
 
@@ -69,7 +68,7 @@ class Plan:
     inputs: list[P.TensorMeta]
     output: P.TensorMeta          # dtype and shape; its region is allocated per call
     in_bytes: int
-    headers: dict = field(default_factory=dict)    # output offset -> (call header, result header), ids 0
+    headers: dict = field(default_factory=dict)    # output offset -> (call header, Call.reply, output meta)
 
 
 class ArenaPath:
@@ -103,7 +102,7 @@ class ArenaPath:
         if headers is None:
             want = plan.output._replace(offset=out_offset)
             headers = plan.headers[out_offset] = (P.encode_call(op, layer, 0, plan.inputs, want),
-                                                  P.encode_result(op, layer, 0, want, 0.0), want)
+                                                  P.but_id(P.encode_result(op, layer, 0, want, 0.0)), want)
         return Call(P.with_id(headers[0], rid), [], headers[2], out, [*offsets, out_offset], plan.in_bytes,
                     headers[1])
 
@@ -132,7 +131,7 @@ class FramePath:
         want = expected_output(self.cfg, P.DTYPE_NAME[self.wire], op, layer, metas)
         frames = [P.tensor_bytes(x) for x in xs]
         return Call(P.encode_call(op, layer, rid, metas, want), frames, want, None, [],
-                    sum(f.nbytes for f in frames), P.encode_result(op, layer, 0, want, 0.0))
+                    sum(f.nbytes for f in frames), P.but_id(P.encode_result(op, layer, 0, want, 0.0)))
 
     def result(self, call: Call, frames: list) -> torch.Tensor:
         """The result over its frame's memory, once the frame's size matches what was asked for."""
