@@ -26,6 +26,7 @@ from tsqp.config import ModelConfig
 from tsqp.ops import matmul_widths
 from tsqp.trusted.model import TrustedModel
 from tsqp.local import LocalOffload
+from tsqp.trusted.protect import blocks, freivalds
 from tsqp.trusted.protect.freivalds import PRIME, Freivalds, VerificationError
 from tsqp.trusted.protect.masked import POLICY_MESSAGE, ProtectedOffload, QuantizedOffload, UnsupportedOp
 from tsqp.trusted.protect.pads import PadPool, PadReuseError, PadSource, keystream, uniform_below
@@ -125,10 +126,10 @@ class Recording:
 
 
 class AddToResult:
-    """A server adding `delta` (mod 2^40) to element [0, 0] of every result."""
+    """A server adding `delta` (mod 2^40) to element [row, 0] of every result."""
 
-    def __init__(self, inner, delta: int):
-        self.inner, self.delta = inner, delta
+    def __init__(self, inner, delta: int, row: int = 0):
+        self.inner, self.delta, self.row = inner, delta, row
         self.stats, self.dtype = inner.stats, inner.dtype
 
     def empty(self, shape, dtype=None):
@@ -136,7 +137,7 @@ class AddToResult:
 
     def submit(self, op, layer, *xs):
         z = self.inner.submit(op, layer, *xs).result().clone()
-        z[0, 0] = (z[0, 0] + self.delta) & ring.MASK
+        z[self.row, 0] = (z[self.row, 0] + self.delta) & ring.MASK
         return Done(z)
 
     def close(self):
@@ -442,6 +443,77 @@ def test_no_false_alarm_over_many_clean_calls(tiny):
         calls += 1
     assert po.report()["checked_rows"] > calls
     po.close()
+
+
+def check_with_secret(monkeypatch, q: torch.Tensor, s: torch.Tensor) -> Freivalds:
+    """A Freivalds check whose secret is s (a test's choice instead of the CSPRNG's)."""
+    monkeypatch.setattr(freivalds, "uniform_below", lambda bound, n: s.clone())
+    return Freivalds(q)
+
+
+def test_both_sides_of_the_check_are_exact_at_their_bounds(monkeypatch):
+    """Each side against Python's big integers, with operands at their extremes and widths at the limits
+    of each kernel's exactness (the int8 GEMM's int32 sums; the float64 GEMM's 53 bits)."""
+    for out in (26420, 26421):                       # the widest output for 7-bit limbs, and one more
+        bits = freivalds.output_limb_bits(out)
+        assert bits == (7 if out == 26420 else 6)
+        assert 128 * (2**bits - 1) * 5 * out < 2**31 <= 128 * (2**(bits + 1) - 1) * 5 * out
+        s = ints((out,), 0, PRIME - 1)
+        s[:100] = PRIME - 1
+        check = check_with_secret(monkeypatch, torch.zeros((out, 1), dtype=torch.int16), s)
+        y = ints((4, out), -2**39, 2**39 - 1)
+        y[0], y[1] = -2**39, 2**39 - 1               # every byte at 0, then at 255
+        got = check.output_side(y + ring.HALF)
+        s_list = s.tolist()
+        for t in range(4):
+            assert int(got[t]) == sum(a * b for a, b in zip(y[t].tolist(), s_list)) % PRIME
+    n = 131071                                       # the widest input for 21-bit limbs of ws
+    s0 = 2**41 - 1                                   # ws = W^T s = s0 everywhere: both limbs all ones
+    check = check_with_secret(monkeypatch, torch.ones((1, n), dtype=torch.int16), torch.tensor([s0]))
+    assert check.in_bits == 21
+    x = torch.full((3, n), 32767.0)
+    x[1] = -32767.0
+    x[2, ::2] = -32767.0
+    got = check.input_side(x)
+    for t in range(3):
+        assert int(got[t]) == int(x[t].double().sum()) * s0 % PRIME
+    with pytest.raises(ValueError, match="lifted"):
+        check.rows_ok(x[:, :1], torch.tensor([[2**39]]))
+
+
+def test_weighted_sums_are_exact_in_both_paths():
+    """WeightedSum against Python's integers, above and below its Python-rows threshold, with parts at the
+    extremes the check produces (input parts up to 2^53, output parts up to 2^31) and coefficients up to p."""
+    coefficients = [PRIME - 1, 1, 1 << 41, 12345, 0, PRIME - 2**20]
+    ws = freivalds.WeightedSum(coefficients, PRIME)
+    for T in (1, freivalds.WeightedSum.PYTHON_ROWS, freivalds.WeightedSum.PYTHON_ROWS + 1, 40):
+        parts = ints((T, len(coefficients)), -2**53, 2**53)
+        parts[0] = 2**53
+        parts[-1] = -2**53
+        want = [sum(v * c for v, c in zip(row, coefficients)) % PRIME for row in parts.tolist()]
+        assert ws(parts).tolist() == want
+
+
+@pytest.mark.parametrize("block_rows", [1, 3, 64])
+def test_blocks_of_rows_change_no_bit_and_miss_no_fault(tiny, monkeypatch, block_rows):
+    """The runner masks and finishes a request a block of rows at a time: any block size gives the
+    unmasked oracle's bits, with the length bucket's padding rows in the last blocks, and a wrong value in
+    any block fails its row's check."""
+    cfg, weights, _ = tiny
+    key = ("gate_up", 1)
+    n = matmul_widths(cfg, "gate_up")[0]
+    monkeypatch.setattr(blocks, "BLOCK", block_rows * n)    # block_rows input rows a block; result rows: fewer
+    x = linear_inputs(cfg, key, 7)
+    x[2] = 0.0
+    want = QuantizedOffload(cfg, weights).submit(*key, x).result()
+    po = protected(cfg, weights, length_bucket=4)                    # 7 rows padded to 8
+    assert torch.equal(po.submit(*key, x).result(), want)
+    assert po.checked_rows == 8
+    for row in (0, 4, 7):                                            # first block, middle, a padding row
+        bad = protected(cfg, weights, length_bucket=4)
+        bad.inner = AddToResult(bad.inner, 1, row=row)
+        with pytest.raises(VerificationError, match=rf"row\(s\) \[{row}\] of 8"):
+            bad.submit(*key, x).result()
 
 
 def test_a_small_prime_lets_multiples_through_but_not_ours(tiny):

@@ -64,17 +64,28 @@ def quantize_weight(w: torch.Tensor) -> QWeight:
     return QWeight(q, scale)
 
 
-def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Activations float [T, in] -> (int64 [T, in] in [-32767, 32767], float32 scale [T])."""
-    q, scale = _symmetric(x, ACT_MAX, torch.int64)
+def quantize_block(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Activations float [T, in] -> (float32 [T, in] holding integers in [-32767, 32767], float32 scale [T]).
+    Row-wise: a block of rows gets what the whole tensor would."""
+    q, scale = _symmetric(x, ACT_MAX, torch.float32)
     if not torch.isfinite(scale).all():
         raise ValueError("activations to quantize are not finite")
     return q, scale
 
 
+def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Activations float [T, in] -> (int64 [T, in] in [-32767, 32767], float32 scale [T])."""
+    q, scale = quantize_block(x)
+    return q.to(torch.int64), scale
+
+
+def dequantize_into(out: torch.Tensor, y: torch.Tensor, sx: torch.Tensor, sw: torch.Tensor) -> torch.Tensor:
+    """Exact integer result int64 [T, out] -> `out` float32 [T, out] = Y * sx[t] * sw[o]."""
+    return out.copy_(y).mul_(sx[:, None]).mul_(sw[None, :])
+
+
 def dequantize(y: torch.Tensor, sx: torch.Tensor, sw: torch.Tensor) -> torch.Tensor:
-    """Exact integer result int64 [T, out] -> float32 [T, out] = Y * sx[t] * sw[o]."""
-    return y.to(torch.float32).mul_(sx[:, None]).mul_(sw[None, :])
+    return dequantize_into(torch.empty(y.shape, dtype=torch.float32), y, sx, sw)
 
 
 def fused_weights(cfg: ModelConfig, weights: dict[str, torch.Tensor]) -> dict[tuple[str, int | None], torch.Tensor]:

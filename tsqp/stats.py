@@ -32,7 +32,10 @@ class Stats:
         try:
             yield
         finally:
-            self.trusted_s[name] = self.trusted_s.get(name, 0.0) + time.perf_counter() - t0
+            self.add_time(name, time.perf_counter() - t0)
+
+    def add_time(self, name: str, seconds: float) -> None:
+        self.trusted_s[name] = self.trusted_s.get(name, 0.0) + seconds
 
     def reset(self) -> None:
         self.__init__()

@@ -1,33 +1,40 @@
-"""Freivalds checks of the server's integer products, exact in int64.
+"""Freivalds checks of the server's integer products, exact in integer arithmetic.
 
 Per (op, layer) the runner keeps a secret s uniform mod PRIME (CSPRNG) and ws = W^T s mod PRIME. A result
-Y [T, out] (already unmasked and lifted to signed) passes iff, for every row t,
+Y [T, out] passes iff, for every row t,
     Y[t] . s == X[t] . ws   (mod PRIME).
-Why one repetition suffices: the lift maps any returned value into [-2^39, 2^39), and |X W^T| < 2^39, so a
-wrong row differs from the true one by a nonzero integer vector e with |e| < 2^40 < PRIME: e is nonzero
+Why one repetition suffices: the runner lifts every returned value into [-2^39, 2^39), and |X W^T| < 2^39,
+so a wrong row differs from the true one by a nonzero integer vector e with |e| < 2^40 < PRIME: e is nonzero
 mod PRIME and e . s == 0 with probability 1/PRIME < 2^-41 over s, which the server never sees. (A prime
 below that error range would let the server add a multiple of the prime undetected.) The secret is
 reused across calls, which is sound while a failed check ends the session (masked.py does so): until then
 the server's view does not depend on s.
 
-Exactness in int64 (no sum may reach 2^63). PRIME < 2^42, so s and ws split into two 21-bit limbs
-v = v0 + 2^21 v1 with v0, v1 in [0, 2^21). `matvec_mod` multiplies int64 rows a with |a| <= 2^21 by each
-limb: every product has |a v_k| < 2^42 and a row of n terms stays below n 2^42 < 2^63 for n < 2^21
-(MAX_TERMS; vocabularies are ~2^17). Partial results are reduced to [0, PRIME) before being shifted:
-x < 2^42 times 2^21 is < 2^63. Operands: X quantized, |X| <= 32767 < 2^15; Y split into 20-bit limbs,
-Y = y0 + 2^20 y1 with y0 in [0, 2^20) and |y1| <= 2^21 for |Y| <= 2^41; W of up to 12 bits, |W| <= 2047.
+Both sides of the check are computed exactly, each with the fast kernel its operands allow:
+  X . ws (`input_side`)   X holds 16-bit integers: a float64 GEMM against ws cut into limbs of b bits,
+                          exact while every row sum 2^15 2^b in stays below 2^53 (b = 21 up to 2^17 inputs).
+  Y . s  (`output_side`)  Y + 2^39 is in [0, 2^40): its five low bytes, recentred to int8 in place (xor
+                          0x80), are read as an int8 matrix [T, 8 out] (bytes 5..7 meet zero rows) and
+                          multiplied by 2^(8j) s_k mod PRIME cut into limbs of L bits (int8 [8 out, N]) in
+                          one int8 GEMM (`torch._int_mm`, VNNI on the CPU), exact in int32 while
+                          128 (2^L - 1) 5 out < 2^31. This reads Y once, as 8 bytes a value; int64
+                          matrix-vector products over 20-bit limbs of Y took 3.5 times as long.
+The limb sums, a few per row and side, are combined mod PRIME in int64 in one pass for both sides
+(`WeightedSum`, `passes`).
 """
 from __future__ import annotations
 
 import torch
 
+from ... import ring
 from .pads import uniform_below
 
 PRIME = 2**41 + 27          # 2199023255579: the smallest prime above 2^41 (tests prove it with Miller-Rabin)
 LIMB_BITS = 21
 LIMB_MASK = (1 << LIMB_BITS) - 1
-Y_LIMB_BITS = 20
 MAX_TERMS = (1 << LIMB_BITS) - 1
+FLOAT64_EXACT = 1 << 53
+LIVE_BYTES = ring.LIMBS                              # the bytes of Y + 2^39 that can be nonzero
 
 
 class VerificationError(RuntimeError):
@@ -38,24 +45,49 @@ class VerificationError(RuntimeError):
         self.op, self.layer = op, layer
 
 
-def split_limbs(v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """v int64 in [0, 2^42) -> (v0, v1) in [0, 2^21) with v = v0 + 2^21 v1."""
-    return v & LIMB_MASK, v >> LIMB_BITS
-
-
 def mulpow2_mod(x: torch.Tensor, bits: int, prime: int) -> torch.Tensor:
     """x * 2^bits mod prime for x in [0, prime), prime < 2^42, bits <= 21: x << bits < 2^63."""
     return torch.remainder(x << bits, prime)
 
 
-def matvec_mod(a: torch.Tensor, v_limbs: tuple[torch.Tensor, torch.Tensor], prime: int) -> torch.Tensor:
-    """a int64 [T, n] with |a| <= 2^21, v = v0 + 2^21 v1 ([n] each in [0, 2^21)) -> a v mod prime, [T] in
-    [0, prime)."""
-    if a.shape[-1] > MAX_TERMS:
-        raise ValueError(f"{a.shape[-1]} terms per row would overflow int64 (at most {MAX_TERMS})")
-    low = torch.remainder(torch.mv(a, v_limbs[0]), prime)                          # |a v0| sums < 2^63
-    high = torch.remainder(torch.mv(a, v_limbs[1]), prime)
-    return torch.remainder(low + mulpow2_mod(high, LIMB_BITS, prime), prime)
+class WeightedSum:
+    """parts int64 [T, k] (any values) -> sum_i parts[:, i] c_i mod prime, [T] in [0, prime), for k fixed
+    integer coefficients. In int64: each part is reduced first (< 2^42), each c_i cut into 21-bit limbs, so
+    a product stays below 2^63, and so does a sum of k < 2^21 reduced products. Up to PYTHON_ROWS rows (a
+    decode step) Python's integers do it: a dozen tensor ops cost more than the arithmetic."""
+
+    PYTHON_ROWS = 4
+
+    def __init__(self, coefficients: list[int], prime: int):
+        self.coefficients = [v % prime for v in coefficients]
+        c = torch.tensor(self.coefficients, dtype=torch.int64)                    # [k]
+        self.low, self.high, self.prime = c & LIMB_MASK, c >> LIMB_BITS, prime
+
+    def __call__(self, parts: torch.Tensor) -> torch.Tensor:
+        p = self.prime
+        if parts.shape[0] <= self.PYTHON_ROWS:
+            return torch.tensor([sum(v * c for v, c in zip(row, self.coefficients)) % p
+                                 for row in parts.tolist()], dtype=torch.int64)
+        a = torch.remainder(parts, p)                                              # [T, k]
+        low = torch.remainder(a * self.low, p).sum(1)
+        high = torch.remainder(torch.remainder(a * self.high, p).sum(1), p)
+        return torch.remainder(low + mulpow2_mod(high, LIMB_BITS, p), p)          # low < 2^63 - 2^42
+
+
+def cut(v: torch.Tensor, bits: int, count: int) -> torch.Tensor:
+    """v int64 >= 0 [n] -> its `count` limbs of `bits` bits, low first, int64 [n, count]."""
+    return torch.stack([(v >> (bits * i)) & ((1 << bits) - 1) for i in range(count)], 1)
+
+
+def output_limb_bits(out_features: int) -> int:
+    """The widest limb L <= 7 of 2^(8j) s_k for which the int8 GEMM over out_features values stays exact:
+    every product is at most 128 (2^L - 1) and a row has 5 out_features nonzero ones."""
+    bits = 7
+    while bits and 128 * ((1 << bits) - 1) * LIVE_BYTES * out_features >= 1 << 31:
+        bits -= 1
+    if not bits:
+        raise ValueError(f"{out_features} outputs are too many for an exact int32 check")
+    return bits
 
 
 class Freivalds:
@@ -65,38 +97,86 @@ class Freivalds:
     def __init__(self, q: torch.Tensor, prime: int = PRIME):
         if not 2 < prime < 1 << 42:
             raise ValueError("the limb arithmetic needs a prime below 2^42")
-        self.prime = prime
         out_features, in_features = q.shape
+        if max(q.shape) > MAX_TERMS:
+            raise ValueError(f"a weight of shape {tuple(q.shape)} is too large for exact int64 sums")
+        self.prime = prime
         s = uniform_below(prime, out_features)                                      # [out], secret
-        self._s_limbs = split_limbs(s)
-        self._ws_limbs = split_limbs(self._weighted_columns(q))                   # [in] = W^T s mod p
+        # X . ws: ws in limbs of in_bits bits, float64 [in, count]
+        self.in_bits = min(LIMB_BITS, (FLOAT64_EXACT.bit_length() - 1) - 15 - in_features.bit_length())
+        count = -(-prime.bit_length() // self.in_bits)
+        self._ws = cut(self._weighted_columns(q, s), self.in_bits, count).to(torch.float64)
+        input_weights = [1 << (self.in_bits * i) for i in range(count)]
+        # Y . s: 2^(8j) s_k mod p at row 8k + j (zero for the bytes above the fifth), in limbs of out_bits bits
+        self.out_bits = output_limb_bits(out_features)
+        count = -(-prime.bit_length() // self.out_bits)
+        shifted = torch.zeros((out_features, 8), dtype=torch.int64)               # [out, 8]
+        shifted[:, 0] = s
+        for j in range(1, LIVE_BYTES):
+            shifted[:, j] = mulpow2_mod(shifted[:, j - 1], 8, prime)
+        limbs = cut(shifted.flatten(), self.out_bits, count).to(torch.int8)         # [8 out, count]
+        # held column-major, `count` rounded up to 8 with zero columns: torch's CPU kernel took 43-56 us
+        # for one row times a row-major [24576, 6] operand, 4 us for this layout (same result)
+        self._s_bytes = torch.zeros((-(-count // 8) * 8, limbs.shape[0]), dtype=torch.int8)  # [8+, 8 out]
+        self._s_bytes[:count] = limbs.t()
+        output_weights = [1 << (self.out_bits * i) for i in range(count)] + [0] * (len(self._s_bytes) - count)
+        # Y + 2^39 = sum_{j<5} 2^(8j) (b'_j + 128) with b' the recentred bytes, so
+        # Y . s = [b' products] + (128 sum_{j<5} 2^(8j) - 2^39) sum_k s_k
+        s_sum = int(torch.remainder(s, prime).sum()) % prime                        # < 2^21 2^42: no overflow
+        self._y_offset = (128 * sum(1 << (8 * j) for j in range(LIVE_BYTES)) - ring.HALF) * s_sum % prime
+        self._input_sum = WeightedSum(input_weights, prime)
+        self._output_sum = WeightedSum(output_weights, prime)
+        # a row passes iff [output parts] - [input parts] + y_offset == 0 mod p: one sum for both sides
+        self._difference = WeightedSum(output_weights + [-w for w in input_weights], prime)
+        self._passing_total = -self._y_offset % prime
 
-    def _weighted_columns(self, q: torch.Tensor) -> torch.Tensor:
-        """W^T s mod p, [in]: each W^T s_k summed exactly in int64 (|.| < 2^11 * 2^21 * out < 2^49 for
-        out < 2^17), a block of output rows at a time so that no int64 copy of the whole W is made."""
+    def _weighted_columns(self, q: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+        """W^T s mod p, [in]: s in two 21-bit limbs, each W^T s_k summed exactly in int64
+        (|.| < 2^11 2^21 out < 2^53), a block of output rows at a time so that no int64 copy of the whole
+        W is made."""
         block = 4096
         sums = torch.zeros((2, q.shape[1]), dtype=torch.int64)                    # [2, in]
+        s_limbs = (s & LIMB_MASK, s >> LIMB_BITS)
         for start in range(0, q.shape[0], block):
             rows = q[start:start + block].to(torch.int64).t()                      # [in, block]
-            for k, limb in enumerate(self._s_limbs):
+            for k, limb in enumerate(s_limbs):
                 sums[k] += torch.mv(rows, limb[start:start + block])
-        low, high = torch.remainder(sums, self.prime)
-        return torch.remainder(low + mulpow2_mod(high, LIMB_BITS, self.prime), self.prime)
+        return WeightedSum([1, 1 << LIMB_BITS], self.prime)(sums.t())
 
-    def rows_ok(self, x: torch.Tensor, y: torch.Tensor, scratch: torch.Tensor | None = None) -> torch.Tensor:
-        """x int64 [T, in] (|x| < 2^15), y int64 [T, out] (|y| <= 2^41) -> bool [T]: row t passes.
-        scratch: int64 like y, to hold each of y's limbs in turn (else one is allocated per limb)."""
-        p = self.prime
-        limb = torch.empty_like(y) if scratch is None else scratch
-        y0 = matvec_mod(torch.bitwise_and(y, (1 << Y_LIMB_BITS) - 1, out=limb), self._s_limbs, p)   # y = y0
-        y1 = matvec_mod(torch.bitwise_right_shift(y, Y_LIMB_BITS, out=limb), self._s_limbs, p)      # + 2^20 y1
-        lhs = torch.remainder(y0 + mulpow2_mod(y1, Y_LIMB_BITS, p), p)
-        rhs = matvec_mod(x, self._ws_limbs, p)
-        return lhs == rhs
+    def input_parts(self, x: torch.Tensor) -> torch.Tensor:
+        """x [T, in] of integers with |x| <= 32767 (any real or integer dtype) -> int64 [T, count]: X times
+        each limb of ws, exact."""
+        return (x.to(torch.float64) @ self._ws).to(torch.int64)
 
-    def verify(self, x: torch.Tensor, y: torch.Tensor, op: str, layer: int | None,
-               scratch: torch.Tensor | None = None) -> None:
-        ok = self.rows_ok(x, y, scratch)
-        if not bool(ok.all()):
-            bad = (~ok).nonzero().flatten().tolist()
-            raise VerificationError(op, layer, f"Freivalds check failed on row(s) {bad[:8]} of {y.shape[0]}")
+    def output_parts(self, y_offset: torch.Tensor) -> torch.Tensor:
+        """Y + 2^39, int64 [T, out] in [0, 2^40), row-major -> int32 [T, 8+]: the recentred bytes times each
+        limb of 2^(8j) s_k, exact. CONSUMES its argument: its bytes are recentred in place."""
+        T = y_offset.shape[0]
+        recentred = y_offset.view(torch.uint8).bitwise_xor_(0x80).view(torch.int8).view(T, -1)   # [T, 8 out]
+        return torch._int_mm(recentred, self._s_bytes.t())
+
+    def passes(self, output_parts: torch.Tensor, input_parts: torch.Tensor) -> torch.Tensor:
+        """Both sides' parts for the same rows -> bool [T]: Y[t] . s == X[t] . ws mod p."""
+        return self._difference(torch.cat([output_parts.to(torch.int64), input_parts], 1)) == self._passing_total
+
+    def input_side(self, x: torch.Tensor) -> torch.Tensor:
+        """X . ws mod p, int64 [T] (what `passes` compares, reduced on its own)."""
+        return self._input_sum(self.input_parts(x))
+
+    def output_side(self, y_offset: torch.Tensor) -> torch.Tensor:
+        """Y . s mod p, int64 [T], from Y + 2^39 (consumed, as in output_parts)."""
+        return torch.remainder(self._output_sum(self.output_parts(y_offset).to(torch.int64)) + self._y_offset,
+                               self.prime)
+
+    def rows_ok(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """x [T, in] (|x| <= 32767), y int64 [T, out] (|y| <= 2^39) -> bool [T]: row t passes."""
+        if y.numel() and not -ring.HALF <= int(y.min()) <= int(y.max()) < ring.HALF:
+            raise ValueError("a checked result must be lifted to [-2^39, 2^39)")
+        return self.passes(self.output_parts(y + ring.HALF), self.input_parts(x))
+
+
+def failing_rows(ok: torch.Tensor, op: str, layer: int | None) -> None:
+    """Raise VerificationError naming the first rows where ok is False."""
+    if not bool(ok.all()):
+        bad = (~ok).nonzero().flatten().tolist()
+        raise VerificationError(op, layer, f"Freivalds check failed on row(s) {bad[:8]} of {ok.shape[0]}")

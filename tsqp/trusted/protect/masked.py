@@ -1,12 +1,13 @@
 """Protected offload: every linear op runs on the server over one-time-padded integers and is checked.
 
 `ProtectedOffload` implements the offload interface (tsqp/offload.py) from the runner's OWN float weights,
-quantized with tsqp/quant.py; nothing model-related is taken from the server side. Per linear request:
-  X (float [T, in]) -> Xq int64, sx (16-bit per row)      quant.quantize_rows
+quantized with tsqp/quant.py; nothing model-related is taken from the server side. Per linear request (blocks.py does the per-row work, a cache-sized block of rows at a time):
+  X (float [T, in]) -> Xq, sx (16-bit per row)            quant.quantize_block
   B = Xq + R mod 2^40, R a fresh pad's rows               pads.PadPool.take -> (R, U = R W^T mod 2^40)
-  send B as uint8 limbs [5, T, in]; the server returns Z = B W^T mod 2^40, int64 [T, out]
+  send B as uint8 limbs [5, T, in], keep X . ws's parts   the Freivalds check's input side
+  the server returns Z = B W^T mod 2^40, int64 [T, out]
   Y = lift(Z - U mod 2^40)  exact: |Xq W^T| <= 32767 * quant.weight_max(in) * in < 2^39
-  Freivalds check of (Xq, Y), then y = Y * sx[t] * sw[o] (quant.dequantize)
+  y = Y * sx[t] * sw[o] (quant.dequantize_into), and Y . s mod p must equal X . ws for every row
 "embed" is a local lookup (the server never sees token ids); attention ops are refused: masks over Z_2^40
 only commute with a fixed public matrix. `QuantizedOffload` computes the same integers in-process with no
 masks (float64 GEMM, exact below 2^53): the oracle the protected run must equal bit for bit.
@@ -21,7 +22,8 @@ from ... import quant, ring
 from ...config import ModelConfig
 from ...stats import Stats
 from ..offload import Done
-from .freivalds import Freivalds, VerificationError
+from . import blocks
+from .freivalds import Freivalds, VerificationError, failing_rows
 from .pads import PadPool, PadSource
 
 POLICY_MESSAGE = "--protect needs --policy linear: attention stays on the trusted side"
@@ -124,7 +126,7 @@ class ProtectedOffload(_QuantizedBase):
         self.checks = {key: Freivalds(w.q) for key, w in self.qweights.items()} if verify else {}
         self.pool = PadPool(self.ring_weights, pool_tokens, batch_tokens, lm_head_rows, PadSource(), background)
         self.failure: VerificationError | None = None
-        self.scratch = Scratch()
+        self.scratch = blocks.Scratch()
         self.checked_rows = 0
         self.verify_s = 0.0
 
@@ -135,16 +137,18 @@ class ProtectedOffload(_QuantizedBase):
         if op == "embed":
             return self._embed(xs[0])
         key = self._key(op, layer, xs)
-        T = xs[0].shape[0]
-        with self.stats.timer("mask"):
-            xq, sx = quant.quantize_rows(xs[0])                                          # [T, in]
-            if T > 1 and T % self.length_bucket:                                          # pad to the bucket
-                xq = torch.cat([xq, xq.new_zeros(self.length_bucket - T % self.length_bucket, xq.shape[1])])
-                T = xq.shape[0]
-            r, u = self.pool.take(key, T)
-            limbs = self.inner.empty((ring.LIMBS, T, xq.shape[1]), torch.uint8)          # [5, T, in]
-            ring.to_limbs((xq + r).bitwise_and_(ring.MASK), out=limbs)
-        return MaskedPending(self, key, self.inner.submit(op, layer, limbs), xq, sx, u)
+        x = xs[0]
+        t0 = time.perf_counter()
+        T = x.shape[0]
+        if T > 1 and T % self.length_bucket:                                              # pad to the bucket
+            T += self.length_bucket - T % self.length_bucket
+        r, u = self.pool.take(key, T)
+        limbs = self.inner.empty((ring.LIMBS, T, x.shape[1]), torch.uint8)               # [5, T, in]
+        padded = torch.cat([x, x.new_zeros(T - x.shape[0], x.shape[1])]) if T > x.shape[0] else x
+        sx, input_parts, check_s = blocks.mask(padded, r, limbs, self.checks.get(key), self.scratch)
+        self._count_check(check_s)
+        self.stats.add_time("mask", time.perf_counter() - t0 - check_s)
+        return MaskedPending(self, key, self.inner.submit(op, layer, limbs), sx[:x.shape[0]], input_parts, u)
 
     def expect_fingerprint(self, stated: str) -> None:
         """Compare the server's stated quantized-weights fingerprint with ours before the first request:
@@ -152,6 +156,11 @@ class ProtectedOffload(_QuantizedBase):
         if stated != self.fingerprint:
             raise VerificationError("fingerprint", None, f"the server's quantized weights differ "
                                     f"(server {stated[:16]}..., runner {self.fingerprint[:16]}...)")
+
+    def _count_check(self, seconds: float) -> None:
+        if self.verify:
+            self.stats.add_time("verify", seconds)
+            self.verify_s += seconds
 
     def report(self) -> dict:
         """The protection's own figures, for JSON."""
@@ -163,28 +172,12 @@ class ProtectedOffload(_QuantizedBase):
         self.inner.close()
 
 
-class Scratch:
-    """Two int64 buffers that each result's unmasking and check reuse, grown to the largest result seen: a
-    large temporary made afresh is page-faulted in on every use (glibc maps it anew), which cost the runner
-    as much as its arithmetic (`scripts/protect_host_cost.py`). Results are finished one at a time, and
-    nothing made here outlives `_finish` (the dequantized output is a fresh tensor)."""
-
-    def __init__(self):
-        self.flat = [torch.empty(0, dtype=torch.int64), torch.empty(0, dtype=torch.int64)]
-
-    def take(self, i: int, shape: tuple[int, int]) -> torch.Tensor:
-        n = shape[0] * shape[1]
-        if self.flat[i].numel() < n:
-            self.flat[i] = torch.empty(n, dtype=torch.int64)
-        return self.flat[i][:n].view(shape)
-
-
 class MaskedPending:
     """One masked request in flight; result() unmasks, checks and dequantizes once."""
 
-    def __init__(self, owner: ProtectedOffload, key, pending, xq, sx, u):
+    def __init__(self, owner: ProtectedOffload, key, pending, sx, input_parts, u):
         self.owner, self.key, self.pending = owner, key, pending
-        self.xq, self.sx, self.u = xq, sx, u
+        self.sx, self.input_parts, self.u = sx, input_parts, u      # input_parts: None unverified
         self.value = None
 
     def result(self) -> torch.Tensor:
@@ -198,22 +191,24 @@ class MaskedPending:
         try:
             if z.dtype != torch.int64 or tuple(z.shape) != (T, out):
                 raise VerificationError(op, layer, f"expected int64 [{T}, {out}], got {z.dtype} {tuple(z.shape)}")
-            with owner.stats.timer("unmask"):
-                if z.numel() and not 0 <= int(z.min()) <= int(z.max()) < ring.MOD:   # & MASK would disarm it
-                    raise VerificationError(op, layer, "a value lies outside [0, 2^40)")
-                # z may sit in memory the server can still write: y is read from it once, and only
-                # this private y is checked and used
-                y = ring.lift(torch.sub(z, self.u, out=owner.scratch.take(0, (T, out))))    # [T, out] signed
+            t0 = time.perf_counter()
+            try:
+                y, output_parts, check_s = blocks.finish(z, self.u, self.sx, owner.qweights[self.key].scale,
+                                                         owner.checks.get(self.key), owner.scratch)
+            except blocks.OutOfRange as e:
+                raise VerificationError(op, layer, str(e)) from None
+            owner.stats.add_time("unmask", time.perf_counter() - t0 - check_s)
+            owner._count_check(check_s)
             if owner.verify:
-                t0 = time.perf_counter()
-                with owner.stats.timer("verify"):
-                    owner.checks[self.key].verify(self.xq, y, op, layer, owner.scratch.take(1, (T, out)))
-                owner.verify_s += time.perf_counter() - t0
+                t1 = time.perf_counter()
+                ok = owner.checks[self.key].passes(output_parts, self.input_parts)
+                owner._count_check(time.perf_counter() - t1)
+                failing_rows(ok, op, layer)                       # before y is handed to anyone
                 owner.checked_rows += T
         except VerificationError as e:
             owner.failure = e
             raise
-        return quant.dequantize(y[:self.sx.shape[0]], self.sx, owner.qweights[self.key].scale)   # padding dropped
+        return y
 
     def release(self) -> None:
         self.pending.release()

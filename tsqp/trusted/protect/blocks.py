@@ -1,0 +1,102 @@
+"""The runner's work on one protected request, a cache-sized block of rows at a time.
+
+Masking a request and finishing its result each take several passes over the rows (quantize, add the pad,
+cut into limbs; copy out of shared memory, range-check, subtract U, lift, dequantize, check). Over a whole
+prefill every pass streamed the full tensor through memory, and every temporary above 32 MiB was
+page-faulted in afresh (glibc maps and unmaps it); a block of rows stays in cache across its passes.
+`scripts/protect_host_cost.py` times both on the model's shapes. BLOCK (elements of the input, resp. the
+result, per block) was the fastest of 2^16..2^22 on a 2-core EPYC with 1 MiB of L2 per core and a 32 MiB L3,
+for Llama-3.2-1B's widest input (8192) and output (16384); 2^16 took twice as long (the int8 GEMM of the
+check wants rows), 2^22 up to 1.9 times.
+
+Every step is row-wise, so the results equal, bit for bit, the same steps over the whole tensor
+(`quant.quantize_rows`, `quant.dequantize`, which QuantizedOffload uses).
+"""
+from __future__ import annotations
+
+import time
+
+import torch
+
+from ... import quant, ring
+from .freivalds import Freivalds
+
+BLOCK = 1 << 19
+
+
+class OutOfRange(ValueError):
+    """A returned value lies outside [0, 2^40)."""
+
+
+class Scratch:
+    """The int64 buffers the blocks reuse, grown to the largest block seen (private to one offload, which
+    masks and finishes one request at a time)."""
+
+    def __init__(self):
+        self.flat: dict[str, torch.Tensor] = {}
+
+    def take(self, name: str, shape: tuple[int, int]) -> torch.Tensor:
+        n = shape[0] * shape[1]
+        if name not in self.flat or self.flat[name].numel() < n:
+            self.flat[name] = torch.empty(n, dtype=torch.int64)
+        return self.flat[name][:n].view(shape)
+
+
+def spans(total: int, width: int, block: int) -> list[tuple[int, int]]:
+    """[a, b) row ranges of about `block` elements each, covering `total` rows of `width` elements."""
+    rows = max(1, block // max(width, 1))
+    return [(a, min(a + rows, total)) for a in range(0, total, rows)]
+
+
+def rows(t: torch.Tensor, a: int, b: int) -> torch.Tensor:
+    """t[a:b], without making a view when it is all of t (a decode step's only block)."""
+    return t if a == 0 and b == t.shape[0] else t[a:b]
+
+
+def joined(pieces: list[torch.Tensor]) -> torch.Tensor:
+    return pieces[0] if len(pieces) == 1 else torch.cat(pieces)
+
+
+def mask(x: torch.Tensor, r: torch.Tensor, limbs: torch.Tensor, check: Freivalds | None,
+         scratch: Scratch) -> tuple[torch.Tensor, torch.Tensor | None, float]:
+    """x float [T, in], r int64 [T, in] (a pad's rows) -> limbs of B = quantize(x) + r mod 2^40 written into
+    `limbs` uint8 [5, T, in]; returns (sx float32 [T] the rows' scales, the check's input parts [T, k] or
+    None, seconds spent on the check)."""
+    T, n = x.shape
+    scales, parts, check_s = [], [], 0.0
+    for a, b in spans(T, n, BLOCK):
+        q, scale = quant.quantize_block(rows(x, a, b))                             # float32 integers [c, in]
+        scales.append(scale)
+        if check is not None:
+            t0 = time.perf_counter()
+            parts.append(check.input_parts(q))
+            check_s += time.perf_counter() - t0
+        masked = scratch.take("mask", (b - a, n)).copy_(q).add_(rows(r, a, b)).bitwise_and_(ring.MASK)
+        ring.to_limbs(masked, out=limbs if b - a == T else limbs[:, a:b])
+    return joined(scales), joined(parts) if parts else None, check_s
+
+
+def finish(z: torch.Tensor, u: torch.Tensor, sx: torch.Tensor, sw: torch.Tensor, check: Freivalds | None,
+           scratch: Scratch) -> tuple[torch.Tensor, torch.Tensor | None, float]:
+    """The server's z = B W^T mod 2^40 (int64 [T, out], in memory it may still write) and the pad's
+    U int64 [T, out] -> (y float32 [len(sx), out] dequantized, rows beyond len(sx) are padding and dropped;
+    the check's output parts [T, k] or None; seconds spent checking). Raises OutOfRange."""
+    T, out = z.shape
+    kept = sx.shape[0]
+    y = torch.empty((kept, out), dtype=torch.float32)
+    parts, check_s = [], 0.0
+    for a, b in spans(T, out, BLOCK):
+        offset = scratch.take("finish", (b - a, out)).copy_(rows(z, a, b))    # z is read once: this is private
+        low, high = torch.aminmax(offset)
+        if int(low) < 0 or int(high) >= ring.MOD:                             # & MASK below would disarm it
+            raise OutOfRange("a value lies outside [0, 2^40)")
+        offset.sub_(rows(u, a, b)).add_(ring.HALF).bitwise_and_(ring.MASK)   # Y + 2^39 in [0, 2^40)
+        if a < kept:
+            e = min(b, kept)
+            signed = torch.sub(offset[:e - a], ring.HALF, out=scratch.take("signed", (e - a, out)))   # Y
+            quant.dequantize_into(rows(y, a, e), signed, rows(sx, a, e), sw)
+        if check is not None:
+            t0 = time.perf_counter()
+            parts.append(check.output_parts(offset))
+            check_s += time.perf_counter() - t0
+    return y, joined(parts) if parts else None, check_s
