@@ -479,6 +479,10 @@ def test_both_sides_of_the_check_are_exact_at_their_bounds(monkeypatch):
         assert int(got[t]) == int(x[t].double().sum()) * s0 % PRIME
     with pytest.raises(ValueError, match="lifted"):
         check.rows_ok(x[:, :1], torch.tensor([[2**39]]))
+    assert freivalds.int8_gemm_is_exact()           # this machine's kernel; a saturating one is refused:
+    monkeypatch.setattr(freivalds, "_GEMM_EXACT", False)
+    with pytest.raises(RuntimeError, match="not exact"):
+        Freivalds(torch.ones((2, 3), dtype=torch.int16))
 
 
 def test_weighted_sums_are_exact_in_both_paths():

@@ -79,6 +79,24 @@ def cut(v: torch.Tensor, bits: int, count: int) -> torch.Tensor:
     return torch.stack([(v >> (bits * i)) & ((1 << bits) - 1) for i in range(count)], 1)
 
 
+def int8_gemm_is_exact() -> bool:
+    """Whether this machine's int8 GEMM (the kernel the result side uses, in its column-major layout) sums
+    exactly at the operand extremes. A kernel that saturates 16-bit pair sums (int8 GEMMs without VNNI may)
+    would break the exactness the check's soundness rests on, so the runner refuses to check with it."""
+    global _GEMM_EXACT
+    if _GEMM_EXACT is None:
+        ok = True
+        for a_value, b_value in ((127, 127), (127, -128), (-128, -128), (-128, 127)):
+            a = torch.full((2, 256), a_value, dtype=torch.int8)
+            b = torch.full((8, 256), b_value, dtype=torch.int8)                     # [8, K], used as [K, 8]
+            ok &= torch.equal(torch._int_mm(a, b.t()).to(torch.int64), a.to(torch.int64) @ b.to(torch.int64).t())
+        _GEMM_EXACT = ok
+    return _GEMM_EXACT
+
+
+_GEMM_EXACT: bool | None = None
+
+
 def output_limb_bits(out_features: int) -> int:
     """The widest limb L <= 7 of 2^(8j) s_k for which the int8 GEMM over out_features values stays exact:
     every product is at most 128 (2^L - 1) and a row has 5 out_features nonzero ones."""
@@ -100,6 +118,9 @@ class Freivalds:
         out_features, in_features = q.shape
         if max(q.shape) > MAX_TERMS:
             raise ValueError(f"a weight of shape {tuple(q.shape)} is too large for exact int64 sums")
+        if not int8_gemm_is_exact():
+            raise RuntimeError("this machine's int8 GEMM (torch._int_mm) is not exact at its operand extremes: "
+                               "the Freivalds check cannot rely on it")
         self.prime = prime
         s = uniform_below(prime, out_features)                                      # [out], secret
         # X . ws: ws in limbs of in_bits bits, float64 [in, count]
