@@ -426,6 +426,25 @@ def test_a_fault_in_a_model_run_names_op_and_layer_and_ends_the_session(tiny):
     po.close()
 
 
+def test_no_result_is_handed_out_after_a_failed_check(tiny):
+    """Calls already in flight when a check fails, and the failed call asked again, raise too."""
+    cfg, weights, _ = tiny
+
+    class FirstFlip(FaultInjector):             # alters the first result only
+        def apply(self, op, layer, z):
+            return super().apply(op, layer, z) if self.seen == 0 else z
+
+    po = protected(cfg, weights, faults=FirstFlip("flip"))
+    key = ("o", 0)
+    failing, honest = po.submit(*key, linear_inputs(cfg, key, 2)), po.submit(*key, linear_inputs(cfg, key, 2))
+    with pytest.raises(VerificationError, match="Freivalds"):
+        failing.result()
+    for pending in (honest, failing):
+        with pytest.raises(VerificationError, match="session is over"):
+            pending.result()
+    po.close()
+
+
 def test_no_false_alarm_over_many_clean_calls(tiny):
     cfg, weights, _ = tiny
     po = protected(cfg, weights, pool_tokens=16, background=True)

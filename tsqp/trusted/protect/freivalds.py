@@ -86,10 +86,12 @@ def int8_gemm_is_exact() -> bool:
     global _GEMM_EXACT
     if _GEMM_EXACT is None:
         ok = True
-        for a_value, b_value in ((127, 127), (127, -128), (-128, -128), (-128, 127)):
-            a = torch.full((2, 256), a_value, dtype=torch.int8)
-            b = torch.full((8, 256), b_value, dtype=torch.int8)                     # [8, K], used as [K, 8]
-            ok &= torch.equal(torch._int_mm(a, b.t()).to(torch.int64), a.to(torch.int64) @ b.to(torch.int64).t())
+        for rows, width in ((1, 8192), (2, 256), (17, 1024)):        # a decode step's one row, prefill blocks
+            for a_value, b_value in ((127, 127), (127, -128), (-128, -128), (-128, 127)):
+                a = torch.full((rows, width), a_value, dtype=torch.int8)
+                b = torch.full((8, width), b_value, dtype=torch.int8)               # [8, K], used as [K, 8]
+                ok &= torch.equal(torch._int_mm(a, b.t()).to(torch.int64),
+                                  a.to(torch.int64) @ b.to(torch.int64).t())
         _GEMM_EXACT = ok
     return _GEMM_EXACT
 

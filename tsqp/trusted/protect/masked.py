@@ -188,6 +188,8 @@ class MaskedPending:
     def _finish(self, z: torch.Tensor) -> torch.Tensor:
         owner, (op, layer) = self.owner, self.key
         T, out = self.u.shape
+        if owner.failure is not None:              # a result asked for again after a failed check
+            raise VerificationError(op, layer, "an earlier check failed; this session is over") from owner.failure
         try:
             if z.dtype != torch.int64 or tuple(z.shape) != (T, out):
                 raise VerificationError(op, layer, f"expected int64 [{T}, {out}], got {z.dtype} {tuple(z.shape)}")
