@@ -34,7 +34,8 @@ def timed(fn, *args):
     return out, time.perf_counter() - t0
 
 
-def one_op(q: torch.Tensor, scale: torch.Tensor, x: torch.Tensor, scratch: blocks.Scratch) -> dict[str, float]:
+def one_op(q: torch.Tensor, scale: torch.Tensor, x: torch.Tensor, scratch: blocks.Scratch,
+           results: blocks.Results) -> dict[str, float]:
     """The runner's steps for one request x [T, in] on integer weights q [out, in], each timed."""
     T, (out, n) = x.shape[0], q.shape
     r = torch.randint(0, ring.MOD, (T, n), dtype=torch.int64)                      # a pool's pad rows
@@ -45,7 +46,9 @@ def one_op(q: torch.Tensor, scale: torch.Tensor, x: torch.Tensor, scratch: block
     # server's honest answer (X W^T is exact in float64: every partial sum is an integer below 2^39)
     limbs = torch.empty((ring.LIMBS, T, n), dtype=torch.uint8)
     (sx, input_parts, check_in), t_mask = timed(blocks.mask, x, r, limbs, check, scratch)
-    (_, output_parts, check_out), t_finish = timed(blocks.finish, z, u, sx, scale, check, scratch)
+    y = results.take((T, out))                 # as the runner does: the buffer a released result left
+    (_, output_parts, check_out), t_finish = timed(blocks.finish, z, u, sx, scale, check, scratch, y)
+    results.give(y)
     ok, t_passes = timed(check.passes, output_parts, input_parts)
     assert bool(ok.all())
     return {"mask": t_mask - check_in, "unmask": t_finish - check_out, "verify": check_in + check_out + t_passes}
@@ -56,7 +59,7 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=1024)
     ap.add_argument("--repeat", type=int, default=3)
     a = ap.parse_args()
-    scratch = blocks.Scratch()
+    scratch, results = blocks.Scratch(), blocks.Results()
     cfg = W.load_config(a.model)
     T, D, I = a.tokens, cfg.hidden_size, cfg.intermediate_size
     shapes = {"qkv": (cfg.qkv_size, D), "o": (D, cfg.q_size), "gate_up": (2 * I, D), "down": (D, I)}
@@ -67,7 +70,7 @@ def main() -> None:
         q = torch.randint(-2047, 2048, (out, n), generator=g, dtype=torch.int16)
         scale = torch.rand(out, generator=g) * 1e-3
         x = torch.randn(T, n, generator=g)
-        runs = [one_op(q, scale, x, scratch) for _ in range(a.repeat)]
+        runs = [one_op(q, scale, x, scratch, results) for _ in range(a.repeat)]
         med = {s: statistics.median(r[s] for r in runs) for s in STEPS}
         for s in STEPS:
             per_layer[s] += med[s]

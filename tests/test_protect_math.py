@@ -448,6 +448,28 @@ def test_no_result_is_handed_out_after_a_failed_check(tiny):
     po.close()
 
 
+def test_a_released_result_buffer_serves_the_next_request_and_is_not_readable(tiny):
+    """Result buffers are reused (a fresh large one is page-faulted in as it is written); a released result
+    can no longer be read, and a reused buffer holds the new request's value only."""
+    cfg, weights, _ = tiny
+    po = protected(cfg, weights, pool_tokens=0)
+    key = ("gate_up", 0)
+    x1, x2 = linear_inputs(cfg, key, 3), linear_inputs(cfg, key, 3)
+    first = po.submit(*key, x1)
+    y1 = first.result().clone()
+    buffer = first.result().data_ptr()
+    first.release()
+    with pytest.raises(RuntimeError, match="after its release"):
+        first.result()
+    second = po.submit(*key, x2)
+    assert second.result().data_ptr() == buffer
+    want = QuantizedOffload(cfg, weights).submit(*key, x2).result()
+    assert torch.equal(second.result(), want) and not torch.equal(second.result(), y1)
+    other = po.submit(*key, linear_inputs(cfg, key, 4))          # another shape: a buffer of its own
+    assert other.result().data_ptr() != buffer
+    po.close()
+
+
 def test_no_false_alarm_over_many_clean_calls(tiny):
     cfg, weights, _ = tiny
     po = protected(cfg, weights, pool_tokens=16, background=True)

@@ -127,6 +127,7 @@ class ProtectedOffload(_QuantizedBase):
         self.pool = PadPool(self.ring_weights, pool_tokens, batch_tokens, lm_head_rows, PadSource(), background)
         self.failure: VerificationError | None = None
         self.scratch = blocks.Scratch()
+        self.results = blocks.Results()
         self.checked_rows = 0
         self.verify_s = 0.0
 
@@ -179,8 +180,11 @@ class MaskedPending:
         self.owner, self.key, self.pending = owner, key, pending
         self.sx, self.input_parts, self.u = sx, input_parts, u      # input_parts: None unverified
         self.value = None
+        self.released = False
 
     def result(self) -> torch.Tensor:
+        if self.released:
+            raise RuntimeError(f"result() of op {self.key[0]} after its release(): its buffer serves later requests")
         if self.value is None:
             self.value = self._finish(self.pending.result())
         return self.value
@@ -196,7 +200,8 @@ class MaskedPending:
             t0 = time.perf_counter()
             try:
                 y, output_parts, check_s = blocks.finish(z, self.u, self.sx, owner.qweights[self.key].scale,
-                                                         owner.checks.get(self.key), owner.scratch)
+                                                         owner.checks.get(self.key), owner.scratch,
+                                                         owner.results.take((self.sx.shape[0], out)))
             except blocks.OutOfRange as e:
                 raise VerificationError(op, layer, str(e)) from None
             owner.stats.add_time("unmask", time.perf_counter() - t0 - check_s)
@@ -213,4 +218,10 @@ class MaskedPending:
         return y
 
     def release(self) -> None:
+        """The caller is done with the result (the offload interface's contract): its buffer serves a later
+        request."""
         self.pending.release()
+        self.released = True
+        if self.value is not None:
+            self.owner.results.give(self.value)
+            self.value = None
