@@ -13,6 +13,7 @@ in float64, outside the timing. It also counts the bytes each prefill moves each
 from __future__ import annotations
 
 import argparse
+import resource
 import statistics
 import time
 
@@ -28,15 +29,22 @@ LABELS = {"mask": "quantize, pad, cut into limbs", "unmask": "unmask, lift, dequ
           "verify": "Freivalds check (both sides)"}
 
 
+def faults() -> int:
+    """Minor page faults so far: each is a fresh page of a temporary, written for the first time. Unlike the
+    times, a deterministic count on a noisy machine."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+
 def timed(fn, *args):
     t0 = time.perf_counter()
     out = fn(*args)
     return out, time.perf_counter() - t0
 
 
-def one_op(q: torch.Tensor, scale: torch.Tensor, x: torch.Tensor, scratch: blocks.Scratch,
+def one_op(q: torch.Tensor, scale: torch.Tensor, x: torch.Tensor, limbs: torch.Tensor, scratch: blocks.Scratch,
            results: blocks.Results) -> dict[str, float]:
-    """The runner's steps for one request x [T, in] on integer weights q [out, in], each timed."""
+    """The runner's steps for one request x [T, in] on integer weights q [out, in], each timed, and the minor
+    page faults they took."""
     T, (out, n) = x.shape[0], q.shape
     r = torch.randint(0, ring.MOD, (T, n), dtype=torch.int64)                      # a pool's pad rows
     check = Freivalds(q)
@@ -44,14 +52,17 @@ def one_op(q: torch.Tensor, scale: torch.Tensor, x: torch.Tensor, scratch: block
     xq = quant.quantize_rows(x)[0]
     z = (u + (xq.to(torch.float64) @ q.t().to(torch.float64)).to(torch.int64)).bitwise_and_(ring.MASK)   # the
     # server's honest answer (X W^T is exact in float64: every partial sum is an integer below 2^39)
-    limbs = torch.empty((ring.LIMBS, T, n), dtype=torch.uint8)
-    (sx, input_parts, check_in), t_mask = timed(blocks.mask, x, r, limbs, check, scratch)
     y = results.take((T, out))                 # as the runner does: the buffer a released result left
+    f0 = faults()
+    (sx, input_parts, check_in), t_mask = timed(blocks.mask, x, r, limbs, check, scratch)
     (_, output_parts, check_out), t_finish = timed(blocks.finish, z, u, sx, scale, check, scratch, y)
-    results.give(y)
     ok, t_passes = timed(check.passes, output_parts, input_parts)
+    f1 = faults()
+    results.give(y)
     assert bool(ok.all())
-    return {"mask": t_mask - check_in, "unmask": t_finish - check_out, "verify": check_in + check_out + t_passes}
+    return {"mask": t_mask - check_in, "unmask": t_finish - check_out, "verify": check_in + check_out + t_passes,
+            "faults": f1 - f0}
+
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -64,27 +75,30 @@ def main() -> None:
     T, D, I = a.tokens, cfg.hidden_size, cfg.intermediate_size
     shapes = {"qkv": (cfg.qkv_size, D), "o": (D, cfg.q_size), "gate_up": (2 * I, D), "down": (D, I)}
     g = torch.Generator().manual_seed(0)
-    per_layer = {s: 0.0 for s in STEPS}
+    per_layer = {s: 0.0 for s in (*STEPS, "faults")}
     sent = received = 0
     for op, (out, n) in shapes.items():
         q = torch.randint(-2047, 2048, (out, n), generator=g, dtype=torch.int16)
         scale = torch.rand(out, generator=g) * 1e-3
         x = torch.randn(T, n, generator=g)
-        runs = [one_op(q, scale, x, scratch, results) for _ in range(a.repeat)]
-        med = {s: statistics.median(r[s] for r in runs) for s in STEPS}
-        for s in STEPS:
+        limbs = torch.empty((ring.LIMBS, T, n), dtype=torch.uint8)     # the runner's are in the arena, reused
+        runs = [one_op(q, scale, x, limbs, scratch, results) for _ in range(a.repeat)]
+        med = {s: statistics.median(r[s] for r in runs) for s in (*STEPS, "faults")}
+        for s in per_layer:
             per_layer[s] += med[s]
         sent += ring.LIMBS * T * n
         received += 8 * T * out
-        print(f"{op:8s} [{T}, {n}] -> [{T}, {out}]: " + ", ".join(f"{s} {1e3 * med[s]:.1f} ms" for s in STEPS),
+        print(f"{op:8s} [{T}, {n}] -> [{T}, {out}]: " + ", ".join(f"{s} {1e3 * med[s]:.1f} ms" for s in STEPS)
+              + f", {med['faults']:.0f} page faults",
               flush=True)
     L = cfg.num_layers
-    total = sum(per_layer.values()) * L
+    total = sum(per_layer[s] for s in STEPS) * L
     print(f"\n{a.model}, {T} tokens, {torch.get_num_threads()} threads, {L} layers (the LM head's one row left out):")
     print("| step | s per prefill | share |\n|---|---|---|")
     for s in STEPS:
-        print(f"| {LABELS[s]} | {per_layer[s] * L:.3f} | {per_layer[s] / sum(per_layer.values()):.0%} |")
+        print(f"| {LABELS[s]} | {per_layer[s] * L:.3f} | {per_layer[s] * L / total:.0%} |")
     print(f"| **total** | **{total:.3f}** | |")
+    print(f"minor page faults per prefill: {per_layer['faults'] * L:.0f} (fresh pages of temporaries)")
     print(f"bytes per prefill: {sent * L / 2**30:.2f} GiB of limbs to the server, {received * L / 2**30:.2f} GiB of "
           f"int64 results back")
 

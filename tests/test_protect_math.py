@@ -242,6 +242,9 @@ def test_limbs_roundtrip_and_signed_lift():
     for j in range(ring.LIMBS):                                                   # limb j is byte j
         assert torch.equal(limbs[j], ((b >> (8 * j)) & 0xFF).to(torch.uint8))
     assert torch.equal(ring.from_limbs(limbs), b)
+    words = torch.full((2, 4, 33), -1, dtype=torch.int32)                           # a used work buffer
+    assert torch.equal(ring.to_limbs(b, words=words), limbs)
+    assert torch.equal(ring.to_limbs(b.t().contiguous().t()), limbs)              # a column-major b
     edges = torch.tensor([0, 1, 2**39 - 1, 2**39, 2**40 - 1])
     assert ring.lift(edges.clone()).tolist() == [0, 1, 2**39 - 1, -2**39, -1]
     y = ints((50,), -2**39, 2**39 - 1)

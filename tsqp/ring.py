@@ -38,19 +38,23 @@ MAX_IN = (2**31 - 1) // (128 * 32)       # 524287: int32 accumulation of a plane
 CUDA_MIN_ROWS, CUDA_MULTIPLE = 17, 8
 
 
-def to_limbs(b: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
-    """int64 [T, n] in [0, 2^40) -> uint8 [5, T, n] (limb j = byte j), written into `out` when given.
-    Plane by plane: each narrowing copy keeps the low byte (mod 2^8), bytes 0-3 are shifted out of an int32
-    copy (half the memory traffic of int64). Gathering the 5 low of each element's 8 bytes in one strided
-    copy took 2.3 times as long."""
+def to_limbs(b: torch.Tensor, out: torch.Tensor | None = None, words: torch.Tensor | None = None) -> torch.Tensor:
+    """int64 [T, n] in [0, 2^40) -> uint8 [5, T, n] (limb j = byte j), written into `out` when given; `words`:
+    int32 [2, T, n] to work in (a fresh one per call is page-faulted in as it is written).
+    Plane by plane: each narrowing copy keeps the low byte (mod 2^8). Bytes 0-3 are shifted out of an int32
+    copy of the low words (half the memory traffic of int64); byte 4 is the high word's low byte. Gathering
+    the 5 low of each element's 8 bytes in one strided copy took 2.3 times as long."""
     if out is None:
         out = torch.empty((LIMBS, *b.shape), dtype=torch.uint8, device=b.device)
-    low = b.to(torch.int32)                                                       # bytes 0-3 (mod 2^32)
-    shifted = torch.empty_like(low)
+    if words is None:
+        words = torch.empty((2, *b.shape), dtype=torch.int32, device=b.device)
+    b = b.contiguous()
+    high = b.view(torch.int32)[..., 1::2]                                         # bits 32-63 of each
+    low, shifted = words[0].copy_(b), words[1]                                    # bytes 0-3 (mod 2^32)
     out[0].copy_(low)
     for j in range(1, 4):
         out[j].copy_(torch.bitwise_right_shift(low, 8 * j, out=shifted))
-    out[4].copy_(torch.bitwise_right_shift(b, 32))
+    out[4].copy_(high)
     return out
 
 

@@ -14,6 +14,7 @@ Every step is row-wise, so the results equal, bit for bit, the same steps over t
 """
 from __future__ import annotations
 
+import math
 import time
 
 import torch
@@ -29,17 +30,18 @@ class OutOfRange(ValueError):
 
 
 class Scratch:
-    """The int64 buffers the blocks reuse, grown to the largest block seen (private to one offload, which
-    masks and finishes one request at a time)."""
+    """The buffers the blocks reuse, grown to the largest block seen (private to one offload, which masks and
+    finishes one request at a time): a fresh one above glibc's mmap threshold is page-faulted in as it is
+    written, every time."""
 
     def __init__(self):
-        self.flat: dict[str, torch.Tensor] = {}
+        self.flat: dict[str, torch.Tensor] = {}        # name -> uint8 bytes
 
-    def take(self, name: str, shape: tuple[int, int]) -> torch.Tensor:
-        n = shape[0] * shape[1]
+    def take(self, name: str, shape: tuple[int, ...], dtype: torch.dtype = torch.int64) -> torch.Tensor:
+        n = math.prod(shape) * dtype.itemsize
         if name not in self.flat or self.flat[name].numel() < n:
-            self.flat[name] = torch.empty(n, dtype=torch.int64)
-        return self.flat[name][:n].view(shape)
+            self.flat[name] = torch.empty(n, dtype=torch.uint8)
+        return self.flat[name][:n].view(dtype).view(shape)
 
 
 class Results:
@@ -92,14 +94,15 @@ def mask(x: torch.Tensor, r: torch.Tensor, limbs: torch.Tensor, check: Freivalds
     T, n = x.shape
     scales, parts, check_s = [], [], 0.0
     for a, b in spans(T, n, BLOCK):
-        q, scale = quant.quantize_block(rows(x, a, b))                             # float32 integers [c, in]
+        q, scale = quant.quantize_block(rows(x, a, b), out=scratch.take("quantized", (b - a, n), torch.float32))
         scales.append(scale)
         if check is not None:
             t0 = time.perf_counter()
-            parts.append(check.input_parts(q))
+            parts.append(check.input_parts(q, scratch.take("float64", (b - a, n), torch.float64)))
             check_s += time.perf_counter() - t0
         masked = scratch.take("mask", (b - a, n)).copy_(q).add_(rows(r, a, b)).bitwise_and_(ring.MASK)
-        ring.to_limbs(masked, out=limbs if b - a == T else limbs[:, a:b])
+        ring.to_limbs(masked, out=limbs if b - a == T else limbs[:, a:b],
+                      words=scratch.take("words", (2, b - a, n), torch.int32))
     return joined(scales), joined(parts) if parts else None, check_s
 
 

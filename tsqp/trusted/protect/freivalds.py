@@ -166,10 +166,11 @@ class Freivalds:
                 sums[k] += torch.mv(rows, limb[start:start + block])
         return WeightedSum([1, 1 << LIMB_BITS], self.prime)(sums.t())
 
-    def input_parts(self, x: torch.Tensor) -> torch.Tensor:
+    def input_parts(self, x: torch.Tensor, work: torch.Tensor | None = None) -> torch.Tensor:
         """x [T, in] of integers with |x| <= 32767 (any real or integer dtype) -> int64 [T, count]: X times
-        each limb of ws, exact."""
-        return (x.to(torch.float64) @ self._ws).to(torch.int64)
+        each limb of ws, exact. work: float64 [T, in] to convert x in."""
+        x64 = x.to(torch.float64) if work is None else work.copy_(x)
+        return (x64 @ self._ws).to(torch.int64)
 
     def output_parts(self, y_offset: torch.Tensor) -> torch.Tensor:
         """Y + 2^39, int64 [T, out] in [0, 2^40), row-major -> int32 [T, 8+]: the recentred bytes times each
