@@ -7,7 +7,9 @@ gives them rounds in a random order, so both see the same drift; each round is p
 
 Per round and checkout: a 256-token prefill over local and over shm (random order), the median per-token
 time of 32 decode steps after a 64-token prompt over shm and in-process, and the per-call overhead of decode-
-shaped calls over shm. Printed: the medians, and new-old differences with bootstrap 95% intervals.
+shaped calls over shm. Printed: the medians, and new-old differences with bootstrap 95% intervals. The shm
+prefill is given against local both as a ratio and as a difference: the transport's own cost is the
+difference, and a ratio also moves when the in-process model alone gets faster or slower.
 
     python3 scripts/ab_lockstep.py OLD_CHECKOUT NEW_CHECKOUT [--rounds 40]
     (e.g. git worktree add /tmp/before 0d996c0; python3 scripts/ab_lockstep.py /tmp/before .)
@@ -126,10 +128,12 @@ def main() -> None:
     for r in rounds.values():
         for x in r:
             x["ratio"] = x["shm"] / x["local"]
+            x["over"] = 1e3 * (x["shm"] - x["local"])
     print(f"{a.rounds} rounds; old {sides['old']}, new {sides['new']}\n")
     print("| figure | old | new | new - old (95% interval) |\n|---|---|---|---|")
     for key, what in (("local", "local prefill, s"), ("shm", "shm prefill, s"),
-                      ("ratio", "shm / local, paired by round"), ("decode_ms", "decode over shm, ms/token"),
+                      ("ratio", "shm / local, paired by round"),
+                      ("over", "shm - local, paired by round, ms"), ("decode_ms", "decode over shm, ms/token"),
                       ("local_decode_ms", "decode in-process, ms/token"), ("call_us", "one decode call over shm, us")):
         old, new = ([x[key] for x in rounds[s]] for s in ("old", "new"))
         mid, lo, hi = interval([n - o for o, n in zip(old, new)], rng)
