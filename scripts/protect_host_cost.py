@@ -52,6 +52,7 @@ def one_op(q: torch.Tensor, scale: torch.Tensor, x: torch.Tensor, limbs: torch.T
     xq = quant.quantize_rows(x)[0]
     z = (u + (xq.to(torch.float64) @ q.t().to(torch.float64)).to(torch.int64)).bitwise_and_(ring.MASK)   # the
     # server's honest answer (X W^T is exact in float64: every partial sum is an integer below 2^39)
+    u = u.sub_(ring.HALF).bitwise_and_(ring.MASK)                                 # as the pool keeps it
     y = results.take((T, out))                 # as the runner does: the buffer a released result left
     f0 = faults()
     (sx, input_parts, check_in), t_mask = timed(blocks.mask, x, r, limbs, check, scratch)

@@ -614,13 +614,18 @@ def test_malformed_results_are_rejected(tiny):
 
 # ---- the pad pool --------------------------------------------------------------------------------------
 
+def shifted_u(r: torch.Tensor, w: ring.RingWeight) -> torch.Tensor:
+    """What the pool keeps beside R: R W^T - 2^39 mod 2^40 (the unmask is then one subtraction)."""
+    return (ring.limb_matmul(ring.to_limbs(r), w) - ring.HALF) & ring.MASK
+
+
 def test_pool_statistics_and_on_demand_when_empty(tiny):
     cfg, weights, _ = tiny
     ring_weights = {k: ring.RingWeight(w.q) for k, w in quant.quantize_model(cfg, weights).items()}
     key = ("down", 0)
     dry = PadPool(ring_weights, pool_tokens=8, background=False)
     r, u = dry.take(key, 3)
-    assert torch.equal(u, ring.limb_matmul(ring.to_limbs(r), ring_weights[key]))   # U = R W^T mod 2^40
+    assert torch.equal(u, shifted_u(r, ring_weights[key]))                         # U = R W^T - 2^39 mod 2^40
     s = dry.stats()
     assert (s["on_demand"], s["on_demand_rows"], s["pads_consumed"], s["pads_made"]) == (1, 3, 3, 0)
     pool = PadPool(ring_weights, pool_tokens=8, batch_tokens=3, lm_head_rows=2)
@@ -632,7 +637,7 @@ def test_pool_statistics_and_on_demand_when_empty(tiny):
     for rows in (5, 2, 10, 1):                     # the last two need more than the pool holds
         r, u = pool.take(key, rows)
         assert r.shape == (rows, cfg.intermediate_size) and u.shape == (rows, cfg.hidden_size)
-        assert torch.equal(u, ring.limb_matmul(ring.to_limbs(r), ring_weights[key]))
+        assert torch.equal(u, shifted_u(r, ring_weights[key]))
         seen |= {tuple(row) for row in r.tolist()}
     assert len(seen) == 18                         # no row handed out twice
     s = pool.stats()

@@ -110,7 +110,7 @@ def mask(x: torch.Tensor, r: torch.Tensor, limbs: torch.Tensor, check: Freivalds
 def finish(z: torch.Tensor, u: torch.Tensor, sx: torch.Tensor, sw: torch.Tensor, check: Freivalds | None,
            scratch: Scratch, y: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None, float]:
     """The server's z = B W^T mod 2^40 (int64 [T, out], in memory it may still write) and the pad's
-    U int64 [T, out] -> (y float32 [len(sx), out] dequantized, written into `y` when given; rows beyond
+    U = R W^T - 2^39 mod 2^40, int64 [T, out] -> (y float32 [len(sx), out] dequantized, written into `y` when given; rows beyond
     len(sx) are padding and dropped; the check's output parts [T, k] or None; seconds spent checking).
     Raises OutOfRange."""
     T, out = z.shape
@@ -119,11 +119,13 @@ def finish(z: torch.Tensor, u: torch.Tensor, sx: torch.Tensor, sw: torch.Tensor,
         y = torch.empty((kept, out), dtype=torch.float32)
     parts, check_s = [], 0.0
     for a, b in spans(T, out, BLOCK):
-        offset = scratch.take("finish", (b - a, out)).copy_(rows(z, a, b))    # z is read once: this is private
-        low, high = torch.aminmax(offset)
-        if int(low) < 0 or int(high) >= ring.MOD:                             # & MASK below would disarm it
+        low, high = torch.aminmax(rows(z, a, b))        # strictness only: z is used mod 2^40 below
+        if int(low) < 0 or int(high) >= ring.MOD:
             raise OutOfRange("a value lies outside [0, 2^40)")
-        offset.sub_(rows(u, a, b)).add_(ring.HALF).bitwise_and_(ring.MASK)   # Y + 2^39 in [0, 2^40)
+        # z is read once more, into private memory: what is unmasked, dequantized and checked is that copy,
+        # whatever the server writes meanwhile
+        offset = torch.sub(rows(z, a, b), rows(u, a, b), out=scratch.take("finish", (b - a, out)))
+        offset.bitwise_and_(ring.MASK)                                        # Y + 2^39 in [0, 2^40)
         if a < kept:
             e = min(b, kept)
             signed = torch.sub(offset[:e - a], ring.HALF, out=scratch.take("signed", (e - a, out)))   # Y

@@ -3,10 +3,10 @@
 `ProtectedOffload` implements the offload interface (tsqp/offload.py) from the runner's OWN float weights,
 quantized with tsqp/quant.py; nothing model-related is taken from the server side. Per linear request (blocks.py does the per-row work, a cache-sized block of rows at a time):
   X (float [T, in]) -> Xq, sx (16-bit per row)            quant.quantize_block
-  B = Xq + R mod 2^40, R a fresh pad's rows               pads.PadPool.take -> (R, U = R W^T mod 2^40)
+  B = Xq + R mod 2^40, R a fresh pad's rows               pads.PadPool.take -> (R, U = R W^T - 2^39 mod 2^40)
   send B as uint8 limbs [5, T, in], keep X . ws's parts   the Freivalds check's input side
   the server returns Z = B W^T mod 2^40, int64 [T, out]
-  Y = lift(Z - U mod 2^40)  exact: |Xq W^T| <= 32767 * quant.weight_max(in) * in < 2^39
+  Y = (Z - U mod 2^40) - 2^39  exact: |Xq W^T| <= 32767 * quant.weight_max(in) * in < 2^39
   y = Y * sx[t] * sw[o] (quant.dequantize_into), and Y . s mod p must equal X . ws for every row
 "embed" is a local lookup (the server never sees token ids); attention ops are refused: masks over Z_2^40
 only commute with a fixed public matrix. `QuantizedOffload` computes the same integers in-process with no

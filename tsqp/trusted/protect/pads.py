@@ -134,11 +134,13 @@ class PadPool:
 
     # ---- making pads -------------------------------------------------------------------------------
     def make(self, key: Key, rows: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """A fresh pad block of `rows` rows for (op, layer): (R int64 [rows, in], U int64 [rows, out])."""
+        """A fresh pad block of `rows` rows for (op, layer): (R int64 [rows, in], U int64 [rows, out]) with
+        U = R W^T - 2^39 mod 2^40: shifted by half the ring, so that the runner's unmask Z - U is Y + 2^39 in
+        one subtraction (blocks.finish)."""
         w = self.weights[key]
         _, stream = self.source.fresh(ring.LIMBS * rows * w.in_features)
         limbs = stream.view(ring.LIMBS, rows, w.in_features)                  # [5, rows, in]: R's limbs
-        return ring.from_limbs(limbs), ring.limb_matmul(limbs, w)
+        return ring.from_limbs(limbs), ring.limb_matmul(limbs, w).sub_(ring.HALF).bitwise_and_(ring.MASK)
 
     def _fill_loop(self) -> None:
         try:
@@ -183,7 +185,7 @@ class PadPool:
 
     # ---- using pads --------------------------------------------------------------------------------
     def take(self, key: Key, rows: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """`rows` unused pad rows for (op, layer): (R int64 [rows, in], U int64 [rows, out]). Rows come from
+        """`rows` unused pad rows for (op, layer): (R int64 [rows, in], U int64 [rows, out], see make). Rows come from
         the pool first; whatever it lacks is made now (an on-demand event)."""
         rs, us, got = [], [], 0
         with self._cond:
