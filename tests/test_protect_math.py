@@ -242,9 +242,12 @@ def test_limbs_roundtrip_and_signed_lift():
     for j in range(ring.LIMBS):                                                   # limb j is byte j
         assert torch.equal(limbs[j], ((b >> (8 * j)) & 0xFF).to(torch.uint8))
     assert torch.equal(ring.from_limbs(limbs), b)
-    words = torch.full((2, 4, 33), -1, dtype=torch.int32)                           # a used work buffer
-    assert torch.equal(ring.to_limbs(b, words=words), limbs)
     assert torch.equal(ring.to_limbs(b.t().contiguous().t()), limbs)              # a column-major b
+    big = ints((2, ring.GATHER_BELOW), 0, ring.MASK)                                # the plane-by-plane path
+    big[0, :6] = b[0, :6]
+    for got in (ring.to_limbs(big), ring.to_limbs(big, words=torch.full((2, *big.shape), -1, dtype=torch.int32))):
+        for j in range(ring.LIMBS):
+            assert torch.equal(got[j], ((big >> (8 * j)) & 0xFF).to(torch.uint8))
     edges = torch.tensor([0, 1, 2**39 - 1, 2**39, 2**40 - 1])
     assert ring.lift(edges.clone()).tolist() == [0, 1, 2**39 - 1, -2**39, -1]
     y = ints((50,), -2**39, 2**39 - 1)
@@ -268,8 +271,11 @@ def test_quantization_is_symmetric_and_within_half_a_step():
     assert int(xq.abs().max()) == quant.ACT_MAX and xq.dtype == torch.int64
     err = (x.double() - xq.double() * sx.double()[:, None]).abs()
     assert bool((err <= sx.double()[:, None] * (0.5 + 32767 * 2**-23)).all())   # x / s rounded in float32 first
-    with pytest.raises(ValueError, match="not finite"):
-        quant.quantize_rows(torch.tensor([[1.0, float("nan")]]))
+    for bad in (float("nan"), float("inf"), -float("inf")):          # in any row of a block
+        x = floats((3, 8), 1.0)
+        x[1, 5] = bad
+        with pytest.raises(ValueError, match="not finite"):
+            quant.quantize_rows(x)
 
 
 def test_fingerprint_agrees_across_sides_and_sees_one_step(tiny):

@@ -36,12 +36,22 @@ class Scratch:
 
     def __init__(self):
         self.flat: dict[str, torch.Tensor] = {}        # name -> uint8 bytes
+        self.views: dict[tuple, torch.Tensor] = {}     # (name, shape, dtype) -> its view (a decode step asks
+        # for the same few dozen times a token: making a view costs more than the row's arithmetic)
 
     def take(self, name: str, shape: tuple[int, ...], dtype: torch.dtype = torch.int64) -> torch.Tensor:
+        key = (name, shape, dtype)
+        view = self.views.get(key)
+        if view is not None:
+            return view
         n = math.prod(shape) * dtype.itemsize
         if name not in self.flat or self.flat[name].numel() < n:
             self.flat[name] = torch.empty(n, dtype=torch.uint8)
-        return self.flat[name][:n].view(dtype).view(shape)
+            self.views = {k: v for k, v in self.views.items() if k[0] != name}   # views of the old buffer
+        if len(self.views) >= 256:
+            self.views.clear()
+        view = self.views[key] = self.flat[name][:n].view(dtype).view(shape)
+        return view
 
 
 class Results:
