@@ -283,7 +283,7 @@ class RemoteOffload:
         except P.ProtocolError as e:
             raise RemoteError(f"server at {self.endpoint} broke the protocol answering {pending}: {e}") from None
         if pending.call.out is not None:
-            self.stats.shm_received_bytes += pending.call.want.nbytes
+            self.stats.shm_received_bytes += pending.call.out.nbytes
         self.stats.deserialize_s += time.perf_counter() - t1
         return y
 
@@ -291,23 +291,28 @@ class RemoteOffload:
         """Match one reply to the call it answers; anything else ends the run with a named error. Only replies
         to calls in flight are kept, so what waits here is bounded by the calls the runner made."""
         head = bytes(frames[0])
+        asked = self.waiting.pop(P.peek_id(head), None)
         try:
-            if not P.is_binary(head):
-                msg = P.decode(head)
-                rid = msg.get("id")
-                what = self.waiting.get(rid, pending) if isinstance(rid, int) else pending
-                raise RemoteError(f"server at {self.endpoint} failed {what}: {server_text(msg.get('error', msg))}")
-            rid = P.peek_id(head)
-            if rid is None:
-                P.unpack(head)                # raises, naming what is wrong
-            asked = self.waiting.pop(rid, None)
             if asked is None:
-                raise P.ProtocolError(f"a reply with id {rid}, which no call in flight has")
+                self._refuse(head, pending)
             compute_s = reply_time(head, asked.op, asked.layer, asked.call)
         except P.ProtocolError as e:
             raise RemoteError(f"server at {self.endpoint} broke the protocol while {pending} was pending: {e}") \
                 from None
-        self.replies[rid] = (compute_s, frames, time.perf_counter())
+        self.replies[asked.rid] = (compute_s, frames, time.perf_counter())
+
+    def _refuse(self, head: bytes, pending: Pending) -> None:
+        """A reply that answers no call in flight: the server's error (naming the call it failed), a header
+        too malformed to read an id from, or an id no call in flight has. Raises."""
+        if not P.is_binary(head):
+            msg = P.decode(head)
+            rid = msg.get("id")
+            what = self.waiting.get(rid, pending) if isinstance(rid, int) else pending
+            raise RemoteError(f"server at {self.endpoint} failed {what}: {server_text(msg.get('error', msg))}")
+        rid = P.peek_id(head)
+        if rid is None:
+            P.unpack(head)                # raises, naming what is wrong
+        raise P.ProtocolError(f"a reply with id {rid}, which no call in flight has")
 
     def _say_bye(self) -> None:
         """End the session (best effort, and only to a server that answered the hello: it may be gone) and

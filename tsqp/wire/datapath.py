@@ -96,7 +96,7 @@ class ArenaPath:
             inputs = [P.TensorMeta.of(x, off) for x, off in zip(xs, offsets)]
             plan = self.plans[key] = Plan(inputs, expected_output(self.cfg, self.wire, op, layer, inputs),
                                           sum(m.nbytes for m in inputs))
-        out = self.arena.empty(plan.output.shape, plan.output.torch_dtype)
+        out = self.arena.empty(plan.output.shape, P.WIRE_DTYPES[plan.output.dtype])
         out_offset = self.arena.offset_of(out)
         headers = plan.headers.get(out_offset)
         if headers is None:

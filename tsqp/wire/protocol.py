@@ -131,7 +131,8 @@ def unpack(buf) -> Message:
 
 
 def peek_id(buf) -> int | None:
-    """The request id of a header too malformed to unpack, when the fixed part is there to read it from."""
+    """The request id in a binary header's fixed part (read before anything else is checked), or None when
+    there is no such part (a JSON message, a short frame)."""
     if len(buf) < HEAD.size or buf[0] != MAGIC:
         return None
     return struct.unpack_from("<Q", buf, ID_OFFSET)[0]
