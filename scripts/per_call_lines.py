@@ -7,10 +7,9 @@ records every line of the checkout's `tsqp` package that runs. Printed, for the 
   lines, cold    distinct lines run by the first calls of each shape (these build the per-shape caches)
   lines, warm    distinct lines run by the later calls (the steady path a decode step takes)
   lines per call line events per call, warm (how much Python one call executes)
-The server runs in its own process; its per-call path is counted with `--server`, which serves in a thread
-of this process, traced the same way, and drives it over the same shm transport.
+and the warm lines per function. Only the runner is traced (the server runs in its own process).
 
-    python3 scripts/per_call_lines.py CHECKOUT [--server]
+    python3 scripts/per_call_lines.py CHECKOUT
     (e.g. git worktree add /tmp/before 0d996c0; python3 scripts/per_call_lines.py /tmp/before)
 """
 from __future__ import annotations
@@ -21,7 +20,7 @@ import subprocess
 import sys
 
 
-def worker(trace_server: bool) -> None:
+def worker() -> None:
     import argparse
     import threading
     try:
@@ -101,11 +100,11 @@ def by_function(seen: set) -> dict[str, int]:
 
 def main() -> None:
     if sys.argv[1:2] == ["--worker"]:
-        worker("--server" in sys.argv)
+        worker()
         return
     checkout = os.path.abspath(sys.argv[1])
     env = {**os.environ, "PYTHONPATH": checkout}
-    out = subprocess.run([sys.executable, os.path.abspath(__file__), "--worker", *sys.argv[2:]], env=env,
+    out = subprocess.run([sys.executable, os.path.abspath(__file__), "--worker"], env=env,
                          cwd=checkout, capture_output=True, text=True, timeout=600)
     if out.returncode:
         raise SystemExit(out.stderr[-3000:])
