@@ -457,6 +457,38 @@ def test_no_result_is_handed_out_after_a_failed_check(tiny):
     po.close()
 
 
+def test_a_one_row_request_runs_on_one_thread_and_gives_the_threads_back(tiny, monkeypatch):
+    """A decode step's request masks and finishes on the calling thread alone (blocks.one_thread_for); the
+    thread count is restored after it, also when its check fails, and a larger request keeps every thread."""
+    cfg, weights, _ = tiny
+    real_get, threads = torch.get_num_threads, torch.get_num_threads()
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)       # as on a 2-core host, whatever this one has
+    seen = []
+    real_mask = blocks.mask
+    monkeypatch.setattr(blocks, "mask", lambda *a: (seen.append(real_get()), real_mask(*a))[1])
+    set_to = []
+    real_set = torch.set_num_threads
+    monkeypatch.setattr(torch, "set_num_threads", lambda n: (set_to.append(n), real_set(n))[1])
+
+    class FirstFlip(FaultInjector):
+        def apply(self, op, layer, z):
+            return super().apply(op, layer, z) if self.seen == 0 else z
+
+    po = protected(cfg, weights, faults=FirstFlip("flip"), pool_tokens=0)
+    key = ("o", 0)
+    with pytest.raises(VerificationError):
+        po.submit(*key, linear_inputs(cfg, key, 1)).result()
+    assert seen == [1] and set_to == [1, 2, 1, 2]         # submit, then result(), each given back
+    po.close()
+    real_set(threads)
+    seen.clear()
+    set_to.clear()
+    po = protected(cfg, weights, pool_tokens=0)
+    po.submit(*key, linear_inputs(cfg, key, 3)).result()
+    assert set_to == [] and seen == [threads]
+    po.close()
+
+
 def test_a_released_result_buffer_serves_the_next_request_and_is_not_readable(tiny):
     """Result buffers are reused (a fresh large one is page-faulted in as it is written); a released result
     can no longer be read, and a reused buffer holds the new request's value only."""

@@ -143,10 +143,11 @@ class ProtectedOffload(_QuantizedBase):
         T = x.shape[0]
         if T > 1 and T % self.length_bucket:                                              # pad to the bucket
             T += self.length_bucket - T % self.length_bucket
-        r, u = self.pool.take(key, T)
         limbs = self.inner.empty((ring.LIMBS, T, x.shape[1]), torch.uint8)               # [5, T, in]
-        padded = torch.cat([x, x.new_zeros(T - x.shape[0], x.shape[1])]) if T > x.shape[0] else x
-        sx, input_parts, check_s = blocks.mask(padded, r, limbs, self.checks.get(key), self.scratch)
+        with blocks.one_thread_for(T):
+            r, u = self.pool.take(key, T)
+            padded = torch.cat([x, x.new_zeros(T - x.shape[0], x.shape[1])]) if T > x.shape[0] else x
+            sx, input_parts, check_s = blocks.mask(padded, r, limbs, self.checks.get(key), self.scratch)
         self._count_check(check_s)
         self.stats.add_time("mask", time.perf_counter() - t0 - check_s)
         return MaskedPending(self, key, self.inner.submit(op, layer, limbs), sx[:x.shape[0]], input_parts, u)
@@ -186,7 +187,9 @@ class MaskedPending:
         if self.released:
             raise RuntimeError(f"result() of op {self.key[0]} after its release(): its buffer serves later requests")
         if self.value is None:
-            self.value = self._finish(self.pending.result())
+            z = self.pending.result()
+            with blocks.one_thread_for(self.u.shape[0]):
+                self.value = self._finish(z)
         return self.value
 
     def _finish(self, z: torch.Tensor) -> torch.Tensor:
