@@ -278,6 +278,27 @@ def test_quantization_is_symmetric_and_within_half_a_step():
             quant.quantize_rows(x)
 
 
+def test_a_single_row_quantizes_as_it_would_in_a_block():
+    """quantize_block's one-row path (a decode step's) gives the bits the block path gives that row: scales
+    spread over 60 decades, an all-zero row, a row whose extreme is negative, and non-finite rows refused."""
+    g = torch.Generator().manual_seed(7)
+    # enough rows that multiplying by a reciprocal instead of dividing would show (it changes ~1% of them)
+    for n, rows in ((1, 300), (7, 300), (64, 1000), (8192, 8)):
+        x = torch.randn(rows, n, generator=g) * 10.0 ** torch.randint(-30, 30, (rows, 1), generator=g)
+        x[1] = 0.0
+        x[2, 0] = -2 * float(x[2].abs().max())
+        x[3] = -x[3].abs()
+        q, scale = quant.quantize_block(x)
+        for r in range(rows):
+            q1, scale1 = quant.quantize_block(x[r:r + 1], out=torch.empty(1, n))
+            assert torch.equal(q1, q[r:r + 1]) and torch.equal(scale1, scale[r:r + 1])
+    for bad in (float("nan"), float("inf"), -float("inf")):
+        x = floats((1, 8), 1.0)
+        x[0, 5] = bad
+        with pytest.raises(ValueError, match="not finite"):
+            quant.quantize_block(x)
+
+
 def test_fingerprint_agrees_across_sides_and_sees_one_step(tiny):
     cfg, weights, _ = tiny
     runner = QuantizedOffload(cfg, weights)
