@@ -706,6 +706,26 @@ def test_pool_statistics_and_on_demand_when_empty(tiny):
     dry.close()
 
 
+def test_the_filler_is_woken_only_when_a_pool_is_due_a_refill(tiny):
+    """A take that leaves its pool lacking less than a batch does not wake the filler (a woken filler scans
+    every pool under the lock, on each of a decode step's calls); the take that makes it lack a batch does,
+    and the filler refills it."""
+    cfg, weights, _ = tiny
+    ring_weights = {k: ring.RingWeight(w.q) for k, w in quant.quantize_model(cfg, weights).items()}
+    key = ("o", 0)
+    pool = PadPool(ring_weights, pool_tokens=8, batch_tokens=4, lm_head_rows=4)
+    assert pool.wait_full(60)
+    wakes = []
+    notify = pool._cond.notify_all
+    pool._cond.notify_all = lambda: (wakes.append(pool.level[key]), notify())[1]
+    pool.take(key, 3)                        # lacks 3 of 8: less than a batch
+    assert wakes == []
+    pool.take(key, 1)                        # lacks 4: a batch
+    assert wakes[:1] == [4]
+    assert pool.wait_full(60) and pool.level[key] == 8
+    pool.close()
+
+
 # ---- the trust boundary --------------------------------------------------------------------------------
 
 def imported_modules(path: Path) -> set[str]:

@@ -203,7 +203,9 @@ class PadPool:
                     pool.popleft()
             self.level[key] -= got
             self.pads_consumed += rows
-            self._cond.notify_all()
+            if self.target[key] - self.level[key] >= min(self.batch_tokens, self.target[key]) > 0:
+                self._cond.notify_all()     # now due a refill: wake the filler (only then: a woken filler
+                # scans every pool holding the lock and the GIL, on every decode step's 65 calls)
         if got < rows:
             t0 = time.perf_counter()
             r, u = self.make(key, rows - got)
