@@ -181,6 +181,10 @@ class Freivalds:
 
     def passes(self, output_parts: torch.Tensor, input_parts: torch.Tensor) -> torch.Tensor:
         """Both sides' parts for the same rows -> bool [T]: Y[t] . s == X[t] . ws mod p."""
+        if output_parts.shape[0] <= WeightedSum.PYTHON_ROWS:        # a decode step: Python's integers, no cat
+            c, p = self._difference.coefficients, self.prime
+            return torch.tensor([sum(v * w for v, w in zip(out + inp, c)) % p == self._passing_total
+                                 for out, inp in zip(output_parts.tolist(), input_parts.tolist())], dtype=torch.bool)
         return self._difference(torch.cat([output_parts.to(torch.int64), input_parts], 1)) == self._passing_total
 
     def input_side(self, x: torch.Tensor) -> torch.Tensor:
