@@ -626,6 +626,48 @@ def test_blocks_of_rows_change_no_bit_and_miss_no_fault(tiny, monkeypatch, block
             bad.submit(*key, x).result()
 
 
+class RowsSeen:
+    """An inner offload that notes each request's row count, what its header tells a real server."""
+
+    def __init__(self, inner):
+        self.inner, self.stats, self.dtype, self.seen = inner, inner.stats, inner.dtype, []
+
+    def empty(self, shape, dtype=None):
+        return self.inner.empty(shape, dtype)
+
+    def submit(self, op, layer, limbs):
+        self.seen.append((op, layer, limbs.shape[1]))
+        return self.inner.submit(op, layer, limbs)
+
+    def close(self):
+        self.inner.close()
+
+
+@pytest.mark.parametrize("chunks", [1, 2, 3])
+def test_a_length_bucket_hides_the_prompt_length_whatever_the_chunks(tiny, chunks):
+    """The server's view of a prefill (every request's op, layer and row count, in order) depends on the
+    prompt's length only through its count of buckets: with chunks, and for a one-token prompt. The logits
+    equal the unpadded quantized model's (cut into the same chunks) bit for bit."""
+    cfg, weights, norms = tiny
+    server, bucket = IntCompute(cfg, weights), 8
+    g = torch.Generator().manual_seed(chunks)
+    views: dict[int, set] = {}
+    for T in (1, 2, 7, 8, 9, 15, 16, 17, 23, 24, 25):
+        rows = RowsSeen(LocalOffload(server))
+        po = ProtectedOffload(rows, cfg, weights, pool_tokens=0, lm_head_rows=0, background=False,
+                              length_bucket=bucket)
+        ids = torch.randint(0, cfg.vocab_size, (T,), generator=g)
+        model = TrustedModel(cfg, norms, po)
+        logits = model.prefill(ids, model.new_cache(T), chunks)
+        po.close()
+        views.setdefault(-(-T // bucket), set()).add(tuple(rows.seen))
+        oracle = QuantizedOffload(cfg, weights)
+        oracle.length_bucket = bucket                          # the same chunks; it pads nothing
+        plain = TrustedModel(cfg, norms, oracle)
+        assert torch.equal(logits, plain.prefill(ids, plain.new_cache(T), chunks)), T
+    assert {n: len(v) for n, v in views.items()} == {1: 1, 2: 1, 3: 1, 4: 1}, views
+
+
 def test_a_small_prime_lets_multiples_through_but_not_ours(tiny):
     cfg, weights, _ = tiny
     weak_prime = 2**31 - 1                      # fits in int32: tempting, and below the error range

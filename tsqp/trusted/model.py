@@ -230,13 +230,17 @@ class TrustedModel:
     # ---- whole prompts and single tokens -------------------------------------------------------------
     def prefill(self, ids: torch.Tensor, cache: KVCache, chunks: int = 1) -> torch.Tensor:
         """ids [T] -> last position's logits [V]. With chunks > 1 the prompt is split and the chunks are
-        interleaved so that runner and server work at the same time (causal attention allows it)."""
+        interleaved so that runner and server work at the same time (causal attention allows it). An offload
+        that pads requests to a length bucket (`length_bucket`, protected offload) has the chunks cut at
+        whole buckets and is told the requests are a prefill's (`prefilling`): every request size it sends
+        then follows from the prompt's length in buckets, not from the length itself."""
         start = cache.length
-        parts = [p for p in torch.tensor_split(ids, chunks) if p.numel()]
+        parts = ids.split(chunk_sizes(ids.shape[0], chunks, getattr(self.offload, "length_bucket", 1)))
         offsets = [start + sum(len(p) for p in parts[:i]) for i in range(len(parts))]
         gens = [self.forward(p, cache, o, want_logits=(i == len(parts) - 1))
                 for i, (p, o) in enumerate(zip(parts, offsets))]
-        return run_interleaved(gens)[-1]
+        with getattr(self.offload, "prefilling", nullcontext)():
+            return run_interleaved(gens)[-1]
 
     def score(self, ids: torch.Tensor, cache: KVCache) -> torch.Tensor:
         """ids [T] -> every position's logits [T, V] (teacher-forced evaluation: row i predicts ids[i+1])."""
@@ -245,6 +249,17 @@ class TrustedModel:
     def decode(self, token: int, cache: KVCache) -> torch.Tensor:
         ids = torch.tensor([token], device=self.device)
         return run_interleaved([self.forward(ids, cache, cache.length)])[-1]
+
+
+def chunk_sizes(T: int, chunks: int, bucket: int = 1) -> list[int]:
+    """The sizes of a T-token prompt's chunks (none empty). With a bucket > 1, each chunk but the last holds
+    whole buckets and how many follows from ceil(T / bucket) alone; the last holds the rest (>= 1 token), so
+    once it is padded to whole buckets every size depends on T only through ceil(T / bucket)."""
+    if bucket <= 1:
+        return [len(p) for p in torch.tensor_split(torch.empty(T), chunks) if len(p)]
+    buckets = [len(p) for p in torch.tensor_split(torch.empty(-(-T // bucket)), chunks) if len(p)]
+    sizes = [b * bucket for b in buckets[:-1]]
+    return sizes + [T - sum(sizes)]
 
 
 def run_interleaved(gens: list) -> list:

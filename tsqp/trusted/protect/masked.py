@@ -14,6 +14,7 @@ masks (float64 GEMM, exact below 2^53): the oracle the protected run must equal 
 """
 from __future__ import annotations
 
+import contextlib
 import time
 
 import torch
@@ -109,7 +110,8 @@ class ProtectedOffload(_QuantizedBase):
 
     verify: run the Freivalds checks (a failed one raises VerificationError and ends the session: every
     later submit raises too). pool_tokens / batch_tokens / lm_head_rows: see pads.PadPool. length_bucket:
-    a request of several rows (a prefill) is padded with zero rows up to a multiple of it, so the server
+    a request of several rows, and any request made while `prefilling()`, is padded with zero rows up to a
+    multiple of it; with the model's prefill (which cuts chunks at whole buckets, model.chunk_sizes) the server
     learns the prompt's length only to within a bucket (padded rows are masked, computed and checked like
     the others, then dropped; decode steps are one row each). A server's
     stated fingerprint is checked with `expect_fingerprint` before the first request. close() closes
@@ -130,6 +132,7 @@ class ProtectedOffload(_QuantizedBase):
         self.results = blocks.Results()
         self.checked_rows = 0
         self.verify_s = 0.0
+        self._prefilling = False
 
     def submit(self, op: str, layer: int | None, *xs: torch.Tensor):
         if self.failure is not None:
@@ -141,7 +144,7 @@ class ProtectedOffload(_QuantizedBase):
         x = xs[0]
         t0 = time.perf_counter()
         T = x.shape[0]
-        if T > 1 and T % self.length_bucket:                                              # pad to the bucket
+        if T % self.length_bucket and (T > 1 or self._prefilling):                        # pad to the bucket
             T += self.length_bucket - T % self.length_bucket
         limbs = self.inner.empty((ring.LIMBS, T, x.shape[1]), torch.uint8)               # [5, T, in]
         with blocks.one_thread_for(T):
@@ -151,6 +154,16 @@ class ProtectedOffload(_QuantizedBase):
         self._count_check(check_s)
         self.stats.add_time("mask", time.perf_counter() - t0 - check_s)
         return MaskedPending(self, key, self.inner.submit(op, layer, limbs), sx[:x.shape[0]], input_parts, u)
+
+    @contextlib.contextmanager
+    def prefilling(self):
+        """Requests made meanwhile are a prefill's: a one-row one (a one-token prompt, or chunk) is padded to
+        the bucket too. Outside, a one-row request is a decode step's, which every token makes alike."""
+        self._prefilling = True
+        try:
+            yield
+        finally:
+            self._prefilling = False
 
     def expect_fingerprint(self, stated: str) -> None:
         """Compare the server's stated quantized-weights fingerprint with ours before the first request:
