@@ -344,6 +344,8 @@ def test_a_pad_is_its_key_and_number_and_is_never_issued_twice():
         one.issue(7, 16)
     with pytest.raises(PadReuseError):
         one.issue(8, 4096)
+    with pytest.raises(PadReuseError):
+        one.issue(5, 16)                  # skipped: blocks go in increasing order, a skipped one never comes
     numbers = [one.fresh(16)[0] for _ in range(12)]
     assert len(set(numbers)) == 12 and not {7, 8} & set(numbers)
     assert one.blocks_issued == 14
@@ -706,11 +708,42 @@ def test_malformed_results_are_rejected(tiny):
 
     for make, why in [(lambda: torch.zeros(2, cfg.hidden_size, dtype=torch.int32), "expected int64"),
                       (lambda: torch.zeros(3, cfg.hidden_size, dtype=torch.int64), "expected int64"),
+                      (lambda: torch.zeros(2, cfg.hidden_size, dtype=torch.int64, device="meta"), "on the CPU"),
                       (lambda: torch.full((2, cfg.hidden_size), 1 << 40), "outside"),
                       (lambda: torch.full((2, cfg.hidden_size), -1), "outside")]:
         po = ProtectedOffload(Reply(make), cfg, weights, background=False)
         with pytest.raises(VerificationError, match=why):
             po.submit(*key, x).result()
+        with pytest.raises(VerificationError, match="session is over"):
+            po.submit(*key, x)
+
+
+def test_any_failure_to_finish_a_result_ends_the_session(tiny, monkeypatch):
+    """Not only a failed check: whatever stops a result from being unmasked and checked ends the session."""
+    cfg, weights, _ = tiny
+    po = protected(cfg, weights, pool_tokens=0)
+    key = ("o", 0)
+
+    def broken(*args):
+        raise RuntimeError("out of memory")
+    monkeypatch.setattr(blocks, "finish", broken)
+    with pytest.raises(RuntimeError, match="out of memory"):
+        po.submit(*key, linear_inputs(cfg, key, 2)).result()
+    with pytest.raises(VerificationError, match="RuntimeError: out of memory.*session is over"):
+        po.submit(*key, linear_inputs(cfg, key, 2))
+    po.close()
+
+
+def test_zero_rows_give_what_the_oracle_gives_and_send_nothing(tiny):
+    cfg, weights, _ = tiny
+    key = ("o", 0)
+    x = torch.zeros(0, matmul_widths(cfg, "o")[0])
+    po = protected(cfg, weights, pool_tokens=0)
+    want = QuantizedOffload(cfg, weights).submit(*key, x).result()
+    got = po.submit(*key, x).result()
+    assert got.shape == want.shape == (0, cfg.hidden_size) and got.dtype == want.dtype
+    assert po.stats.rpc_calls == 0
+    po.close()
 
 
 # ---- the pad pool --------------------------------------------------------------------------------------

@@ -123,6 +123,26 @@ def test_protected_prefill_moves_the_bytes_the_config_implies(server):
     assert stats.rpc_calls == 4 * cfg.num_layers + 1          # no embed call: ids never leave the runner
 
 
+def test_a_refused_request_gives_its_shared_memory_back_and_the_session_goes_on(server):
+    """Activations that cannot be quantized (NaN) are refused before anything is sent; the limbs' region in
+    the arena is freed (50 refusals leave nothing live) and the next request is answered."""
+    endpoint, _ = server
+    cfg, weights = W.load(MODEL, torch.float32, "cpu")
+    offload = protected(endpoint)
+    try:
+        x = torch.randn(4, cfg.hidden_size)
+        x[1, 3] = float("nan")
+        for _ in range(50):
+            with pytest.raises(ValueError, match="not finite"):
+                offload.submit("qkv", 0, x)
+        assert not offload.inner.arena.live and offload.inner.stats.rpc_calls == 0
+        x[1, 3] = 0.0
+        want = QuantizedOffload(cfg, weights).submit("qkv", 0, x).result()
+        assert torch.equal(offload.submit("qkv", 0, x).result(), want)
+    finally:
+        offload.close()
+
+
 def test_length_buckets_hide_the_prompt_length_and_change_no_logit(server):
     """--length-bucket 16: prompts of 17 and 29 tokens both reach the server as 32-row requests (the bytes the
     config implies for 32 tokens, but the LM head's one row); the logits equal the unpadded run's bit for bit."""

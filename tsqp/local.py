@@ -59,6 +59,12 @@ class LocalOffload:
             return self.arena.empty(shape, dtype or self.dtype)    # freed with the request it feeds
         return torch.empty(shape, dtype=dtype or self.dtype)
 
+    def discard(self, t: torch.Tensor) -> None:
+        """An empty() buffer that will feed no request."""
+        off = self.arena.offset_of(t) if self.arena is not None else None
+        if off is not None:
+            self.arena.free(off)
+
     def submit(self, op: str, layer: int | None, *xs: torch.Tensor):
         t0 = time.perf_counter()
         self.stats.rpc_calls += 1

@@ -7,6 +7,7 @@ and are one themselves. The model math knows only this interface.
                                remote, so nothing is copied twice)
   submit(op, layer, *xs)       send one request (ops: tsqp.ops); returns a Pending whose result() is the
                                output tensor, valid until its release() (the inputs' buffers go with it)
+  discard(t)                   (optional) give back an empty() buffer that will feed no request
   stats                        a stats.Stats
   close()
 """

@@ -247,6 +247,10 @@ class RemoteOffload:
     def empty(self, shape: tuple[int, ...], dtype: torch.dtype | None = None) -> torch.Tensor:
         return self.path.empty(shape, dtype)
 
+    def discard(self, t: torch.Tensor) -> None:
+        """An empty() buffer that will feed no call (the request was refused before it was sent)."""
+        self.path.discard(t)
+
     def submit(self, op: str, layer: int | None, *xs: torch.Tensor) -> Pending:
         t0 = time.perf_counter()
         rid = next(self.ids)

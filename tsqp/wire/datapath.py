@@ -115,6 +115,11 @@ class ArenaPath:
         for off in regions:
             self.arena.free(off)
 
+    def discard(self, t: torch.Tensor) -> None:
+        off = self.arena.offset_of(t)
+        if off is not None:
+            self.arena.free(off)
+
     def close(self) -> None:
         self.arena.close()
 
@@ -140,6 +145,9 @@ class FramePath:
         return P.tensor_from_frame(call.want, frames[1])
 
     def release(self, regions: list[int]) -> None:
+        pass
+
+    def discard(self, t: torch.Tensor) -> None:
         pass
 
     def close(self) -> None:

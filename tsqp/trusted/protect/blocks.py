@@ -88,7 +88,9 @@ def one_thread_for(rows: int):
     """A one-row request (a decode step's) runs its steps on the calling thread alone: each is too small to
     share, and waking torch's other threads for it cost more than the work: the runner's share of a verified
     decode token at Llama-3.2-1B's shapes on a 2-core VM (`scripts/protect_decode_cost.py`, six alternating
-    pairs) went from 36-53 ms (median 50) to 24-38 ms (median 33). Larger requests keep every thread."""
+    pairs) went from 36-53 ms (median 50) to 24-38 ms (median 33). Larger requests keep every thread.
+    torch's thread count is the process's: another thread (`tsqp api`'s other workers, the pad filler) runs
+    on one thread meanwhile too. It cannot stick at 1: a block that finds 1 already set changes nothing."""
     threads = torch.get_num_threads()
     if rows > 1 or threads == 1:
         yield

@@ -137,28 +137,40 @@ class ProtectedOffload(_QuantizedBase):
     def submit(self, op: str, layer: int | None, *xs: torch.Tensor):
         if self.failure is not None:
             raise VerificationError(self.failure.op, self.failure.layer,
-                                    "an earlier check failed; this session is over") from self.failure
+                                    f"an earlier result failed ({self.failure}); this session is over") \
+                from self.failure
         if op == "embed":
             return self._embed(xs[0])
         key = self._key(op, layer, xs)
         x = xs[0]
+        if not x.shape[0]:                                 # nothing to send (what QuantizedOffload gives)
+            return Done(torch.empty((0, self.qweights[key].q.shape[0])))
         t0 = time.perf_counter()
         T = x.shape[0]
-        if T % self.length_bucket and (T > 1 or self._prefilling):                        # pad to the bucket
+        # pad to the bucket: a request of several rows, and a prefill's one-row request but the LM head's
+        # (a prefill asks it for the last row alone, whatever the prompt's length)
+        if T % self.length_bucket and (T > 1 or self._prefilling and op != "lm_head"):
             T += self.length_bucket - T % self.length_bucket
         limbs = self.inner.empty((ring.LIMBS, T, x.shape[1]), torch.uint8)               # [5, T, in]
-        with blocks.one_thread_for(T):
-            r, u = self.pool.take(key, T)
-            padded = torch.cat([x, x.new_zeros(T - x.shape[0], x.shape[1])]) if T > x.shape[0] else x
-            sx, input_parts, check_s = blocks.mask(padded, r, limbs, self.checks.get(key), self.scratch)
+        try:
+            with blocks.one_thread_for(T):
+                r, u = self.pool.take(key, T)
+                padded = torch.cat([x, x.new_zeros(T - x.shape[0], x.shape[1])]) if T > x.shape[0] else x
+                sx, input_parts, check_s = blocks.mask(padded, r, limbs, self.checks.get(key), self.scratch)
+        except BaseException:          # refused (non-finite input, the pool's failure): nothing is sent, and
+            discard = getattr(self.inner, "discard", None)       # the inner's buffer (shared memory) goes back
+            if discard is not None:
+                discard(limbs)
+            raise
         self._count_check(check_s)
         self.stats.add_time("mask", time.perf_counter() - t0 - check_s)
         return MaskedPending(self, key, self.inner.submit(op, layer, limbs), sx[:x.shape[0]], input_parts, u)
 
     @contextlib.contextmanager
     def prefilling(self):
-        """Requests made meanwhile are a prefill's: a one-row one (a one-token prompt, or chunk) is padded to
-        the bucket too. Outside, a one-row request is a decode step's, which every token makes alike."""
+        """Requests made meanwhile are a prefill's: a one-row one (a one-token prompt, or chunk; not the LM
+        head's, which is one row for any prompt) is padded to the bucket too. Outside, a one-row request is a
+        decode step's, which every token makes alike."""
         self._prefilling = True
         try:
             yield
@@ -209,10 +221,12 @@ class MaskedPending:
         owner, (op, layer) = self.owner, self.key
         T, out = self.u.shape
         if owner.failure is not None:              # a result asked for again after a failed check
-            raise VerificationError(op, layer, "an earlier check failed; this session is over") from owner.failure
+            raise VerificationError(op, layer, f"an earlier result failed ({owner.failure}); this session is over") \
+                from owner.failure
         try:
-            if z.dtype != torch.int64 or tuple(z.shape) != (T, out):
-                raise VerificationError(op, layer, f"expected int64 [{T}, {out}], got {z.dtype} {tuple(z.shape)}")
+            if z.dtype != torch.int64 or tuple(z.shape) != (T, out) or z.device.type != "cpu":
+                raise VerificationError(op, layer, f"expected int64 [{T}, {out}] on the CPU, got {z.dtype} "
+                                                   f"{tuple(z.shape)} on {z.device}")
             t0 = time.perf_counter()
             try:
                 y, output_parts, check_s = blocks.finish(z, self.u, self.sx, owner.qweights[self.key].scale,
@@ -228,8 +242,9 @@ class MaskedPending:
                 owner._count_check(time.perf_counter() - t1)
                 failing_rows(ok, op, layer)                       # before y is handed to anyone
                 owner.checked_rows += T
-        except VerificationError as e:
-            owner.failure = e
+        except Exception as e:         # whatever stopped a result from being checked ends the session
+            owner.failure = e if isinstance(e, VerificationError) else \
+                VerificationError(op, layer, f"finishing the result raised {type(e).__name__}: {e}")
             raise
         return y
 

@@ -29,14 +29,16 @@ class PadReuseError(RuntimeError):
 
 
 class PadSource:
-    """ChaCha20 keystream blocks under a per-session key; each block number is issued at most once."""
+    """ChaCha20 keystream blocks under a per-session key, issued in increasing order of block number: a number
+    below the last one issued (issued, or skipped and so never to be used) is refused, so no block is issued
+    twice, in O(1) memory however long the session lives."""
 
     def __init__(self, key: bytes | None = None):
         self._key = key if key is not None else os.urandom(32)
         if len(self._key) != 32:
             raise ValueError("a pad key is 32 bytes")
-        self._issued: set[int] = set()
-        self._next = 0
+        self._next = 0               # the lowest number that may still be issued
+        self._count = 0
         self._lock = threading.Lock()
 
     def issue(self, n: int, nbytes: int) -> torch.Tensor:
@@ -44,23 +46,26 @@ class PadSource:
         if not 0 <= n < 1 << 96:
             raise ValueError(f"pad block number {n} out of range")
         with self._lock:
-            if n in self._issued:
-                raise PadReuseError(f"pad block {n} was already issued in this session")
-            self._issued.add(n)
+            self._take(n)
         return keystream(self._key, n, nbytes)
 
     def fresh(self, nbytes: int) -> tuple[int, torch.Tensor]:
         """The next unissued block: (n, uint8 [nbytes])."""
         with self._lock:
-            while self._next in self._issued:
-                self._next += 1
             n = self._next
-            self._next += 1
-        return n, self.issue(n, nbytes)
+            self._take(n)
+        return n, keystream(self._key, n, nbytes)
+
+    def _take(self, n: int) -> None:
+        """Mark n issued (the lock held)."""
+        if n < self._next:
+            raise PadReuseError(f"pad block {n} was already issued in this session, or skipped (blocks are issued "
+                                f"in increasing order; the next is {self._next})")
+        self._next, self._count = n + 1, self._count + 1
 
     @property
     def blocks_issued(self) -> int:
-        return len(self._issued)
+        return self._count
 
 
 def keystream(key: bytes, n: int, nbytes: int) -> torch.Tensor:
