@@ -26,6 +26,24 @@ import sys
 import time
 
 
+def decode_widths(cfg) -> dict[str, int]:
+    """Each per-layer linear op's input width."""
+    return {"qkv": cfg.hidden_size, "o": cfg.q_size, "gate_up": cfg.hidden_size, "down": cfg.intermediate_size}
+
+
+def decode_shaped_calls(off, widths: dict[str, int], layers: int, repeat: int) -> int:
+    """`repeat` rounds of one-row calls of every layer's linear ops (submit, result, release); the call count."""
+    for _ in range(repeat):
+        for layer in range(layers):
+            for op, width in widths.items():
+                x = off.empty((1, width))
+                x.fill_(0.01)
+                p = off.submit(op, layer, x)
+                p.result()
+                p.release()
+    return repeat * layers * len(widths)
+
+
 def worker() -> None:
     """One checkout's side, driven by lines on stdin ("ab": local first, "ba": shm first)."""
     try:
@@ -57,19 +75,10 @@ def worker() -> None:
 
     def call_us(trial, repeat: int = 30) -> float:
         """Per decode-shaped call over shm, the server's stated compute taken out."""
-        off, stats = trial.offload, trial.stats
-        widths = {"qkv": cfg.hidden_size, "o": cfg.q_size, "gate_up": cfg.hidden_size, "down": cfg.intermediate_size}
-        stats.reset()
+        trial.stats.reset()
         t0 = time.perf_counter()
-        for _ in range(repeat):
-            for layer in range(cfg.num_layers):
-                for op, width in widths.items():
-                    x = off.empty((1, width))
-                    x.fill_(0.01)
-                    p = off.submit(op, layer, x)
-                    p.result()
-                    p.release()
-        calls = repeat * cfg.num_layers * len(widths)
+        calls = decode_shaped_calls(trial.offload, decode_widths(cfg), cfg.num_layers, repeat)
+        stats = trial.stats
         return 1e6 * (time.perf_counter() - t0 - stats.server_compute_s) / calls
 
     for t in trials:

@@ -30,6 +30,7 @@ def worker() -> None:
         from tsqp import bench as B
         from tsqp.runner import fixed_prompt
     import tsqp
+    from ab_lockstep import decode_shaped_calls, decode_widths     # the same calls as the A/B (this folder)
     from tsqp import weights as W
     root = os.path.dirname(tsqp.__file__)
     a = argparse.Namespace(model="random:small", device="cpu", tokens=64, spin_us=0, timeout=60, compile=False,
@@ -39,8 +40,7 @@ def worker() -> None:
     config = B.Config("shm", "float32", "linear", 1)
     bench.start_servers([config])
     trial = bench.open(config, fixed_prompt(cfg, 64))
-    off = trial.offload
-    widths = {"qkv": cfg.hidden_size, "o": cfg.q_size, "gate_up": cfg.hidden_size, "down": cfg.intermediate_size}
+    off, widths = trial.offload, decode_widths(cfg)
     seen: set = set()
     events = [0]
     me = threading.get_ident()
@@ -53,27 +53,14 @@ def worker() -> None:
             events[0] += 1
         return tracer
 
-    def calls(repeat: int) -> int:
-        n = 0
-        for _ in range(repeat):
-            for layer in range(cfg.num_layers):
-                for op, width in widths.items():
-                    x = off.empty((1, width))
-                    x.fill_(0.01)
-                    p = off.submit(op, layer, x)
-                    p.result()
-                    p.release()
-                    n += 1
-        return n
-
     sys.settrace(tracer)
-    calls(2)
+    decode_shaped_calls(off, widths, cfg.num_layers, 2)
     sys.settrace(None)
     cold = len(seen)
     seen.clear()
     events[0] = 0
     sys.settrace(tracer)
-    n = calls(5)
+    n = decode_shaped_calls(off, widths, cfg.num_layers, 5)
     sys.settrace(None)
     print(json.dumps({"lines_cold": cold, "lines_warm": len(seen), "events_per_call": events[0] / n,
                       "files": sorted({os.path.relpath(f, root) for f, _ in seen}),

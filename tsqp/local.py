@@ -61,9 +61,8 @@ class LocalOffload:
 
     def discard(self, t: torch.Tensor) -> None:
         """An empty() buffer that will feed no request."""
-        off = self.arena.offset_of(t) if self.arena is not None else None
-        if off is not None:
-            self.arena.free(off)
+        if self.arena is not None:
+            self.arena.discard(t)
 
     def submit(self, op: str, layer: int | None, *xs: torch.Tensor):
         t0 = time.perf_counter()

@@ -256,10 +256,15 @@ def chunk_sizes(T: int, chunks: int, bucket: int = 1) -> list[int]:
     whole buckets and how many follows from ceil(T / bucket) alone; the last holds the rest (>= 1 token), so
     once it is padded to whole buckets every size depends on T only through ceil(T / bucket)."""
     if bucket <= 1:
-        return [len(p) for p in torch.tensor_split(torch.empty(T), chunks) if len(p)]
-    buckets = [len(p) for p in torch.tensor_split(torch.empty(-(-T // bucket)), chunks) if len(p)]
-    sizes = [b * bucket for b in buckets[:-1]]
+        return even_split(T, chunks)
+    sizes = [b * bucket for b in even_split(-(-T // bucket), chunks)[:-1]]
     return sizes + [T - sum(sizes)]
+
+
+def even_split(n: int, parts: int) -> list[int]:
+    """n into at most `parts` nonempty sizes that differ by at most one, larger first (torch.tensor_split's)."""
+    size, extra = divmod(n, parts)
+    return [size + (i < extra) for i in range(parts) if size + (i < extra)]
 
 
 def run_interleaved(gens: list) -> list:

@@ -116,9 +116,7 @@ class ArenaPath:
             self.arena.free(off)
 
     def discard(self, t: torch.Tensor) -> None:
-        off = self.arena.offset_of(t)
-        if off is not None:
-            self.arena.free(off)
+        self.arena.discard(t)
 
     def close(self) -> None:
         self.arena.close()

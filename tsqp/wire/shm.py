@@ -206,6 +206,12 @@ class Arena:
     def free(self, offset: int) -> None:
         self.live.pop(offset, None)
 
+    def discard(self, t: torch.Tensor) -> None:
+        """Free the region an empty() tensor holds, if it lies in this arena (it will feed no call)."""
+        off = self.offset_of(t)
+        if off is not None:
+            self.free(off)
+
     def empty(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
         n = dtype.itemsize
         for s in shape:

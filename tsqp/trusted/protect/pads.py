@@ -182,11 +182,16 @@ class PadPool:
         best, best_fill = None, 1.0
         for key, target in self.target.items():
             level = self.level[key]
-            if key not in self._refilling and target - level >= min(self.batch_tokens, target) > 0:
+            if key not in self._refilling and self._due(key):
                 self._refilling.add(key)
             if key in self._refilling and level / target < best_fill:
                 best, best_fill = key, level / target
         return best
+
+    def _due(self, key: Key) -> bool:
+        """The pool lacks a whole batch (or all of a target smaller than a batch): a refill starts."""
+        target = self.target[key]
+        return target - self.level[key] >= min(self.batch_tokens, target) > 0
 
     # ---- using pads --------------------------------------------------------------------------------
     def take(self, key: Key, rows: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -208,7 +213,7 @@ class PadPool:
                     pool.popleft()
             self.level[key] -= got
             self.pads_consumed += rows
-            if self.target[key] - self.level[key] >= min(self.batch_tokens, self.target[key]) > 0:
+            if self._due(key):
                 self._cond.notify_all()     # now due a refill: wake the filler (only then: a woken filler
                 # scans every pool holding the lock and the GIL, on every decode step's 65 calls)
         if got < rows:
