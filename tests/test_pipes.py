@@ -175,11 +175,11 @@ def test_a_result_is_taken_only_as_the_header_its_call_expects():
     from tsqp.wire.datapath import Call, reply_time
     want = P.TensorMeta("float32", (4, 64), 8192)
     expected = P.encode_result("o", 2, 0, want, 0.0)
-    call = Call(b"", [], want, None, [], 0, P.but_id(expected))
-    assert reply_time(P.with_id(expected, 77, 0.25), "o", 2, call) == 0.25
+    call = Call("o", 2, b"", (), want, None, (), 0, 0, want.nbytes, P.but_id(expected))
+    assert reply_time(P.with_id(expected, 77, 0.25), call) == 0.25
     padded = bytearray(P.with_id(expected, 77, 0.5))
     padded[5] = 1                                                   # a padding byte: carries nothing
-    assert reply_time(bytes(padded), "o", 2, call) == 0.5
+    assert reply_time(bytes(padded), call) == 0.5
     lies = {"offset 4096": P.encode_result("o", 2, 7, want._replace(offset=4096), 0.1),
             "layer 3": P.encode_result("o", 3, 7, want, 0.1),
             r"float32\[4, 32\]": P.encode_result("o", 2, 7, want._replace(shape=(4, 32)), 0.1),
@@ -187,4 +187,29 @@ def test_a_result_is_taken_only_as_the_header_its_call_expects():
             "a call": P.encode_call("o", 2, 7, [want], want)}
     for named, reply in lies.items():
         with pytest.raises(P.ProtocolError, match=named):
-            reply_time(reply, "o", 2, call)
+            reply_time(reply, call)
+
+
+def test_a_stream_longer_than_the_pipe_arrives_whole_and_in_order():
+    """receive() reads once per call (a pipe's capacity); what stays in the pipe keeps it readable, so a reader
+    that polls and receives gets every message of a stream several times the pipe's size, in order."""
+    import threading
+    from tsqp.wire.pipes import Channel
+    r, w = os.pipe()
+    os.set_blocking(r, False)
+    os.set_blocking(w, False)
+    reader, writer = Channel(r, w), Channel(r, w)          # each uses one direction
+    n = 5000
+    sender = threading.Thread(target=lambda: [writer.send(b"m%06d" % i + bytes(50), 10.0) for i in range(n)])
+    sender.start()
+    got, deadline = [], time.monotonic() + 30
+    try:
+        while len(got) < n and time.monotonic() < deadline:
+            if reader.wait(1.0):
+                got += reader.receive()
+    finally:
+        sender.join(30)
+        os.close(r)
+        os.close(w)
+    assert [m[:7] for m in got] == [b"m%06d" % i for i in range(n)]         # 285 KB through a 64 KiB pipe
+    assert all(len(m) == 57 for m in got)

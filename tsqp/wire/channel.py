@@ -1,5 +1,5 @@
 """Where a runner's calls and the server's replies travel: the ZeroMQ socket, or the two control pipes beside
-the arena. Both move whole messages ([header, *frames]) and wait for replies against a deadline that the
+the arena. Both move whole messages ([header bytes, *frames]) and wait for replies against a deadline that the
 caller fixed (one per call, from its submit), whatever else arrives meanwhile. `what` names the wait in
 errors (anything printable: made into text only when an error needs it)."""
 from __future__ import annotations
@@ -63,7 +63,8 @@ class SocketChannel:
             left = deadline - time.monotonic()
             ready = dict(self.poller.poll(max(0, int(left * 1000)))) if left > 0 else {}
             if self.client.sock in ready:         # a reply that came before a drop is still read
-                return [self.client.sock.recv_multipart(copy=False)]
+                header, *frames = self.client.sock.recv_multipart(copy=False)
+                return [[header.bytes, *frames]]
             if self.monitor not in ready:
                 break
             if self._dropped():
@@ -106,8 +107,9 @@ class PipeChannel:
         now = time.monotonic()
         spin_until = now + self.spin_s
         while True:
-            # wait first: a reply is seldom there already, and reading an empty pipe costs an exception
-            if self.pipes.buffered or self.pipes.wait(0.0 if now < spin_until else deadline - now):
+            # wait first: a reply is seldom there already, and reading an empty pipe costs an exception (a
+            # receive() takes every whole message read, so none waits in the buffer)
+            if self.pipes.wait(0.0 if now < spin_until else deadline - now):
                 got = self.pipes.receive()
                 if got:
                     return [[m] for m in got]

@@ -82,24 +82,24 @@ def receive_cap(transport: str, cfg: ModelConfig | None, budget: Budget) -> int:
 
 
 class Pending:
-    def __init__(self, remote: "RemoteOffload", rid: int, op: str, layer, call: Call):
-        self.remote, self.rid, self.op, self.layer, self.call = remote, rid, op, layer, call
-        self.sent_at = 0.0
+    value = None            # the result, once received
+    reply = None            # (compute s, frames, arrival time), once filed
+
+    def __init__(self, remote: "RemoteOffload", rid: int, call: Call, sent_at: float):
+        self.remote, self.rid, self.call, self.sent_at = remote, rid, call, sent_at
+        self.regions = call.regions
         self.deadline = time.monotonic() + remote.client.timeout_s     # one deadline per call, from submit
-        self.value = None
 
     def result(self) -> torch.Tensor:
-        if self.value is None:
-            self.value = self.remote._wait(self)
-        return self.value
+        return self.remote._wait(self) if self.value is None else self.value
 
     def release(self) -> None:
         """The caller is done with the result: its arena regions may be reused."""
-        self.remote.path.release(self.call.regions)
-        self.call.regions = []
+        self.remote.path.release(self.regions)
+        self.regions = ()
 
     def __str__(self) -> str:
-        return describe(self.op, self.layer)
+        return describe(self.call.op, self.call.layer)
 
 
 class RemoteOffload:
@@ -122,7 +122,6 @@ class RemoteOffload:
         self.client = self.link = self.path = self.channel = self.ctx = None
         self.ids = itertools.count(1)
         self.waiting: dict[int, Pending] = {}       # calls sent and not yet answered
-        self.replies: dict[int, tuple] = {}         # answered, not yet collected: id -> (compute s, frames, time)
         check_ipc_owner(endpoint)
         # a context of its own: its sockets get the runner's caps before they connect (libzmq copies a
         # socket's options into each connection when it is made)
@@ -254,21 +253,21 @@ class RemoteOffload:
     def submit(self, op: str, layer: int | None, *xs: torch.Tensor) -> Pending:
         t0 = time.perf_counter()
         rid = next(self.ids)
-        call = self.path.call(op, layer, rid, xs)
+        call = self.path.call(op, layer, xs)
+        header = P.with_id(call.header, rid)
         t1 = time.perf_counter()
-        pending = Pending(self, rid, op, layer, call)
-        self.channel.send(call.header, call.frames, pending)       # the pending call names itself in errors
-        pending.sent_at = time.perf_counter()
+        pending = Pending(self, rid, call, t1)
+        self.channel.send(header, call.frames, pending)       # the pending call names itself in errors
         self.waiting[rid] = pending
         self.stats.serialize_s += t1 - t0
-        self.stats.sent_bytes += len(call.header) + (0 if call.out is not None else call.in_bytes)
-        self.stats.shm_sent_bytes += call.in_bytes if call.out is not None else 0
+        self.stats.sent_bytes += len(header) + call.frame_bytes
+        self.stats.shm_sent_bytes += call.shm_in_bytes
         self.stats.rpc_calls += 1
         return pending
 
     def _wait(self, pending: Pending) -> torch.Tensor:
         t0 = time.perf_counter()
-        while pending.rid not in self.replies:
+        while pending.reply is None:
             try:
                 arrived = self.channel.receive(pending.deadline, pending)
             except PipeError as e:
@@ -276,34 +275,31 @@ class RemoteOffload:
                                   f"{pending} was pending: {e}") from None
             for frames in arrived:
                 self._file(frames, pending)
-        compute_s, frames, got_at = self.replies.pop(pending.rid)
-        self.stats.wait_s += time.perf_counter() - t0
-        self.stats.rpc_time_s += got_at - pending.sent_at
-        self.stats.received_bytes += sum(len(f) for f in frames)
-        self.stats.server_compute_s += compute_s
+        compute_s, frames, got_at = pending.reply
         t1 = time.perf_counter()
         try:
-            y = self.path.result(pending.call, frames)
+            pending.value = self.path.result(pending.call, frames)
         except P.ProtocolError as e:
             raise RemoteError(f"server at {self.endpoint} broke the protocol answering {pending}: {e}") from None
-        if pending.call.out is not None:
-            self.stats.shm_received_bytes += pending.call.out.nbytes
+        self.stats.wait_s += t1 - t0
+        self.stats.rpc_time_s += got_at - pending.sent_at
+        self.stats.received_bytes += sum(len(f) for f in frames)
+        self.stats.shm_received_bytes += pending.call.shm_out_bytes
+        self.stats.server_compute_s += compute_s
         self.stats.deserialize_s += time.perf_counter() - t1
-        return y
+        return pending.value
 
     def _file(self, frames: list, pending: Pending) -> None:
-        """Match one reply to the call it answers; anything else ends the run with a named error. Only replies
-        to calls in flight are kept, so what waits here is bounded by the calls the runner made."""
-        head = bytes(frames[0])
-        asked = self.waiting.pop(P.peek_id(head), None)
+        """Match one reply ([header bytes, *frames]) to the call it answers; anything else ends the run with a
+        named error. Only replies to calls in flight are kept, so what waits is bounded by the calls made."""
+        asked = self.waiting.pop(P.peek_id(frames[0]), None)
         try:
             if asked is None:
-                self._refuse(head, pending)
-            compute_s = reply_time(head, asked.op, asked.layer, asked.call)
+                self._refuse(frames[0], pending)
+            asked.reply = (reply_time(frames[0], asked.call), frames, time.perf_counter())
         except P.ProtocolError as e:
             raise RemoteError(f"server at {self.endpoint} broke the protocol while {pending} was pending: {e}") \
                 from None
-        self.replies[asked.rid] = (compute_s, frames, time.perf_counter())
 
     def _refuse(self, head: bytes, pending: Pending) -> None:
         """A reply that answers no call in flight: the server's error (naming the call it failed), a header

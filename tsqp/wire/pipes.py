@@ -10,7 +10,6 @@ A message is a u32 length (little-endian) and that many bytes (a JSON header).
 """
 from __future__ import annotations
 
-import errno
 import os
 import select
 import stat
@@ -87,19 +86,13 @@ class Channel:
 
     def receive(self, limit: int | None = None) -> list[bytes]:
         """The messages that arrived whole so far, at most `limit` of them (the rest wait in the buffer: see
-        `buffered`). Never blocks; holds at most read_limit bytes read ahead."""
-        while len(self.buf) < self.read_limit:
+        `buffered`). Never blocks; holds at most read_limit bytes read ahead. One read (a pipe's capacity):
+        what is left in the pipe keeps it readable for the caller's next poll."""
+        if len(self.buf) < self.read_limit:
             try:
-                chunk = os.read(self.in_fd, READ_BYTES)
-            except BlockingIOError:
-                break
-            except OSError as e:
-                if e.errno == errno.EINTR:
-                    continue
-                raise
-            self.buf += chunk
-            if len(chunk) < READ_BYTES:      # a short read emptied the pipe: no second read (and exception)
-                break
+                self.buf += os.read(self.in_fd, READ_BYTES)
+            except BlockingIOError:      # (a signal does not end a read early: Python retries it, PEP 475)
+                pass
         out = []
         while len(self.buf) >= LENGTH.size and (limit is None or len(out) < limit):
             (n,) = LENGTH.unpack_from(self.buf)

@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 
 from .. import files
-from .protocol import WIRE_DTYPES, ProtocolError, TensorMeta
+from .protocol import DTYPE_NAME, WIRE_DTYPES, ProtocolError, TensorMeta
 
 SHM_ROOT = Path(os.environ.get("TSQP_SHM_ROOT", "/dev/shm"))
 NAME = re.compile(r"^(\d+)-[0-9a-f]{16}$")
@@ -103,7 +103,7 @@ class Arena:
         self.cuda_registered = False
         self.live: dict[int, int] = {}     # allocator (runner side): live regions, start -> end
         self.views: dict[tuple, torch.Tensor] = {}     # (offset, shape, dtype) -> view, for empty()
-        self.made: dict[int, tuple[torch.Tensor, int]] = {}   # id(view) -> (view, offset), for offset_of()
+        self.made: dict[int, tuple[torch.Tensor, TensorMeta]] = {}   # id(view) -> (view, its record), meta_of()
 
     @classmethod
     def create(cls, size: int) -> "Arena":
@@ -172,15 +172,20 @@ class Arena:
                                 f"or is misaligned")
         return self.base[off:off + n].view(WIRE_DTYPES[meta.dtype]).view(meta.shape)
 
-    def offset_of(self, t: torch.Tensor) -> int | None:
-        """The offset of a contiguous tensor that lives inside this arena, else None."""
+    def meta_of(self, t: torch.Tensor) -> TensorMeta | None:
+        """A tensor's record in a call header (dtype, shape, offset) when it lies whole in this arena, else None."""
         made = self.made.get(id(t))
-        if made is not None and made[0] is t:      # one of empty()'s views: known without asking torch
+        if made is not None and made[0] is t:      # one of region()'s views: known without asking torch
             return made[1]
         p = t.data_ptr()
         if t.is_contiguous() and self.ptr <= p and p + t.numel() * t.element_size() <= self.ptr + self.size:
-            return p - self.ptr
+            return TensorMeta.of(t, p - self.ptr)
         return None
+
+    def offset_of(self, t: torch.Tensor) -> int | None:
+        """The offset of a contiguous tensor that lives inside this arena, else None."""
+        meta = self.meta_of(t)
+        return None if meta is None else meta.offset
 
     # ---- allocation (runner side) ---------------------------------------------------------------------
     def alloc(self, nbytes: int) -> int:
@@ -216,15 +221,24 @@ class Arena:
         n = dtype.itemsize
         for s in shape:
             n *= s
-        off = self.alloc(n)
-        key = (off, tuple(shape), dtype)      # a prefill allocates the same regions each time: reuse their views
+        return self.region(self.alloc(n), tuple(shape), dtype)
+
+    def region(self, off: int, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        """The view of the region at `off` (allocated by the caller). A prefill or decode step allocates the same
+        regions each time: their views are made once, with their records for meta_of()."""
+        key = (off, shape, dtype)
         view = self.views.get(key)
         if view is None:
+            if dtype not in DTYPE_NAME:
+                raise ArenaError(f"the arena holds only what crosses the wire ({', '.join(WIRE_DTYPES)}), not {dtype}")
             if len(self.views) >= 4096:
                 self.views.clear()
                 self.made.clear()
+            n = dtype.itemsize
+            for s in shape:
+                n *= s
             view = self.views[key] = self.base[off:off + n].view(dtype).view(shape)
-            self.made[id(view)] = (view, off)
+            self.made[id(view)] = (view, TensorMeta(DTYPE_NAME[dtype], shape, off))
         return view
 
     # ---- pinned for DMA (server side, CUDA) ----------------------------------------------------------
