@@ -161,6 +161,9 @@ def test_headers_round_trip_and_malformed_ones_are_named():
     assert P.decode(result) == {"type": "result", "id": 9, "op": "lm_head", "layer": None, "compute_s": 0.00125,
                                 "output": P.TensorMeta("float32", (1, 512))}
     assert P.unpack(P.with_id(call, 5)).id == 5
+    answer = P.unpack(P.answering(call, result, 0.5))             # the call's id, the result's fields, the time
+    assert (answer.kind, answer.op, answer.layer, answer.id, answer.compute_s) == (P.RESULT, "lm_head", None,
+                                                                                   2**40 + 7, 0.5)
     for bad, named in ((call[:10], "shorter than"), (call[:-1], "tensor record"), (b"\xc5\x01" + call[2:], "version 1"),
                        (call[:3] + b"\x63" + call[4:], "op code 99")):
         with pytest.raises(P.ProtocolError, match=named):

@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from ..config import ModelConfig
+from ..ops import MATMUL_OPS
 from ..weights import layer_names
 
 
@@ -64,15 +65,8 @@ class Compute:
         """Start one op on host tensors; the result lands in `out` (host) when given. Returns (result, finish):
         finish() waits for the device and returns the compute seconds (copies included), measured here.
         On CUDA the copies and the kernels are queued on one stream, so the caller may work meanwhile."""
-        t0 = time.perf_counter()
         if not self.cuda:
-            if out is not None and op in ("qkv", "o", "gate_up", "down", "lm_head"):   # straight into `out`
-                y = torch.matmul(inputs[0], self.lm_head_t if op == "lm_head" else self.layers_t[layer][op], out=out)
-            else:
-                y = self.forward(op, layer, *inputs)
-                if out is not None:
-                    y = out.copy_(y)
-            seconds = time.perf_counter() - t0
+            y, seconds = self.run(op, layer, inputs, out)
             return y, lambda: seconds
         with torch.cuda.stream(self.stream):
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -91,6 +85,14 @@ class Compute:
 
     def run(self, op: str, layer: int | None, inputs: list[torch.Tensor],
             out: torch.Tensor | None = None) -> tuple[torch.Tensor, float]:
-        """launch() and wait: (result, compute seconds measured with the device synchronised)."""
-        y, finish = self.launch(op, layer, inputs, out)
-        return y, finish()
+        """One op, waited for: (result, compute seconds measured with the device synchronised)."""
+        if self.cuda:
+            y, finish = self.launch(op, layer, inputs, out)
+            return y, finish()
+        t0 = time.perf_counter()
+        if out is not None and op in MATMUL_OPS:      # a plain x @ W: straight into `out`
+            y = torch.matmul(inputs[0], self.lm_head_t if op == "lm_head" else self.layers_t[layer][op], out=out)
+        else:
+            y = self.forward(op, layer, *inputs)
+            y = y if out is None else out.copy_(y)
+        return y, time.perf_counter() - t0

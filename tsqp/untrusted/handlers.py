@@ -48,7 +48,7 @@ class Handlers:
             return [P.error(f"a header frame of {len(frames[0])} bytes; headers are at most "
                             f"{max(MAX_HEADER, P.MAX_CONTROL_BYTES)}")]
         if P.is_binary(frames[0]):
-            return self.call(peer, frames)
+            return self.call(peer, bytes(frames[0]), frames[1:])
         header = {}
         try:
             header = P.decode(frames[0])
@@ -90,35 +90,37 @@ class Handlers:
         return [P.encode(head)] + [P.tensor_bytes(self.norms[n]) for n in names]
 
     # ---- calls ------------------------------------------------------------------------------------------
-    def call(self, peer: bytes, frames: list) -> list:
-        if len(frames[0]) > MAX_HEADER:
-            return [P.error(f"a call header of {len(frames[0])} bytes; at most {MAX_HEADER}")]
-        head = bytes(frames[0])
-        op = None
+    def call(self, peer: bytes, head: bytes, frames: list = ()) -> list:
+        """A call: its header and (frames transport) its inputs' frames; the reply's frames."""
+        session = self.sessions.by_peer.get(peer)
+        # the same bytes but the id as a call checked before (a decode step repeats its calls): no parse
+        checked = session.checked.get(P.but_id(head)) if session is not None and session.arena is not None else None
         try:
-            session = self.sessions.get(peer)
-            # the same bytes but the id as a call checked before (a decode step repeats its calls): no parse
-            key = P.but_id(head)
-            checked = session.checked.get(key) if session is not None and session.arena is not None else None
-            if checked is None:
-                m = P.unpack(head)
-                op = m.op
-                if m.kind != P.CALL:
-                    raise P.ProtocolError("a result sent to the server")
-                session = self.sessions.need(peer)
-                checked = self.check(session, m, frames[1:])
-                if session.arena is not None and m.op != "embed":     # token ids are checked on every call
-                    session.remember(key, checked)
-            op, layer, inputs, out, reply = checked
-            rid = P.peek_id(head)
+            op, layer, inputs, out, reply = checked or self.check_new(peer, head, frames)
             y, compute_s = self.compute.run(op, layer, inputs, out)
         except BAD_INPUT as e:
+            op = P.op_of(head)
             return [P.error(f"op {op or '?'}: {type(e).__name__}: {e}", P.peek_id(head), op)]
         self.requests += 1
         if session.record is not None:
-            session.record.call(op, layer, rid, inputs, y, {"compute_s": compute_s})
-        reply = P.with_id(reply, rid, compute_s)
+            session.record.call(op, layer, P.peek_id(head), inputs, y, {"compute_s": compute_s})
+        reply = P.answering(head, reply, compute_s)
         return [reply] if session.arena is not None else [reply, P.tensor_bytes(y)]
+
+    def check_new(self, peer: bytes, head: bytes, frames: list) -> tuple:
+        """A call header not checked before: parsed, checked (check()) and, over shm, remembered for its repeats."""
+        if len(head) > MAX_HEADER:
+            raise P.ProtocolError(f"a call header of {len(head)} bytes; at most {MAX_HEADER}")
+        if not P.is_binary(head):           # JSON on a control pipe
+            raise P.ProtocolError("not a call header: the control pipes carry calls only")
+        m = P.unpack(head)
+        if m.kind != P.CALL:
+            raise P.ProtocolError("a result sent to the server")
+        session = self.sessions.need(peer)
+        checked = self.check(session, m, frames)
+        if session.arena is not None and m.op != "embed":     # token ids are checked on every call
+            session.remember(P.but_id(head), checked)
+        return checked
 
     def check(self, session: Session, m: P.Message, frames: list) -> tuple:
         """A call's inputs and output against the op table and the session's arena: (op, layer, inputs, out,

@@ -93,24 +93,24 @@ class Server:
         else:
             self.poller.unregister(fd)
 
-    def serve_pipe(self, peer: bytes) -> None:
+    def serve_pipe(self, peer: bytes) -> bool:
         """Serve the next call that arrived on a session's control pipe (one per turn, so that a runner that
         floods its pipe waits its turn like the others); the reply goes back the same way, without waiting:
-        a runner whose reply pipe is full does not read its replies and loses its session."""
-        session = self.sessions_.get(peer)
-        if session is None or session.pipes is None:
-            return
+        a runner whose reply pipe is full does not read its replies and loses its session. True when another
+        whole call waits, read ahead."""
+        session = self.sessions_.by_peer.get(peer)
+        if session is None or session.pipes is None:     # dropped while serving another pipe
+            return False
         try:
             messages = session.pipes.receive(limit=1)
         except PipeError as e:        # framing lost: say why on the reply pipe, then end the session
             with contextlib.suppress(TimeoutError, OSError):
                 session.pipes.send(P.error(f"control pipe: {e}; session dropped"), 0.0)
             self.sessions_.drop(peer, str(e))
-            return
+            return False
         for payload in messages:
             try:
-                reply = self.handlers.call(peer, [payload])[0] if P.is_binary(payload) else \
-                    P.error("the control pipes carry calls only")
+                reply = self.handlers.call(peer, payload)[0]
             except Exception as e:     # a bug, not bad input (call answers that): log, answer, go on
                 traceback.print_exc()
                 reply = P.error(f"internal server error: {type(e).__name__}: {e}")
@@ -118,7 +118,8 @@ class Server:
                 session.pipes.send(reply, 0.0)
             except (TimeoutError, OSError) as e:
                 self.sessions_.drop(peer, f"its reply pipe is full, it does not read its replies ({e})")
-                return
+                return False
+        return session.pipes.buffered
 
     def send(self, sock: zmq.Socket, peer: bytes, reply: list) -> None:
         """A reply to `peer` if it can leave now; else that peer's session ends (no one else waits)."""
@@ -179,39 +180,39 @@ class Server:
     def _loop(self, sock: zmq.Socket, connections: Connections) -> None:
         self.poller.register(sock, zmq.POLLIN)
         next_reap = next_drain = time.monotonic() + REAP_EVERY_S
-        spin_until = 0.0
+        spin_until, backlog = 0.0, set()        # backlog: peers with a whole call read ahead on their pipe
         while not self.stopping:
             now = time.monotonic()
             if now >= next_reap:     # also while busy: one runner must not shield idle ones
                 self.sessions_.reap()
                 self._tidy_outboxes()
                 next_reap = now + REAP_EVERY_S
-            backlog = self.sessions_.pipes_with_backlog()     # calls read ahead, not yet served
             ready = dict(self.poller.poll(0 if backlog or now < spin_until else POLL_MS))
             if not ready or now >= next_drain:      # idle, or every DRAIN_EVERY_S while busy (not per call:
                 next_drain = now + DRAIN_EVERY_S    # it costs a few us): a closed connection ends its session
                 for fd in connections.drain():
                     self.sessions_.connection_closed(fd)
-            pipe_peers = self.sessions_.pipe_peers
-            for fd in [fd for fd in pipe_peers if fd in ready or fd in backlog]:    # one call each, in turn
-                if fd in pipe_peers:         # not dropped while serving another pipe
-                    self.serve_pipe(pipe_peers[fd])
-                    spin_until = time.monotonic() + self.spin_s
-            if sock not in ready:
-                continue
-            for fd in connections.drain():      # a closed connection is known before its fd can be reused
-                self.sessions_.connection_closed(fd)
-            frames = sock.recv_multipart(copy=False)
-            peer, body = frames[0].bytes, frames[1:]
-            who = Peer.of(body[0] if body else frames[0], self.transport)
-            if not connections.is_open(who.fd):
-                continue                 # sent before its connection closed: no one to answer
-            try:
-                reply = self.handlers.handle(peer, body, who)
-            except Exception as e:     # a bug, not bad input (handle answers that): log, answer, go on
-                traceback.print_exc()
-                reply = [P.error(f"internal server error: {type(e).__name__}: {e}")]
-            self.send(sock, peer, reply)
+            turn = [peer for fd, peer in self.sessions_.pipe_peers.items() if fd in ready or peer in backlog]
+            backlog = {peer for peer in turn if self.serve_pipe(peer)}      # one call each, in turn
+            if turn:
+                spin_until = time.monotonic() + self.spin_s
+            if sock in ready:
+                self._serve_socket(sock, connections)
+
+    def _serve_socket(self, sock: zmq.Socket, connections: Connections) -> None:
+        for fd in connections.drain():      # a closed connection is known before its fd can be reused
+            self.sessions_.connection_closed(fd)
+        frames = sock.recv_multipart(copy=False)
+        peer, body = frames[0].bytes, frames[1:]
+        who = Peer.of(body[0] if body else frames[0], self.transport)
+        if not connections.is_open(who.fd):
+            return                   # sent before its connection closed: no one to answer
+        try:
+            reply = self.handlers.handle(peer, body, who)
+        except Exception as e:     # a bug, not bad input (handle answers that): log, answer, go on
+            traceback.print_exc()
+            reply = [P.error(f"internal server error: {type(e).__name__}: {e}")]
+        self.send(sock, peer, reply)
 
     def _install_signals(self) -> None:
         def stop(signum, frame):

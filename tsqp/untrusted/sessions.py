@@ -80,9 +80,6 @@ class Sessions:
         self.pipe_peers: dict[int, bytes] = {}      # control pipe fd -> its session's peer
         self.on_pipes_change = on_pipes_change      # (fd, added: bool): the loop's poller follows
 
-    def get(self, peer: bytes) -> Session | None:
-        return self.by_peer.get(peer)
-
     def need(self, peer: bytes) -> Session:
         session = self.by_peer.get(peer)
         if session is None:
@@ -103,11 +100,6 @@ class Sessions:
                                   f"(--max-sessions-per-user {self.per_user}); close one first")
         session = self.by_peer[peer] = Session(time.monotonic(), who)
         return session
-
-    def pipes_with_backlog(self) -> set[int]:
-        """The control pipe fds whose sessions have a whole call read ahead and not yet served."""
-        return {fd for fd, peer in self.pipe_peers.items()
-                if (s := self.by_peer.get(peer)) is not None and s.pipes is not None and s.pipes.buffered}
 
     def attach(self, peer: bytes, spec, want_pipes: bool, pin_cuda: bool) -> Arena:
         """Map the session's shared-memory arena (replacing an earlier one), and its pipes if asked for."""

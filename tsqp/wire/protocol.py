@@ -44,6 +44,7 @@ DTYPE_NAME = {v: k for k, v in WIRE_DTYPES.items()}
 DTYPE_CODES = tuple(WIRE_DTYPES)            # code = index + 1
 ID_OFFSET = 8                               # where the request id sits in the header, compute_s after it
 ID_TIME = struct.Struct("<Qd")              # the two fields a repeated call or its result changes
+TIME_OFFSET, COMPUTE_S = ID_OFFSET + 8, struct.Struct("<d")
 
 
 class ProtocolError(ValueError):
@@ -138,10 +139,23 @@ def peek_id(buf) -> int | None:
     return struct.unpack_from("<Q", buf, ID_OFFSET)[0]
 
 
+def op_of(buf) -> str | None:
+    """The op a binary header names (read before anything else is checked), or None (not a binary header, an
+    unknown op code): for naming a call in the error that refuses it."""
+    op = BY_CODE.get(buf[3]) if len(buf) >= HEAD.size and buf[0] == MAGIC else None
+    return None if op is None else op.name
+
+
 def with_id(header: bytes, rid: int, compute_s: float = 0.0) -> bytes:
     """A packed header with another request id and compute time: a call or result header built once for an op
     on given arena regions serves every later call on them (a decode step repeats the same calls)."""
     return header[:ID_OFFSET] + ID_TIME.pack(rid, compute_s) + header[ID_OFFSET + ID_TIME.size:]
+
+
+def answering(call: bytes, result: bytes, compute_s: float) -> bytes:
+    """A result header built once for an op on given regions, given the id of the call it answers (copied as
+    it is) and a compute time."""
+    return result[:ID_OFFSET] + call[ID_OFFSET:TIME_OFFSET] + COMPUTE_S.pack(compute_s) + result[TIME_OFFSET + 8:]
 
 
 def but_id(header: bytes) -> bytes:
