@@ -483,6 +483,18 @@ def test_a_huge_header_is_refused_by_its_length_before_any_copy(server, tiny):
     error_of(P.decode(handlers.handle(b"x", [Uncopyable()])[0]), f"a header frame of {400 * 2**20} bytes")
 
 
+def test_a_control_message_on_a_pipe_is_named_as_such_whatever_its_length(tiny):
+    """JSON on a control pipe is refused as not a call, also when it is longer than any call header (the
+    length check is for binary headers only)."""
+    from tsqp.untrusted.sessions import Sessions
+    _, oracle = tiny
+    handlers = Handlers(oracle, {}, Sessions(8, 0, lambda fd, added: None), "ipc:///nonexistent/x.ipc",
+                        "random:tiny")
+    for pad in (0, 1000):
+        error_of(P.decode(handlers.call(b"x", P.encode({"type": "info", "pad": "x" * pad}))[0]),
+                 "the control pipes carry calls only")
+
+
 def test_sessions_live_as_long_as_their_connection_never_a_pid_the_runner_names(server):
     """Eight hellos claiming pid 1: they end when their sockets close, at once; a hello naming a dead pid
     lives while its connection does."""

@@ -109,10 +109,10 @@ class Handlers:
 
     def check_new(self, peer: bytes, head: bytes, frames: list) -> tuple:
         """A call header not checked before: parsed, checked (check()) and, over shm, remembered for its repeats."""
+        if not P.is_binary(head):           # JSON on a control pipe, of any length: named as such
+            raise P.ProtocolError("not a call header: the control pipes carry calls only")
         if len(head) > MAX_HEADER:
             raise P.ProtocolError(f"a call header of {len(head)} bytes; at most {MAX_HEADER}")
-        if not P.is_binary(head):           # JSON on a control pipe
-            raise P.ProtocolError("not a call header: the control pipes carry calls only")
         m = P.unpack(head)
         if m.kind != P.CALL:
             raise P.ProtocolError("a result sent to the server")

@@ -84,9 +84,10 @@ def receive_cap(transport: str, cfg: ModelConfig | None, budget: Budget) -> int:
 class Pending:
     value = None            # the result, once received
     reply = None            # (compute s, frames, arrival time), once filed
+    sent_at = 0.0           # once its header is written (rpc_time_s: request sent -> reply received)
 
-    def __init__(self, remote: "RemoteOffload", rid: int, call: Call, sent_at: float):
-        self.remote, self.rid, self.call, self.sent_at = remote, rid, call, sent_at
+    def __init__(self, remote: "RemoteOffload", rid: int, call: Call):
+        self.remote, self.rid, self.call = remote, rid, call
         self.regions = call.regions
         self.deadline = time.monotonic() + remote.client.timeout_s     # one deadline per call, from submit
 
@@ -256,8 +257,9 @@ class RemoteOffload:
         call = self.path.call(op, layer, xs)
         header = P.with_id(call.header, rid)
         t1 = time.perf_counter()
-        pending = Pending(self, rid, call, t1)
+        pending = Pending(self, rid, call)
         self.channel.send(header, call.frames, pending)       # the pending call names itself in errors
+        pending.sent_at = time.perf_counter()
         self.waiting[rid] = pending
         self.stats.serialize_s += t1 - t0
         self.stats.sent_bytes += len(header) + call.frame_bytes
