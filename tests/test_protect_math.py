@@ -593,6 +593,36 @@ def test_both_sides_of_the_check_are_exact_at_their_bounds(monkeypatch):
         Freivalds(torch.ones((2, 3), dtype=torch.int16))
 
 
+def test_a_vocabulary_wide_output_is_checked_in_chunks_exactly(monkeypatch):
+    """An output too wide for 6-bit limbs (an LM head's vocabulary) is cut into even chunks, one int8 GEMM
+    each with 8 limb columns (8 secret bytes per output, not 16): the output side still equals Python's
+    integers at the extremes, and a wrong value anywhere, in any chunk, fails its row."""
+    assert freivalds.output_chunks(53261) == [(0, 53261)]
+    assert freivalds.output_chunks(128256) == [(0, 42752), (42752, 85504), (85504, 128256)]
+    out = 60001
+    s = ints((out,), 0, PRIME - 1)
+    s[:50] = PRIME - 1
+    s[-50:] = PRIME - 1
+    check = check_with_secret(monkeypatch, torch.zeros((out, 1), dtype=torch.int16), s)
+    assert check.chunks == [(0, 30001), (30001, 60001)] and check.out_bits == 6
+    assert sum(c.numel() for c in check._s_bytes) == 8 * 8 * out
+    y = ints((3, out), -2**39, 2**39 - 1)
+    y[0], y[1] = -2**39, 2**39 - 1                   # every byte at 0, then at 255
+    got = check.output_side(y + ring.HALF)
+    s_list = s.tolist()
+    for t in range(3):
+        assert int(got[t]) == sum(a * b for a, b in zip(y[t].tolist(), s_list)) % PRIME
+    q = ints((out, 16), -127, 127).to(torch.int16)
+    check = Freivalds(q)
+    x = ints((2, 16), -32767, 32767)
+    right = x @ q.to(torch.int64).t()                                         # [2, out] exact
+    assert bool(check.rows_ok(x, right).all())
+    for where in (0, 30000, 30001, out - 1):                                  # each side of the cut
+        wrong = right.clone()
+        wrong[1, where] += 1
+        assert check.rows_ok(x, wrong).tolist() == [True, False], where
+
+
 def test_weighted_sums_are_exact_in_both_paths():
     """WeightedSum against Python's integers, above and below its Python-rows threshold, with parts at the
     extremes the check produces (input parts up to 2^53, output parts up to 2^31) and coefficients up to p."""

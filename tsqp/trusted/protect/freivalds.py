@@ -18,7 +18,11 @@ Both sides of the check are computed exactly, each with the fast kernel its oper
                           multiplied by 2^(8j) s_k mod PRIME cut into limbs of L bits (int8 [8 out, N]) in
                           one int8 GEMM (`torch._int_mm`, VNNI on the CPU), exact in int32 while
                           128 (2^L - 1) 5 out < 2^31. This reads Y once, as 8 bytes a value; int64
-                          matrix-vector products over 20-bit limbs of Y took 3.5 times as long.
+                          matrix-vector products over 20-bit limbs of Y took 3.5 times as long. The
+                          secret side is 8 limb columns (the kernel's fast layout) while L >= 6: a wider
+                          output (an LM head's vocabulary) is cut into chunks of at most 53,261 outputs,
+                          one GEMM each, instead of narrower limbs in 16 columns (twice the secret bytes
+                          read per row: 16 MiB against 8 for Llama-3.2-1B's 128,256).
 The limb sums, a few per row and side, are combined mod PRIME in int64 in one pass for both sides
 (`WeightedSum`, `passes`).
 """
@@ -99,6 +103,14 @@ def int8_gemm_is_exact() -> bool:
 _GEMM_EXACT: bool | None = None
 
 
+def output_chunks(out_features: int) -> list[tuple[int, int]]:
+    """[a, b) output ranges, as few and as even as keep every chunk's limbs at least 6 bits wide (8 columns)."""
+    widest = ((1 << 31) - 1) // (128 * ((1 << 6) - 1) * LIVE_BYTES)                 # 53,261 outputs
+    n = -(-out_features // widest)
+    size = -(-out_features // n)
+    return [(a, min(a + size, out_features)) for a in range(0, out_features, size)]
+
+
 def output_limb_bits(out_features: int) -> int:
     """The widest limb L <= 7 of 2^(8j) s_k for which the int8 GEMM over out_features values stays exact:
     every product is at most 128 (2^L - 1) and a row has 5 out_features nonzero ones."""
@@ -131,18 +143,24 @@ class Freivalds:
         self._ws = cut(self._weighted_columns(q, s), self.in_bits, count).to(torch.float64)
         input_weights = [1 << (self.in_bits * i) for i in range(count)]
         # Y . s: 2^(8j) s_k mod p at row 8k + j (zero for the bytes above the fifth), in limbs of out_bits bits
-        self.out_bits = output_limb_bits(out_features)
+        self.chunks = output_chunks(out_features)
+        self.out_bits = output_limb_bits(max(b - a for a, b in self.chunks))
         count = -(-prime.bit_length() // self.out_bits)
         shifted = torch.zeros((out_features, 8), dtype=torch.int64)               # [out, 8]
         shifted[:, 0] = s
         for j in range(1, LIVE_BYTES):
             shifted[:, j] = mulpow2_mod(shifted[:, j - 1], 8, prime)
         limbs = cut(shifted.flatten(), self.out_bits, count).to(torch.int8)         # [8 out, count]
-        # held column-major, `count` rounded up to 8 with zero columns: torch's CPU kernel took 43-56 us
-        # for one row times a row-major [24576, 6] operand, 4 us for this layout (same result)
-        self._s_bytes = torch.zeros((-(-count // 8) * 8, limbs.shape[0]), dtype=torch.int8)  # [8+, 8 out]
-        self._s_bytes[:count] = limbs.t()
-        output_weights = [1 << (self.out_bits * i) for i in range(count)] + [0] * (len(self._s_bytes) - count)
+        # per chunk, held column-major, `count` rounded up to 8 with zero columns: torch's CPU kernel took
+        # 43-56 us for one row times a row-major [24576, 6] operand, 4 us for this layout (same result)
+        width = -(-count // 8) * 8
+        self._s_bytes = []                                                          # [width, 8 chunk] each
+        for a, b in self.chunks:
+            chunk = torch.zeros((width, 8 * (b - a)), dtype=torch.int8)
+            chunk[:count] = limbs[8 * a:8 * b].t()
+            self._s_bytes.append(chunk)
+        output_weights = ([1 << (self.out_bits * i) for i in range(count)] + [0] * (width - count)) \
+            * len(self.chunks)
         # Y + 2^39 = sum_{j<5} 2^(8j) (b'_j + 128) with b' the recentred bytes, so
         # Y . s = [b' products] + (128 sum_{j<5} 2^(8j) - 2^39) sum_k s_k
         s_sum = int(torch.remainder(s, prime).sum()) % prime                        # < 2^21 2^42: no overflow
@@ -173,11 +191,14 @@ class Freivalds:
         return (x64 @ self._ws).to(torch.int64)
 
     def output_parts(self, y_offset: torch.Tensor) -> torch.Tensor:
-        """Y + 2^39, int64 [T, out] in [0, 2^40), row-major -> int32 [T, 8+]: the recentred bytes times each
-        limb of 2^(8j) s_k, exact. CONSUMES its argument: its bytes are recentred in place."""
+        """Y + 2^39, int64 [T, out] in [0, 2^40), row-major -> int32 [T, 8 chunks]: the recentred bytes times
+        each limb of 2^(8j) s_k, per chunk of outputs, exact. CONSUMES its argument: its bytes are recentred in place."""
         T = y_offset.shape[0]
         recentred = y_offset.view(torch.uint8).bitwise_xor_(0x80).view(torch.int8).view(T, -1)   # [T, 8 out]
-        return torch._int_mm(recentred, self._s_bytes.t())
+        if len(self.chunks) == 1:
+            return torch._int_mm(recentred, self._s_bytes[0].t())
+        return torch.cat([torch._int_mm(recentred[:, 8 * a:8 * b], s.t())
+                          for (a, b), s in zip(self.chunks, self._s_bytes)], 1)
 
     def passes(self, output_parts: torch.Tensor, input_parts: torch.Tensor) -> torch.Tensor:
         """Both sides' parts for the same rows -> bool [T]: Y[t] . s == X[t] . ws mod p."""
