@@ -248,6 +248,12 @@ def test_limbs_roundtrip_and_signed_lift():
     for got in (ring.to_limbs(big), ring.to_limbs(big, words=torch.full((2, *big.shape), -1, dtype=torch.int32))):
         for j in range(ring.LIMBS):
             assert torch.equal(got[j], ((big >> (8 * j)) & 0xFF).to(torch.uint8))
+    # unreduced values (a masked input X + R, |X| < 2^15 and R in [0, 2^40), is cut without a mod pass): the
+    # limbs are their residues', in both paths
+    for n in (33, ring.GATHER_BELOW):
+        raw = ints((3, n), -2**15, 2**40 + 2**15)
+        raw[0, :4] = torch.tensor([-1, -2**15, 2**40, 2**40 + 2**15 - 1])
+        assert torch.equal(ring.to_limbs(raw), ring.to_limbs(raw & ring.MASK))
     edges = torch.tensor([0, 1, 2**39 - 1, 2**39, 2**40 - 1])
     assert ring.lift(edges.clone()).tolist() == [0, 1, 2**39 - 1, -2**39, -1]
     y = ints((50,), -2**39, 2**39 - 1)

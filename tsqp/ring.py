@@ -40,8 +40,10 @@ GATHER_BELOW = 1 << 16                   # to_limbs: elements below which one st
 
 
 def to_limbs(b: torch.Tensor, out: torch.Tensor | None = None, words: torch.Tensor | None = None) -> torch.Tensor:
-    """int64 [T, n] in [0, 2^40) -> uint8 [5, T, n] (limb j = byte j), written into `out` when given; `words`:
-    int32 [2, T, n] to work in (a fresh one per call is page-faulted in as it is written).
+    """int64 [T, n] -> its residues mod 2^40 as uint8 [5, T, n] (limb j = byte j), written into `out` when
+    given: only an element's five low bytes are read, so it need not be reduced first (a two's complement
+    negative's low bytes are its residue's). `words`: int32 [2, T, n] to work in (a fresh one per call is
+    page-faulted in as it is written).
     Plane by plane: each narrowing copy keeps the low byte (mod 2^8). Bytes 0-3 are shifted out of an int32
     copy of the low words (half the memory traffic of int64); byte 4 is the high word's low byte. Gathering
     the 5 low of each element's 8 bytes in one strided copy took as long at 2^19 elements and longer above, but

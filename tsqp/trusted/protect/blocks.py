@@ -131,7 +131,7 @@ def mask(x: torch.Tensor, r: torch.Tensor, limbs: torch.Tensor, check: Freivalds
             t0 = time.perf_counter()
             parts.append(check.input_parts(q, scratch.take("float64", (b - a, n), torch.float64)))
             check_s += time.perf_counter() - t0
-        masked = scratch.take("mask", (b - a, n)).copy_(q).add_(rows(r, a, b)).bitwise_and_(ring.MASK)
+        masked = scratch.take("mask", (b - a, n)).copy_(q).add_(rows(r, a, b))     # to_limbs takes it mod 2^40
         ring.to_limbs(masked, out=limbs if b - a == T else limbs[:, a:b],
                       words=scratch.take("words", (2, b - a, n), torch.int32))
     return joined(scales), joined(parts) if parts else None, check_s
