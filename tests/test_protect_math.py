@@ -452,6 +452,33 @@ def test_every_fault_kind_is_caught(tiny, kind):
         assert faults.altered == 1     # the injector did change this result
 
 
+def test_a_vocabulary_wider_than_one_check_chunk_is_masked_and_checked_end_to_end():
+    """An LM head whose check runs in two chunks (a vocabulary of 60,001, as Llama's 128,256 runs in three):
+    the protected result equals the unmasked oracle's bit for bit, and every fault of every kind that
+    changes a result is caught, wherever in the vocabulary it lands."""
+    import dataclasses
+    cfg = dataclasses.replace(W.load_config("random:tiny"), vocab_size=60001)
+    weights = W.random_weights(cfg, torch.float32, "cpu")
+    server = IntCompute(cfg, weights)
+    po = ProtectedOffload(LocalOffload(server), cfg, weights, pool_tokens=0, background=False)
+    assert po.checks[("lm_head", None)].chunks == [(0, 30001), (30001, 60001)]
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(3, cfg.hidden_size, generator=g)
+    pending = po.submit("lm_head", None, x)
+    assert torch.equal(pending.result(), QuantizedOffload(cfg, weights).submit("lm_head", None, x).result())
+    pending.release()
+    for trial in range(24):
+        kind = KINDS[trial % len(KINDS)]
+        faults = server.faults = FaultInjector(kind)
+        po = ProtectedOffload(LocalOffload(server), cfg, weights, pool_tokens=0, background=False)
+        x = torch.randn(1 + trial % 3, cfg.hidden_size, generator=g)
+        if kind == "replay":
+            po.submit("lm_head", None, torch.randn(x.shape, generator=g)).result()
+        with pytest.raises(VerificationError, match="'lm_head' layer None"):
+            po.submit("lm_head", None, x).result()
+        assert faults.altered == 1
+
+
 def test_a_fault_in_a_model_run_names_op_and_layer_and_ends_the_session(tiny):
     cfg, weights, norms = tiny
 
