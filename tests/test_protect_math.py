@@ -592,6 +592,20 @@ def check_with_secret(monkeypatch, q: torch.Tensor, s: torch.Tensor) -> Freivald
     return Freivalds(q)
 
 
+def output_side_is_exact(monkeypatch, s: torch.Tensor, rows: int) -> Freivalds:
+    """A check with secret s: its output side on `rows` random results, the first two with every byte at 0
+    and then at 255, equals Python's integers. Returns the check."""
+    out = s.shape[0]
+    check = check_with_secret(monkeypatch, torch.zeros((out, 1), dtype=torch.int16), s)
+    y = ints((rows, out), -2**39, 2**39 - 1)
+    y[0], y[1] = -2**39, 2**39 - 1
+    got = check.output_side(y + ring.HALF)
+    s_list = s.tolist()
+    for t in range(rows):
+        assert int(got[t]) == sum(a * b for a, b in zip(y[t].tolist(), s_list)) % PRIME
+    return check
+
+
 def test_both_sides_of_the_check_are_exact_at_their_bounds(monkeypatch):
     """Each side against Python's big integers, with operands at their extremes and widths at the limits
     of each kernel's exactness (the int8 GEMM's int32 sums; the float64 GEMM's 53 bits)."""
@@ -601,13 +615,7 @@ def test_both_sides_of_the_check_are_exact_at_their_bounds(monkeypatch):
         assert 128 * (2**bits - 1) * 5 * out < 2**31 <= 128 * (2**(bits + 1) - 1) * 5 * out
         s = ints((out,), 0, PRIME - 1)
         s[:100] = PRIME - 1
-        check = check_with_secret(monkeypatch, torch.zeros((out, 1), dtype=torch.int16), s)
-        y = ints((4, out), -2**39, 2**39 - 1)
-        y[0], y[1] = -2**39, 2**39 - 1               # every byte at 0, then at 255
-        got = check.output_side(y + ring.HALF)
-        s_list = s.tolist()
-        for t in range(4):
-            assert int(got[t]) == sum(a * b for a, b in zip(y[t].tolist(), s_list)) % PRIME
+        output_side_is_exact(monkeypatch, s, rows=4)
     n = 131071                                       # the widest input for 21-bit limbs of ws
     s0 = 2**41 - 1                                   # ws = W^T s = s0 everywhere: both limbs all ones
     check = check_with_secret(monkeypatch, torch.ones((1, n), dtype=torch.int16), torch.tensor([s0]))
@@ -636,15 +644,9 @@ def test_a_vocabulary_wide_output_is_checked_in_chunks_exactly(monkeypatch):
     s = ints((out,), 0, PRIME - 1)
     s[:50] = PRIME - 1
     s[-50:] = PRIME - 1
-    check = check_with_secret(monkeypatch, torch.zeros((out, 1), dtype=torch.int16), s)
+    check = output_side_is_exact(monkeypatch, s, rows=3)
     assert check.chunks == [(0, 30001), (30001, 60001)] and check.out_bits == 6
     assert sum(c.numel() for c in check._s_bytes) == 8 * 8 * out
-    y = ints((3, out), -2**39, 2**39 - 1)
-    y[0], y[1] = -2**39, 2**39 - 1                   # every byte at 0, then at 255
-    got = check.output_side(y + ring.HALF)
-    s_list = s.tolist()
-    for t in range(3):
-        assert int(got[t]) == sum(a * b for a, b in zip(y[t].tolist(), s_list)) % PRIME
     q = ints((out, 16), -127, 127).to(torch.int16)
     check = Freivalds(q)
     x = ints((2, 16), -32767, 32767)

@@ -20,6 +20,7 @@ leaves them, named after its pid, and `remove_stale()` clears them.
 from __future__ import annotations
 
 import fcntl
+import math
 import mmap
 import os
 import re
@@ -177,15 +178,18 @@ class Arena:
         made = self.made.get(id(t))
         if made is not None and made[0] is t:      # one of region()'s views: known without asking torch
             return made[1]
-        p = t.data_ptr()
-        if t.is_contiguous() and self.ptr <= p and p + t.numel() * t.element_size() <= self.ptr + self.size:
-            return TensorMeta.of(t, p - self.ptr)
-        return None
+        off = self.offset_of(t)
+        return None if off is None else TensorMeta.of(t, off)
 
     def offset_of(self, t: torch.Tensor) -> int | None:
-        """The offset of a contiguous tensor that lives inside this arena, else None."""
-        meta = self.meta_of(t)
-        return None if meta is None else meta.offset
+        """The offset of a contiguous tensor that lives inside this arena (of any dtype), else None."""
+        made = self.made.get(id(t))
+        if made is not None and made[0] is t:
+            return made[1].offset
+        p = t.data_ptr()
+        if t.is_contiguous() and self.ptr <= p and p + t.numel() * t.element_size() <= self.ptr + self.size:
+            return p - self.ptr
+        return None
 
     # ---- allocation (runner side) ---------------------------------------------------------------------
     def alloc(self, nbytes: int) -> int:
@@ -218,10 +222,7 @@ class Arena:
             self.free(off)
 
     def empty(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
-        n = dtype.itemsize
-        for s in shape:
-            n *= s
-        return self.region(self.alloc(n), tuple(shape), dtype)
+        return self.region(self.alloc(math.prod(shape) * dtype.itemsize), tuple(shape), dtype)
 
     def region(self, off: int, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
         """The view of the region at `off` (allocated by the caller). A prefill or decode step allocates the same
@@ -234,9 +235,7 @@ class Arena:
             if len(self.views) >= 4096:
                 self.views.clear()
                 self.made.clear()
-            n = dtype.itemsize
-            for s in shape:
-                n *= s
+            n = math.prod(shape) * dtype.itemsize
             view = self.views[key] = self.base[off:off + n].view(dtype).view(shape)
             self.made[id(view)] = (view, TensorMeta(DTYPE_NAME[dtype], shape, off))
         return view
