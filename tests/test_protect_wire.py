@@ -2,6 +2,8 @@
 every injected fault stops the run with an error naming the op, and what cannot be protected is refused."""
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -17,11 +19,11 @@ from tsqp.wire.client import RemoteOffload
 MODEL = "random:tiny"
 
 
-def protected(endpoint: str, verify: bool = True, length_bucket: int = 1) -> ProtectedOffload:
+def protected(endpoint: str, verify: bool = True, length_bucket: int = 1, deferred: bool = False) -> ProtectedOffload:
     cfg, weights = W.load(MODEL, torch.float32, "cpu")
     inner = RemoteOffload(endpoint, "shm", timeout_s=30, arena_bytes=32 * 2**20)
     offload = ProtectedOffload(inner, cfg, weights, verify=verify, pool_tokens=16, stats=Stats(),
-                               length_bucket=length_bucket)
+                               length_bucket=length_bucket, deferred_checks=deferred)
     offload.expect_fingerprint(inner.info["fingerprint"])
     return offload
 
@@ -57,12 +59,13 @@ def test_masked_run_over_the_wire_equals_the_quantized_model_bit_for_bit(server)
     assert report["checked_rows"] > 0 and report["pool"]["pads_consumed"] > 0
 
 
+@pytest.mark.parametrize("deferred", [False, True], ids=["strict", "deferred"])
 @pytest.mark.parametrize("kind", ["flip", "replay", "swap", "zero"])
-def test_every_injected_fault_kind_stops_the_run_naming_the_op(kind):
+def test_every_injected_fault_kind_stops_the_run_naming_the_op(kind, deferred):
     with serving(MODEL, extra=("--protect", "otp", "--inject-faults", kind)) as (endpoint, proc):
         assert "ALTERS results" in proc.banner
         cfg, weights = W.load(MODEL, torch.float32, "cpu")
-        offload = protected(endpoint)
+        offload = protected(endpoint, deferred=deferred)
         try:
             with pytest.raises(VerificationError, match=r"op '(qkv|o|gate_up|down|lm_head)'"):
                 prefill_and_decode(offload, cfg, W.norm_weights(weights), fixed_prompt(cfg, 24))
@@ -70,7 +73,7 @@ def test_every_injected_fault_kind_stops_the_run_naming_the_op(kind):
             offload.close()
 
 
-def test_cli_protected_generation_and_its_refusals(server):
+def test_cli_protected_generation_and_its_refusals(server, tmp_path):
     endpoint, _ = server
     base = ("run", "--endpoint", endpoint, "--model", MODEL, "--prompt-ids", "5,6,7,8", "--max-new-tokens", "4",
             "--ignore-eos", "--connect-timeout", "30")
@@ -81,6 +84,13 @@ def test_cli_protected_generation_and_its_refusals(server):
     assert local.returncode == 0, local.stderr
     pick = lambda out: out.split("Prompt")[1].split("\n")[1]        # the generated ids' line
     assert pick(ok.stdout) == pick(local.stdout)
+    deferred = run_cli(*base, "--protect", "otp", "--verify", "--deferred-checks", "--json", str(tmp_path / "d.json"))
+    assert deferred.returncode == 0, deferred.stderr
+    assert pick(deferred.stdout) == pick(ok.stdout)
+    protection = json.loads((tmp_path / "d.json").read_text())["protection"]
+    assert protection["deferred_checks"] and protection["checked_rows"] == protection["pool"]["pads_consumed"]
+    unchecked = run_cli(*base, "--protect", "otp", "--deferred-checks")
+    assert unchecked.returncode == 2 and "add --verify" in unchecked.stderr
     flash = run_cli(*base, "--protect", "otp", "--policy", "flash")
     assert flash.returncode == 2 and "--protect needs --policy linear" in flash.stderr
     other = run_cli(*base[:4], "random:tiny@7", *base[5:], "--protect", "otp")       # another model's weights

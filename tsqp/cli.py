@@ -76,6 +76,10 @@ def add_runner_args(p: argparse.ArgumentParser) -> None:
                         "copy of the checkpoint), --policy linear and a `tsqp serve --protect otp`")
     p.add_argument("--verify", action="store_true",
                    help="with --protect: check every result with Freivalds' test before use (false accept <= 2^-40)")
+    p.add_argument("--deferred-checks", action="store_true",
+                   help="with --verify: a decode step's results are used at once and checked while the runner waits "
+                        "for the server's next reply; the logits wait for every check (hides the checks behind the "
+                        "server's round trip)")
     p.add_argument("--length-bucket", type=int, default=1, metavar="N",
                    help="with --protect: pad each prefill request with zero rows to a multiple of N, so the server "
                         "learns the prompt's length only to within N tokens (costs up to N-1 rows of work; default "

@@ -73,6 +73,8 @@ class Offloads:
             return self._open_protected(stats, tokens)
         if args.verify:
             raise ValueError("--verify checks masked results: it needs --protect otp")
+        if args.deferred_checks:
+            raise ValueError("--deferred-checks defers --verify's checks: it needs --protect otp --verify")
         if args.length_bucket != 1:
             raise ValueError("--length-bucket pads masked requests: it needs --protect otp")
         if args.local:
@@ -131,8 +133,10 @@ class Offloads:
                 raise
         if self._quantized is None:
             self._quantized = QuantizedModel(cfg, weights)        # once for all sessions
+        if args.deferred_checks and not args.verify:
+            raise ValueError("--deferred-checks defers --verify's checks: add --verify")
         offload = ProtectedOffload(inner, cfg, self._quantized, verify=args.verify, pool_tokens=args.pad_pool, stats=stats,
-                                   length_bucket=args.length_bucket)
+                                   length_bucket=args.length_bucket, deferred_checks=args.deferred_checks)
         try:
             stated = inner.info.get("fingerprint") if not args.local else inner.compute.fingerprint
             offload.expect_fingerprint(stated)

@@ -33,7 +33,7 @@ def settings_of(args, offload, tokens: int) -> dict:
         "model": info["model"] if remote else args.model,
         "dtype": info["dtype"] if remote else args.dtype,
         "device": info["device"] if remote else args.device,
-        "protect": getattr(args, "protect", None), "verify": args.verify,
+        "protect": getattr(args, "protect", None), "verify": args.verify, "deferred_checks": args.deferred_checks,
         "endpoint": args.endpoint if remote else None,
         "transport": (args.transport if args.transport == "shm" else transport_of(args.endpoint))
         if remote else "local",

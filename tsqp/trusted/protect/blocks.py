@@ -118,14 +118,16 @@ def joined(pieces: list[torch.Tensor]) -> torch.Tensor:
 
 
 def mask(x: torch.Tensor, r: torch.Tensor, limbs: torch.Tensor, check: Freivalds | None,
-         scratch: Scratch) -> tuple[torch.Tensor, torch.Tensor | None, float]:
+         scratch: Scratch, quantized: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None, float]:
     """x float [T, in], r int64 [T, in] (a pad's rows) -> limbs of B = quantize(x) + r mod 2^40 written into
     `limbs` uint8 [5, T, in]; returns (sx float32 [T] the rows' scales, the check's input parts [T, k] or
-    None, seconds spent on the check)."""
+    None, seconds spent on the check). quantized: float32 [T, in] to keep the quantized rows in (for a check
+    made later), instead of scratch."""
     T, n = x.shape
     scales, parts, check_s = [], [], 0.0
     for a, b in spans(T, n, BLOCK):
-        q, scale = quant.quantize_block(rows(x, a, b), out=scratch.take("quantized", (b - a, n), torch.float32))
+        into = rows(quantized, a, b) if quantized is not None else scratch.take("quantized", (b - a, n), torch.float32)
+        q, scale = quant.quantize_block(rows(x, a, b), out=into)
         scales.append(scale)
         if check is not None:
             t0 = time.perf_counter()
@@ -138,11 +140,12 @@ def mask(x: torch.Tensor, r: torch.Tensor, limbs: torch.Tensor, check: Freivalds
 
 
 def finish(z: torch.Tensor, u: torch.Tensor, sx: torch.Tensor, sw: torch.Tensor, check: Freivalds | None,
-           scratch: Scratch, y: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None, float]:
+           scratch: Scratch, y: torch.Tensor | None = None,
+           offsets: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None, float]:
     """The server's z = B W^T mod 2^40 (int64 [T, out], in memory it may still write) and the pad's
     U = R W^T - 2^39 mod 2^40, int64 [T, out] -> (y float32 [len(sx), out] dequantized, written into `y` when given; rows beyond
     len(sx) are padding and dropped; the check's output parts [T, k] or None; seconds spent checking).
-    Raises OutOfRange."""
+    offsets: int64 [T, out] to keep Y + 2^39 in (for a check made later), instead of scratch. Raises OutOfRange."""
     T, out = z.shape
     kept = sx.shape[0]
     if y is None:
@@ -154,7 +157,8 @@ def finish(z: torch.Tensor, u: torch.Tensor, sx: torch.Tensor, sw: torch.Tensor,
             raise OutOfRange("a value lies outside [0, 2^40)")
         # z is read once more, into private memory: what is unmasked, dequantized and checked is that copy,
         # whatever the server writes meanwhile
-        offset = torch.sub(rows(z, a, b), rows(u, a, b), out=scratch.take("finish", (b - a, out)))
+        into = rows(offsets, a, b) if offsets is not None else scratch.take("finish", (b - a, out))
+        offset = torch.sub(rows(z, a, b), rows(u, a, b), out=into)
         offset.bitwise_and_(ring.MASK)                                        # Y + 2^39 in [0, 2^40)
         if a < kept:
             e = min(b, kept)

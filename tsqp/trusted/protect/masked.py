@@ -24,6 +24,7 @@ from ...config import ModelConfig
 from ...stats import Stats
 from ..offload import Done
 from . import blocks
+from .deferred import DeferredChecks
 from .freivalds import Freivalds, VerificationError, failing_rows
 from .pads import PadPool, PadSource
 
@@ -113,13 +114,15 @@ class ProtectedOffload(_QuantizedBase):
     a request of several rows, and any request made while `prefilling()`, is padded with zero rows up to a
     multiple of it; with the model's prefill (which cuts chunks at whole buckets, model.chunk_sizes) the server
     learns the prompt's length only to within a bucket (padded rows are masked, computed and checked like
-    the others, then dropped; decode steps are one row each). A server's
-    stated fingerprint is checked with `expect_fingerprint` before the first request. close() closes
-    `inner` too."""
+    the others, then dropped; decode steps are one row each). deferred_checks (with verify): a one-row
+    result is used at once and checked while the runner waits for the next reply; an LM-head result runs
+    every check before it (deferred.py). A server's stated fingerprint is checked with `expect_fingerprint`
+    before the first request. close() closes `inner` too."""
 
     def __init__(self, inner, cfg: ModelConfig, weights, verify: bool = True,
                  pool_tokens: int = 64, batch_tokens: int = 16, lm_head_rows: int | None = None,
-                 stats: Stats | None = None, background: bool = True, length_bucket: int = 1):
+                 stats: Stats | None = None, background: bool = True, length_bucket: int = 1,
+                 deferred_checks: bool = False):
         super().__init__(cfg, weights, stats if stats is not None else getattr(inner, "stats", None))
         if length_bucket < 1:
             raise ValueError(f"length_bucket must be at least 1, got {length_bucket}")
@@ -128,6 +131,7 @@ class ProtectedOffload(_QuantizedBase):
         self.checks = {key: Freivalds(w.q) for key, w in self.qweights.items()} if verify else {}
         self.pool = PadPool(self.ring_weights, pool_tokens, batch_tokens, lm_head_rows, PadSource(), background)
         self.failure: VerificationError | None = None
+        self.deferred = DeferredChecks() if verify and deferred_checks else None
         self.scratch = blocks.Scratch()
         self.results = blocks.Results()
         self.checked_rows = 0
@@ -152,19 +156,42 @@ class ProtectedOffload(_QuantizedBase):
         if T % self.length_bucket and (T > 1 or self._prefilling and op != "lm_head"):
             T += self.length_bucket - T % self.length_bucket
         limbs = self.inner.empty((ring.LIMBS, T, x.shape[1]), torch.uint8)               # [5, T, in]
+        # a decode step's check runs later, from its own copy of the quantized row
+        quantized = self.deferred.buffer((T, x.shape[1]), torch.float32) if self.deferred is not None and T == 1 \
+            else None
         try:
             with blocks.one_thread_for(T):
                 r, u = self.pool.take(key, T)
                 padded = torch.cat([x, x.new_zeros(T - x.shape[0], x.shape[1])]) if T > x.shape[0] else x
-                sx, input_parts, check_s = blocks.mask(padded, r, limbs, self.checks.get(key), self.scratch)
-        except BaseException:          # refused (non-finite input, the pool's failure): nothing is sent, and
+                sx, input_parts, check_s = blocks.mask(padded, r, limbs, None if quantized is not None else
+                                                       self.checks.get(key), self.scratch, quantized)
+        except BaseException as e:     # refused (non-finite input, the pool's failure): nothing is sent, and
             discard = getattr(self.inner, "discard", None)       # the inner's buffer (shared memory) goes back
             if discard is not None:
                 discard(limbs)
+            if self.deferred is not None and isinstance(e, Exception):   # a result not yet checked may be
+                self.settle()                                            # why: its failure is the error
             raise
         self._count_check(check_s)
         self.stats.add_time("mask", time.perf_counter() - t0 - check_s)
-        return MaskedPending(self, key, self.inner.submit(op, layer, limbs), sx[:x.shape[0]], input_parts, u)
+        return MaskedPending(self, key, self.inner.submit(op, layer, limbs), sx[:x.shape[0]], input_parts, u,
+                             quantized)
+
+    def settle(self) -> None:
+        """Run every deferred check now; a failed one ends the session (raised as VerificationError)."""
+        if self.deferred is None or not len(self.deferred):
+            return
+        t0 = time.perf_counter()
+        try:
+            with blocks.one_thread_for(1):
+                self.deferred.run()
+        except Exception as e:
+            self.failure = self.failure or (e if isinstance(e, VerificationError) else
+                                            VerificationError("check", None, f"a deferred check raised "
+                                                                             f"{type(e).__name__}: {e}"))
+            raise self.failure from None
+        finally:
+            self._count_check(time.perf_counter() - t0)
 
     @contextlib.contextmanager
     def prefilling(self):
@@ -191,7 +218,10 @@ class ProtectedOffload(_QuantizedBase):
 
     def report(self) -> dict:
         """The protection's own figures, for JSON."""
-        return {"verify": self.verify, "checked_rows": self.checked_rows, "verify_s": self.verify_s,
+        deferred = self.deferred is not None
+        return {"verify": self.verify, "deferred_checks": deferred,
+                "checked_rows": self.checked_rows + (self.deferred.rows if deferred else 0),
+                "verify_s": self.verify_s, "deferred_check_s": self.deferred.seconds if deferred else 0.0,
                 "fingerprint": self.fingerprint, "pool": self.pool.stats()}
 
     def close(self) -> None:
@@ -202,9 +232,10 @@ class ProtectedOffload(_QuantizedBase):
 class MaskedPending:
     """One masked request in flight; result() unmasks, checks and dequantizes once."""
 
-    def __init__(self, owner: ProtectedOffload, key, pending, sx, input_parts, u):
+    def __init__(self, owner: ProtectedOffload, key, pending, sx, input_parts, u, quantized=None):
         self.owner, self.key, self.pending = owner, key, pending
-        self.sx, self.input_parts, self.u = sx, input_parts, u      # input_parts: None unverified
+        self.sx, self.input_parts, self.u = sx, input_parts, u      # input_parts: None unverified or deferred
+        self.quantized = quantized                                   # the input's integers for a deferred check
         self.value = None
         self.released = False
 
@@ -212,6 +243,7 @@ class MaskedPending:
         if self.released:
             raise RuntimeError(f"result() of op {self.key[0]} after its release(): its buffer serves later requests")
         if self.value is None:
+            self.owner.settle()             # deferred checks, while the server works on this request
             z = self.pending.result()
             with blocks.one_thread_for(self.u.shape[0]):
                 self.value = self._finish(z)
@@ -228,20 +260,27 @@ class MaskedPending:
                 raise VerificationError(op, layer, f"expected int64 [{T}, {out}] on the CPU, got {z.dtype} "
                                                    f"{tuple(z.shape)} on {z.device}")
             t0 = time.perf_counter()
+            deferred = self.quantized is not None
+            offsets = owner.deferred.buffer((T, out), torch.int64) if deferred else None
             try:
                 y, output_parts, check_s = blocks.finish(z, self.u, self.sx, owner.qweights[self.key].scale,
-                                                         owner.checks.get(self.key), owner.scratch,
-                                                         owner.results.take((self.sx.shape[0], out)))
+                                                         None if deferred else owner.checks.get(self.key),
+                                                         owner.scratch, owner.results.take((self.sx.shape[0], out)),
+                                                         offsets)
             except blocks.OutOfRange as e:
                 raise VerificationError(op, layer, str(e)) from None
             owner.stats.add_time("unmask", time.perf_counter() - t0 - check_s)
             owner._count_check(check_s)
-            if owner.verify:
+            if deferred:
+                owner.deferred.add(self.key, owner.checks[self.key], self.quantized, offsets)
+            elif owner.verify:
                 t1 = time.perf_counter()
                 ok = owner.checks[self.key].passes(output_parts, self.input_parts)
                 owner._count_check(time.perf_counter() - t1)
                 failing_rows(ok, op, layer)                       # before y is handed to anyone
                 owner.checked_rows += T
+            if op == "lm_head":                 # logits only once every result they rest on passed
+                owner.settle()
         except Exception as e:         # whatever stopped a result from being checked ends the session
             owner.failure = e if isinstance(e, VerificationError) else \
                 VerificationError(op, layer, f"finishing the result raised {type(e).__name__}: {e}")
