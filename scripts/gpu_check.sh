@@ -79,10 +79,14 @@ srv=$!
 for _ in $(seq 180); do grep -q ready "$W/serve_otp.txt" && break; sleep 1; done
 timeout 240 python3 -m tsqp.cli run --endpoint $ep --protect otp --verify --model $BIG --pad-pool 256 \
   --prompt-ids $ids --max-new-tokens 64 --ignore-eos --json "$W/decode_otp.json" > "$W/decode_otp.txt" 2>&1
+# the checks run while the runner waits for the next reply (deferred.py)
+timeout 240 python3 -m tsqp.cli run --endpoint $ep --protect otp --verify --deferred-checks --model $BIG \
+  --pad-pool 256 --prompt-ids $ids --max-new-tokens 64 --ignore-eos --json "$W/decode_otpd.json" \
+  > "$W/decode_otpd.txt" 2>&1
 kill $srv; wait $srv
 timeout 90 python3 -m tsqp.cli run --local --device $DEV --dtype $DT --model $BIG --prompt-ids $ids \
   --max-new-tokens 64 --ignore-eos --json "$W/decode_local.json" > "$W/decode_local.txt" 2>&1
-python3 - "$W" local pipes otp <<'PY' 2>&1 | tee "$OUT/decode.txt"
+python3 - "$W" local pipes otp otpd <<'PY' 2>&1 | tee "$OUT/decode.txt"
 import json, sys
 for name in sys.argv[2:]:
     try:

@@ -11,9 +11,12 @@ pool. The server is an honest stand-in that answers at once: it takes Z = U + 2^
 the pad the runner just took and the product precomputed for the (fixed) inputs, as a GPU server's reply
 would arrive without the runner's cores doing the GEMM (an in-process `IntCompute` streams its weights
 through the same caches and would inflate the runner's figures several times). Every reply still passes
-the runner's range check, unmasking and Freivalds check.
+the runner's range check, unmasking and Freivalds check. --server-us N makes each reply ready N us after its
+request (a GPU server's round trip; the runner's share is then the wall time less N per call), which is what
+--deferred-checks (deferred.py) overlaps its checks with.
 
     python3 scripts/protect_decode_cost.py [--model random:llama-3.2-1b] [--tokens 32] [--repeat 5] [--threads N]
+                                           [--server-us N] [--deferred-checks]
 """
 from __future__ import annotations
 
@@ -36,8 +39,8 @@ class ReadyServer:
     """An honest server whose reply costs the runner nothing: Z = (U + 2^39) + Xq W^T mod 2^40, from the U of
     the pad just taken (recorded by `watch`) and each op's product for its fixed input."""
 
-    def __init__(self, products: dict[str, torch.Tensor]):
-        self.products, self.u, self.seconds = products, None, 0.0
+    def __init__(self, products: dict[str, torch.Tensor], server_us: float = 0.0):
+        self.products, self.u, self.seconds, self.latency_s = products, None, 0.0, server_us / 1e6
 
     def watch(self, pool) -> None:
         take = pool.take
@@ -54,11 +57,25 @@ class ReadyServer:
     def submit(self, op: str, layer, limbs: torch.Tensor) -> Done:
         t0 = time.perf_counter()
         z = (self.u + ring.HALF).add_(self.products[op]).bitwise_and_(ring.MASK)           # [1, out]
-        self.seconds += time.perf_counter() - t0
-        return Done(z)
+        ready_at = time.perf_counter()
+        self.seconds += ready_at - t0
+        return Later(z, ready_at + self.latency_s) if self.latency_s else Done(z)
 
     def close(self) -> None:
         pass
+
+
+class Later(Done):
+    """A reply that is ready at a given time (perf_counter seconds): result() waits for it."""
+
+    def __init__(self, value: torch.Tensor, ready_at: float):
+        super().__init__(value)
+        self.ready_at = ready_at
+
+    def result(self) -> torch.Tensor:
+        while time.perf_counter() < self.ready_at:
+            pass
+        return super().result()
 
 
 def product(x: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
@@ -79,16 +96,51 @@ def one_token(po: ProtectedOffload, layers: int, inputs: dict[str, torch.Tensor]
     pending.release()
 
 
+def one_round(model, cfg, L: int, inputs, products, a, server_us: float, deferred: bool) -> dict:
+    """One session with a full pool, timed over tokens - 1 decode steps: the runner's seconds per token."""
+    # the pool is filled in one batch per op and idle while timed (the filler would share the cores; it
+    # works while the runner waits for the user)
+    server = ReadyServer(products, server_us)
+    po = ProtectedOffload(server, cfg, model, verify=not a.no_verify, pool_tokens=L * a.tokens,
+                          batch_tokens=L * a.tokens, lm_head_rows=a.tokens, background=True,
+                          deferred_checks=deferred)
+    server.watch(po.pool)
+    if not po.pool.wait_full(600):
+        raise SystemExit("the pad pool did not fill in 600 s")
+    one_token(po, 1, inputs)            # warm: the scratch views and result buffers exist
+    po.stats.reset()
+    on_demand, server.seconds = po.pool.on_demand, 0.0
+    t0 = time.perf_counter()
+    for _ in range(a.tokens - 1):
+        one_token(po, L, inputs)
+    wall = time.perf_counter() - t0
+    n = a.tokens - 1
+    latency = n * (L * len(OPS) + 1) * server.latency_s
+    result = {"runner": (wall - server.seconds - latency) / n, **{k: v / n for k, v in po.stats.trusted_s.items()},
+              "on_demand": po.pool.on_demand - on_demand}
+    po.close()
+    return result
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="random:llama-3.2-1b")
     ap.add_argument("--tokens", type=int, default=32, help="decode steps per timed round")
     ap.add_argument("--repeat", type=int, default=5, help="timed rounds, each a new session with a full pool")
     ap.add_argument("--no-verify", action="store_true")
+    ap.add_argument("--checks", default="strict",
+                    help="comma-separated: strict (check before use), deferred (check one-row results while "
+                         "waiting for the next reply, deferred.py); rounds alternate between them")
+    ap.add_argument("--server-us", default="0", help="comma-separated: each reply is ready this long after its "
+                                                     "request; rounds alternate between them")
     ap.add_argument("--threads", type=int, default=None, help="torch's intra-op threads (default: torch's)")
     a = ap.parse_args()
     if a.threads:
         torch.set_num_threads(a.threads)
+    checks = a.checks.split(",")
+    if not set(checks) <= {"strict", "deferred"}:
+        raise SystemExit(f"--checks takes strict and deferred, got {a.checks}")
+    latencies = [float(v) for v in a.server_us.split(",")]
     full = W.load_config(a.model)
     cfg = dataclasses.replace(full, num_layers=1)                 # one layer of the model's shapes, reused
     model = QuantizedModel(cfg, W.random_weights(cfg, torch.float32, "cpu"))
@@ -98,39 +150,30 @@ def main() -> None:
               "gate_up": torch.randn(1, D, generator=g), "down": torch.randn(1, cfg.intermediate_size, generator=g),
               "lm_head": torch.randn(1, D, generator=g)}
     products = {op: product(x, model.qweights[(op, None if op == "lm_head" else 0)].q) for op, x in inputs.items()}
-    rounds = []
+    configs = [(us, c) for us in latencies for c in checks]
+    rounds = {cfg_: [] for cfg_ in configs}
     for _ in range(a.repeat):
-        # a session per round, its pool filled in one batch per op and idle while timed (the filler would
-        # share the cores; it works while the runner waits for the user)
-        server = ReadyServer(products)
-        po = ProtectedOffload(server, cfg, model, verify=not a.no_verify, pool_tokens=L * a.tokens,
-                              batch_tokens=L * a.tokens, lm_head_rows=a.tokens, background=True)
-        server.watch(po.pool)
-        if not po.pool.wait_full(600):
-            raise SystemExit("the pad pool did not fill in 600 s")
-        one_token(po, 1, inputs)            # warm: the scratch views and result buffers exist
-        po.stats.reset()
-        on_demand, server.seconds = po.pool.on_demand, 0.0
-        t0 = time.perf_counter()
-        for _ in range(a.tokens - 1):
-            one_token(po, L, inputs)
-        wall = time.perf_counter() - t0
-        n = a.tokens - 1
-        rounds.append({"runner": (wall - server.seconds) / n, **{k: v / n for k, v in po.stats.trusted_s.items()},
-                       "on_demand": po.pool.on_demand - on_demand})
-        po.close()
-    med = {k: statistics.median(r[k] for r in rounds) for k in rounds[0]}
+        for us, c in configs:
+            rounds[(us, c)].append(one_round(model, cfg, L, inputs, products, a, us, c == "deferred"))
     calls = L * len(OPS) + 1
     print(f"{a.model}: {calls} one-row calls per token ({L} layers x {len(OPS)} + lm_head), "
-          f"{'unverified' if a.no_verify else 'verified'}, {torch.get_num_threads()} threads, median of "
-          f"{a.repeat} rounds of {a.tokens - 1} tokens; pads made on demand: {sum(r['on_demand'] for r in rounds)}")
-    print("| runner's step | ms per token | us per call |\n|---|---|---|")
-    steps = [k for k in ("mask", "unmask", "verify") if k in med]
-    for k in steps:
-        print(f"| {k} | {1e3 * med[k]:.2f} | {1e6 * med[k] / calls:.0f} |")
-    rest = med["runner"] - sum(med[k] for k in steps)
-    print(f"| the rest (pad pool, bookkeeping) | {1e3 * rest:.2f} | {1e6 * rest / calls:.0f} |")
-    print(f"| **total** | **{1e3 * med['runner']:.2f}** | **{1e6 * med['runner'] / calls:.0f}** |")
+          f"{'unverified' if a.no_verify else 'verified'}, {torch.get_num_threads()} threads, median of {a.repeat} "
+          f"alternating rounds of {a.tokens - 1} tokens; pads made on demand: "
+          f"{sum(r['on_demand'] for rs in rounds.values() for r in rs)}")
+    print("The runner's share per token: the wall time less the server's (the reply latency per call). The steps "
+          "are the runner's seconds in each; deferred checks run while it waits, so they may overlap the latency.")
+    print("| reply after | checks | mask | unmask | check | the rest | **runner per token** (min-max) | us per call "
+          "| x strict (paired) |\n|---|---|---|---|---|---|---|---|---|")
+    for us, c in configs:
+        rs = rounds[(us, c)]
+        med = {k: statistics.median(r.get(k, 0.0) for r in rs) for k in ("runner", "mask", "unmask", "verify")}
+        rest = med["runner"] - sum(med[k] for k in ("mask", "unmask", "verify"))
+        base = rounds.get((us, "strict"))
+        ratio = f"{statistics.median(r['runner'] / b['runner'] for r, b in zip(rs, base)):.2f}" if base else ""
+        lo, hi = min(r["runner"] for r in rs), max(r["runner"] for r in rs)
+        print(f"| {us:g} us | {c} | {1e3 * med['mask']:.2f} | {1e3 * med['unmask']:.2f} | {1e3 * med['verify']:.2f} "
+              f"| {1e3 * rest:.2f} | **{1e3 * med['runner']:.2f} ms** ({1e3 * lo:.2f}-{1e3 * hi:.2f}) "
+              f"| {1e6 * med['runner'] / calls:.0f} | {ratio} |")
 
 
 if __name__ == "__main__":
