@@ -322,15 +322,17 @@ def test_queue_disconnect_a_killed_server_and_shutdown(smollm2_gguf, hf):
 
 
 def test_protection_flags_apply_to_the_api(smollm2_gguf, hf):
-    """tsqp api --protect otp --verify against tsqp serve --protect otp: every request's linear steps go out
-    masked and come back checked, and the answer is still transformers' (int8 weights do not change it)."""
+    """tsqp api --protect otp --verify --deferred-checks against tsqp serve --protect otp: every request's linear
+    steps go out masked and come back checked (a decode step's while the next reply is awaited; strict checks
+    are covered by tests/test_protect_smollm2.py), and the answer is still transformers' (12-bit weights do not
+    change it)."""
     want = hf_greedy(hf, CHAT[0], 12)
     with serving(str(smollm2_gguf), extra=("--protect", "otp", "--threads", "1")) as (endpoint, _):
         proc = start_api("--endpoint", endpoint, "--model", str(smollm2_gguf), "--protect", "otp", "--verify",
-                         "--pad-pool", "16", "--workers", "1", "--threads", "1", "--connect-timeout", "60")
+                         "--deferred-checks", "--pad-pool", "16", "--workers", "1", "--threads", "1", "--connect-timeout", "60")
         try:
             launch.wait_ready([proc], 240)
-            assert "protect otp + verify" in proc.banner
+            assert "protect otp + verify (deferred checks)" in proc.banner
             got = client(api_url(proc)).chat.completions.create(model=MODEL_ID, messages=CHAT[0], temperature=0,
                                                                 max_tokens=12)
             assert got.choices[0].message.content == want["text"]

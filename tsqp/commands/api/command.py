@@ -86,7 +86,8 @@ def serve_api(args) -> None:
               f"chat template: {'yes' if template else 'none'})", flush=True)
         print(f"Compute: {where(args)}, dtype {P_name(dtype)}, policy {args.policy}"
               f"{', protect ' + args.protect if getattr(args, 'protect', None) else ''}"
-              f"{' + verify' if args.verify else ''}, {torch.get_num_threads()} threads", flush=True)
+              f"{' + verify' if args.verify else ''}{' (deferred checks)' if args.deferred_checks else ''}, "
+              f"{torch.get_num_threads()} threads", flush=True)
         print(f"Workers: {args.workers} (a session each), up to {args.queue} requests waiting (then 429)", flush=True)
         for line in exposure_warnings(args):
             print(line, file=sys.stderr, flush=True)
