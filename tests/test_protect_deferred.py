@@ -123,3 +123,82 @@ def test_deferred_checks_need_verify(tiny):
     po = protected(cfg, weights, verify=False, deferred_checks=True)
     assert po.deferred is None and not po.report()["deferred_checks"]
     po.close()
+
+
+# ---- found by a red-team pass (the reproducers, turned around) -------------------------------------------
+class DiesAfterFault:
+    """A server that alters a result, then fails the runner's next send (a dead server's broken pipe)."""
+
+    def __init__(self, inner, faults: FaultInjector):
+        self.inner, self.faults = inner, faults
+        self.stats, self.dtype = inner.stats, inner.dtype
+
+    def empty(self, shape, dtype=None):
+        return self.inner.empty(shape, dtype)
+
+    def submit(self, op, layer, *xs):
+        if self.faults.altered:
+            raise BrokenPipeError(32, "Broken pipe")
+        return self.inner.submit(op, layer, *xs)
+
+    def close(self):
+        self.inner.close()
+
+
+def test_a_server_that_fails_after_altering_a_result_is_still_named(tiny):
+    """The send after an altered one-row result fails: the pending check runs before that error leaves, so
+    the error is the verification failure (tsqp api answers it as the server's fault, never retries it)."""
+    from tsqp.local import LocalOffload
+    from tsqp.trusted.protect.masked import ProtectedOffload
+    from tsqp.untrusted.intmm import IntCompute
+    cfg, weights, norms = tiny
+    faults = FaultOn("flip", ("o", 0))
+    po = ProtectedOffload(DiesAfterFault(LocalOffload(IntCompute(cfg, weights, faults=faults)), faults), cfg,
+                          weights, background=False, deferred_checks=True)
+    with pytest.raises(VerificationError, match="'o' layer 0"):
+        run_model(cfg, norms, po, torch.tensor([5, 6, 7]), [9, 10])
+    assert po.failure is not None
+    po.close()
+
+
+def test_a_result_kept_from_before_a_failure_is_not_handed_out_again(tiny):
+    cfg, weights, _ = tiny
+    key = ("o", 0)
+    po = protected(cfg, weights, faults=FaultOn("flip", key), pool_tokens=4, deferred_checks=True)
+    altered = po.submit(*key, linear_inputs(cfg, key, 1))
+    altered.result()                                                  # used before its check (by design)
+    with pytest.raises(VerificationError, match="'o' layer 0"):
+        po.submit("gate_up", 0, linear_inputs(cfg, ("gate_up", 0), 1)).result()
+    with pytest.raises(VerificationError, match="session is over"):
+        altered.result()
+    po.close()
+
+
+def test_an_interrupt_during_the_checks_ends_the_session(tiny, monkeypatch):
+    """Checks that an interrupt (Ctrl-C in a notebook) stopped are gone: the session cannot go on to logits."""
+    from tsqp.trusted.protect import deferred
+    cfg, weights, _ = tiny
+    key = ("down", 1)
+    po = protected(cfg, weights, faults=FaultOn("flip", key), pool_tokens=4, deferred_checks=True)
+    po.submit(*key, linear_inputs(cfg, key, 1)).result()
+
+    def interrupted(ok, op, layer):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(deferred, "failing_rows", interrupted)
+    head = po.submit("lm_head", None, floats((1, cfg.hidden_size)))
+    with pytest.raises(KeyboardInterrupt):
+        head.result()
+    monkeypatch.undo()
+    for again in (head.result, lambda: po.submit("qkv", 0, linear_inputs(cfg, ("qkv", 0), 1))):
+        with pytest.raises(VerificationError, match="session is over"):
+            again()
+    po.close()
+
+
+def test_the_queue_and_the_kept_buffers_stay_bounded_over_a_long_decode(tiny):
+    cfg, weights, norms = tiny
+    po = protected(cfg, weights, pool_tokens=8, batch_tokens=8, background=True, deferred_checks=True)
+    run_model(cfg, norms, po, torch.tensor([5, 6, 7]), ints((60,), 0, cfg.vocab_size - 1).tolist())
+    assert len(po.deferred) == 0
+    assert sum(len(v) for v in po.deferred._free.values()) <= 2 * len(all_keys(cfg))
+    po.close()

@@ -139,12 +139,22 @@ class ProtectedOffload(_QuantizedBase):
         self._prefilling = False
 
     def submit(self, op: str, layer: int | None, *xs: torch.Tensor):
+        self._raise_if_over()
+        if op == "embed":
+            return self._embed(xs[0])
+        try:
+            return self._submit(op, layer, xs)
+        except Exception:              # a result not yet checked may be why (a non-finite input), and a server
+            self.settle()              # that fails after altering one must not escape its check: its failure
+            raise                      # is the error
+
+    def _raise_if_over(self) -> None:
         if self.failure is not None:
             raise VerificationError(self.failure.op, self.failure.layer,
                                     f"an earlier result failed ({self.failure}); this session is over") \
                 from self.failure
-        if op == "embed":
-            return self._embed(xs[0])
+
+    def _submit(self, op: str, layer: int | None, xs: tuple):
         key = self._key(op, layer, xs)
         x = xs[0]
         if not x.shape[0]:                                 # nothing to send (what QuantizedOffload gives)
@@ -165,12 +175,10 @@ class ProtectedOffload(_QuantizedBase):
                 padded = torch.cat([x, x.new_zeros(T - x.shape[0], x.shape[1])]) if T > x.shape[0] else x
                 sx, input_parts, check_s = blocks.mask(padded, r, limbs, None if quantized is not None else
                                                        self.checks.get(key), self.scratch, quantized)
-        except BaseException as e:     # refused (non-finite input, the pool's failure): nothing is sent, and
+        except BaseException:          # refused (non-finite input, the pool's failure): nothing is sent, and
             discard = getattr(self.inner, "discard", None)       # the inner's buffer (shared memory) goes back
             if discard is not None:
                 discard(limbs)
-            if self.deferred is not None and isinstance(e, Exception):   # a result not yet checked may be
-                self.settle()                                            # why: its failure is the error
             raise
         self._count_check(check_s)
         self.stats.add_time("mask", time.perf_counter() - t0 - check_s)
@@ -190,6 +198,10 @@ class ProtectedOffload(_QuantizedBase):
                                             VerificationError("check", None, f"a deferred check raised "
                                                                              f"{type(e).__name__}: {e}"))
             raise self.failure from None
+        except BaseException as e:     # interrupted: the checks not run are gone, so the session is over too
+            self.failure = self.failure or VerificationError("check", None, f"interrupted ({type(e).__name__}) "
+                                                                            f"before every result was checked")
+            raise
         finally:
             self._count_check(time.perf_counter() - t0)
 
@@ -242,6 +254,7 @@ class MaskedPending:
     def result(self) -> torch.Tensor:
         if self.released:
             raise RuntimeError(f"result() of op {self.key[0]} after its release(): its buffer serves later requests")
+        self.owner._raise_if_over()            # a value kept from before a failure (a deferred one unchecked)
         if self.value is None:
             self.owner.settle()             # deferred checks, while the server works on this request
             z = self.pending.result()
@@ -252,9 +265,6 @@ class MaskedPending:
     def _finish(self, z: torch.Tensor) -> torch.Tensor:
         owner, (op, layer) = self.owner, self.key
         T, out = self.u.shape
-        if owner.failure is not None:              # a result asked for again after a failed check
-            raise VerificationError(op, layer, f"an earlier result failed ({owner.failure}); this session is over") \
-                from owner.failure
         try:
             if z.dtype != torch.int64 or tuple(z.shape) != (T, out) or z.device.type != "cpu":
                 raise VerificationError(op, layer, f"expected int64 [{T}, {out}] on the CPU, got {z.dtype} "
