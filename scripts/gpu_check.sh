@@ -47,11 +47,11 @@ PY
 }
 
 # 0. issue 13's targets first: the protected prefill (--protect otp, then with --verify; pads pooled before each
-#    timed prefill) beside shm and the whole model on this host's cores (the cpu-only reference), and the
-#    protected decode beside the unprotected one (step 4)
-timeout ${PROTECT_S:-240} python3 -m tsqp.cli bench --device $DEV --model $BIG --tokens $TOK \
-  --transport shm,shm-otp,shm-otp-verify --policy linear --repeat 3 --json "$OUT/bench_protect.json" 2>&1 \
-  | tee "$W/bench_protect.txt"
+#    timed prefill) beside shm and the whole model on this host's cores (the cpu-only reference), and 32 decode
+#    steps after each, protected (strict and deferred checks) beside unprotected; tsqp run's decode in step 4
+timeout ${PROTECT_S:-240} python3 -m tsqp.cli bench --device $DEV --model $BIG --tokens $TOK --decode 32 \
+  --transport shm,shm-otp,shm-otp-verify,shm-otp-verify-deferred --policy linear --repeat 3 \
+  --json "$OUT/bench_protect.json" 2>&1 | tee "$W/bench_protect.txt"
 # 1. the benchmark: 1024 tokens of the Llama-3.2-1B shape, bf16, with the no-split references (eager torch)
 bench --transport $TRANSPORTS --policy $POLICIES --chunks $CHUNKS --json "$OUT/bench.json" --plot "$OUT/bench.png" \
   2>&1 | tee "$W/bench.txt"

@@ -112,19 +112,32 @@ def test_bench_writes_table_json_and_plot(tmp_path):
 
 
 def test_bench_protected_rows_report_the_pool_and_move_the_config_count(tmp_path):
-    """`--transport shm-otp-verify`: a --protect otp server of its own, pads already pooled, the pool's figures
-    in the row, and the masked bytes equal to what the config implies (5 limb bytes in, 8 bytes out)."""
+    """`--transport shm-otp-verify(-deferred)`: a --protect otp server of its own, pads already pooled, the
+    pool's figures in the row, the masked bytes of a prefill equal to what the config implies (5 limb bytes in,
+    8 bytes out), and with --decode each row's decode per token and its ratio to the plain shm row's."""
     from test_protect_wire import protected_bytes
     out = tmp_path / "b.json"
+    repeat, steps = 2, 3
     proc = subprocess.run([sys.executable, "-m", "tsqp.cli", "bench", "--model", "random:tiny", "--device", "cpu",
-                           "--tokens", "24", "--transport", "shm,shm-otp-verify", "--dtype", "float32",
-                           "--repeat", "2", "--no-references", "--json", str(out)],
-                          capture_output=True, text=True, timeout=300)
+                           "--tokens", "24", "--transport", "shm,shm-otp-verify,shm-otp-verify-deferred",
+                           "--dtype", "float32", "--repeat", str(repeat), "--decode", str(steps),
+                           "--no-references", "--json", str(out)], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     rows = {r["transport"]: r for r in json.loads(out.read_text())["rows"]}
-    row = rows["shm-otp-verify"]
-    pool = row["protection"]["pool"]
-    assert row["protection"]["verify"] and row["protection"]["checked_rows"] > 0
-    assert pool["pads_consumed"] > 0 and pool["fill_tokens_per_s"] > 0
     sent, received = protected_bytes(PRESETS["tiny"], 24)
-    assert (row["stats"]["shm_sent_bytes"], row["stats"]["shm_received_bytes"]) == (sent, received)
+    layers = PRESETS["tiny"].num_layers
+    for transport in ("shm-otp-verify", "shm-otp-verify-deferred"):
+        row = rows[transport]
+        pool, protection = row["protection"]["pool"], row["protection"]
+        assert protection["verify"] and protection["deferred_checks"] == transport.endswith("deferred")
+        # a warm-up prefill and the timed rounds' (24 rows per layer op, one LM-head row), each timed one followed
+        # by `steps` decode steps (a row per op)
+        assert protection["checked_rows"] == pool["pads_consumed"] == \
+            (1 + repeat) * (4 * layers * 24 + 1) + repeat * steps * (4 * layers + 1)
+        assert pool["fill_tokens_per_s"] > 0
+        assert (row["stats"]["shm_sent_bytes"], row["stats"]["shm_received_bytes"]) == (sent, received)
+        assert row["decode_ms"] > 0 and len(row["decode_ms_rounds"]) == repeat
+        paired = sorted(t / b for t, b in zip(row["decode_ms_rounds"], rows["shm"]["decode_ms_rounds"]))
+        assert row["decode_vs_shm_paired"] == pytest.approx(sum(paired) / 2)
+    assert rows["shm"]["decode_vs_shm_paired"] == 1.0
+    assert "decode, median ms per token over 3 steps" in proc.stdout

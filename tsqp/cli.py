@@ -202,13 +202,17 @@ def parser() -> argparse.ArgumentParser:
                                                                           "when CUDA is present, else cpu)")
     b.add_argument("--tokens", type=int, default=None, help="prompt length (default 1024 with CUDA, 256 without)")
     b.add_argument("--transport", default="local,shm,ipc,tcp",
-                   help="comma list of local, shm, shm-socket (shm with --control socket), ipc, tcp")
+                   help="comma list of local, shm, shm-socket (shm with --control socket), ipc, tcp, shm-otp, "
+                        "shm-otp-verify, shm-otp-verify-deferred (--protect otp [--verify [--deferred-checks]])")
     b.add_argument("--dtype", default=None, help="comma list (default bfloat16 with CUDA, float32 without)")
     b.add_argument("--policy", default="linear", help="comma list of linear, seed, flash")
     b.add_argument("--chunks", default="1", help="comma list of chunk counts for the interleaved prefill")
     b.add_argument("--attn-dtype", default="auto", help="comma list of auto, float32, bfloat16 (trusted attention)")
     b.add_argument("--repeat", type=int, default=9, help="timed prefills per configuration (median reported)")
     b.add_argument("--warmup", type=int, default=1, help="untimed prefills first")
+    b.add_argument("--decode", type=int, default=0, metavar="N",
+                   help="after each timed prefill, time N greedy decode steps (median ms per token per row, and "
+                        "its ratio to the shm row; default 0: prefill only)")
     b.add_argument("--endpoint", default=None, help="use this running server instead of starting our own")
     b.add_argument("--timeout", type=float, default=120.0, help="seconds to wait for any reply")
     b.add_argument("--threads", type=int, default=None, help="torch CPU threads in the runner")

@@ -5,6 +5,9 @@ times `--repeat` rounds in which each configuration runs one prefill in turn (so
 hits every row alike), and reports the median with min and max. In the same run it measures two
 references: the whole model on the server's device alone (no split) and the whole model on the CPU in
 this process (what running everything inside the enclave costs). Every row shows its ratio to both.
+With --decode N each timed prefill is followed by N greedy decode steps from its KV cache: a row gets the
+median over rounds of each round's median ms per token, and its ratio to the plain shm row of the same
+dtype, policy and chunks, paired by round (the protected rows' decode target is a ratio to unprotected).
 """
 from __future__ import annotations
 
@@ -36,8 +39,9 @@ from .nosplit import NoSplitModel, NoSplitOffload
 from .run import fixed_prompt
 
 console = Console(highlight=False, width=None if os.isatty(1) else 200)
-# shm-socket: shm, control messages over ZeroMQ; shm-otp(-verify): --protect otp (--verify) over shm
-TRANSPORTS = ("local", "shm", "shm-socket", "ipc", "tcp", "shm-otp", "shm-otp-verify")
+# shm-socket: shm, control messages over ZeroMQ; shm-otp(-verify): --protect otp (--verify) over shm;
+# shm-otp-verify-deferred: --verify --deferred-checks
+TRANSPORTS = ("local", "shm", "shm-socket", "ipc", "tcp", "shm-otp", "shm-otp-verify", "shm-otp-verify-deferred")
 ATTN_DTYPES = ("auto", "float32", "bfloat16")
 
 
@@ -92,13 +96,15 @@ def median_stats(runs: list[dict]) -> dict:
 class Trial:
     """One configuration, connected and ready; its timed prefills are interleaved with the others'."""
 
-    def __init__(self, config: Config, model: TrustedModel, offload, stats: Stats):
-        self.config, self.model, self.offload, self.stats = config, model, offload, stats
-        self.times, self.runs = [], []
+    def __init__(self, config: Config, model: TrustedModel, offload, stats: Stats, decode: int = 0):
+        self.config, self.model, self.offload, self.stats, self.decode = config, model, offload, stats, decode
+        self.times, self.runs, self.decode_s = [], [], []     # decode_s: each round's median seconds per token
 
-    def prefill(self, ids: torch.Tensor, sync) -> None:
-        self.model.prefill(ids, self.model.new_cache(ids.numel()), self.config.chunks)
+    def prefill(self, ids: torch.Tensor, sync) -> tuple[torch.Tensor, object]:
+        cache = self.model.new_cache(ids.numel() + self.decode)
+        logits = self.model.prefill(ids, cache, self.config.chunks)
         sync()
+        return logits, cache
 
     def timed(self, ids: torch.Tensor, sync) -> None:
         pool = getattr(self.offload, "pool", None)
@@ -106,10 +112,18 @@ class Trial:
             pool.wait_full()
         self.stats.reset()
         t0 = time.perf_counter()
-        self.prefill(ids, sync)
+        logits, cache = self.prefill(ids, sync)
         self.stats.total_s = time.perf_counter() - t0
         self.times.append(self.stats.total_s)
-        self.runs.append(self.stats.to_dict())
+        self.runs.append(self.stats.to_dict())            # the prefill's figures, before any decode step
+        steps = []
+        for _ in range(self.decode):
+            t0 = time.perf_counter()
+            logits = self.model.decode(int(logits.argmax()), cache)
+            sync()
+            steps.append(time.perf_counter() - t0)
+        if steps:
+            self.decode_s.append(statistics.median(steps))
 
     def row(self, ids: torch.Tensor) -> dict:
         c, st = self.config, median_stats(self.runs)
@@ -120,6 +134,8 @@ class Trial:
                 "bytes_moved": int(st["bytes_moved"]),
                 "trusted_s": trusted, "server_s": st["server_compute_s"],
                 "transport_s": max(med - trusted - st["server_compute_s"], 0.0), "stats": st,
+                **({"decode_steps": self.decode, "decode_ms": 1e3 * statistics.median(self.decode_s),
+                    "decode_ms_rounds": [1e3 * v for v in self.decode_s]} if self.decode_s else {}),
                 **({"protection": self.offload.report()} if hasattr(self.offload, "report") else {})}
 
     def close(self) -> None:
@@ -184,15 +200,18 @@ class Bench:
                 raise ValueError(f"{c.label}: --protect needs --policy linear")
             cfg, weights = self.local_weights("float32")     # the runner's own copy, quantized from float32
             inner = RemoteOffload(self.endpoint(c), "shm", timeout_s=a.timeout, stats=stats,
-                                  arena_bytes=lambda cfg: 2 * default_arena_bytes(cfg, ids.numel(), c.chunks),
+                                  arena_bytes=lambda cfg: 2 * default_arena_bytes(cfg, ids.numel() + a.decode,
+                                                                                  c.chunks),
                                   spin_s=a.spin_us * 1e-6)
-            offload = ProtectedOffload(inner, cfg, weights, verify=c.transport.endswith("verify"),
-                                       pool_tokens=ids.numel(), stats=stats)
+            offload = ProtectedOffload(inner, cfg, weights, verify="verify" in c.transport,
+                                       deferred_checks=c.transport.endswith("deferred"),
+                                       pool_tokens=ids.numel() + a.decode, lm_head_rows=1 + a.decode, stats=stats)
             offload.expect_fingerprint(inner.info.get("fingerprint"))
             norms = W.norm_weights(weights)
         else:
             transport = "shm" if c.transport.startswith("shm") else "frames"
-            arena = lambda cfg: default_arena_bytes(cfg, ids.numel(), c.chunks, c.policy == "seed")  # noqa: E731
+            arena = lambda cfg: default_arena_bytes(cfg, ids.numel() + a.decode, c.chunks,  # noqa: E731
+                                                    c.policy == "seed")
             offload = RemoteOffload(self.endpoint(c), transport, timeout_s=a.timeout, arena_bytes=arena, stats=stats,
                                     control="socket" if c.transport == "shm-socket" else "pipes",
                                     spin_s=a.spin_us * 1e-6)
@@ -203,7 +222,7 @@ class Bench:
         except BaseException:
             offload.close()
             raise
-        return Trial(c, model, offload, stats)
+        return Trial(c, model, offload, stats, a.decode)
 
     def reference(self, dtype: str, ids: torch.Tensor, device: str) -> dict:
         """The whole model on one device, no split: the same math, trusted part and compute together."""
@@ -319,7 +338,8 @@ def settings(a, cfg) -> dict:
     return {"model": a.model, "device": a.device, "gpu": gpu, "cpu_count": os.cpu_count(),
             "threads": torch.get_num_threads(), "torch": torch.__version__, "python": platform.python_version(),
             "tokens": a.tokens, "repeat": a.repeat, "warmup": a.warmup, "attn_dtype": a.attn_dtype,
-            "layers": cfg.num_layers, "hidden": cfg.hidden_size, "compile": a.compile, "spin_us": a.spin_us}
+            "layers": cfg.num_layers, "hidden": cfg.hidden_size, "compile": a.compile, "spin_us": a.spin_us,
+            "decode": a.decode}
 
 
 def add_ratios(result: dict) -> None:
@@ -340,13 +360,27 @@ def add_ratios(result: dict) -> None:
             r["vs_local"] = r["median_s"] / base_row["median_s"]
             # rounds run the rows in turn, so a round's two times share the machine's state of the moment
             r["vs_local_paired"] = statistics.median(t / b for t, b in zip(r["times_s"], base_row["times_s"]))
+    shm = {(r["dtype"], r["policy"], r["chunks"], r["attn"]): r for r in rows
+           if r["transport"] == "shm" and "decode_ms" in r}
+    for r in rows:
+        base_row = shm.get((r["dtype"], r["policy"], r["chunks"], r["attn"]))
+        if base_row is not None and "decode_ms" in r:
+            r["decode_vs_shm_paired"] = statistics.median(t / b for t, b in zip(r["decode_ms_rounds"],
+                                                                                 base_row["decode_ms_rounds"]))
 
 
 def tax_line(result: dict) -> str | None:
     """The transport tax as the median over rounds of each row's time over --local's time in that round."""
     taxes = [f"{label_of(r)} {r['vs_local_paired']:.2f}x" for r in result["rows"]
              if r["transport"] != "local" and "vs_local_paired" in r]
-    return "x local, paired by round (median of each round's ratio): " + ", ".join(taxes) if taxes else None
+    lines = ["x local, paired by round (median of each round's ratio): " + ", ".join(taxes)] if taxes else []
+    decode = [f"{label_of(r)} {r['decode_ms']:.1f} ms" + (f" ({r['decode_vs_shm_paired']:.2f}x shm)"
+                                                          if "decode_vs_shm_paired" in r else "")
+              for r in result["rows"] if "decode_ms" in r]
+    if decode:
+        lines.append(f"decode, median ms per token over {result['rows'][0]['decode_steps']} steps after each prefill "
+                     f"(x shm paired by round): " + ", ".join(decode))
+    return "\n".join(lines) or None
 
 
 def table(result: dict) -> Table:
