@@ -134,7 +134,7 @@ def test_bench_protected_rows_report_the_pool_and_move_the_config_count(tmp_path
         # by `steps` decode steps (a row per op)
         assert protection["checked_rows"] == pool["pads_consumed"] == \
             (1 + repeat) * (4 * layers * 24 + 1) + repeat * steps * (4 * layers + 1)
-        assert pool["fill_tokens_per_s"] > 0
+        assert pool["fill_tokens_per_s"] > 0 and pool["on_demand"] == 0      # every pad was ready
         assert (row["stats"]["shm_sent_bytes"], row["stats"]["shm_received_bytes"]) == (sent, received)
         assert row["decode_ms"] > 0 and len(row["decode_ms_rounds"]) == repeat
         paired = sorted(t / b for t, b in zip(row["decode_ms_rounds"], rows["shm"]["decode_ms_rounds"]))

@@ -43,6 +43,7 @@ console = Console(highlight=False, width=None if os.isatty(1) else 200)
 # shm-otp-verify-deferred: --verify --deferred-checks
 TRANSPORTS = ("local", "shm", "shm-socket", "ipc", "tcp", "shm-otp", "shm-otp-verify", "shm-otp-verify-deferred")
 ATTN_DTYPES = ("auto", "float32", "bfloat16")
+BATCH_TOKENS = 16                  # protected rows: pad rows the pool makes per GEMM
 
 
 @dataclass
@@ -106,10 +107,13 @@ class Trial:
         sync()
         return logits, cache
 
-    def timed(self, ids: torch.Tensor, sync) -> None:
+    def settle_pool(self) -> None:
+        """Protected rows: wait until the pad pool is full again, as a real runner's is after an idle moment."""
         pool = getattr(self.offload, "pool", None)
-        if pool is not None:           # protected rows: pads already in the pool, as a real idle runner has them
+        if pool is not None:
             pool.wait_full()
+
+    def timed(self, ids: torch.Tensor, sync) -> None:
         self.stats.reset()
         t0 = time.perf_counter()
         logits, cache = self.prefill(ids, sync)
@@ -203,9 +207,13 @@ class Bench:
                                   arena_bytes=lambda cfg: 2 * default_arena_bytes(cfg, ids.numel() + a.decode,
                                                                                   c.chunks),
                                   spin_s=a.spin_us * 1e-6)
+            # a pool refills once it lacks a whole batch (16 rows), so it holds a batch more than a round takes:
+            # every pad the timed prefill and decode steps use is ready (on-demand events stay 0)
+            rows = ids.numel() + a.decode + BATCH_TOKENS
             offload = ProtectedOffload(inner, cfg, weights, verify="verify" in c.transport,
-                                       deferred_checks=c.transport.endswith("deferred"),
-                                       pool_tokens=ids.numel() + a.decode, lm_head_rows=1 + a.decode, stats=stats)
+                                       deferred_checks=c.transport.endswith("deferred"), pool_tokens=rows,
+                                       batch_tokens=BATCH_TOKENS, lm_head_rows=1 + a.decode + BATCH_TOKENS,
+                                       stats=stats)
             offload.expect_fingerprint(inner.info.get("fingerprint"))
             norms = W.norm_weights(weights)
         else:
@@ -290,6 +298,7 @@ def run_bench(args) -> dict:
                     trial = bench.open(c, ids)
                     trials.append(trial)
                     for _ in range(a.warmup):
+                        trial.settle_pool()
                         trial.prefill(ids, bench.sync)
                 except (RuntimeError, ValueError, OSError) as e:
                     failed(result, c, e)
@@ -298,6 +307,8 @@ def run_bench(args) -> dict:
                 for trial in list(trials):
                     progress.update(task, description=trial.config.label)
                     try:
+                        for other in trials:   # every pool full: no filler thread shares the cores while timed
+                            other.settle_pool()
                         trial.timed(ids, bench.sync)
                     except (RuntimeError, ValueError, OSError) as e:
                         failed(result, trial.config, e)
