@@ -11,12 +11,14 @@ pool. The server is an honest stand-in that answers at once: it takes Z = U + 2^
 the pad the runner just took and the product precomputed for the (fixed) inputs, as a GPU server's reply
 would arrive without the runner's cores doing the GEMM (an in-process `IntCompute` streams its weights
 through the same caches and would inflate the runner's figures several times). Every reply still passes
-the runner's range check, unmasking and Freivalds check. --server-us N makes each reply ready N us after its
-request (a GPU server's round trip; the runner's share is then the wall time less N per call), which is what
---deferred-checks (deferred.py) overlaps its checks with.
+the runner's range check, unmasking and Freivalds check. --server-us N,... makes each reply ready N us after
+its request (a GPU server's round trip; the runner's share is then the wall time less N per call), which
+deferred checks (deferred.py) overlap their work with; --checks strict,deferred. Rounds alternate between
+every latency and kind of check, each a new session, and the table gives each one's ratio to strict checks
+at the same latency, paired by round.
 
     python3 scripts/protect_decode_cost.py [--model random:llama-3.2-1b] [--tokens 32] [--repeat 5] [--threads N]
-                                           [--server-us N] [--deferred-checks]
+                                           [--server-us 0,100] [--checks strict,deferred]
 """
 from __future__ import annotations
 
