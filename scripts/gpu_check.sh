@@ -61,7 +61,7 @@ bench --transport $TRANSPORTS --policy $POLICIES --chunks $CHUNKS --no-reference
 # 3. levers together: compiled steps, both sides polling the pipes, the runner leaving the server a core
 bench --transport $TRANSPORTS --policy $POLICIES --chunks 2 --no-references --compile --spin-us $SPIN \
   --threads $LEVER_THREADS --json "$OUT/bench_levers.json" 2>&1 | tee "$W/bench_levers.txt"
-summary "$OUT/bench.json" "$OUT/bench_compile.json" "$OUT/bench_levers.json" 2>&1 | tee "$OUT/summary.txt"
+summary "$OUT/bench.json" "$OUT/bench_compile.json" "$OUT/bench_levers.json" 2>&1 | tee "$W/summary.txt"
 
 # 4. decode: 128-token prompt, 64 new tokens, the server polling its pipes; in-process
 ep=ipc://$W/gpu.ipc              # mktemp -d: a 0700 directory of ours (the server refuses others)
@@ -122,5 +122,6 @@ if [ "$DIAG" = 1 ]; then
   cat "$W/diagnose.txt" >> "$OUT/check.txt"
 fi
 cat "$W/host.txt" >> "$OUT/check.txt"
-cat "$W/bench_protect.txt" "$W/bench.txt" "$W/bench_compile.txt" "$W/bench_levers.txt" > "$OUT/tables.txt" 2>/dev/null
+cat "$W/bench_protect.txt" "$W/bench.txt" "$W/bench_compile.txt" "$W/bench_levers.txt" "$W/summary.txt" \
+  > "$OUT/tables.txt" 2>/dev/null
 echo "done"
