@@ -14,12 +14,13 @@ import argparse
 import json
 import os
 import shlex
+import shutil
 import statistics
 import subprocess
 import sys
 import tempfile
 
-from tsqp.commands import launch
+from tsqp.commands.launch import private_ipc_endpoint, start_server, stop_servers, wait_ready
 
 
 def main() -> None:
@@ -30,17 +31,11 @@ def main() -> None:
     ap.add_argument("--prompt", type=int, default=64, help="prompt length in tokens")
     ap.add_argument("--new", type=int, default=32, help="new tokens per run")
     a = ap.parse_args()
-    work = tempfile.mkdtemp(prefix="tsqp-decode-ab-")          # 0700: the ipc endpoints' directory
-    kinds = {"plain": (), "otp": ("--protect", "otp")}
-    servers = {}
+    work = tempfile.mkdtemp(prefix="tsqp-decode-ab-")          # the runs' JSON
+    servers = {kind: start_server(private_ipc_endpoint(kind), a.model, extra=extra)
+               for kind, extra in (("plain", ()), ("otp", ("--protect", "otp")))}
     try:
-        for kind, extra in kinds.items():
-            endpoint = f"ipc://{work}/{kind}.ipc"
-            servers[kind] = subprocess.Popen([sys.executable, "-m", "tsqp.cli", "serve", "--model", a.model,
-                                              "--endpoint", endpoint, *extra], stdout=subprocess.PIPE,
-                                             stderr=subprocess.STDOUT)
-            servers[kind].endpoint = endpoint
-        launch.wait_ready(list(servers.values()), 120)
+        wait_ready(list(servers.values()), 120)
         ids = ",".join(str(5 + i % 200) for i in range(a.prompt))
         p50 = {flags: [] for flags in a.flag_sets}
         for r in range(a.rounds):
@@ -58,9 +53,9 @@ def main() -> None:
                     p50[flags].append(json.load(f)["stats"]["decode_ms_p50"])
             print(f"round {r + 1}: " + ", ".join(f"{v[-1]:.1f}" for v in p50.values()), flush=True)
     finally:
-        for server in servers.values():
-            server.terminate()
-            server.wait(30)
+        stop_servers(list(servers.values()))
+        for path in [work] + [os.path.dirname(s.endpoint.removeprefix("ipc://")) for s in servers.values()]:
+            shutil.rmtree(path, ignore_errors=True)
     base = p50[a.flag_sets[0]]
     print(f"\n{a.model}, {a.prompt}-token prompt, {a.new} new tokens, {a.rounds} alternating rounds, "
           f"decode p50 per token:")

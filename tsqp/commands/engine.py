@@ -69,12 +69,12 @@ class Offloads:
     def open(self, stats: Stats, tokens: int):
         """A session with room for `tokens` positions, wrapped in the protection when asked for."""
         args = self.args
+        if args.deferred_checks and not args.verify:
+            raise ValueError("--deferred-checks defers --verify's checks: add --verify (with --protect otp)")
         if getattr(args, "protect", None):
             return self._open_protected(stats, tokens)
         if args.verify:
             raise ValueError("--verify checks masked results: it needs --protect otp")
-        if args.deferred_checks:
-            raise ValueError("--deferred-checks defers --verify's checks: it needs --protect otp --verify")
         if args.length_bucket != 1:
             raise ValueError("--length-bucket pads masked requests: it needs --protect otp")
         if args.local:
@@ -133,8 +133,6 @@ class Offloads:
                 raise
         if self._quantized is None:
             self._quantized = QuantizedModel(cfg, weights)        # once for all sessions
-        if args.deferred_checks and not args.verify:
-            raise ValueError("--deferred-checks defers --verify's checks: add --verify")
         offload = ProtectedOffload(inner, cfg, self._quantized, verify=args.verify, pool_tokens=args.pad_pool, stats=stats,
                                    length_bucket=args.length_bucket, deferred_checks=args.deferred_checks)
         try:
