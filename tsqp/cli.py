@@ -101,11 +101,8 @@ def add_tokenizer_arg(p) -> None:
                                                      "(default: --model when it is a directory or a .gguf file)")
 
 
-def parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="tsqp", description="LLM inference split between a trusted CPU "
-                                 "runner and an untrusted GPU compute server.")
-    sub = ap.add_subparsers(dest="command", required=True)
-
+def add_serve_parser(sub) -> None:
+    """`tsqp serve`: the compute server (untrusted side)."""
     s = sub.add_parser("serve", help="run the compute server (untrusted side)")
     add_model_args(s)
     s.add_argument("--endpoint", default=None, help=f"bind here (env {ENV['endpoint']}; default {DEFAULT_ENDPOINT})")
@@ -139,6 +136,9 @@ def parser() -> argparse.ArgumentParser:
                    help="after a call that came through the pipes, poll for the next one this long before "
                         "sleeping (default 0)")
 
+
+def add_run_parser(sub) -> None:
+    """`tsqp run`: the trusted runner, one prefill or a generation, with statistics."""
     r = sub.add_parser("run", help="run the trusted runner: one prefill, or generation with --max-new-tokens "
                                    "or --prompt; with statistics")
     add_runner_args(r)
@@ -163,6 +163,9 @@ def parser() -> argparse.ArgumentParser:
     r.add_argument("--dump-logits", default=None, help="write the last position's logits (float32 .npy)")
     r.add_argument("--no-warmup", action="store_true", help="time the first prefill")
 
+
+def add_api_parser(sub) -> None:
+    """`tsqp api`: the OpenAI-compatible HTTP API in the trusted runner."""
     a = sub.add_parser("api", help="serve an OpenAI-compatible HTTP API (/v1/models, /v1/completions, "
                                    "/v1/chat/completions) from the trusted runner")
     add_runner_args(a)
@@ -187,6 +190,9 @@ def parser() -> argparse.ArgumentParser:
                    help="close a worker's session unused this many seconds, freeing the server's slot; the next "
                         "request opens a fresh one (default 300)")
 
+
+def add_diagnose_parser(sub) -> None:
+    """`tsqp diagnose`: the transports' round trips and the environment."""
     d = sub.add_parser("diagnose", help="measure ipc/tcp/shm round trips against its own echo servers; "
                                         "report the environment")
     d.add_argument("--endpoint", default=None, help=f"the endpoint to inspect (env {ENV['endpoint']}; "
@@ -195,6 +201,10 @@ def parser() -> argparse.ArgumentParser:
     d.add_argument("--sizes", nargs="+", default=None, help="payload sizes, e.g. 4K 1M 16M (default 4K..64M)")
     d.add_argument("--repeat", type=int, default=None, help="round trips per size, at most (default 30)")
     d.add_argument("--quick", action="store_true", help="a few sizes, few repeats (seconds)")
+
+
+def add_bench_parser(sub) -> None:
+    """`tsqp bench`: prefills (and decodes) over a matrix of configurations."""
     b = sub.add_parser("bench", help="time prefills over a matrix of transports, dtypes and policies, "
                                      "with the no-split references")
     b.add_argument("--model", default=None, help="default: random:llama-3.2-1b with CUDA, random:small without")
@@ -223,12 +233,25 @@ def parser() -> argparse.ArgumentParser:
     b.add_argument("--no-references", action="store_true", help="skip the device-only and CPU-only references")
     b.add_argument("--json", default=None, help="write settings, references and rows here")
     b.add_argument("--plot", default=None, help="write a stacked bar chart (PNG) here")
-    from .commands import audit as audit_command
-    audit_command.add_parser(sub)
+
+
+def add_keys_parser(sub) -> None:
+    """`tsqp keys`: CurveZMQ key pairs."""
     k = sub.add_parser("keys", help="generate CurveZMQ key pairs for tcp:// (owner-only files)")
     k.add_argument("--dir", default=None, help="where (env TSQP_KEYS_DIR; default ~/.config/tsqp/keys)")
     k.add_argument("--name", default=None, help="one pair NAME (a client's is allow-listed); default: server and client")
     k.add_argument("--force", action="store_true", help="replace existing key files")
+
+
+def parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="tsqp", description="LLM inference split between a trusted CPU "
+                                 "runner and an untrusted GPU compute server.")
+    sub = ap.add_subparsers(dest="command", required=True)
+    from .commands import audit as audit_command
+    for add in (add_serve_parser, add_run_parser, add_api_parser, add_diagnose_parser, add_bench_parser):
+        add(sub)
+    audit_command.add_parser(sub)
+    add_keys_parser(sub)
     return ap
 
 
@@ -267,6 +290,23 @@ def interrupt(signum, frame):
     raise KeyboardInterrupt      # SIGTERM unwinds like Ctrl-C: finally blocks close the session and arena
 
 
+COMMANDS = {   # command -> (module, function), imported only when run: `tsqp keys` needs no torch
+    "serve": ("commands.serve", "serve"),
+    "run": ("commands.run", "run"),
+    "api": ("commands.api.command", "serve_api"),
+    "bench": ("commands.bench", "run_bench"),
+    "diagnose": ("commands.diagnose", "diagnose"),
+    "audit": ("commands.audit", "main"),
+    "keys": ("commands.keys", "keys_command"),
+}
+
+
+def run_command(args) -> None:
+    import importlib
+    module, function = COMMANDS[args.command]
+    getattr(importlib.import_module(f".{module}", __package__), function)(args)
+
+
 def main(argv: list[str] | None = None) -> int:
     # Runner and server take turns on the same cores; spinning OpenMP workers of the waiting side would steal
     # them from the working side (measured: 12x slower prefills on a busy 2-core machine). Must precede torch.
@@ -277,27 +317,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         resolve(args)
         check_device(args)
-        if args.command == "serve":
-            from .commands.serve import serve
-            serve(args)
-        elif args.command == "run":
-            from .commands.run import run
-            run(args)
-        elif args.command == "api":
-            from .commands.api.command import serve_api
-            serve_api(args)
-        elif args.command == "bench":
-            from .commands.bench import run_bench
-            run_bench(args)
-        elif args.command == "diagnose":
-            from .commands.diagnose import diagnose
-            diagnose(args)
-        elif args.command == "audit":
-            from .commands.audit import main as audit_main
-            audit_main(args)
-        elif args.command == "keys":
-            from .commands.keys import keys_command
-            keys_command(args)
+        run_command(args)
         return 0
     except (ConfigError, ValueError, RuntimeError, OSError) as e:
         print(f"tsqp {args.command}: error: {e}", file=sys.stderr)
