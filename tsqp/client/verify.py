@@ -53,7 +53,8 @@ class Verdict:
 class Refused(Exception):
     def __init__(self, field: str, expected, found):
         super().__init__(field)
-        self.field, self.expected, self.found = field, str(expected), str(found)
+        # one line each, whatever a library's message holds (the CLI prints exactly one line)
+        self.field, self.expected, self.found = field, " ".join(str(expected).split()), " ".join(str(found).split())
 
 
 def _seconds(at: dt.datetime | int | float) -> int:
@@ -167,12 +168,14 @@ def verify(evidence_or_quote: fmt.Evidence | bytes, policy: Policy, collateral, 
         _run_checks(ev, raw, body, policy, collateral, _seconds(at), allow_simulated, expect_spki, expect_nonce,
                     state)
     except QuoteError as e:
-        return Verdict(False, e.field, "a TDX v4/v5, SGX v3 or simulated quote", str(e), **state)
+        r = Refused(e.field, "a TDX v4/v5, SGX v3 or simulated quote", e)
     except fmt.FormatError as e:
-        return Verdict(False, e.field, "evidence in the tsqp-evidence/1 format", str(e), **state)
-    except Refused as r:
-        return Verdict(False, r.field, r.expected, r.found, **state)
-    return Verdict(True, **state)
+        r = Refused(e.field, "evidence in the tsqp-evidence/1 format", e)
+    except Refused as e:
+        r = e
+    else:
+        return Verdict(True, **state)
+    return Verdict(False, r.field, r.expected, r.found, **state)
 
 
 def _run_checks(ev, raw, body, policy, collateral, now, allow_simulated, expect_spki, expect_nonce, state) -> None:

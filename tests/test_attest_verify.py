@@ -1,0 +1,246 @@
+"""The verifier on real Intel quotes (../shared/attestation, dcap-qvl as the chain's checker) and on simulated
+evidence built with tsqp.attestation.format: what it accepts, and the field it names when it refuses."""
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import json
+import os
+
+import dcap_qvl
+import pytest
+
+from attest_helpers import EVENTS, SHARED, SimulatedRunner, self_signed
+from tsqp.attestation import format as fmt
+from tsqp.attestation.quote import parse_quote
+from tsqp.client.policy import PolicyError, parse_policy
+from tsqp.client.verify import Refused, check_policy_on_body, verify
+
+IN_WINDOW = dt.datetime(2025, 7, 1, tzinfo=dt.timezone.utc)
+OUTDATED_WINDOW = dt.datetime(2026, 3, 1, tzinfo=dt.timezone.utc)
+TDX, SGX, OUTDATED = (SHARED / n for n in ("tdx_quote", "sgx_quote", "tdx_quote_outdated"))
+
+
+def collateral(quote_path) -> str:
+    return (quote_path.parent / f"{quote_path.name}_collateral.json").read_text()
+
+
+def oracle_report(quote_path, at=IN_WINDOW) -> dict:
+    """dcap-qvl's own verified report for the unmodified quote: the reference values a policy would pin."""
+    report = dcap_qvl.verify(quote_path.read_bytes(), dcap_qvl.QuoteCollateralV3.from_json(collateral(quote_path)),
+                             int(at.timestamp()))
+    (body,) = json.loads(report.to_json())["report"].values()
+    return body
+
+
+def tdx_policy(**overrides):
+    ref = oracle_report(TDX)
+    doc = {"tee": "tdx", "mrtd": ref["mr_td"], "rtmr0": ref["rt_mr0"], "rtmr1": ref["rt_mr1"], "rtmr2": ref["rt_mr2"]}
+    return parse_policy({**doc, **overrides})
+
+
+def sgx_policy(**overrides):
+    ref = oracle_report(SGX)
+    return parse_policy({"tee": "sgx", "mrenclave": ref["mr_enclave"], "mrsigner": ref["mr_signer"], **overrides})
+
+
+def test_the_tdx_quote_is_accepted_up_to_date_with_its_measurements():
+    verdict = verify(TDX.read_bytes(), tdx_policy(), collateral(TDX), IN_WINDOW)
+    ref = oracle_report(TDX)
+    assert verdict.accepted, verdict.line()
+    assert (verdict.tcb_status, verdict.advisories, verdict.simulated) == ("UpToDate", (), False)
+    assert [verdict.measurements[k] for k in ("mrtd", "rtmr0", "rtmr1", "rtmr2", "rtmr3")] == \
+        [ref[k] for k in ("mr_td", "rt_mr0", "rt_mr1", "rt_mr2", "rt_mr3")]
+
+
+def test_the_sgx_quote_reports_its_status_and_advisories_and_is_accepted_only_when_the_policy_allows_it():
+    refused = verify(SGX.read_bytes(), sgx_policy(), collateral(SGX), IN_WINDOW)
+    assert (refused.accepted, refused.field, refused.expected) == (False, "tcb_status", "UpToDate")
+    assert refused.found == "ConfigurationAndSWHardeningNeeded (advisories INTEL-SA-00289, INTEL-SA-00615)"
+    allowed = sgx_policy(allowed_tcb_statuses=["UpToDate", "ConfigurationAndSWHardeningNeeded"])
+    verdict = verify(SGX.read_bytes(), allowed, collateral(SGX), IN_WINDOW)
+    assert verdict.accepted, verdict.line()
+    assert (verdict.tcb_status, verdict.advisories) == ("ConfigurationAndSWHardeningNeeded",
+                                                        ("INTEL-SA-00289", "INTEL-SA-00615"))
+    ref = oracle_report(SGX)
+    assert (verdict.measurements["mrenclave"], verdict.measurements["mrsigner"]) == (ref["mr_enclave"], ref["mr_signer"])
+
+
+@pytest.mark.parametrize("at", [dt.datetime(2025, 6, 1, tzinfo=dt.timezone.utc),
+                                dt.datetime(2025, 8, 1, tzinfo=dt.timezone.utc)])
+def test_outside_the_collateral_window_the_quote_is_refused(at):
+    verdict = verify(TDX.read_bytes(), tdx_policy(), collateral(TDX), at)
+    assert (verdict.accepted, verdict.field) == (False, "collateral"), verdict.line()
+    assert at.isoformat() in verdict.expected
+
+
+def signed_offsets(raw: bytes, count: int = 40) -> list[int]:
+    """`count` offsets spread over what a signature covers: header, body, the quote's ECDSA signature and
+    attestation key, the QE report and its signature, the QE auth data and the PCK leaf and intermediate
+    certificates (the chain's copy of Intel's root is not read: dcap-qvl pins its own root)."""
+    regions = [(0, 48), (48, 632), (636, 700), (700, 764), (770, 1154), (1154, 1218), (1220, 1252)]
+    chain_start = 1258
+    chain_end = raw.index(b"-----BEGIN CERTIFICATE-----", raw.index(b"-----BEGIN CERTIFICATE-----", chain_start) + 1)
+    chain_end = raw.index(b"-----END CERTIFICATE-----", chain_end)
+    regions.append((chain_start, chain_end))
+    per = count // len(regions)
+    offsets = []
+    for start, end in regions:
+        for k in range(per):
+            o = start + (end - start) * k // per + (end - start) // (2 * per)
+            while raw[o:o + 1] in (b"\n", b"\r", b" "):   # PEM line breaks are not part of any certificate
+                o += 1
+            offsets.append(o)
+    return offsets
+
+
+FLIPS = [(o, k % 8) for k, o in enumerate(signed_offsets(TDX.read_bytes()))]
+
+
+@pytest.mark.parametrize("offset,bit", FLIPS, ids=[f"byte{o}-bit{b}" for o, b in FLIPS])
+def test_any_single_flipped_bit_is_refused(offset, bit):
+    raw = bytearray(TDX.read_bytes())
+    raw[offset] ^= 1 << bit
+    verdict = verify(bytes(raw), tdx_policy(), collateral(TDX), IN_WINDOW)
+    assert not verdict.accepted
+    assert verdict.field in ("quote.signature", "quote.header", "quote.body_type", "quote"), verdict.line()
+
+
+def test_a_policy_naming_another_mrtd_or_mrenclave_is_refused():
+    other = "00" * 47 + "01"
+    verdict = verify(TDX.read_bytes(), tdx_policy(mrtd=other), collateral(TDX), IN_WINDOW)
+    assert (verdict.field, verdict.expected, verdict.found) == ("mrtd", other, oracle_report(TDX)["mr_td"])
+    allowed = ["ConfigurationAndSWHardeningNeeded"]
+    verdict = verify(SGX.read_bytes(), sgx_policy(mrenclave="11" * 32, allowed_tcb_statuses=allowed),
+                     collateral(SGX), IN_WINDOW)
+    assert (verdict.accepted, verdict.field, verdict.expected) == (False, "mrenclave", "11" * 32)
+    verdict = verify(SGX.read_bytes(), sgx_policy(min_isv_svn=1, allowed_tcb_statuses=allowed), collateral(SGX),
+                     IN_WINDOW)
+    assert (verdict.field, verdict.expected, verdict.found) == ("isv_svn", ">= 1", "0")
+
+
+def test_a_tcb_status_the_policy_does_not_allow_is_refused():
+    verdict = verify(TDX.read_bytes(), tdx_policy(allowed_tcb_statuses=["SWHardeningNeeded"]), collateral(TDX),
+                     IN_WINDOW)
+    assert (verdict.accepted, verdict.field, verdict.found) == (False, "tcb_status", "UpToDate")
+
+
+def test_the_debug_attribute_is_refused_unless_the_policy_allows_it():
+    raw = bytearray(TDX.read_bytes())
+    raw[168] |= 1                        # TDATTRIBUTES.DEBUG
+    assert not verify(bytes(raw), tdx_policy(), collateral(TDX), IN_WINDOW).accepted   # the signature breaks
+    body = parse_quote(bytes(raw))
+    assert body.debug and not parse_quote(TDX.read_bytes()).debug
+    with pytest.raises(Refused) as e:
+        check_policy_on_body(body, tdx_policy())
+    assert e.value.field == "debug"
+    check_policy_on_body(body, tdx_policy(allow_debug=True))
+    sgx = bytearray(SGX.read_bytes())
+    sgx[96] |= 2                         # ATTRIBUTES.FLAGS.DEBUG
+    with pytest.raises(Refused, match="debug"):
+        check_policy_on_body(parse_quote(bytes(sgx)), sgx_policy())
+
+
+def test_the_outdated_quote_is_refused_no_matching_tcb_level():
+    policy = parse_policy({"tee": "tdx", "mrtd": parse_quote(OUTDATED.read_bytes()).mrtd.hex(),
+                           "allowed_tcb_statuses": ["UpToDate", "OutOfDate"]})
+    verdict = verify(OUTDATED.read_bytes(), policy, collateral(OUTDATED), OUTDATED_WINDOW)
+    assert (verdict.accepted, verdict.field) == (False, "tcb_status")
+    assert "No matching TCB level" in verdict.found
+
+
+def test_a_bare_quote_cannot_satisfy_a_policy_on_the_event_log():
+    verdict = verify(TDX.read_bytes(), tdx_policy(code_sha256="ab" * 32), collateral(TDX), IN_WINDOW)
+    assert (verdict.field, verdict.found) == ("event_log", "a bare quote")
+
+
+# --- simulated evidence ---------------------------------------------------------------------------------------
+
+SIM_POLICY = parse_policy({"tee": "simulated", "code_sha256": "ab" * 32, "tsqp_version": "0.1.0",
+                           "weights_fingerprint": "cd" * 16, "checkpoint_sha256": "ef" * 32,
+                           "settings": {"protect": "otp", "verify": True}})
+
+
+def test_simulated_evidence_is_refused_unless_allowed_and_then_accepted_labelled_simulated():
+    runner, nonce = SimulatedRunner(), os.urandom(32)
+    ev = runner.evidence(nonce)
+    refused = verify(ev, SIM_POLICY, None, IN_WINDOW, expect_nonce=nonce)
+    assert (refused.accepted, refused.field) == (False, "provider")
+    assert "SIMULATED" in refused.line()
+    verdict = verify(ev, SIM_POLICY, None, IN_WINDOW, allow_simulated=True, expect_nonce=nonce,
+                     expect_spki=fmt.spki_sha256(runner.cert))
+    assert verdict.accepted and verdict.simulated and verdict.bound, verdict.line()
+    assert verdict.line().startswith("accepted (SIMULATED")
+    assert verdict.claims[fmt.EVENT_SETTINGS]["protect"] == "otp"
+    assert verdict.measurements["rtmr3"] == fmt.replay(EVENTS).hex()
+
+
+def test_a_simulated_quote_passed_off_as_tdx_is_refused():
+    runner, nonce = SimulatedRunner(), os.urandom(32)
+    ev = dataclasses.replace(runner.evidence(nonce), provider="tdx")
+    assert verify(ev, SIM_POLICY, None, IN_WINDOW).field == "provider"
+    assert verify(ev, SIM_POLICY, None, IN_WINDOW, allow_simulated=True).field == "provider"
+
+
+def binding_attacks():
+    """(name, evidence, expect_spki, expect_nonce, field): each breaks one part of the binding."""
+    runner, nonce = SimulatedRunner(), os.urandom(32)
+    good_spki = fmt.spki_sha256(runner.cert)
+    mitm_cert, _ = self_signed()
+    tampered = [dict(e) for e in EVENTS[:2]] + [{"type": fmt.EVENT_SETTINGS, "data": {"protect": "otp",
+                                                                                         "verify": False}}]
+    return [
+        ("another key served", runner.evidence(nonce), fmt.spki_sha256(mitm_cert), nonce, "spki"),
+        ("old evidence replayed", runner.evidence(os.urandom(32)), good_spki, nonce, "nonce"),
+        ("quote binds another log", runner.evidence(nonce, events=tampered), good_spki, nonce, "report_data"),
+        ("quote binds another key", runner.evidence(nonce, spki=fmt.spki_sha256(mitm_cert)), good_spki, nonce,
+         "report_data"),
+        ("rtmr3 is not the log", runner.evidence(nonce, rtmr3=os.urandom(48)), good_spki, nonce, "rtmr3"),
+        ("no key to bind", dataclasses.replace(runner.evidence(nonce), certificate=None), None, nonce, "certificate"),
+    ]
+
+
+@pytest.mark.parametrize("name,ev,spki,nonce,field", binding_attacks(), ids=[a[0] for a in binding_attacks()])
+def test_simulated_evidence_whose_binding_does_not_match_is_refused_naming_the_field(name, ev, spki, nonce, field):
+    verdict = verify(ev, SIM_POLICY, None, IN_WINDOW, allow_simulated=True, expect_spki=spki, expect_nonce=nonce)
+    assert (verdict.accepted, verdict.field) == (False, field), verdict.line()
+
+
+def test_a_log_that_differs_from_the_policy_names_the_claim():
+    runner, nonce = SimulatedRunner(), os.urandom(32)
+    for key, value, field in (("code_sha256", "00" * 32, "code_sha256"), ("weights_fingerprint", "00" * 16,
+                              "weights_fingerprint"), ("settings", {"protect": "none"}, "settings.protect"),
+                              ("settings", {"policy": "linear"}, "settings.policy")):
+        policy = dataclasses.replace(SIM_POLICY, **{key: value})
+        verdict = verify(runner.evidence(nonce), policy, None, IN_WINDOW, allow_simulated=True)
+        assert (verdict.accepted, verdict.field) == (False, field), verdict.line()
+
+
+def test_a_flipped_bit_in_a_simulated_quote_breaks_its_signature():
+    runner, nonce = SimulatedRunner(), os.urandom(32)
+    ev = runner.evidence(nonce)
+    for offset in (4 + 3, 200, 530, 600, 640, 700):
+        raw = bytearray(ev.quote)
+        raw[offset] ^= 4
+        verdict = verify(dataclasses.replace(ev, quote=bytes(raw)), SIM_POLICY, None, IN_WINDOW, allow_simulated=True)
+        assert not verdict.accepted and verdict.field.startswith("quote"), verdict.line()
+
+
+# --- the policy file ------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("doc,field", [
+    ({"tee": "tdx", "mrtd": "00" * 48, "mrtdd": "x"}, "mrtdd"), ({"tee": "tdx"}, "tee"),
+    ({"tee": "sgx", "isv_svn": 1}, "isv_svn"), ({"tee": "tdx", "mrtd": "00" * 47}, "mrtd"),
+    ({"tee": "tdx", "mrtd": "zz" * 48}, "mrtd"), ({"tee": "tdx", "mrenclave": "00" * 32}, "mrenclave"),
+    ({"tee": "tdx", "mrtd": "00" * 48, "allowed_tcb_statuses": ["Fine"]}, "allowed_tcb_statuses"),
+    ({"tee": "tdx", "mrtd": "00" * 48, "allow_debug": "no"}, "allow_debug"), ({"tee": "tpm", "mrtd": "00"}, "mrtd"),
+    ({"format": "tsqp-policy/9", "tee": "tdx"}, "format"), ({"mrtd": "00" * 48}, "tee")])
+def test_a_bad_policy_is_refused_naming_the_key(doc, field):
+    with pytest.raises(PolicyError) as e:
+        parse_policy(doc)
+    assert e.value.field == field
+
+
+def test_a_policy_round_trips_through_its_json():
+    policy = tdx_policy(settings={"protect": "otp"}, code_sha256="AB" * 32)
+    assert parse_policy(policy.to_json()) == policy and policy.code_sha256 == "ab" * 32
