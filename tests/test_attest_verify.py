@@ -10,7 +10,9 @@ import os
 import dcap_qvl
 import pytest
 
-from attest_helpers import EVENTS, SHARED, SimulatedRunner, self_signed
+from attest_helpers import (EVENTS, SHARED, SimulatedRunner, attestation_handler, http_server, pccs_handler,
+                            self_signed)
+from conftest import run_cli, run_cli_many
 from tsqp.attestation import format as fmt
 from tsqp.attestation.quote import parse_quote
 from tsqp.client.policy import PolicyError, parse_policy
@@ -244,3 +246,157 @@ def test_a_bad_policy_is_refused_naming_the_key(doc, field):
 def test_a_policy_round_trips_through_its_json():
     policy = tdx_policy(settings={"protect": "otp"}, code_sha256="AB" * 32)
     assert parse_policy(policy.to_json()) == policy and policy.code_sha256 == "ab" * 32
+
+
+# --- through the CLI, as real processes -----------------------------------------------------------------------
+
+AT = ("--at", "2025-07-01T00:00:00Z")
+
+
+def write_policy(tmp_path, name, policy) -> str:
+    path = tmp_path / name
+    path.write_text(policy.to_json())
+    return str(path)
+
+
+def test_the_cli_accepts_and_refuses_the_real_quotes_with_one_line_reasons(tmp_path):
+    tdx = write_policy(tmp_path, "tdx.json", tdx_policy())
+    other = write_policy(tmp_path, "other.json", tdx_policy(mrtd="00" * 48))
+    sgx = write_policy(tmp_path, "sgx.json", sgx_policy())
+    sgx_ok = write_policy(tmp_path, "sgx_ok.json", sgx_policy(allowed_tcb_statuses=["ConfigurationAndSWHardeningNeeded"]))
+    flipped = tmp_path / "flipped_quote"
+    flipped.write_bytes(bytes(b ^ (1 if i == 600 else 0) for i, b in enumerate(TDX.read_bytes())))
+    outdated = write_policy(tmp_path, "outdated.json", parse_policy({"tee": "tdx", "mrtd": "00" * 48}))
+    tdx_args = ("--collateral", SHARED / "tdx_quote_collateral.json")
+    sgx_args = ("--collateral", SHARED / "sgx_quote_collateral.json")
+    runs = run_cli_many([
+        ("attest", "verify", TDX, *tdx_args, *AT, "--policy", tdx),
+        ("attest", "verify", TDX, *tdx_args, "--at", "2025-08-01T00:00:00Z", "--policy", tdx),
+        ("attest", "verify", TDX, *tdx_args, *AT, "--policy", other),
+        ("attest", "verify", flipped, *tdx_args, *AT, "--policy", tdx),
+        ("attest", "verify", SGX, *sgx_args, *AT, "--policy", sgx),
+        ("attest", "verify", SGX, *sgx_args, *AT, "--policy", sgx_ok),
+        ("attest", "verify", OUTDATED, "--collateral", SHARED / "tdx_quote_outdated_collateral.json",
+         "--at", "2026-03-01T00:00:00Z", "--policy", outdated),
+        ("attest", "verify", TDX, *tdx_args, *AT, "--policy", tdx, "--json"),
+    ])
+    ok, window, wrong_mrtd, flip, sgx_status, sgx_allowed, old, as_json = runs
+    ref = oracle_report(TDX)
+    assert ok.returncode == 0, ok.stderr
+    assert all(ref[k] in ok.stdout for k in ("mr_td", "rt_mr0", "rt_mr1", "rt_mr2")) and "UpToDate" in ok.stdout
+    expected_lines = {window: "refused: collateral: expected collateral valid at 2025-08-01T00:00:00+00:00, found "
+                              "Verification failed: TCBInfo expired",
+                      wrong_mrtd: f"refused: mrtd: expected {'00' * 48}, found {ref['mr_td']}",
+                      flip: "refused: quote.signature: expected a quote signed through Intel's DCAP chain, found "
+                            "Verification failed: ISV enclave report signature is invalid",
+                      sgx_status: "refused: tcb_status: expected UpToDate, found ConfigurationAndSWHardeningNeeded "
+                                  "(advisories INTEL-SA-00289, INTEL-SA-00615)",
+                      old: "refused: tcb_status: expected a TCB level the collateral knows, found Verification "
+                           "failed: No matching TCB level found"}
+    for run, line in expected_lines.items():
+        assert (run.returncode, run.stdout.splitlines()) == (1, [line]), run.stderr
+    assert sgx_allowed.returncode == 0 and oracle_report(SGX)["mr_enclave"] in sgx_allowed.stdout
+    assert "INTEL-SA-00615" in sgx_allowed.stdout
+    doc = json.loads(as_json.stdout)
+    assert (doc["accepted"], doc["tcb_status"], doc["measurements"]["mrtd"]) == (True, "UpToDate", ref["mr_td"])
+
+
+def test_the_cli_refuses_flags_that_cannot_apply(tmp_path):
+    runs = run_cli_many([
+        ("attest", "verify", TDX, "--collateral", SHARED / "tdx_quote_collateral.json", "--pccs", "http://x", *AT),
+        ("attest", "verify", TDX, "--collateral", SHARED / "tdx_quote_collateral.json", "--nonce", "00" * 32, *AT),
+        ("attest", "verify", TDX, "--at", "yesterday"),
+        ("attest", "verify", "http://127.0.0.1:1/"),
+    ])
+    for run, words in zip(runs, ("give one", "a raw quote carries no nonce", "not an ISO time", "https:// only")):
+        assert run.returncode == 2 and words in run.stderr, (run.stdout, run.stderr)
+
+
+def test_the_cli_on_saved_simulated_evidence_and_the_policy_it_implies(tmp_path):
+    runner, nonce = SimulatedRunner(), os.urandom(32)
+    evidence = tmp_path / "evidence.json"
+    evidence.write_text(runner.evidence(nonce).to_json())
+    implied = tmp_path / "implied.json"
+    refused, accepted, wrote = run_cli_many([
+        ("attest", "verify", evidence), ("attest", "verify", evidence, "--allow-simulated", "--nonce", nonce.hex()),
+        ("attest", "policy", evidence, "--allow-simulated", "-o", implied)])
+    assert (refused.returncode, refused.stdout.splitlines()) == (1, [
+        "refused (SIMULATED evidence: no hardware TEE): provider: expected a hardware TEE (tdx or sgx), found "
+        "simulated (allow it explicitly to test)"])
+    assert accepted.returncode == 0 and "SIMULATED" in accepted.stdout and "tsqp.settings" in accepted.stdout
+    assert wrote.returncode == 0, wrote.stderr
+    policy = parse_policy(implied.read_text())
+    assert (policy.tee, policy.code_sha256, policy.settings) == ("simulated", "ab" * 32, EVENTS[2]["data"])
+    other = SimulatedRunner(events=EVENTS[:2] + [{"type": fmt.EVENT_SETTINGS, "data": {**EVENTS[2]["data"],
+                                                                                          "verify": False}}])
+    evidence.write_text(other.evidence(nonce).to_json())
+    stale = run_cli("attest", "verify", evidence, "--allow-simulated", "--policy", implied, "--nonce", "11" * 32)
+    assert stale.stdout.splitlines() == [f"refused (SIMULATED evidence: no hardware TEE): nonce: expected {'11' * 32}, "
+                                         f"found {nonce.hex()}"]
+    changed = run_cli("attest", "verify", evidence, "--allow-simulated", "--policy", implied)
+    assert changed.stdout.splitlines() == ["refused (SIMULATED evidence: no hardware TEE): settings.verify: expected "
+                                           "True, found False"] and changed.returncode == 1
+
+
+# --- an https:// runner: the served key must be the bound key -----------------------------------------------
+
+def test_an_https_runner_is_verified_and_a_relaying_man_in_the_middle_or_a_replay_is_refused(tmp_path):
+    from tsqp.client.remote import fetch_evidence
+    runner = SimulatedRunner()
+    runner_tls = runner.write_tls_files(tmp_path)
+    mitm = SimulatedRunner()            # its own TLS key; it forwards the runner's evidence unchanged
+    (tmp_path / "mitm").mkdir()
+    mitm_tls = mitm.write_tls_files(tmp_path / "mitm")
+    old = runner.evidence(os.urandom(32))
+    with http_server(attestation_handler(runner.evidence), runner_tls) as (url, served), \
+            http_server(attestation_handler(lambda nonce: fetch_evidence(url, nonce)[0]), mitm_tls) as (relay, _), \
+            http_server(attestation_handler(lambda nonce: old), runner_tls) as (replay, _):
+        nonce = os.urandom(32)
+        ev, served_spki = fetch_evidence(url, nonce)
+        assert served_spki == fmt.spki_sha256(runner.cert) and served[-1] == f"/v1/attestation?nonce={nonce.hex()}"
+        assert verify(ev, SIM_POLICY, None, IN_WINDOW, allow_simulated=True, expect_spki=served_spki,
+                      expect_nonce=nonce).accepted
+        direct, relayed, replayed, refused = run_cli_many([
+            ("attest", "verify", url, "--allow-simulated", "--policy", write_policy(tmp_path, "p.json", SIM_POLICY)),
+            ("attest", "verify", relay, "--allow-simulated"), ("attest", "verify", replay, "--allow-simulated"),
+            ("attest", "verify", url)])
+    assert direct.returncode == 0 and "SIMULATED" in direct.stdout, direct.stdout + direct.stderr
+    assert relayed.returncode == 1 and relayed.stdout.startswith("refused (SIMULATED evidence: no hardware TEE): spki:")
+    assert replayed.returncode == 1 and ": nonce: expected" in replayed.stdout
+    assert refused.returncode == 1 and ": provider:" in refused.stdout
+
+
+# --- collateral from a PCCS, cached -----------------------------------------------------------------------------
+
+def test_collateral_fetched_from_a_pccs_verifies_and_is_reused_from_the_owner_only_cache_while_valid(tmp_path):
+    from tsqp.client.collateral import cached_collateral, next_update
+    quote = TDX.read_bytes()
+    with http_server(pccs_handler(collateral(TDX))) as (pccs, served):
+        text, cached = cached_collateral(quote, pccs, IN_WINDOW, tmp_path / "cache")
+        assert not cached and len(served) == 4
+        report = dcap_qvl.verify(quote, dcap_qvl.QuoteCollateralV3.from_json(text), int(IN_WINDOW.timestamp()))
+        assert report.status == "UpToDate"
+        again, cached = cached_collateral(quote, pccs, IN_WINDOW, tmp_path / "cache")
+        assert (again, cached, len(served)) == (text, True, 4)
+        later = next_update(text) + dt.timedelta(seconds=1)
+        _, cached = cached_collateral(quote, pccs, later, tmp_path / "cache")
+        assert not cached and len(served) == 8
+        (entry,) = (tmp_path / "cache").iterdir()
+        assert (tmp_path / "cache").stat().st_mode & 0o777 == 0o700 and entry.stat().st_mode & 0o777 == 0o600
+        run = run_cli("attest", "verify", TDX, "--pccs", pccs, *AT, "--policy",
+                      write_policy(tmp_path, "tdx.json", tdx_policy()), env={"HOME": str(tmp_path / "home")})
+    assert run.returncode == 0 and "UpToDate" in run.stdout, run.stdout + run.stderr
+    assert len(list((tmp_path / "home" / ".cache" / "tsqp" / "collateral").iterdir())) == 1
+    assert next_update(text) == dt.datetime(2025, 7, 19, 10, 0, 35, tzinfo=dt.timezone.utc)   # the root CA CRL's
+
+
+# --- the trust boundary ------------------------------------------------------------------------------------------
+
+def test_the_format_is_pure_and_the_client_never_imports_the_runner():
+    from test_layout import modules_under, offending
+    assert offending(modules_under("attestation"), ("tsqp.trusted", "tsqp.untrusted", "tsqp.wire", "tsqp.commands",
+                                                    "tsqp.client", "torch", "httpx", "os", "pathlib", "socket",
+                                                    "dcap_qvl")) == {}
+    assert offending(modules_under("client"), ("tsqp.trusted", "tsqp.untrusted", "tsqp.wire", "tsqp.commands",
+                                               "torch", "zmq")) == {}
+    assert offending(modules_under("trusted"), ("tsqp.client",)) == {}
