@@ -307,8 +307,10 @@ def test_the_cli_refuses_flags_that_cannot_apply(tmp_path):
         ("attest", "verify", TDX, "--collateral", SHARED / "tdx_quote_collateral.json", "--nonce", "00" * 32, *AT),
         ("attest", "verify", TDX, "--at", "yesterday"),
         ("attest", "verify", "http://127.0.0.1:1/"),
+        ("attest", "verify", TDX, "--collateral", SHARED / "tdx_quote_collateral.json", "--timeout", "3", *AT),
     ])
-    for run, words in zip(runs, ("give one", "a raw quote carries no nonce", "not an ISO time", "https:// only")):
+    for run, words in zip(runs, ("give one", "a raw quote carries no nonce", "not an ISO time", "https:// only",
+                                 "nothing here goes over the network")):
         assert run.returncode == 2 and words in run.stderr, (run.stdout, run.stderr)
 
 

@@ -17,6 +17,7 @@ import sys
 from pathlib import Path
 
 MAX_TARGET_BYTES = 1 << 20
+DEFAULT_TIMEOUT = 10.0
 
 
 def add_target_args(p) -> None:
@@ -29,7 +30,7 @@ def add_target_args(p) -> None:
                    help="accept simulated evidence (no hardware TEE: for development only)")
     p.add_argument("--nonce", default=None, help="64 hex digits: the nonce the evidence must answer (default for "
                                                  "an https:// runner: 32 fresh random bytes)")
-    p.add_argument("--timeout", type=float, default=10.0, help="seconds for each network request (default 10)")
+    p.add_argument("--timeout", type=float, default=None, help="seconds for each network request (default 10)")
 
 
 def add_verify_parser(verbs) -> None:
@@ -91,9 +92,11 @@ def load_target(args):
     from ..attestation import format as fmt
     from ..client import remote
     nonce = parse_nonce(args.nonce)
+    if args.timeout is not None and not args.target.startswith("https://") and args.collateral:
+        raise ValueError("--timeout: nothing here goes over the network (a file target and --collateral)")
     if args.target.startswith("https://"):
         nonce = nonce or remote.fresh_nonce()
-        evidence, served_spki = remote.fetch_evidence(args.target, nonce, args.timeout)
+        evidence, served_spki = remote.fetch_evidence(args.target, nonce, args.timeout or DEFAULT_TIMEOUT)
         return evidence, served_spki, nonce
     if "://" in args.target:
         raise ValueError(f"{args.target}: a runner is reached over https:// only")
@@ -119,7 +122,11 @@ def load_collateral(args, quote: bytes, at: dt.datetime) -> str | None:
         return None
     if args.collateral:
         return collateral.load_collateral_file(args.collateral)
-    text, _ = collateral.cached_collateral(quote, args.pccs or collateral.INTEL_PCS_URL, at)
+    timeout = args.timeout or DEFAULT_TIMEOUT
+
+    def fetch(quote: bytes, base_url: str) -> str:
+        return collateral.fetch_collateral(quote, base_url, timeout)
+    text, _ = collateral.cached_collateral(quote, args.pccs or collateral.INTEL_PCS_URL, at, fetch=fetch)
     return text
 
 
