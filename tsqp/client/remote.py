@@ -41,14 +41,14 @@ def fetch_evidence(target: str, nonce: bytes, timeout: float = 10.0) -> tuple[fm
     with httpx.Client(verify=_unverified_tls(), timeout=timeout, follow_redirects=False) as client:
         with client.stream("GET", url, params={"nonce": nonce.hex()}) as response:
             ssl_object = response.extensions["network_stream"].get_extra_info("ssl_object")
-            served = ssl_object.getpeercert(True)   # positional: the sync stream gives the bare _ssl socket
-            if served is None:
-                raise ValueError(f"{url}: the server presented no certificate")
+            served = ssl_object.getpeercert(True)   # positional: httpcore hands the _ssl object, which takes no keyword
             body = b""
             for chunk in response.iter_bytes():
                 body += chunk
                 if len(body) > fmt.MAX_EVIDENCE_BYTES:
                     raise ValueError(f"{url}: evidence over {fmt.MAX_EVIDENCE_BYTES} bytes")
+    if served is None:
+        raise ValueError(f"{url}: the server presented no certificate")
     if response.status_code != 200:
         raise ValueError(f"{url}: HTTP {response.status_code}: {body[:200]!r}")
     return fmt.parse_evidence(body), fmt.spki_sha256(served)

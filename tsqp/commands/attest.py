@@ -221,7 +221,7 @@ def implied_policy(verdict, target):
     code, model = claims.get(fmt.EVENT_CODE, {}), claims.get(fmt.EVENT_MODEL, {})
     for key, source in (("code_sha256", code), ("tsqp_version", code), ("weights_fingerprint", model),
                         ("checkpoint_sha256", model), ("server_fingerprint", claims.get(fmt.EVENT_COMPUTE, {}))):
-        if key in source:
+        if source.get(key) is not None:    # a value the runner did not know is not pinned
             values[key] = source[key]
     if claims.get(fmt.EVENT_SETTINGS):
         values["settings"] = claims[fmt.EVENT_SETTINGS]
