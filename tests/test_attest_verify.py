@@ -184,6 +184,12 @@ def test_a_simulated_quote_passed_off_as_tdx_is_refused():
     assert verify(ev, SIM_POLICY, None, IN_WINDOW, allow_simulated=True).field == "provider"
 
 
+def test_sev_snp_evidence_is_refused_as_a_provider_this_client_does_not_verify():
+    ev = dataclasses.replace(SimulatedRunner().evidence(os.urandom(32)), provider="sev-snp")
+    verdict = verify(ev, SIM_POLICY, None, IN_WINDOW, allow_simulated=True)
+    assert (verdict.field, verdict.found) == ("provider", "sev-snp (not verified by this client)")
+
+
 def binding_attacks():
     """(name, evidence, expect_spki, expect_nonce, field): each breaks one part of the binding."""
     runner, nonce = SimulatedRunner(), os.urandom(32)
@@ -299,6 +305,22 @@ def test_the_cli_accepts_and_refuses_the_real_quotes_with_one_line_reasons(tmp_p
     assert "INTEL-SA-00615" in sgx_allowed.stdout
     doc = json.loads(as_json.stdout)
     assert (doc["accepted"], doc["tcb_status"], doc["measurements"]["mrtd"]) == (True, "UpToDate", ref["mr_td"])
+
+
+def test_attest_policy_on_the_real_quotes_writes_what_then_accepts_them(tmp_path):
+    quotes = ((TDX, "tdx_quote_collateral.json"), (SGX, "sgx_quote_collateral.json"))
+    written = run_cli_many([("attest", "policy", q, "--collateral", SHARED / c, *AT, "-o", tmp_path / f"{q.name}.json")
+                            for q, c in quotes])
+    assert [w.returncode for w in written] == [0, 0], [w.stderr for w in written]
+    assert "ConfigurationAndSWHardeningNeeded" in written[1].stderr     # the note for the operator
+    tdx, sgx = (parse_policy((tmp_path / f"{q.name}.json").read_text()) for q, _ in quotes)
+    ref = oracle_report(TDX)
+    assert (tdx.mrtd, tdx.rtmr2, tdx.allowed_tcb_statuses, tdx.allow_debug) == (ref["mr_td"], ref["rt_mr2"],
+                                                                              ("UpToDate",), False)
+    assert (sgx.mrenclave, sgx.allowed_tcb_statuses) == (oracle_report(SGX)["mr_enclave"],
+                                                         ("UpToDate", "ConfigurationAndSWHardeningNeeded"))
+    for (q, c), policy in zip(quotes, (tdx, sgx)):
+        assert verify(q.read_bytes(), policy, collateral(q), IN_WINDOW).accepted
 
 
 def test_the_cli_refuses_flags_that_cannot_apply(tmp_path):

@@ -21,6 +21,7 @@ from tsqp.attestation.quote import QuoteBody, QuoteError, check_simulated_quote,
 from tsqp.client.policy import Policy
 
 SIMULATED_STATUS = "Simulated"
+VERIFIED_PROVIDERS = ("tdx", "sgx", "simulated")   # an SEV-SNP report needs AMD's chain, which dcap-qvl is not
 
 
 @dataclass(frozen=True)
@@ -162,6 +163,8 @@ def verify(evidence_or_quote: fmt.Evidence | bytes, policy: Policy, collateral, 
     raw = ev.quote if ev is not None else bytes(evidence_or_quote)
     state: dict = {}
     try:
+        if ev is not None and ev.provider not in VERIFIED_PROVIDERS:
+            raise Refused("provider", " or ".join(VERIFIED_PROVIDERS), f"{ev.provider} (not verified by this client)")
         body = parse_quote(raw)
         simulated = body.tee == "simulated" or (ev is not None and ev.provider == "simulated")
         state = {"simulated": simulated, "measurements": body.measurements()}
