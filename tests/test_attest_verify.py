@@ -6,6 +6,7 @@ import dataclasses
 import datetime as dt
 import json
 import os
+import socket
 
 import dcap_qvl
 import pytest
@@ -323,16 +324,21 @@ def test_attest_policy_on_the_real_quotes_writes_what_then_accepts_them(tmp_path
         assert verify(q.read_bytes(), policy, collateral(q), IN_WINDOW).accepted
 
 
-def test_the_cli_refuses_flags_that_cannot_apply(tmp_path):
+def test_the_cli_refuses_flags_that_cannot_apply_and_names_a_peer_it_cannot_reach(tmp_path):
+    with socket.socket() as s:      # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        closed = s.getsockname()[1]
     runs = run_cli_many([
         ("attest", "verify", TDX, "--collateral", SHARED / "tdx_quote_collateral.json", "--pccs", "http://x", *AT),
         ("attest", "verify", TDX, "--collateral", SHARED / "tdx_quote_collateral.json", "--nonce", "00" * 32, *AT),
         ("attest", "verify", TDX, "--at", "yesterday"),
         ("attest", "verify", "http://127.0.0.1:1/"),
         ("attest", "verify", TDX, "--collateral", SHARED / "tdx_quote_collateral.json", "--timeout", "3", *AT),
-    ])
+        ("attest", "verify", f"https://127.0.0.1:{closed}", "--timeout", "5"),
+        ("attest", "verify", TDX, "--pccs", f"http://127.0.0.1:{closed}", "--timeout", "5", *AT),
+    ], env={"HOME": str(tmp_path)})
     for run, words in zip(runs, ("give one", "a raw quote carries no nonce", "not an ISO time", "https:// only",
-                                 "nothing here goes over the network")):
+                                 "nothing here goes over the network", "ConnectError", "ConnectError")):
         assert run.returncode == 2 and words in run.stderr, (run.stdout, run.stderr)
 
 

@@ -101,6 +101,13 @@ def _signed(response: httpx.Response, key: str) -> tuple[str, bytes]:
 
 def _get(client: httpx.Client, url: str) -> httpx.Response:
     """One GET, its body read up to a cap (a PCCS is a server like any other)."""
+    try:
+        return _read_capped(client, url)
+    except httpx.HTTPError as e:
+        raise CollateralError(f"{url}: {type(e).__name__}: {e}") from None
+
+
+def _read_capped(client: httpx.Client, url: str) -> httpx.Response:
     with client.stream("GET", url) as response:
         if response.status_code != 200:
             raise CollateralError(f"{url}: HTTP {response.status_code}")

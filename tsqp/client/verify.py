@@ -168,8 +168,8 @@ def verify(evidence_or_quote: fmt.Evidence | bytes, policy: Policy, collateral, 
         body = parse_quote(raw)
         simulated = body.tee == "simulated" or (ev is not None and ev.provider == "simulated")
         state = {"simulated": simulated, "measurements": body.measurements()}
-        _run_checks(ev, raw, body, policy, collateral, _seconds(at), allow_simulated, expect_spki, expect_nonce,
-                    state)
+        _run_checks(ev, raw, body, policy, state, collateral=collateral, now=_seconds(at),
+                    allow_simulated=allow_simulated, expect_spki=expect_spki, expect_nonce=expect_nonce)
     except QuoteError as e:
         r = Refused(e.field, "a TDX v4/v5, SGX v3 or simulated quote", e)
     except fmt.FormatError as e:
@@ -181,7 +181,8 @@ def verify(evidence_or_quote: fmt.Evidence | bytes, policy: Policy, collateral, 
     return Verdict(False, r.field, r.expected, r.found, **state)
 
 
-def _run_checks(ev, raw, body, policy, collateral, now, allow_simulated, expect_spki, expect_nonce, state) -> None:
+def _run_checks(ev: fmt.Evidence | None, raw: bytes, body: QuoteBody, policy: Policy, state: dict, *, collateral,
+                now: int, allow_simulated: bool, expect_spki: bytes | None, expect_nonce: bytes | None) -> None:
     """Each check in order; raises Refused at the first failure, fills `state` for the verdict as it goes."""
     if state["simulated"]:
         if not allow_simulated:
