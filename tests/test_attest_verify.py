@@ -413,6 +413,9 @@ def test_collateral_fetched_from_a_pccs_verifies_and_is_reused_from_the_owner_on
         assert not cached and len(served) == 8
         (entry,) = (tmp_path / "cache").iterdir()
         assert (tmp_path / "cache").stat().st_mode & 0o777 == 0o700 and entry.stat().st_mode & 0o777 == 0o600
+        entry.write_text("{not json")                  # a damaged entry is fetched again and replaced
+        again, cached = cached_collateral(quote, pccs, IN_WINDOW, tmp_path / "cache")
+        assert (again, cached, len(served)) == (text, False, 12) and entry.read_text() == text
         run = run_cli("attest", "verify", TDX, "--pccs", pccs, *AT, "--policy",
                       write_policy(tmp_path, "tdx.json", tdx_policy()), env={"HOME": str(tmp_path / "home")})
     assert run.returncode == 0 and "UpToDate" in run.stdout, run.stdout + run.stderr
