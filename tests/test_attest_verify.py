@@ -69,8 +69,9 @@ def test_the_sgx_quote_reports_its_status_and_advisories_and_is_accepted_only_wh
     assert (verdict.measurements["mrenclave"], verdict.measurements["mrsigner"]) == (ref["mr_enclave"], ref["mr_signer"])
 
 
-@pytest.mark.parametrize("at", [dt.datetime(2025, 6, 1, tzinfo=dt.timezone.utc),
-                                dt.datetime(2025, 8, 1, tzinfo=dt.timezone.utc)])
+@pytest.mark.parametrize("at", [dt.datetime(2025, 6, 1, tzinfo=dt.timezone.utc),   # TCB info not yet issued
+                                dt.datetime(2025, 8, 1, tzinfo=dt.timezone.utc),   # TCB info expired
+                                dt.datetime(2026, 12, 7, tzinfo=dt.timezone.utc)])  # a CRL expired
 def test_outside_the_collateral_window_the_quote_is_refused(at):
     verdict = verify(TDX.read_bytes(), tdx_policy(), collateral(TDX), at)
     assert (verdict.accepted, verdict.field) == (False, "collateral"), verdict.line()

@@ -85,7 +85,7 @@ def _dcap(raw: bytes, body: QuoteBody, collateral, now: int) -> tuple[str, tuple
     except ValueError as e:
         message = str(e)
         when = dt.datetime.fromtimestamp(now, dt.timezone.utc).isoformat()
-        if any(s in message for s in ("expired", "in the future", "not yet valid", "not valid")):
+        if any(s in message.lower() for s in ("expired", "in the future", "not yet valid")):   # TCBInfo, CRLs, certs
             raise Refused("collateral", f"collateral valid at {when}", message) from None
         if "No matching TCB level" in message:
             raise Refused("tcb_status", "a TCB level the collateral knows", message) from None
