@@ -421,7 +421,7 @@ def test_collateral_fetched_from_a_pccs_verifies_and_is_reused_from_the_owner_on
                       write_policy(tmp_path, "tdx.json", tdx_policy()), env={"HOME": str(tmp_path / "home")})
     assert run.returncode == 0 and "UpToDate" in run.stdout, run.stdout + run.stderr
     assert len(list((tmp_path / "home" / ".cache" / "tsqp" / "collateral").iterdir())) == 1
-    assert next_update(text) == dt.datetime(2025, 7, 19, 10, 0, 35, tzinfo=dt.timezone.utc)   # the root CA CRL's
+    assert next_update(text) == dt.datetime(2025, 7, 19, 10, 0, 35, tzinfo=dt.timezone.utc)   # the PCK CRL's, the earliest
 
 
 # --- the trust boundary ------------------------------------------------------------------------------------------
