@@ -248,12 +248,19 @@ def add_keys_parser(sub) -> None:
     k.add_argument("--force", action="store_true", help="replace existing key files")
 
 
+def add_attest_parser(sub) -> None:
+    """`tsqp attest`: verify a runner's attestation; its verbs are built in commands/attest.py."""
+    from .commands import attest
+    attest.add_parser(sub)
+
+
 def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="tsqp", description="LLM inference split between a trusted CPU "
                                  "runner and an untrusted GPU compute server.")
     sub = ap.add_subparsers(dest="command", required=True)
     from .commands import audit as audit_command
-    for add in (add_serve_parser, add_run_parser, add_api_parser, add_diagnose_parser, add_bench_parser):
+    for add in (add_serve_parser, add_run_parser, add_api_parser, add_diagnose_parser, add_bench_parser,
+                add_attest_parser):
         add(sub)
     audit_command.add_parser(sub)
     add_keys_parser(sub)
@@ -303,6 +310,7 @@ COMMANDS = {   # command -> (module, function), imported only when run: `tsqp ke
     "diagnose": ("commands.diagnose", "diagnose"),
     "audit": ("commands.audit", "main"),
     "keys": ("commands.keys", "keys_command"),
+    "attest": ("commands.attest", "main"),
 }
 
 

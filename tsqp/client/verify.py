@@ -192,7 +192,9 @@ def _run_checks(ev, raw, body, policy, collateral, now, allow_simulated, expect_
     if policy.tee != body.tee:
         raise Refused("tee", policy.tee, body.tee)
     if not state["simulated"] and state["tcb_status"] not in policy.allowed_tcb_statuses:
-        raise Refused("tcb_status", " or ".join(policy.allowed_tcb_statuses), state["tcb_status"])
+        advisories = state.get("advisories")
+        raise Refused("tcb_status", " or ".join(policy.allowed_tcb_statuses), state["tcb_status"] +
+                      (f" (advisories {', '.join(advisories)})" if advisories else ""))
     check_policy_on_body(body, policy)
     if ev is None:
         if expect_spki is not None or expect_nonce is not None or _wants_claims(policy):
