@@ -41,7 +41,7 @@ def fetch_evidence(target: str, nonce: bytes, timeout: float = 10.0) -> tuple[fm
     with httpx.Client(verify=_unverified_tls(), timeout=timeout, follow_redirects=False) as client:
         with client.stream("GET", url, params={"nonce": nonce.hex()}) as response:
             ssl_object = response.extensions["network_stream"].get_extra_info("ssl_object")
-            served = ssl_object.getpeercert(binary_form=True)
+            served = ssl_object.getpeercert(True)   # positional: httpcore hands the _ssl object, which takes no keyword
             body = b""
             for chunk in response.iter_bytes():
                 body += chunk

@@ -33,8 +33,8 @@ class Attestor:
         self.log_digest = F.replay(self.events)
         claims = F.log_claims(self.events)
         model, settings = claims[F.EVENT_MODEL], claims[F.EVENT_SETTINGS]
-        self.identity = {"weights_fingerprint": model["weights_fingerprint"],
-                         "checkpoint_sha256": model["checkpoint_sha256"], "settings": settings,
+        self.identity = {"weights_fingerprint": model.get("weights_fingerprint"),
+                         "checkpoint_sha256": model.get("checkpoint_sha256"), "settings": settings,
                          "log_digest": self.log_digest.hex()}
 
     @property

@@ -10,8 +10,9 @@ code_sha256 is reproducible with coreutils from the directory holding the packag
     find tsqp -name '*.py' | LC_ALL=C sort | xargs sha256sum | sha256sum
 (sha256sum's lines "<hex>  <path>\\n" in byte order of the paths). checkpoint_sha256 is the SHA-256 of a
 .gguf file, or the same sha256sum-of-sha256sum over a model directory's files; null for a random preset.
-weights_fingerprint is the quantized weights' fingerprint that --protect checks every result against (null
-without --protect: then the runner holds no weights and the server's are not checked).
+weights_fingerprint is the quantized weights' fingerprint that --protect checks every result against (absent
+without --protect: then the runner holds no weights and the server's are not checked); an unknown value is
+left out rather than logged as null.
 """
 from __future__ import annotations
 
@@ -69,14 +70,20 @@ def settings_of(args, attest: str) -> dict:
             "length_bucket": int(args.length_bucket), "attest": attest}
 
 
+def known(**values) -> dict:
+    """An event's data without what is unknown (no fingerprint without --protect): a policy pinning it finds
+    it absent."""
+    return {k: v for k, v in values.items() if v is not None}
+
+
 def event_log(*, model: str, checkpoint: str | None, weights_fingerprint: str | None, settings: dict,
               server_fingerprint: str | None, server_model: str | None, answer_key_hex: str) -> list[dict]:
     events = [
         {"type": F.EVENT_CODE, "data": {"tsqp_version": tsqp_version(), "code_sha256": code_sha256()}},
-        {"type": F.EVENT_MODEL, "data": {"checkpoint_sha256": checkpoint, "weights_fingerprint": weights_fingerprint,
-                                         "model": model}},
+        {"type": F.EVENT_MODEL, "data": known(checkpoint_sha256=checkpoint, weights_fingerprint=weights_fingerprint,
+                                              model=model)},
         {"type": F.EVENT_SETTINGS, "data": settings},
-        {"type": F.EVENT_COMPUTE, "data": {"server_fingerprint": server_fingerprint, "server_model": server_model}},
+        {"type": F.EVENT_COMPUTE, "data": known(server_fingerprint=server_fingerprint, server_model=server_model)},
         {"type": EVENT_ANSWER_KEY, "data": {"ed25519": answer_key_hex}},
     ]
     return F.check_event_log(events)
