@@ -21,6 +21,7 @@ from __future__ import annotations
 import hashlib
 import os
 import secrets
+from dataclasses import dataclass
 from pathlib import Path
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
@@ -177,18 +178,26 @@ def check_report_data(report_data: bytes) -> None:
         raise ValueError(f"REPORTDATA is 64 bytes, got {len(report_data) if isinstance(report_data, bytes) else report_data!r}")
 
 
-def detect(reports: Path = TSM_REPORTS, gramine: Path = GRAMINE_ATTESTATION,
-           measurements: Path = TDX_MEASUREMENTS) -> Provider | None:
+@dataclass(frozen=True)
+class Roots:
+    """Where the hardware's interfaces live (tests point these at a tree of their own); entry: a configfs-tsm
+    report entry made beforehand, else a fresh one of ours."""
+    reports: Path = TSM_REPORTS
+    gramine: Path = GRAMINE_ATTESTATION
+    measurements: Path = TDX_MEASUREMENTS
+    entry: str | None = None
+
+
+def detect(roots: Roots = Roots()) -> Provider | None:
     """What this machine offers (for --attest auto), or None: configfs-tsm first, then Gramine."""
-    if reports.is_dir():
-        return ConfigfsTsm(reports, measurements)
-    if (gramine / "quote").exists():
-        return Gramine(gramine)
+    if roots.reports.is_dir():
+        return ConfigfsTsm(roots.reports, roots.measurements, roots.entry)
+    if (roots.gramine / "quote").exists():
+        return Gramine(roots.gramine)
     return None
 
 
-def open_provider(choice: str, reports: Path = TSM_REPORTS, gramine: Path = GRAMINE_ATTESTATION,
-                  measurements: Path = TDX_MEASUREMENTS) -> Provider | None:
+def open_provider(choice: str, roots: Roots = Roots()) -> Provider | None:
     """--attest CHOICE -> a provider, or None for off (and for auto where the machine offers none). A TEE
     asked for by name but absent is an error naming what was looked for."""
     if choice not in CHOICES:
@@ -198,17 +207,17 @@ def open_provider(choice: str, reports: Path = TSM_REPORTS, gramine: Path = GRAM
     if choice == "simulated":
         return Simulated()
     if choice == "auto":
-        return detect(reports, gramine, measurements)
+        return detect(roots)
     if choice in ("tdx", "sev-snp"):
-        if not reports.is_dir():
-            raise AttestationError(f"--attest {choice}: {reports} is missing (a {choice} guest with Linux >= 6.7 "
-                                   f"and configfs mounted offers it)")
-        provider = ConfigfsTsm(reports, measurements)
+        if not roots.reports.is_dir():
+            raise AttestationError(f"--attest {choice}: {roots.reports} is missing (a {choice} guest with Linux >= "
+                                   f"6.7 and configfs mounted offers it)")
+        provider = ConfigfsTsm(roots.reports, roots.measurements, roots.entry)
         if provider.name != choice:
             provider.close()
             raise AttestationError(f"--attest {choice}: this machine's configfs-tsm provider is {provider.name}")
         return provider
-    if not (gramine / "quote").exists():
-        raise AttestationError(f"--attest sgx: {gramine / 'quote'} is missing (run inside Gramine with "
+    if not (roots.gramine / "quote").exists():
+        raise AttestationError(f"--attest sgx: {roots.gramine / 'quote'} is missing (run inside Gramine with "
                                f'sgx.remote_attestation = "dcap")')
-    return Gramine(gramine)
+    return Gramine(roots.gramine)
