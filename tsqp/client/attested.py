@@ -158,8 +158,9 @@ class AttestingStream(httpcore.NetworkStream):
 
 
 class AttestingBackend(httpcore.NetworkBackend):
-    def __init__(self, attestation: Attestation):
-        self.attestation, self.inner = attestation, httpcore.SyncBackend()
+    def __init__(self, attestation: Attestation, inner: httpcore.NetworkBackend | None = None):
+        """inner: the network under the attestation (default: plain sockets; a test's recorder, a SOCKS one)."""
+        self.attestation, self.inner = attestation, inner or httpcore.SyncBackend()
 
     def connect_tcp(self, host, port, timeout=None, local_address=None, socket_options=None):
         stream = self.inner.connect_tcp(host, port, timeout, local_address, socket_options)
@@ -175,13 +176,14 @@ class AttestingBackend(httpcore.NetworkBackend):
 class AttestedTransport(httpx.HTTPTransport):
     """httpx's own transport, its connection pool on the attesting backend (HTTP/1.1, no proxies)."""
 
-    def __init__(self, attestation: Attestation, limits: httpx.Limits = httpx.Limits()):
+    def __init__(self, attestation: Attestation, limits: httpx.Limits = httpx.Limits(),
+                 inner: httpcore.NetworkBackend | None = None):
         super().__init__(verify=unverified_tls(), limits=limits, trust_env=False)
         self.attestation = attestation
         self._pool = httpcore.ConnectionPool(ssl_context=unverified_tls(), max_connections=limits.max_connections,
                                              max_keepalive_connections=limits.max_keepalive_connections,
                                              keepalive_expiry=limits.keepalive_expiry,
-                                             network_backend=AttestingBackend(attestation))
+                                             network_backend=AttestingBackend(attestation, inner))
 
     def handle_request(self, request: httpx.Request) -> httpx.Response:
         if request.url.scheme != "https":
@@ -190,19 +192,19 @@ class AttestedTransport(httpx.HTTPTransport):
         return super().handle_request(request)
 
 
-def attested_httpx(attestation: Attestation, **kw) -> httpx.Client:
-    return httpx.Client(transport=AttestedTransport(attestation), trust_env=False, **kw)
+def attested_httpx(attestation: Attestation, inner: httpcore.NetworkBackend | None = None, **kw) -> httpx.Client:
+    return httpx.Client(transport=AttestedTransport(attestation, inner=inner), trust_env=False, **kw)
 
 
 def attested_openai(base_url: str, policy: Policy, allow_simulated: bool = False, collateral: Collateral = None,
-                    at: dt.datetime | None = None, **kw):
+                    at: dt.datetime | None = None, inner: httpcore.NetworkBackend | None = None, **kw):
     """An openai.OpenAI client whose every connection to `base_url` is attested first (see the module doc).
     The Attestation is on the client as `client.attestation`."""
     import openai
 
     attestation = Attestation(policy, allow_simulated, collateral, at)
     kw.setdefault("api_key", os.environ.get("OPENAI_API_KEY") or "unused")
-    client = openai.OpenAI(base_url=base_url, http_client=attested_httpx(attestation, timeout=kw.pop("timeout", 600)),
+    client = openai.OpenAI(base_url=base_url, http_client=attested_httpx(attestation, inner, timeout=kw.pop("timeout", 600)),
                            **kw)
     client.attestation = attestation
     return client

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import time
 from pathlib import Path
 
 MAX_FILE_BYTES = 16 * 2**20
@@ -78,6 +79,7 @@ def proxy_command(args) -> None:
     from .attest import print_verdict
     if not args.target.startswith("https://"):
         raise ValueError(f"{args.target}: an attested runner is reached over https://")
+    t0 = time.perf_counter()
     host, port = listen_address(args.listen)
     attestation = attestation_of(args)
     client = attested_httpx(attestation, timeout=args.timeout)
@@ -92,7 +94,7 @@ def proxy_command(args) -> None:
     shown = f"[{host}]" if ":" in host else host
     print(f"Listening: http://{shown}:{sock.getsockname()[1]} -> {args.target} (each connection attested first)",
           flush=True)
-    print("ready", flush=True)
+    print(f"ready in {time.perf_counter() - t0:.1f} s", flush=True)
     config = uvicorn.Config(forwarding_app(client, args.target.rstrip("/")), log_level="warning", access_log=False,
                             lifespan="off")
     try:
