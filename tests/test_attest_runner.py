@@ -6,6 +6,7 @@ checked by the client's code, and `tsqp api`'s refusals (a real process each).""
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import ssl
 import subprocess
@@ -269,3 +270,19 @@ def test_settings_event_lists_what_a_policy_pins():
     args = SimpleNamespace(protect="otp", verify=True, deferred_checks=True, policy="linear", length_bucket=8)
     assert identity.settings_of(args, "tdx") == {"protect": "otp", "verify": True, "deferred_checks": True,
                                                  "policy": "linear", "length_bucket": 8, "attest": "tdx"}
+
+
+def test_run_json_carries_evidence_over_its_own_output(tmp_path):
+    out = tmp_path / "run.json"
+    done = run_cli("run", "--local", "--model", "random:tiny", "--attest", "simulated", "--tokens", "8",
+                   "--max-new-tokens", "3", "--json", out, timeout_s=120)
+    assert done.returncode == 0, done.stderr
+    assert "Attestation: SIMULATED" in done.stdout
+    result = json.loads(out.read_text())
+    output = {"prompt_ids": result["prompt_ids"], "generated_ids": result["generated_ids"]}
+    nonce = hashlib.sha256(F.canonical_json(output)).digest()       # recomputed here from the run's own fields
+    ev = F.parse_evidence(result["attestation"]["evidence"])
+    policy = parse_policy({"tee": "simulated", "settings": {"protect": None, "attest": "simulated"}})
+    assert verify(ev, policy, None, int(time.time()), allow_simulated=True, expect_nonce=nonce).accepted
+    other = verify(ev, policy, None, int(time.time()), allow_simulated=True, expect_nonce=bytes(32))
+    assert not other.accepted and other.field == "nonce"

@@ -50,3 +50,18 @@ def attestor_for(args, provider: Provider, offload, model_id: str, hosts: list[s
     if hosts is not None:
         attestor.certify(hosts)
     return attestor
+
+
+def run_evidence(args, provider: Provider, offload, output: dict) -> dict:
+    """`tsqp run --json`'s attestation: evidence whose nonce is SHA-256 of the run's canonical output
+    ({"prompt_ids", "generated_ids"} or {"prompt_ids", "argmax"}), so it vouches for this very result; the
+    certificate it carries (a key made for this run, in memory) is what REPORTDATA binds. Check it with
+    `tsqp attest verify FILE --nonce <output_sha256>` on the evidence saved from here."""
+    import hashlib
+
+    from ..attestation.format import canonical_json
+    from .api.app import model_id_of
+    digest = hashlib.sha256(canonical_json(output)).digest()
+    attestor = attestor_for(args, provider, offload, args.model_name if getattr(args, "model_name", None)
+                            else model_id_of(args.model), ["localhost"])
+    return {"output": output, "output_sha256": digest.hex(), "evidence": attestor.evidence(digest).to_dict()}
