@@ -286,3 +286,17 @@ def test_run_json_carries_evidence_over_its_own_output(tmp_path):
     assert verify(ev, policy, None, int(time.time()), allow_simulated=True, expect_nonce=nonce).accepted
     other = verify(ev, policy, None, int(time.time()), allow_simulated=True, expect_nonce=bytes(32))
     assert not other.accepted and other.field == "nonce"
+
+
+def test_without_memfd_the_key_goes_only_to_a_named_tmpfs_and_is_unlinked(monkeypatch, tmp_path):
+    attestor = simulated_attestor()
+
+    def no_memfd(*args):
+        raise OSError(38, "Function not implemented")
+
+    monkeypatch.setattr(os, "memfd_create", no_memfd)
+    monkeypatch.delenv("TSQP_KEY_TMPFS", raising=False)
+    with pytest.raises(RuntimeError, match="TSQP_KEY_TMPFS"):
+        attestor.tls.ssl_context()
+    monkeypatch.setenv("TSQP_KEY_TMPFS", str(tmp_path))
+    assert isinstance(attestor.tls.ssl_context(), ssl.SSLContext) and list(tmp_path.iterdir()) == []

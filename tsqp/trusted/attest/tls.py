@@ -3,8 +3,8 @@ self-signed certificate whose EVIDENCE_OID extension carries the boot evidence (
 REPORTDATA binds SHA-256 of this certificate's public key (as Gramine's RA-TLS and dstack do).
 
 Python's ssl module loads keys from paths only, so the PEM goes through an anonymous memfd (RAM, no name in
-any file system) read once by load_cert_chain and closed; uvicorn takes the finished SSLContext through its
-ssl_context_factory.
+any file system) read once by load_cert_chain and closed (load_from_memory); uvicorn takes the finished
+SSLContext through its ssl_context_factory.
 """
 from __future__ import annotations
 
@@ -56,13 +56,33 @@ class TlsIdentity:
         ctx.minimum_version = ssl.TLSVersion.TLSv1_2
         key_pem = self.key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
                                          serialization.NoEncryption())
-        fd = os.memfd_create("tsqp-tls", os.MFD_CLOEXEC)
-        try:
-            os.write(fd, self.pem().encode("ascii") + key_pem)
-            ctx.load_cert_chain(f"/proc/self/fd/{fd}")
-        finally:
-            os.close(fd)
+        load_from_memory(ctx, self.pem().encode("ascii") + key_pem)
         return ctx
+
+
+def load_from_memory(ctx: ssl.SSLContext, pem: bytes) -> None:
+    """load_cert_chain from an anonymous memfd. Where memfd_create is missing (some Gramine versions), a file
+    in $TSQP_KEY_TMPFS (in Gramine: a `type = "tmpfs"` mount, enclave memory) is used and unlinked at once;
+    without either, a clear error rather than a key on a disk the host can read."""
+    try:
+        fd = os.memfd_create("tsqp-tls", os.MFD_CLOEXEC)
+        path = f"/proc/self/fd/{fd}"
+    except (AttributeError, OSError) as e:
+        tmpfs = os.environ.get("TSQP_KEY_TMPFS")
+        if not tmpfs:
+            raise RuntimeError(f"memfd_create is unavailable ({e}): set TSQP_KEY_TMPFS to an in-memory (tmpfs) "
+                               f"directory for the TLS key, never a host-visible disk") from None
+        path = os.path.join(tmpfs, f"tsqp-tls-{os.getpid()}-{os.urandom(8).hex()}.pem")
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        view = memoryview(pem)
+        while view:
+            view = view[os.write(fd, view):]
+        ctx.load_cert_chain(path)
+    finally:
+        os.close(fd)
+        if not path.startswith("/proc/"):
+            os.unlink(path)
 
 
 def general_name(host: str) -> x509.GeneralName:
