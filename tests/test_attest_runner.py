@@ -300,3 +300,21 @@ def test_without_memfd_the_key_goes_only_to_a_named_tmpfs_and_is_unlinked(monkey
         attestor.tls.ssl_context()
     monkeypatch.setenv("TSQP_KEY_TMPFS", str(tmp_path))
     assert isinstance(attestor.tls.ssl_context(), ssl.SSLContext) and list(tmp_path.iterdir()) == []
+
+
+def test_the_gramine_manifest_template_renders_to_the_settings_docs_promise():
+    import tomllib
+
+    import jinja2
+
+    gramine = SimpleNamespace(libos="/usr/lib/gramine/libsysdb.so", runtimedir=lambda: "/usr/lib/gramine/runtime")
+    text = jinja2.Template((REPO / "deploy" / "gramine" / "tsqp-api.manifest.template").read_text()).render(
+        gramine=gramine, python=SimpleNamespace(stdlib="/usr/lib/python3.11", distlib="/usr/lib/python3/dist-packages"),
+        log_level="error", arch_libdir="/lib/x86_64-linux-gnu", entrypoint="/usr/bin/python3.11", tsqp_dir="/opt/tsqp",
+        model="/models/m.gguf", env={})
+    manifest = tomllib.loads(text)
+    sgx = manifest["sgx"]
+    assert sgx["remote_attestation"] == "dcap" and sgx["debug"] is False
+    assert {"file:/opt/tsqp/tsqp/", "file:/models/m.gguf"} <= set(sgx["trusted_files"])
+    argv = manifest["loader"]["argv"]
+    assert argv[argv.index("--attest") + 1] == "sgx" and "--protect" in argv and "--verify" in argv

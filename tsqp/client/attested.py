@@ -112,6 +112,8 @@ class Attestation:
                              allow_simulated=self.allow_simulated, expect_spki=spki, expect_nonce=nonce)
         except fmt.FormatError as e:
             verdict = Verdict(False, e.field, "tsqp-evidence/1 from GET /v1/attestation", str(e))
+        except h11.ProtocolError as e:          # the peer does not speak HTTP/1.1 as a runner does
+            verdict = Verdict(False, "evidence", "an HTTP/1.1 answer to GET /v1/attestation", str(e))
         with self.lock:
             self.attested += 1
         if not verdict.accepted:

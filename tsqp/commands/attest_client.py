@@ -71,6 +71,7 @@ def listen_address(text: str) -> tuple[str, int]:
 
 
 def proxy_command(args) -> None:
+    import httpx
     import uvicorn
 
     from ..client.attested import AttestationRefused, attested_httpx
@@ -88,6 +89,8 @@ def proxy_command(args) -> None:
     except AttestationRefused as e:
         print(e.verdict.line())
         raise SystemExit(1) from None
+    except httpx.HTTPError as e:
+        raise ValueError(f"{args.target}: {type(e).__name__}: {e}") from None
     (verdict,) = [v for v, _ in attestation.verdicts.values()]
     print_verdict(verdict, args.policy)
     sock = bind(host, port)
