@@ -32,7 +32,7 @@ from ...trusted.chat import ChatTemplate, ChatTemplateError
 from ...trusted.generate import Sampling
 from ...trusted.tokenizer import Tokenizer
 from . import schema
-from .attestation import AnswerSigner, AttestationRoutes
+from .attestation import AttestationRoutes, signer_for
 from .pool import Done, Failed, Job, Pool, Text
 from .schema import APIError
 
@@ -53,8 +53,7 @@ class Api:
 
     def __init__(self, model_id: str, cfg: ModelConfig, tokenizer: Tokenizer, template: ChatTemplate | None,
                  template_error: str | None, pool: Pool, default_max_tokens: int, api_key: str | None,
-                 attestor=None):
-        """attestor: --attest's (trusted/attest/attestor.py): serves /v1/attestation and signs each answer."""
+                 attestor=None):      # attestor: --attest's; serves /v1/attestation and signs each answer
         self.model_id, self.cfg, self.tokenizer, self.template = model_id, cfg, tokenizer, template
         self.attestor = attestor
         self.template_error, self.pool = template_error, pool
@@ -115,7 +114,7 @@ class Api:
             job, events = self.start(req, ids, stop_ids)
         except APIError as e:
             return error_response(e)
-        signer = AnswerSigner(self.attestor, body) if self.attestor is not None else None
+        signer = signer_for(self.attestor, body)
         rid = ("chatcmpl-" if kind == "chat" else "cmpl-") + secrets.token_hex(12)
         created = int(time.time())
         if req.stream:
@@ -194,7 +193,7 @@ class Api:
         return job, events
 
     async def collect(self, request: HTTPRequest, req: schema.Request, rid: str, created: int, job: Job,
-                      events: asyncio.Queue, signer: AnswerSigner | None = None) -> Response:
+                      events: asyncio.Queue, signer) -> Response:
         """A request without stream: wait for the whole text, watching that the client stays."""
         parts = []
         try:
@@ -214,30 +213,28 @@ class Api:
                     counts = schema.usage(event.prompt_tokens, event.completion_tokens)
                     body = schema.completion(req, rid, created, self.model_id, "".join(parts), event.finish_reason,
                                              counts)
-                    return JSONResponse(signer.completion(body, event.checked_rows) if signer else body)
+                    return JSONResponse(signer.completion(body, event.checked_rows))
         finally:
             job.cancelled.set()         # a no-op once done; ends the generation if this coroutine was cancelled
 
     async def stream(self, req: schema.Request, rid: str, created: int, job: Job, events: asyncio.Queue, event,
-                     signer: AnswerSigner | None = None):
+                     signer):
         """Server-sent events: a chunk per piece of text, a last chunk with the finish reason (signed, with
         --attest), the usage when asked for, then [DONE]. A client that goes away ends the generation after
         the current token."""
-        def signed(chunk: dict, checked_rows: int | None = None) -> dict:
-            return signer.chunk(chunk, checked_rows) if signer else chunk
-
         try:
             if req.kind == "chat":
-                yield sse(signed(schema.chunk(req, rid, created, self.model_id, first=True)))
+                yield sse(signer.chunk(schema.chunk(req, rid, created, self.model_id, first=True)))
             while True:
                 if isinstance(event, Text):
-                    yield sse(signed(schema.chunk(req, rid, created, self.model_id, text=event.text)))
+                    yield sse(signer.chunk(schema.chunk(req, rid, created, self.model_id, text=event.text)))
                 elif isinstance(event, Failed):      # after the headers: the error goes in the stream
                     yield sse(event.error.body())
                     break
                 elif isinstance(event, Done):
-                    yield sse(signed(schema.chunk(req, rid, created, self.model_id, finish=event.finish_reason,
-                                                  text="" if req.kind == "text" else None), event.checked_rows))
+                    last = schema.chunk(req, rid, created, self.model_id, finish=event.finish_reason,
+                                        text="" if req.kind == "text" else None)
+                    yield sse(signer.chunk(last, event.checked_rows))
                     if req.include_usage:
                         counts = schema.usage(event.prompt_tokens, event.completion_tokens)
                         yield sse(schema.chunk(req, rid, created, self.model_id, counts=counts))
