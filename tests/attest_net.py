@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import datetime
 import json
+import select
 import socket
 import ssl
 import threading
@@ -96,26 +97,24 @@ class ManInTheMiddle(TlsServer):
 
     def handle(self, tls):
         with client_tls().wrap_socket(socket.create_connection(("127.0.0.1", self.upstream_port))) as up:
-            up.settimeout(PUMP_S)
-            back = threading.Thread(target=pump, args=(up, tls, None), daemon=True)
-            back.start()
-            pump(tls, up, self.record)
-            back.join(PUMP_S)
+            relay(tls, up, self.record)
 
 
-def pump(src, dst, record) -> None:
-    try:
-        while data := src.recv(65536):
-            if record:
+def relay(client, upstream, record) -> None:
+    """Both directions on one thread (an SSL socket must not be read and written by two threads at once),
+    until either side closes or stays silent for PUMP_S."""
+    while True:
+        ready = [s for s in (client, upstream) if s.pending()] or \
+            select.select([client, upstream], [], [], PUMP_S)[0]
+        if not ready:
+            return
+        for src in ready:
+            data = src.recv(65536)
+            if not data:
+                return
+            if src is client:
                 record(data)
-            dst.sendall(data)
-    except (OSError, ssl.SSLError):
-        pass
-    finally:
-        try:
-            dst.shutdown(socket.SHUT_WR)
-        except OSError:
-            pass
+            (upstream if src is client else client).sendall(data)
 
 
 class Replayer(TlsServer):
