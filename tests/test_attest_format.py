@@ -1,38 +1,16 @@
 """The shared evidence format: digests, the event log, quote layouts (against dcap-qvl's parser) and documents."""
 from __future__ import annotations
 
-import base64
-import datetime as dt
 import hashlib
-import json
 import os
-from pathlib import Path
 
 import dcap_qvl
 import pytest
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes
-from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-from cryptography.x509.oid import NameOID
 
+from attest_helpers import SHARED, self_signed
 from tsqp.attestation import format as fmt
 from tsqp.attestation.quote import QuoteError, check_simulated_quote
-
-SHARED = Path(__file__).resolve().parents[2] / "shared" / "attestation"
-
-
-def self_signed(extension: bytes | None = None) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "tsqp-test")])
-    now = dt.datetime.now(dt.timezone.utc)
-    builder = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
-               .serial_number(x509.random_serial_number()).not_valid_before(now)
-               .not_valid_after(now + dt.timedelta(days=1)))
-    if extension is not None:
-        ext = x509.UnrecognizedExtension(x509.ObjectIdentifier(fmt.EVIDENCE_OID), extension)
-        builder = builder.add_extension(ext, critical=False)
-    return builder.sign(key, hashes.SHA256()), key
 
 
 def test_report_data_is_sha512_over_the_domain_key_log_and_nonce():

@@ -100,12 +100,23 @@ def _signed(response: httpx.Response, key: str) -> tuple[str, bytes]:
 
 
 def _get(client: httpx.Client, url: str) -> httpx.Response:
-    response = client.get(url)
-    if response.status_code != 200:
-        raise CollateralError(f"{url}: HTTP {response.status_code}")
-    if len(response.content) > MAX_RESPONSE_BYTES:
-        raise CollateralError(f"{url}: a reply over {MAX_RESPONSE_BYTES} bytes")
-    return response
+    """One GET, its body read up to a cap (a PCCS is a server like any other)."""
+    try:
+        return _read_capped(client, url)
+    except httpx.HTTPError as e:
+        raise CollateralError(f"{url}: {type(e).__name__}: {e}") from None
+
+
+def _read_capped(client: httpx.Client, url: str) -> httpx.Response:
+    with client.stream("GET", url) as response:
+        if response.status_code != 200:
+            raise CollateralError(f"{url}: HTTP {response.status_code}")
+        body = b""
+        for chunk in response.iter_bytes():
+            body += chunk
+            if len(body) > MAX_RESPONSE_BYTES:
+                raise CollateralError(f"{url}: a reply over {MAX_RESPONSE_BYTES} bytes")
+    return httpx.Response(200, headers=response.headers, content=body, request=response.request)
 
 
 def _root_ca_crl(client: httpx.Client, base: str, qe_chain: str) -> bytes:

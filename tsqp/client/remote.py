@@ -38,6 +38,13 @@ def attestation_url(target: str) -> str:
 def fetch_evidence(target: str, nonce: bytes, timeout: float = 10.0) -> tuple[fmt.Evidence, bytes]:
     """(the runner's evidence over `nonce`, SHA-256 of the SPKI its TLS connection presented)."""
     url = attestation_url(target)
+    try:
+        return _fetch(url, nonce, timeout)
+    except httpx.HTTPError as e:
+        raise ConnectionError(f"{url}: {type(e).__name__}: {e}") from None
+
+
+def _fetch(url: str, nonce: bytes, timeout: float) -> tuple[fmt.Evidence, bytes]:
     with httpx.Client(verify=_unverified_tls(), timeout=timeout, follow_redirects=False) as client:
         with client.stream("GET", url, params={"nonce": nonce.hex()}) as response:
             ssl_object = response.extensions["network_stream"].get_extra_info("ssl_object")
@@ -47,6 +54,8 @@ def fetch_evidence(target: str, nonce: bytes, timeout: float = 10.0) -> tuple[fm
                 body += chunk
                 if len(body) > fmt.MAX_EVIDENCE_BYTES:
                     raise ValueError(f"{url}: evidence over {fmt.MAX_EVIDENCE_BYTES} bytes")
+    if served is None:
+        raise ValueError(f"{url}: the server presented no certificate")
     if response.status_code != 200:
         raise ValueError(f"{url}: HTTP {response.status_code}: {body[:200]!r}")
     return fmt.parse_evidence(body), fmt.spki_sha256(served)

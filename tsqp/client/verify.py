@@ -21,6 +21,7 @@ from tsqp.attestation.quote import QuoteBody, QuoteError, check_simulated_quote,
 from tsqp.client.policy import Policy
 
 SIMULATED_STATUS = "Simulated"
+VERIFIED_PROVIDERS = ("tdx", "sgx", "simulated")   # an SEV-SNP report needs AMD's chain, which dcap-qvl is not
 
 
 @dataclass(frozen=True)
@@ -53,7 +54,8 @@ class Verdict:
 class Refused(Exception):
     def __init__(self, field: str, expected, found):
         super().__init__(field)
-        self.field, self.expected, self.found = field, str(expected), str(found)
+        # one line each, whatever a library's message holds (the CLI prints exactly one line)
+        self.field, self.expected, self.found = field, " ".join(str(expected).split()), " ".join(str(found).split())
 
 
 def _seconds(at: dt.datetime | int | float) -> int:
@@ -83,7 +85,7 @@ def _dcap(raw: bytes, body: QuoteBody, collateral, now: int) -> tuple[str, tuple
     except ValueError as e:
         message = str(e)
         when = dt.datetime.fromtimestamp(now, dt.timezone.utc).isoformat()
-        if any(s in message for s in ("expired", "in the future", "not yet valid", "not valid")):
+        if any(s in message.lower() for s in ("expired", "in the future", "not yet valid")):   # TCBInfo, CRLs, certs
             raise Refused("collateral", f"collateral valid at {when}", message) from None
         if "No matching TCB level" in message:
             raise Refused("tcb_status", "a TCB level the collateral knows", message) from None
@@ -161,21 +163,26 @@ def verify(evidence_or_quote: fmt.Evidence | bytes, policy: Policy, collateral, 
     raw = ev.quote if ev is not None else bytes(evidence_or_quote)
     state: dict = {}
     try:
+        if ev is not None and ev.provider not in VERIFIED_PROVIDERS:
+            raise Refused("provider", " or ".join(VERIFIED_PROVIDERS), f"{ev.provider} (not verified by this client)")
         body = parse_quote(raw)
         simulated = body.tee == "simulated" or (ev is not None and ev.provider == "simulated")
         state = {"simulated": simulated, "measurements": body.measurements()}
-        _run_checks(ev, raw, body, policy, collateral, _seconds(at), allow_simulated, expect_spki, expect_nonce,
-                    state)
+        _run_checks(ev, raw, body, policy, state, collateral=collateral, now=_seconds(at),
+                    allow_simulated=allow_simulated, expect_spki=expect_spki, expect_nonce=expect_nonce)
     except QuoteError as e:
-        return Verdict(False, e.field, "a TDX v4/v5, SGX v3 or simulated quote", str(e), **state)
+        r = Refused(e.field, "a TDX v4/v5, SGX v3 or simulated quote", e)
     except fmt.FormatError as e:
-        return Verdict(False, e.field, "evidence in the tsqp-evidence/1 format", str(e), **state)
-    except Refused as r:
-        return Verdict(False, r.field, r.expected, r.found, **state)
-    return Verdict(True, **state)
+        r = Refused(e.field, "evidence in the tsqp-evidence/1 format", e)
+    except Refused as e:
+        r = e
+    else:
+        return Verdict(True, **state)
+    return Verdict(False, r.field, r.expected, r.found, **state)
 
 
-def _run_checks(ev, raw, body, policy, collateral, now, allow_simulated, expect_spki, expect_nonce, state) -> None:
+def _run_checks(ev: fmt.Evidence | None, raw: bytes, body: QuoteBody, policy: Policy, state: dict, *, collateral,
+                now: int, allow_simulated: bool, expect_spki: bytes | None, expect_nonce: bytes | None) -> None:
     """Each check in order; raises Refused at the first failure, fills `state` for the verdict as it goes."""
     if state["simulated"]:
         if not allow_simulated:

@@ -17,6 +17,7 @@ import sys
 from pathlib import Path
 
 MAX_TARGET_BYTES = 1 << 20
+DEFAULT_TIMEOUT = 10.0
 
 
 def add_target_args(p) -> None:
@@ -29,7 +30,7 @@ def add_target_args(p) -> None:
                    help="accept simulated evidence (no hardware TEE: for development only)")
     p.add_argument("--nonce", default=None, help="64 hex digits: the nonce the evidence must answer (default for "
                                                  "an https:// runner: 32 fresh random bytes)")
-    p.add_argument("--timeout", type=float, default=10.0, help="seconds for each network request (default 10)")
+    p.add_argument("--timeout", type=float, default=None, help="seconds for each network request (default 10)")
 
 
 def add_verify_parser(verbs) -> None:
@@ -101,9 +102,11 @@ def load_target(args):
     from ..attestation import format as fmt
     from ..client import remote
     nonce = parse_nonce(args.nonce)
+    if args.timeout is not None and not args.target.startswith("https://") and args.collateral:
+        raise ValueError("--timeout: nothing here goes over the network (a file target and --collateral)")
     if args.target.startswith("https://"):
         nonce = nonce or remote.fresh_nonce()
-        evidence, served_spki = remote.fetch_evidence(args.target, nonce, args.timeout)
+        evidence, served_spki = remote.fetch_evidence(args.target, nonce, args.timeout or DEFAULT_TIMEOUT)
         return evidence, served_spki, nonce
     if "://" in args.target:
         raise ValueError(f"{args.target}: a runner is reached over https:// only")
@@ -129,7 +132,11 @@ def load_collateral(args, quote: bytes, at: dt.datetime) -> str | None:
         return None
     if args.collateral:
         return collateral.load_collateral_file(args.collateral)
-    text, _ = collateral.cached_collateral(quote, args.pccs or collateral.INTEL_PCS_URL, at)
+    timeout = args.timeout or DEFAULT_TIMEOUT
+
+    def fetch(quote: bytes, base_url: str) -> str:
+        return collateral.fetch_collateral(quote, base_url, timeout)
+    text, _ = collateral.cached_collateral(quote, args.pccs or collateral.INTEL_PCS_URL, at, fetch=fetch)
     return text
 
 
@@ -224,7 +231,7 @@ def implied_policy(verdict, target):
     code, model = claims.get(fmt.EVENT_CODE, {}), claims.get(fmt.EVENT_MODEL, {})
     for key, source in (("code_sha256", code), ("tsqp_version", code), ("weights_fingerprint", model),
                         ("checkpoint_sha256", model), ("server_fingerprint", claims.get(fmt.EVENT_COMPUTE, {}))):
-        if key in source:
+        if source.get(key) is not None:    # a value the runner did not know is not pinned
             values[key] = source[key]
     if claims.get(fmt.EVENT_SETTINGS):
         values["settings"] = claims[fmt.EVENT_SETTINGS]
