@@ -94,6 +94,11 @@ def add_runner_args(p: argparse.ArgumentParser) -> None:
                         "is bfloat16 and the CPU has AMX, else float32)")
     p.add_argument("--chunks", type=int, default=1, help="split the prefill into interleaved chunks (overlap)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads on the trusted side")
+    p.add_argument("--attest", choices=("auto", "tdx", "sev-snp", "sgx", "simulated", "off"), default="auto",
+                   help="hardware evidence of this runner (its code, model and settings) for clients to verify: "
+                        "tdx/sev-snp through configfs-tsm, sgx through Gramine, simulated (no TEE, proves nothing: "
+                        "for development); auto (default) takes what the machine offers and is off where it offers "
+                        "none; with attestation on, tsqp api serves HTTPS with an attested in-memory key")
 
 
 def add_tokenizer_arg(p) -> None:

@@ -52,6 +52,16 @@ def add_policy_parser(verbs) -> None:
 VERB_BUILDERS = [add_verify_parser, add_policy_parser]
 
 
+def add_client_verbs(verbs) -> None:
+    """`proxy` and `check-answer`, the attested client's verbs (commands/attest_client.py)."""
+    from .attest_client import add_check_answer_parser, add_proxy_parser
+    add_proxy_parser(verbs)
+    add_check_answer_parser(verbs)
+
+
+VERB_BUILDERS.append(add_client_verbs)
+
+
 def add_parser(sub):
     """The `attest` command and its verbs; returns the verbs' subparsers object."""
     a = sub.add_parser("attest", help="verify a runner's hardware attestation (TDX, SGX) before trusting it")

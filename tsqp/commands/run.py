@@ -13,6 +13,7 @@ from ..trusted.model import TrustedModel
 from .files import write_json, write_npy
 from ..stats import Stats
 from ..wire.transport import transport_of
+from .attested import describe, provider_of, run_evidence
 from .engine import (P_name, attn_dtype, build_model, check_ids, open_chat_template, open_offload,
                      open_tokenizer, where)
 
@@ -54,6 +55,7 @@ def prefill_once(model: TrustedModel, cfg: ModelConfig, ids: torch.Tensor, chunk
 def run(args) -> dict:
     if args.max_new_tokens is not None or args.prompt is not None or args.chat is not None:
         return run_generation(args)
+    provider = provider_of(args)
     stats = Stats()
     ids_arg = [int(t) for t in args.prompt_ids.split(",")] if args.prompt_ids else None
     tokens = len(ids_arg) if ids_arg else args.tokens
@@ -75,6 +77,10 @@ def run(args) -> dict:
                   "argmax": int(logits.argmax())}
         if hasattr(offload, "report"):
             result["protection"] = offload.report()
+        if provider is not None:
+            console.print(describe(args.attest, provider))
+            result["attestation"] = run_evidence(args, provider, offload,
+                                                 {"prompt_ids": ids.tolist(), "argmax": result["argmax"]})
     finally:
         offload.close()
     stats.print(f"tsqp run: prefill of {tokens} tokens")
@@ -102,6 +108,7 @@ def run_generation(args) -> dict:
     if sum(x is not None for x in (args.prompt, args.prompt_ids, args.chat)) > 1:
         raise ValueError("give one of --prompt, --chat or --prompt-ids")
     sampling = Sampling.make(args.temperature, args.top_k, args.top_p, args.seed)
+    provider = provider_of(args)
     max_new = args.max_new_tokens if args.max_new_tokens is not None else DEFAULT_NEW_TOKENS
     tokenizer = open_tokenizer(args)
     stop_ids = None
@@ -155,6 +162,10 @@ def run_generation(args) -> dict:
             result["protection"] = offload.report()
         if tokenizer:
             result["text"] = "".join(pieces)
+        if provider is not None:
+            console.print(describe(args.attest, provider))
+            result["attestation"] = run_evidence(args, provider, offload,
+                                                 {"prompt_ids": ids.tolist(), "generated_ids": gen.ids})
     finally:
         offload.close()
     console.print(add_rows(stats.table(f"tsqp run: {tokens}-token prompt, {len(gen.ids)} new tokens"), g))

@@ -32,6 +32,7 @@ from ...trusted.chat import ChatTemplate, ChatTemplateError
 from ...trusted.generate import Sampling
 from ...trusted.tokenizer import Tokenizer
 from . import schema
+from .attestation import AttestationRoutes, signer_for
 from .pool import Done, Failed, Job, Pool, Text
 from .schema import APIError
 
@@ -51,8 +52,10 @@ class Api:
     """The routes' state: the model served, its tokenizer and chat template, the worker pool."""
 
     def __init__(self, model_id: str, cfg: ModelConfig, tokenizer: Tokenizer, template: ChatTemplate | None,
-                 template_error: str | None, pool: Pool, default_max_tokens: int, api_key: str | None):
+                 template_error: str | None, pool: Pool, default_max_tokens: int, api_key: str | None,
+                 attestor=None):      # attestor: --attest's; serves /v1/attestation and signs each answer
         self.model_id, self.cfg, self.tokenizer, self.template = model_id, cfg, tokenizer, template
+        self.attestor = attestor
         self.template_error, self.pool = template_error, pool
         self.default_max_tokens, self.api_key = default_max_tokens, api_key
         self.created = int(time.time())
@@ -70,6 +73,8 @@ class Api:
                   Route("/v1/models/{model:path}", self.model, methods=["GET"]),
                   Route("/v1/chat/completions", self.chat, methods=["POST"]),
                   Route("/v1/completions", self.text, methods=["POST"])]
+        if self.attestor is not None:
+            routes += AttestationRoutes(self.attestor).routes()
         return Starlette(routes=routes, exception_handlers={HTTPException: not_found, Exception: internal})
 
     # ---- routes ------------------------------------------------------------------------------------------
@@ -102,21 +107,23 @@ class Api:
     async def complete(self, request: HTTPRequest, kind: str) -> Response:
         try:
             self.check_key(request)
-            req = schema.parse(await read_body(request), kind)
+            body = await read_body(request)
+            req = schema.parse(body, kind)
             self.check_model(req.model)
             ids, stop_ids = await run_in_threadpool(self.prompt_ids, req)
             job, events = self.start(req, ids, stop_ids)
         except APIError as e:
             return error_response(e)
+        signer = signer_for(self.attestor, body)
         rid = ("chatcmpl-" if kind == "chat" else "cmpl-") + secrets.token_hex(12)
         created = int(time.time())
         if req.stream:
             first = await next_event(events, job)
             if isinstance(first, Failed):       # nothing sent yet: the status can still say what happened
                 return error_response(first.error)
-            return StreamingResponse(self.stream(req, rid, created, job, events, first),
+            return StreamingResponse(self.stream(req, rid, created, job, events, first, signer),
                                      media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
-        return await self.collect(request, req, rid, created, job, events)
+        return await self.collect(request, req, rid, created, job, events, signer)
 
     def check_key(self, request: HTTPRequest) -> None:
         if self.api_key is None:
@@ -186,7 +193,7 @@ class Api:
         return job, events
 
     async def collect(self, request: HTTPRequest, req: schema.Request, rid: str, created: int, job: Job,
-                      events: asyncio.Queue) -> Response:
+                      events: asyncio.Queue, signer) -> Response:
         """A request without stream: wait for the whole text, watching that the client stays."""
         parts = []
         try:
@@ -204,26 +211,30 @@ class Api:
                     return error_response(event.error)
                 else:
                     counts = schema.usage(event.prompt_tokens, event.completion_tokens)
-                    return JSONResponse(schema.completion(req, rid, created, self.model_id, "".join(parts),
-                                                          event.finish_reason, counts))
+                    body = schema.completion(req, rid, created, self.model_id, "".join(parts), event.finish_reason,
+                                             counts)
+                    return JSONResponse(signer.completion(body, event.checked_rows))
         finally:
             job.cancelled.set()         # a no-op once done; ends the generation if this coroutine was cancelled
 
-    async def stream(self, req: schema.Request, rid: str, created: int, job: Job, events: asyncio.Queue, event):
-        """Server-sent events: a chunk per piece of text, a last chunk with the finish reason, the usage when
-        asked for, then [DONE]. A client that goes away ends the generation after the current token."""
+    async def stream(self, req: schema.Request, rid: str, created: int, job: Job, events: asyncio.Queue, event,
+                     signer):
+        """Server-sent events: a chunk per piece of text, a last chunk with the finish reason (signed, with
+        --attest), the usage when asked for, then [DONE]. A client that goes away ends the generation after
+        the current token."""
         try:
             if req.kind == "chat":
-                yield sse(schema.chunk(req, rid, created, self.model_id, first=True))
+                yield sse(signer.chunk(schema.chunk(req, rid, created, self.model_id, first=True)))
             while True:
                 if isinstance(event, Text):
-                    yield sse(schema.chunk(req, rid, created, self.model_id, text=event.text))
+                    yield sse(signer.chunk(schema.chunk(req, rid, created, self.model_id, text=event.text)))
                 elif isinstance(event, Failed):      # after the headers: the error goes in the stream
                     yield sse(event.error.body())
                     break
                 elif isinstance(event, Done):
-                    yield sse(schema.chunk(req, rid, created, self.model_id, finish=event.finish_reason,
-                                           text="" if req.kind == "text" else None))
+                    last = schema.chunk(req, rid, created, self.model_id, finish=event.finish_reason,
+                                        text="" if req.kind == "text" else None)
+                    yield sse(signer.chunk(last, event.checked_rows))
                     if req.include_usage:
                         counts = schema.usage(event.prompt_tokens, event.completion_tokens)
                         yield sse(schema.chunk(req, rid, created, self.model_id, counts=counts))

@@ -12,8 +12,10 @@ import torch
 import uvicorn
 
 from ...trusted.chat import ChatTemplateError
+from ..attested import attestor_for, describe, provider_of
 from ..engine import Offloads, P_name, open_chat_template, open_tokenizer, where
 from .app import Api, bind, model_id_of
+from .attestation import check_attest_flags, off_warnings
 from .pool import MIN_SESSION_TOKENS, Pool, Session
 
 GRACEFUL_SHUTDOWN_S = 5         # on SIGTERM, responses still being written get this long before they are cut
@@ -48,13 +50,17 @@ def check_flags(args) -> None:
             raise ValueError(f"{path}: not found")
 
 
-def exposure_warnings(args) -> list[str]:
+def is_loopback(host: str) -> bool:
+    return ipaddress.ip_address(socket.gethostbyname(host) if ":" not in host else host).is_loopback
+
+
+def exposure_warnings(args, attested: bool = False) -> list[str]:
     """What a bind beyond this host exposes: prompts and answers cross its network in the clear without TLS
     (and TLS ended outside the enclave would hand them to its host), and anyone can use it without a key."""
-    if ipaddress.ip_address(socket.gethostbyname(args.host) if ":" not in args.host else args.host).is_loopback:
+    if is_loopback(args.host):
         return []
-    warnings = []
-    if args.tls_cert is None:
+    warnings = off_warnings(args, loopback=False)
+    if args.tls_cert is None and not attested:
         warnings.append(f"WARNING: --host {args.host} without --tls-cert: prompts and answers travel in the clear")
     if args.api_key is None:
         warnings.append(f"WARNING: --host {args.host} without --api-key: anyone who reaches it can use it")
@@ -64,6 +70,8 @@ def exposure_warnings(args) -> list[str]:
 def serve_api(args) -> None:
     t0 = time.perf_counter()
     check_flags(args)
+    provider = provider_of(args)                # a TEE asked for but absent fails here, before any loading
+    check_attest_flags(args, provider, is_loopback(args.host))
     tokenizer = open_tokenizer(args, required=True)
     try:
         template, template_error = open_chat_template(args, tokenizer), None
@@ -74,12 +82,14 @@ def serve_api(args) -> None:
     first = pool = None
     try:
         first = Session(offloads, MIN_SESSION_TOKENS, None)     # the start-up check: the server answers
-        cfg, dtype = first.cfg, first.offload.dtype
+        cfg, dtype, first_offload = first.cfg, first.offload.dtype, first.offload
         pool = Pool(offloads, tokenizer, cfg, args.workers, args.queue, args.session_idle, where(args),
                     args.connect_timeout, first)
         first = None                                            # the pool's first worker holds it now
         model_id = args.model_name or model_id_of(args.model)
-        api = Api(model_id, cfg, tokenizer, template, template_error, pool, args.max_tokens, args.api_key)
+        attestor = attestor_for(args, provider, first_offload, model_id, certificate_hosts(args.host)) \
+            if provider is not None else None
+        api = Api(model_id, cfg, tokenizer, template, template_error, pool, args.max_tokens, args.api_key, attestor)
         host, port = sock.getsockname()[:2]
         shown = f"[{host}]" if ":" in host else host
         print(f"Model: {model_id} ({cfg.num_layers} layers, context {cfg.max_position_embeddings} tokens, "
@@ -89,14 +99,15 @@ def serve_api(args) -> None:
               f"{' + verify' if args.verify else ''}{' (deferred checks)' if args.deferred_checks else ''}, "
               f"{torch.get_num_threads()} threads", flush=True)
         print(f"Workers: {args.workers} (a session each), up to {args.queue} requests waiting (then 429)", flush=True)
-        for line in exposure_warnings(args):
+        print(describe(args.attest, provider), flush=True)
+        for line in exposure_warnings(args, attested=attestor is not None):
             print(line, file=sys.stderr, flush=True)
-        scheme = "https" if args.tls_cert else "http"
+        scheme = "https" if args.tls_cert or attestor else "http"
         print(f"Listening: {scheme}://{shown}:{port}/v1", flush=True)
         print(f"ready in {time.perf_counter() - t0:.1f} s", flush=True)
         config = uvicorn.Config(api.app(), log_level="warning", access_log=False, lifespan="off",
                                 timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S, ssl_certfile=args.tls_cert,
-                                ssl_keyfile=args.tls_key)
+                                ssl_keyfile=args.tls_key, ssl_context_factory=tls_of(attestor))
         Server(config, pool).run(sockets=[sock])
     finally:
         if first is not None:
@@ -104,4 +115,19 @@ def serve_api(args) -> None:
         if pool is not None:
             pool.close(timeout_s=args.timeout + 5)
         sock.close()
+        if provider is not None and hasattr(provider, "close"):
+            provider.close()
+
+
+def certificate_hosts(host: str) -> list[str]:
+    """The names the attested certificate carries (clients pin its key through the evidence, not its names)."""
+    return list(dict.fromkeys([host, "localhost", "127.0.0.1"]))
+
+
+def tls_of(attestor):
+    """uvicorn's ssl_context_factory serving the attested in-memory key and certificate (None: no attestation)."""
+    if attestor is None:
+        return None
+    context = attestor.tls.ssl_context()
+    return lambda config, default: context
 

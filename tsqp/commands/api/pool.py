@@ -48,6 +48,7 @@ class Done:
     finish_reason: str          # "stop" (end of turn, eos or a stop string) or "length" (max_tokens)
     prompt_tokens: int
     completion_tokens: int      # generated tokens, the one that ended the turn included
+    checked_rows: int = 0       # --verify: result rows Freivalds-checked for this generation (signed answers)
 
 
 @dataclass
@@ -111,6 +112,11 @@ class Session:
 
     def close(self) -> None:
         self.offload.close()
+
+
+def checked_rows(offload) -> int:
+    """Rows --verify has checked on this session so far (0 without protection)."""
+    return offload.report()["checked_rows"] if hasattr(offload, "report") else 0
 
 
 def session_tokens(needed: int, context: int) -> int:
@@ -231,6 +237,7 @@ class Pool:
 
     def _generate(self, session: Session, job: Job) -> Done | Failed:
         stream, stops = self.tokenizer.stream(), StopStrings(job.stops)
+        checked_before = checked_rows(session.offload)
 
         def on_token(token: int, logits: torch.Tensor) -> bool:
             text = stops.feed(stream.step(token))
@@ -249,4 +256,4 @@ class Pool:
         if gen.stop == "caller" and not stops.hit and self.closing.is_set():
             return Failed(APIError(503, "tsqp api is shutting down: the generation was cut", "service_unavailable"))
         finish = "length" if gen.stop == "max_new_tokens" and not stops.hit else "stop"
-        return Done(finish, len(job.ids), len(gen.ids))
+        return Done(finish, len(job.ids), len(gen.ids), checked_rows(session.offload) - checked_before)
