@@ -3,8 +3,9 @@
   GET  /v1/models                 the one model served (its context length as max_model_len)
   POST /v1/chat/completions       messages -> the model's chat template -> ids; stops at the end of turn
   POST /v1/completions            a prompt string or token ids; stops at the model's eos
-  both: max_tokens, temperature, top_p, seed, stop, n=1, stream (server-sent events ending in [DONE]),
-        stream_options.include_usage; usage counts in tokens
+  both: max_tokens, temperature, top_p, top_k, seed, stop, n=1, stream (server-sent events ending in [DONE]),
+        stream_options.include_usage, response_format text; usage counts in tokens; any other field that would
+        change the answer is refused by name (schema.py)
 
 The event loop only parses, tokenizes and writes; generation runs on the pool's worker threads (pool.py),
 each with its own session to the compute server. Errors are OpenAI's JSON bodies with the HTTP status:
@@ -172,7 +173,9 @@ class Api:
         """Queue the generation; its events arrive on the returned queue."""
         max_new = self.max_new_tokens(req, len(ids))
         greedy = req.temperature == 0
-        sampling = Sampling.make(req.temperature, None, None if greedy else req.top_p, req.seed)
+        # greedy takes the argmax, which top-k and top-p keep: they change nothing there
+        sampling = Sampling.make(req.temperature, None if greedy else req.top_k, None if greedy else req.top_p,
+                                 req.seed)
         loop, events = asyncio.get_running_loop(), asyncio.Queue()
 
         def emit(event) -> None:
