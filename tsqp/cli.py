@@ -186,6 +186,12 @@ def add_api_parser(sub) -> None:
                    help="requests that may wait for a worker; beyond that a request gets 429 (default 16)")
     h.add_argument("--max-tokens", type=int, default=512,
                    help="max_tokens for a request that names none, capped by the context (default 512)")
+    h.add_argument("--max-connections", type=int, default=512,
+                   help="connections open at once; one more is answered 503 and closed (default 512)")
+    h.add_argument("--header-timeout", type=float, default=10.0,
+                   help="seconds a client has to send a request's headers, then it is closed (default 10)")
+    h.add_argument("--body-timeout", type=float, default=30.0,
+                   help="seconds a client has to send a request's body, then it gets 408 (default 30)")
     h.add_argument("--session-idle", type=float, default=300.0,
                    help="close a worker's session unused this many seconds, freeing the server's slot; the next "
                         "request opens a fresh one (default 300)")

@@ -33,15 +33,18 @@ from ...trusted.chat import ChatTemplate, ChatTemplateError
 from ...trusted.generate import Sampling
 from ...trusted.tokenizer import Tokenizer
 from . import schema
+from .limits import Admission, Limits, Prompts
 from .pool import Done, Failed, Job, Pool, Text
 from .schema import APIError
 
-MAX_BODY_BYTES = 8 * 2**20
 DISCONNECT_POLL_S = 1.0         # how often a waiting non-streamed request checks that its client is still there
 
 
+CLOSING = {408, 413, 503}      # a body refused unread or late: the connection closes rather than read the rest
+
+
 def error_response(e: APIError) -> JSONResponse:
-    return JSONResponse(e.body(), status_code=e.status)
+    return JSONResponse(e.body(), status_code=e.status, headers={"Connection": "close"} if e.status in CLOSING else None)
 
 
 def sse(data) -> bytes:
@@ -52,10 +55,13 @@ class Api:
     """The routes' state: the model served, its tokenizer and chat template, the worker pool."""
 
     def __init__(self, model_id: str, cfg: ModelConfig, tokenizer: Tokenizer, template: ChatTemplate | None,
-                 template_error: str | None, pool: Pool, default_max_tokens: int, api_key: str | None):
+                 template_error: str | None, pool: Pool, default_max_tokens: int, api_key: str | None,
+                 limits: Limits = Limits()):
         self.model_id, self.cfg, self.tokenizer, self.template = model_id, cfg, tokenizer, template
         self.template_error, self.pool = template_error, pool
         self.default_max_tokens, self.api_key = default_max_tokens, api_key
+        self.limits, self.admission = limits, Admission(limits)
+        self.prompts = Prompts(tokenizer, cfg.max_position_embeddings)
         self.created = int(time.time())
 
     def app(self) -> Starlette:
@@ -103,9 +109,11 @@ class Api:
     async def complete(self, request: HTTPRequest, kind: str) -> Response:
         try:
             self.check_key(request)
-            req = schema.parse(await read_body(request), kind)
-            self.check_model(req.model)
-            ids, stop_ids = await run_in_threadpool(self.prompt_ids, req)
+            async with self.admission.body(request) as raw:     # bounded before a byte of the body is read
+                req = schema.parse(raw, kind)
+                self.check_model(req.model)
+                async with self.admission.tokenizer_slot():
+                    ids, stop_ids = await run_in_threadpool(self.prompt_ids, req)
             job, events = self.start(req, ids, stop_ids)
         except APIError as e:
             return error_response(e)
@@ -139,13 +147,18 @@ class Api:
                 raise APIError(400, f"this model has no chat template ({self.template_error}); use /v1/completions",
                                param="messages")
             try:
-                ids = self.template.prompt_ids(self.tokenizer, req.messages)
+                text = self.template.render(req.messages)
             except ChatTemplateError as e:
                 raise APIError(400, str(e), param="messages") from None
+            self.prompts.check(text, "messages")        # before tokenizing: a prompt too long costs nothing
+            ids = self.tokenizer.encode(text, add_special_tokens=False)     # the template writes any BOS
             stop_ids, param = self.template.stop_ids, "messages"
+        elif isinstance(req.prompt, str):
+            self.prompts.check(req.prompt, "prompt")
+            ids, stop_ids, param = self.tokenizer.encode(req.prompt), None, "prompt"
         else:
-            ids = self.tokenizer.encode(req.prompt) if isinstance(req.prompt, str) else list(req.prompt)
-            stop_ids, param = None, "prompt"
+            ids, stop_ids, param = list(req.prompt), None, "prompt"
+        if param == "prompt":
             outside = [t for t in ids if not 0 <= t < self.cfg.vocab_size]
             if outside:
                 raise APIError(400, f"token id {outside[0]} is outside the vocabulary 0..{self.cfg.vocab_size - 1}",
@@ -245,19 +258,6 @@ async def next_event(events: asyncio.Queue, job: Job):
         raise
 
 
-async def read_body(request: HTTPRequest) -> bytes:
-    """The request's bytes, refused past MAX_BODY_BYTES (413) without reading them all."""
-    length = request.headers.get("content-length")
-    if length is not None and length.isdigit() and int(length) > MAX_BODY_BYTES:
-        raise APIError(413, f"the request body ({int(length)} bytes) exceeds {MAX_BODY_BYTES} bytes")
-    body = bytearray()
-    async for part in request.stream():
-        body += part
-        if len(body) > MAX_BODY_BYTES:
-            raise APIError(413, f"the request body exceeds {MAX_BODY_BYTES} bytes")
-    return bytes(body)
-
-
 def model_id_of(spec: str) -> str:
     """The id clients name: a GGUF file's name without .gguf, a model directory's name, or a preset."""
     if spec.startswith("random:"):
@@ -276,6 +276,6 @@ def bind(host: str, port: int) -> socket.socket:
     except OSError as e:
         sock.close()
         raise OSError(f"cannot listen on {host}:{port}: {e.strerror}") from None
-    sock.listen(128)
+    sock.listen(1024)             # a burst of connections waits in the kernel, not refused (limits.py caps them)
     sock.set_inheritable(True)
     return sock

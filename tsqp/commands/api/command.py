@@ -3,6 +3,7 @@ check the compute server once, start the worker pool, then serve HTTP until SIGI
 from __future__ import annotations
 
 import ipaddress
+import resource
 import socket
 import sys
 import time
@@ -14,8 +15,10 @@ import uvicorn
 from ...trusted.chat import ChatTemplateError
 from ..engine import Offloads, P_name, open_chat_template, open_tokenizer, where
 from .app import Api, bind, model_id_of
+from .limits import Limits, uvicorn_options
 from .pool import MIN_SESSION_TOKENS, Pool, Session
 
+FILES_RESERVED = 64             # file descriptors kept for the model, sessions, pipes and logs beyond the connections
 GRACEFUL_SHUTDOWN_S = 5         # on SIGTERM, responses still being written get this long before they are cut
 
 
@@ -39,8 +42,14 @@ def check_flags(args) -> None:
                              ("--max-tokens", args.max_tokens, 1)):
         if value < low:
             raise ValueError(f"{name} must be >= {low}, got {value}")
-    if not args.session_idle > 0:
-        raise ValueError(f"--session-idle must be > 0, got {args.session_idle}")
+    for name, value in (("--session-idle", args.session_idle), ("--header-timeout", args.header_timeout),
+                        ("--body-timeout", args.body_timeout)):
+        if not value > 0:
+            raise ValueError(f"{name} must be > 0, got {value}")
+    files_open = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    if not 1 <= args.max_connections <= files_open - FILES_RESERVED:
+        raise ValueError(f"--max-connections must be in 1..{files_open - FILES_RESERVED} (ulimit -n is {files_open}, "
+                         f"{FILES_RESERVED} kept for the process's own files), got {args.max_connections}")
     if (args.tls_cert is None) != (args.tls_key is None):
         raise ValueError("--tls-cert and --tls-key go together")
     for path in (args.tls_cert, args.tls_key):
@@ -79,7 +88,8 @@ def serve_api(args) -> None:
                     args.connect_timeout, first)
         first = None                                            # the pool's first worker holds it now
         model_id = args.model_name or model_id_of(args.model)
-        api = Api(model_id, cfg, tokenizer, template, template_error, pool, args.max_tokens, args.api_key)
+        limits = Limits(connections=args.max_connections, header_s=args.header_timeout, body_s=args.body_timeout)
+        api = Api(model_id, cfg, tokenizer, template, template_error, pool, args.max_tokens, args.api_key, limits)
         host, port = sock.getsockname()[:2]
         shown = f"[{host}]" if ":" in host else host
         print(f"Model: {model_id} ({cfg.num_layers} layers, context {cfg.max_position_embeddings} tokens, "
@@ -89,6 +99,8 @@ def serve_api(args) -> None:
               f"{' + verify' if args.verify else ''}{' (deferred checks)' if args.deferred_checks else ''}, "
               f"{torch.get_num_threads()} threads", flush=True)
         print(f"Workers: {args.workers} (a session each), up to {args.queue} requests waiting (then 429)", flush=True)
+        longest = api.prompts.max_bytes or limits.max_body
+        print(f"Limits: {limits.describe(longest)}", flush=True)
         for line in exposure_warnings(args):
             print(line, file=sys.stderr, flush=True)
         scheme = "https" if args.tls_cert else "http"
@@ -96,7 +108,7 @@ def serve_api(args) -> None:
         print(f"ready in {time.perf_counter() - t0:.1f} s", flush=True)
         config = uvicorn.Config(api.app(), log_level="warning", access_log=False, lifespan="off",
                                 timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S, ssl_certfile=args.tls_cert,
-                                ssl_keyfile=args.tls_key)
+                                ssl_keyfile=args.tls_key, **uvicorn_options(limits))
         Server(config, pool).run(sockets=[sock])
     finally:
         if first is not None:
