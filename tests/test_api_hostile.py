@@ -32,10 +32,11 @@ HELLO = [{"role": "user", "content": "What is the capital of France?"}]
 class ApiProcess:
     """`tsqp api --port 0 ...` with its output in a file (a pipe nobody reads would stall it once full)."""
 
-    def __init__(self, log: Path, *args: str, env: dict | None = None):
+    def __init__(self, log: Path, *args: str, env: dict | None = None, port: int | None = 0):
         self.log = log
+        listen = [] if port is None else ["--port", str(port)]
         with open(log, "wb") as out:
-            self.proc = subprocess.Popen([sys.executable, "-m", "tsqp.cli", "api", "--port", "0", *args],
+            self.proc = subprocess.Popen([sys.executable, "-m", "tsqp.cli", "api", *listen, *args],
                                          stdout=out, stderr=subprocess.STDOUT,
                                          env={**clean_env(), "PYTHONUNBUFFERED": "1", **(env or {})})
 

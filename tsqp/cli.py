@@ -178,8 +178,13 @@ def add_api_parser(sub) -> None:
     h.add_argument("--tls-cert", default=None, help="serve HTTPS with this certificate (PEM), ending TLS in the "
                                                    "runner's process; with --tls-key")
     h.add_argument("--tls-key", default=None, help="the certificate's private key (PEM)")
-    h.add_argument("--api-key", default=os.environ.get("TSQP_API_KEY"),
-                   help="require 'Authorization: Bearer KEY' (env TSQP_API_KEY; default: no key)")
+    h.add_argument("--unix", default=None, metavar="PATH",
+                   help="listen on this unix socket (mode 0600 in a 0700 directory: this user only) instead of tcp")
+    h.add_argument("--api-key", default=None,
+                   help="require 'Authorization: Bearer KEY'; on the command line every local user reads it in "
+                        "/proc/PID/cmdline: prefer --api-key-file or the env TSQP_API_KEY (default: no key)")
+    h.add_argument("--api-key-file", default=None, metavar="PATH",
+                   help="read the key from this file, which only its owner may read (mode 0600)")
     h.add_argument("--workers", type=int, default=4,
                    help="requests generated at once, each on its own session to the compute server (default 4)")
     h.add_argument("--queue", type=int, default=16,

@@ -14,6 +14,7 @@ import uvicorn
 
 from ...trusted.chat import ChatTemplateError
 from ..engine import Offloads, P_name, open_chat_template, open_tokenizer, where
+from .access import api_key_of, bind_unix
 from .app import Api, bind, model_id_of
 from .limits import Limits, uvicorn_options
 from .pool import MIN_SESSION_TOKENS, Pool, Session
@@ -50,6 +51,8 @@ def check_flags(args) -> None:
     if not 1 <= args.max_connections <= files_open - FILES_RESERVED:
         raise ValueError(f"--max-connections must be in 1..{files_open - FILES_RESERVED} (ulimit -n is {files_open}, "
                          f"{FILES_RESERVED} kept for the process's own files), got {args.max_connections}")
+    if args.unix and (args.host != "127.0.0.1" or args.port != 8000):
+        raise ValueError("--unix listens on a unix socket only: drop --host and --port")
     if (args.tls_cert is None) != (args.tls_key is None):
         raise ValueError("--tls-cert and --tls-key go together")
     for path in (args.tls_cert, args.tls_key):
@@ -57,28 +60,40 @@ def check_flags(args) -> None:
             raise ValueError(f"{path}: not found")
 
 
-def exposure_warnings(args) -> list[str]:
+def exposure_warnings(args, api_key: str | None) -> list[str]:
     """What a bind beyond this host exposes: prompts and answers cross its network in the clear without TLS
     (and TLS ended outside the enclave would hand them to its host), and anyone can use it without a key."""
-    if ipaddress.ip_address(socket.gethostbyname(args.host) if ":" not in args.host else args.host).is_loopback:
+    if args.unix:
         return []
+    if ipaddress.ip_address(socket.gethostbyname(args.host) if ":" not in args.host else args.host).is_loopback:
+        return [] if api_key else [f"note: without a key, every local user can use the API on {args.host} "
+                                   f"(--api-key-file, or --unix PATH for this user only)"]
     warnings = []
     if args.tls_cert is None:
         warnings.append(f"WARNING: --host {args.host} without --tls-cert: prompts and answers travel in the clear")
-    if args.api_key is None:
+    if api_key is None:
         warnings.append(f"WARNING: --host {args.host} without --api-key: anyone who reaches it can use it")
     return warnings
+
+
+def listening(sock: socket.socket, args) -> str:
+    scheme = "https" if args.tls_cert else "http"
+    if sock.family == socket.AF_UNIX:
+        return f"{scheme}+unix://{args.unix} (/v1; mode 0600: this user only)"
+    host, port = sock.getsockname()[:2]
+    return f"{scheme}://{f'[{host}]' if ':' in host else host}:{port}/v1"
 
 
 def serve_api(args) -> None:
     t0 = time.perf_counter()
     check_flags(args)
+    api_key, key_warnings = api_key_of(args)
     tokenizer = open_tokenizer(args, required=True)
     try:
         template, template_error = open_chat_template(args, tokenizer), None
     except ChatTemplateError as e:          # completions still work; chat requests are told why not
         template, template_error = None, str(e)
-    sock = bind(args.host, args.port)
+    sock = bind_unix(args.unix) if args.unix else bind(args.host, args.port)
     offloads = Offloads(args)
     first = pool = None
     try:
@@ -89,9 +104,7 @@ def serve_api(args) -> None:
         first = None                                            # the pool's first worker holds it now
         model_id = args.model_name or model_id_of(args.model)
         limits = Limits(connections=args.max_connections, header_s=args.header_timeout, body_s=args.body_timeout)
-        api = Api(model_id, cfg, tokenizer, template, template_error, pool, args.max_tokens, args.api_key, limits)
-        host, port = sock.getsockname()[:2]
-        shown = f"[{host}]" if ":" in host else host
+        api = Api(model_id, cfg, tokenizer, template, template_error, pool, args.max_tokens, api_key, limits)
         print(f"Model: {model_id} ({cfg.num_layers} layers, context {cfg.max_position_embeddings} tokens, "
               f"chat template: {'yes' if template else 'none'})", flush=True)
         print(f"Compute: {where(args)}, dtype {P_name(dtype)}, policy {args.policy}"
@@ -101,10 +114,9 @@ def serve_api(args) -> None:
         print(f"Workers: {args.workers} (a session each), up to {args.queue} requests waiting (then 429)", flush=True)
         longest = api.prompts.max_bytes or limits.max_body
         print(f"Limits: {limits.describe(longest)}", flush=True)
-        for line in exposure_warnings(args):
+        for line in key_warnings + exposure_warnings(args, api_key):
             print(line, file=sys.stderr, flush=True)
-        scheme = "https" if args.tls_cert else "http"
-        print(f"Listening: {scheme}://{shown}:{port}/v1", flush=True)
+        print(f"Listening: {listening(sock, args)}", flush=True)
         print(f"ready in {time.perf_counter() - t0:.1f} s", flush=True)
         config = uvicorn.Config(api.app(), log_level="warning", access_log=False, lifespan="off",
                                 timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S, ssl_certfile=args.tls_cert,
