@@ -326,8 +326,8 @@ def attach(remote: RemoteOffload, nbytes: int, timeout_s: float, pipes: bool) ->
         if pipes:
             paths = make_pipes(arena.path)
             bell = Pipes(open_pipe(paths[1]), open_pipe(paths[0]), max_message=P.MAX_CONTROL_BYTES)
-        head, frames = remote._ask({"type": "attach", "arena": {"name": arena.name, "size": arena.size},
-                                    "pipes": pipes}, "the arena attach", timeout_s)
+        spec = {"name": arena.name, "size": arena.size} | ({"dir": str(arena.path.parent)} if pipes else {})
+        head, frames = remote._ask({"type": "attach", "arena": spec, "pipes": pipes}, "the arena attach", timeout_s)
         if head["type"] != "attached" or frames:
             raise RemoteError(f"{remote.endpoint}: a {server_text(head['type'])} message with {len(frames)} "
                               f"frame(s) answered the arena attach")
