@@ -183,14 +183,25 @@ def add_api_parser(sub) -> None:
     h.add_argument("--tls-cert", default=None, help="serve HTTPS with this certificate (PEM), ending TLS in the "
                                                    "runner's process; with --tls-key")
     h.add_argument("--tls-key", default=None, help="the certificate's private key (PEM)")
-    h.add_argument("--api-key", default=os.environ.get("TSQP_API_KEY"),
-                   help="require 'Authorization: Bearer KEY' (env TSQP_API_KEY; default: no key)")
+    h.add_argument("--unix", default=None, metavar="PATH",
+                   help="listen on this unix socket (mode 0600 in a 0700 directory: this user only) instead of tcp")
+    h.add_argument("--api-key", default=None,
+                   help="require 'Authorization: Bearer KEY'; on the command line every local user reads it in "
+                        "/proc/PID/cmdline: prefer --api-key-file or the env TSQP_API_KEY (default: no key)")
+    h.add_argument("--api-key-file", default=None, metavar="PATH",
+                   help="read the key from this file, which only its owner may read (mode 0600)")
     h.add_argument("--workers", type=int, default=4,
                    help="requests generated at once, each on its own session to the compute server (default 4)")
     h.add_argument("--queue", type=int, default=16,
                    help="requests that may wait for a worker; beyond that a request gets 429 (default 16)")
     h.add_argument("--max-tokens", type=int, default=512,
                    help="max_tokens for a request that names none, capped by the context (default 512)")
+    h.add_argument("--max-connections", type=int, default=512,
+                   help="connections open at once; one more is answered 503 and closed (default 512)")
+    h.add_argument("--header-timeout", type=float, default=10.0,
+                   help="seconds a client has to send a request's headers, then it is closed (default 10)")
+    h.add_argument("--body-timeout", type=float, default=30.0,
+                   help="seconds a client has to send a request's body, then it gets 408 (default 30)")
     h.add_argument("--session-idle", type=float, default=300.0,
                    help="close a worker's session unused this many seconds, freeing the server's slot; the next "
                         "request opens a fresh one (default 300)")

@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import stat
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
@@ -242,8 +243,33 @@ PRESETS: dict[str, ModelConfig] = {
 }
 
 DEFAULT_MODEL = "random:tiny"
-# in a directory of this user alone (0700), which no one else can bind in first (wire/transport.py checks it)
-DEFAULT_ENDPOINT = f"ipc:///tmp/tsqp-{os.getuid()}/gpu_server.ipc"
+SQUAT_REMEDY = ("choose another with --endpoint ipc:///A/DIR/OF/YOURS/gpu_server.ipc (env LLAMA_IPC_PATH), or set "
+                "XDG_RUNTIME_DIR to a directory of yours with mode 0700")
+
+
+def runtime_dir() -> Path | None:
+    """$XDG_RUNTIME_DIR where the system gives this user one (systemd's /run/user/<uid>): a directory of this
+    user's, mode 0700, not a link. No one else can create anything in it, so nothing there can be squatted;
+    in /tmp and /dev/shm another user may create tsqp-<uid> first. None when unset or not so."""
+    d = os.environ.get("XDG_RUNTIME_DIR")
+    if not d or not os.path.isabs(d):
+        return None
+    try:
+        st = os.lstat(d)
+    except OSError:
+        return None
+    ok = stat.S_ISDIR(st.st_mode) and st.st_uid == os.getuid() and stat.S_IMODE(st.st_mode) == 0o700
+    return Path(d) if ok else None
+
+
+def default_endpoint() -> str:
+    """In a directory of this user alone (0700), which no one else can bind in first (wire/transport.py checks
+    it): the runtime directory's tsqp/ where there is one, else /tmp/tsqp-<uid>/."""
+    d = runtime_dir()
+    return f"ipc://{d}/tsqp/gpu_server.ipc" if d else f"ipc:///tmp/tsqp-{os.getuid()}/gpu_server.ipc"
+
+
+DEFAULT_ENDPOINT = default_endpoint()
 DTYPES = ("float32", "float16", "bfloat16")
 
 # The environment the team already uses; the CLI maps it onto settings through these two names only.
@@ -255,6 +281,6 @@ def env_endpoint() -> tuple[str, str]:
     """(endpoint, why): LLAMA_IPC_PATH may be a full endpoint or a bare socket path."""
     value = os.environ.get(ENV["endpoint"])
     if not value:
-        return DEFAULT_ENDPOINT, "default (LLAMA_IPC_PATH not set)"
+        return default_endpoint(), "default (LLAMA_IPC_PATH not set)"
     endpoint = value if "://" in value else f"ipc://{value}"
     return endpoint, f"LLAMA_IPC_PATH={value}"

@@ -66,13 +66,14 @@ class Offloads:
         self._compute = None                                        # --local: the in-process compute
         self._quantized = None                                      # --protect: its quantized form
 
-    def open(self, stats: Stats, tokens: int):
-        """A session with room for `tokens` positions, wrapped in the protection when asked for."""
+    def open(self, stats: Stats, tokens: int, new_tokens: int = 0):
+        """A session with room for a prompt of `tokens` positions and `new_tokens` generated after it, wrapped
+        in the protection when asked for."""
         args = self.args
         if args.deferred_checks and not args.verify:
             raise ValueError("--deferred-checks defers --verify's checks: add --verify (with --protect otp)")
         if getattr(args, "protect", None):
-            return self._open_protected(stats, tokens)
+            return self._open_protected(stats, tokens, new_tokens)
         if args.verify:
             raise ValueError("--verify checks masked results: it needs --protect otp")
         if args.length_bucket != 1:
@@ -84,8 +85,8 @@ class Offloads:
             compute, norms = self._compute
             return LocalOffload(compute, stats), compute.cfg, norms
         arena = args.arena_mb * MiB if args.arena_mb else \
-            (lambda cfg: default_arena_bytes(cfg, tokens, args.chunks, args.policy == "seed"))
-        remote = self._remote(stats, arena, tokens, own_model(args))
+            (lambda cfg: default_arena_bytes(cfg, tokens + new_tokens, args.chunks, args.policy == "seed"))
+        remote = self._remote(stats, arena, tokens + new_tokens, own_model(args))
         if remote.dtype == torch.uint8:
             remote.close()
             raise ValueError(f"{args.endpoint} is a protected server (it answers masked x @ W only): run with "
@@ -100,7 +101,7 @@ class Offloads:
                              spin_s=getattr(args, "spin_us", 0.0) * 1e-6, expect=expect,
                              budget=budget_of(args, tokens))
 
-    def _open_protected(self, stats: Stats, tokens: int):
+    def _open_protected(self, stats: Stats, tokens: int, new_tokens: int):
         """--protect otp: the runner's own checkpoint gives the config, the norms, the embedding and the weights
         to unmask and check with; nothing about the model is taken from the server, whose config and stated
         fingerprint must match ours."""
@@ -116,7 +117,9 @@ class Offloads:
                 self._compute = IntCompute(cfg, weights, args.device)
             inner = LocalOffload(self._compute, stats)
         else:
-            rows = bucketed(tokens, args.length_bucket)            # what the server may be sent, padding included
+            # what the server may be sent, padding included: sized from the bucketed prompt, never the prompt
+            # itself (the arena's size is in the attach, the receive cap shows in what the runner accepts)
+            rows = bucketed(tokens, args.length_bucket) + new_tokens
             arena = args.arena_mb * MiB if args.arena_mb else \
                 (lambda c: 2 * default_arena_bytes(c, rows, args.chunks))
             norms = W.norm_weights(weights)
@@ -144,9 +147,9 @@ class Offloads:
         return offload, cfg, W.norm_weights(weights)
 
 
-def open_offload(args, stats: Stats, tokens: int):
+def open_offload(args, stats: Stats, tokens: int, new_tokens: int = 0):
     """(offload, cfg, norms) for --local or a remote endpoint, wrapped in the protection when asked for."""
-    return Offloads(args).open(stats, tokens)
+    return Offloads(args).open(stats, tokens, new_tokens)
 
 
 def where(args) -> str:

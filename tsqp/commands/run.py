@@ -123,7 +123,7 @@ def run_generation(args) -> dict:
         ids_arg = [int(t) for t in args.prompt_ids.split(",")] if args.prompt_ids else None
     tokens = len(ids_arg) if ids_arg is not None else args.tokens
     stats = Stats()
-    offload, cfg, norms = open_offload(args, stats, tokens + max_new)   # the arena: room for the longest step
+    offload, cfg, norms = open_offload(args, stats, tokens, max_new)    # the arena: room for the longest step
     try:
         console.print(f"Connected to {where(args)}: {cfg.num_layers} layers, dtype {P_name(offload.dtype)}, "
                       f"policy {args.policy}, {torch.get_num_threads()} threads")

@@ -19,6 +19,7 @@ from ..stats import Stats
 
 
 # ---- sampling ----------------------------------------------------------------------------------------
+MIN_TEMPERATURE = 1e-6      # below it float32 logits / temperature overflow (1e-300 rounds to 0): ask for 0 instead
 @dataclass(frozen=True)
 class Sampling:
     temperature: float = 0.0     # 0: greedy
@@ -33,8 +34,8 @@ class Sampling:
         top_k, top_p = top_k or 0, 1.0 if top_p is None else top_p
         if temperature is None:
             temperature = 1.0 if (top_k or top_p < 1.0) else 0.0
-        if temperature < 0:
-            raise ValueError(f"--temperature must be >= 0, got {temperature}")
+        if temperature < 0 or 0 < temperature < MIN_TEMPERATURE:
+            raise ValueError(f"--temperature must be 0 (greedy) or at least {MIN_TEMPERATURE:g}, got {temperature:g}")
         if top_k < 0:
             raise ValueError(f"--top-k must be >= 0, got {top_k}")
         if not 0.0 < top_p <= 1.0:

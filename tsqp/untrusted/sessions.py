@@ -12,11 +12,13 @@ import os
 import sys
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from ..wire import protocol as P
 from ..wire.pipes import Channel, open_pipe, pipe_paths
 from ..wire.shm import NAME as ARENA_NAME
 from ..wire.shm import Arena, ArenaError, arena_dir
+from ..wire.transport import TransportError, check_private_dir
 from .peers import Peer
 
 CHECKED_CACHE = 1024   # checked calls remembered per session (a prefill reuses a few dozen region layouts)
@@ -46,11 +48,25 @@ class Session:
             self.arena = None
 
 
-def open_pipes(name) -> Channel:
+def pipe_dir(given) -> Path:
+    """Where the runner made its pipes: the directory its attach names (its runtime directory, which this
+    process's environment may lack), which must be this user's alone, as arena_dir() is; else arena_dir()."""
+    if given is None:
+        return arena_dir()
+    if not isinstance(given, str) or not os.path.isabs(given) or len(given) > 4096:
+        raise P.ProtocolError(f"attach: bad pipe directory {str(given)[:80]!r}")
+    try:
+        check_private_dir(Path(given), "attach: the pipe directory")
+    except (OSError, TransportError) as e:
+        raise ArenaError(str(e)) from None
+    return Path(given)
+
+
+def open_pipes(name, directory=None) -> Channel:
     """Open a runner's control pipes (named after its arena) and unlink them."""
     if not isinstance(name, str) or not ARENA_NAME.match(name):
         raise P.ProtocolError(f"bad arena name {name!r}")
-    req, rep = pipe_paths(arena_dir() / name)
+    req, rep = pipe_paths(pipe_dir(directory) / name)
     fds = []
     try:
         for p in (req, rep):
@@ -108,7 +124,7 @@ class Sessions:
             raise P.ProtocolError("attach: 'arena' must be {name, size}")
         if not isinstance(spec.get("name"), str) or not ARENA_NAME.match(spec["name"]):
             raise P.ProtocolError(f"bad arena name {spec.get('name')!r}")
-        pipes = open_pipes(spec["name"]) if want_pipes else None
+        pipes = open_pipes(spec["name"], spec.get("dir")) if want_pipes else None
         arena = None
         try:
             arena = Arena.attach(spec["name"], spec["size"], session.peer.pid, self.max_arena_bytes)

@@ -32,7 +32,8 @@ from .transport import Client, ServerTimeout, TransportError, check_ipc_owner
 
 MiB = 2**20
 DEFAULT_MAX_BYTES = 4096 * MiB   # --max-arena-mb
-RECEIVE_QUEUE = 64               # replies ZeroMQ may hold unread (a runner has one call in flight per chunk)
+QUEUE_BYTES = 16 * MiB           # what ZeroMQ may hold unread for the runner, whatever the server sends
+MAX_QUEUE = 64                   # messages, when they are small (control messages, shared-memory replies)
 WIDEST = 8                       # bytes per element of the widest result (int64, protected)
 
 
@@ -58,6 +59,21 @@ class Budget:
     seed_policy: bool = False
     max_bytes: int = DEFAULT_MAX_BYTES
 
+    def check(self, cfg: ModelConfig, transport: str, arena_bytes: int, endpoint: str, model: str) -> None:
+        """Before allocating anything sized from the served model: the arena, the KV cache and (frames) the
+        largest result within the runner's own limit."""
+        need = {"the arena": arena_bytes}
+        if self.tokens is not None:
+            need["the KV cache"] = 2 * cfg.num_layers * cfg.kv_size * self.tokens * 4       # float32 K and V
+            if transport == "frames":
+                need["the largest result"] = largest_result(cfg, self.tokens, self.seed_policy)
+        for what, n in need.items():
+            if n > self.max_bytes:
+                raise RemoteError(f"{endpoint}: {what} would take {n / MiB:.0f} MiB (the served model {model}: "
+                                  f"{cfg.num_layers} layers, hidden {cfg.hidden_size}, vocab {cfg.vocab_size}"
+                                  f"{f'; {self.tokens} tokens' if self.tokens else ''}), above this runner's "
+                                  f"limit of {self.max_bytes / MiB:.0f} MiB (--max-arena-mb)")
+
 
 def largest_result(cfg: ModelConfig, tokens: int, seed_policy: bool) -> int:
     """Bytes of the largest result a step of `tokens` tokens gets (lm_head answers the last row only)."""
@@ -79,6 +95,16 @@ def receive_cap(transport: str, cfg: ModelConfig | None, budget: Budget) -> int:
         cap = max(cap, budget.max_bytes if budget.tokens is None else
                   min(budget.max_bytes, largest_result(cfg, budget.tokens, budget.seed_policy)))
     return cap
+
+
+def receive_queue(cap: int) -> int:
+    """ZMQ_RCVHWM from the runner's largest frame: messages libzmq may hold unread, QUEUE_BYTES of them at most
+    and never fewer than 2. A full queue only slows the server down: a DEALER stops reading its connection and
+    the replies wait on the server's side (whose queue per session is larger than the calls a runner has in
+    flight), none is dropped. What it holds unread is then at most (queue + 1) * cap bytes: the queue and the
+    message being decoded, but only for messages of one frame (a reply has at most two): libzmq counts whole
+    messages, so one message of many frames passes the queue's bound (docs/security.md)."""
+    return max(2, min(MAX_QUEUE, QUEUE_BYTES // cap))
 
 
 class Pending:
@@ -127,17 +153,17 @@ class RemoteOffload:
         # a context of its own: its sockets get the runner's caps before they connect (libzmq copies a
         # socket's options into each connection when it is made)
         self.ctx = RunnerContext()
-        self.ctx.setsockopt(zmq.RCVHWM, RECEIVE_QUEUE)
         try:
             self._connect(receive_cap(transport, expect.cfg if expect else None, budget), timeout_s, curve)
             self._hello(connect_timeout_s, expect)
             nbytes = arena_bytes(self.cfg) if callable(arena_bytes) else arena_bytes
-            self._check_budget(nbytes if transport == "shm" else 0)
+            budget.check(self.cfg, transport, nbytes if transport == "shm" else 0, endpoint, self.info["model"])
             cap = receive_cap(transport, self.cfg, budget)
             if cap > self.receive_cap:          # frames: results need more than the hello did, now bounded
                 self._rehello(cap, timeout_s, connect_timeout_s, curve, expect)
             if transport == "shm":
-                self._attach(nbytes, connect_timeout_s, pipes=control == "pipes", spin_s=spin_s)
+                self.path, bell = attach(self, nbytes, connect_timeout_s, pipes=control == "pipes")
+                self.channel = PipeChannel(bell, endpoint, timeout_s, spin_s) if bell else self.link
             else:
                 self.path, self.channel = FramePath(self.cfg, self.dtype), self.link
         except BaseException:
@@ -146,8 +172,9 @@ class RemoteOffload:
 
     # ---- the session: JSON control messages -------------------------------------------------------------
     def _connect(self, cap: int, timeout_s: float, curve) -> None:
-        self.receive_cap = cap
+        self.receive_cap, self.receive_queue = cap, receive_queue(cap)
         self.ctx.setsockopt(zmq.MAXMSGSIZE, cap)
+        self.ctx.setsockopt(zmq.RCVHWM, self.receive_queue)
         self.client = Client(self.endpoint, timeout_s, ctx=self.ctx, curve=curve)
         self.link = SocketChannel(self.client, cap)
 
@@ -186,46 +213,6 @@ class RemoteOffload:
         if self.cfg != cfg or self.norms.keys() != norms.keys() or \
                 any(not torch.equal(self.norms[k], norms[k]) for k in norms):
             raise RemoteError(f"{self.endpoint}: the server's second hello differs from its first")
-
-    def _check_budget(self, arena_bytes: int) -> None:
-        """Before allocating anything sized from the served model: the arena, the KV cache and (frames) the
-        largest result within the runner's own limit."""
-        b, cfg = self.budget, self.cfg
-        need = {"the arena": arena_bytes}
-        if b.tokens is not None:
-            need["the KV cache"] = 2 * cfg.num_layers * cfg.kv_size * b.tokens * 4       # float32 K and V
-            if self.transport == "frames":
-                need["the largest result"] = largest_result(cfg, b.tokens, b.seed_policy)
-        for what, n in need.items():
-            if n > b.max_bytes:
-                raise RemoteError(f"{self.endpoint}: {what} would take {n / MiB:.0f} MiB (the served model "
-                                  f"{self.info['model']}: {cfg.num_layers} layers, hidden {cfg.hidden_size}, vocab "
-                                  f"{cfg.vocab_size}{f'; {b.tokens} tokens' if b.tokens else ''}), above this "
-                                  f"runner's limit of {b.max_bytes / MiB:.0f} MiB (--max-arena-mb)")
-
-    def _attach(self, nbytes: int, timeout_s: float, pipes: bool, spin_s: float) -> None:
-        """Create the session's arena (and its control pipes) and have the server map it (the server then
-        unlinks the files)."""
-        arena, paths, bell = Arena.create(nbytes), (), None
-        try:
-            if pipes:
-                paths = make_pipes(arena.path)
-                bell = Pipes(open_pipe(paths[1]), open_pipe(paths[0]), max_message=P.MAX_CONTROL_BYTES)
-            head, frames = self._ask({"type": "attach", "arena": {"name": arena.name, "size": arena.size},
-                                      "pipes": pipes}, "the arena attach", timeout_s)
-            if head["type"] != "attached" or frames:
-                raise RemoteError(f"{self.endpoint}: a {server_text(head['type'])} message with {len(frames)} "
-                                  f"frame(s) answered the arena attach")
-        except BaseException:
-            arena.close()
-            for p in paths:
-                p.unlink(missing_ok=True)
-            if bell is not None:
-                bell.close()
-            raise
-        arena.path = None
-        self.path = ArenaPath(arena, self.cfg, self.dtype)
-        self.channel = PipeChannel(bell, self.endpoint, self.client.timeout_s, spin_s) if pipes else self.link
 
     def server_alive(self, timeout_s: float) -> bool:
         """Whether the server process that welcomed this session still answers within timeout_s, for a runner
@@ -297,24 +284,11 @@ class RemoteOffload:
         asked = self.waiting.pop(P.peek_id(frames[0]), None)
         try:
             if asked is None:
-                self._refuse(frames[0], pending)
+                refuse(self.waiting, frames[0], pending, self.endpoint)
             asked.reply = (reply_time(frames[0], asked.call), frames, time.perf_counter())
         except P.ProtocolError as e:
             raise RemoteError(f"server at {self.endpoint} broke the protocol while {pending} was pending: {e}") \
                 from None
-
-    def _refuse(self, head: bytes, pending: Pending) -> None:
-        """A reply that answers no call in flight: the server's error (naming the call it failed), a header
-        too malformed to read an id from, or an id no call in flight has. Raises."""
-        if not P.is_binary(head):
-            msg = P.decode(head)
-            rid = msg.get("id")
-            what = self.waiting.get(rid, pending) if isinstance(rid, int) else pending
-            raise RemoteError(f"server at {self.endpoint} failed {what}: {server_text(msg.get('error', msg))}")
-        rid = P.peek_id(head)
-        if rid is None:
-            P.unpack(head)                # raises, naming what is wrong
-        raise P.ProtocolError(f"a reply with id {rid}, which no call in flight has")
 
     def _say_bye(self) -> None:
         """End the session (best effort, and only to a server that answered the hello: it may be gone) and
@@ -342,6 +316,44 @@ class RemoteOffload:
         if self.path is not None:
             self.path.close()
             self.path = None
+
+
+def attach(remote: RemoteOffload, nbytes: int, timeout_s: float, pipes: bool) -> tuple[ArenaPath, Pipes | None]:
+    """Create the session's arena (and its control pipes) and have the server map it (the server then unlinks
+    the files). Returns the data path and the pipes (None: calls go on the socket)."""
+    arena, paths, bell = Arena.create(nbytes), (), None
+    try:
+        if pipes:
+            paths = make_pipes(arena.path)
+            bell = Pipes(open_pipe(paths[1]), open_pipe(paths[0]), max_message=P.MAX_CONTROL_BYTES)
+        spec = {"name": arena.name, "size": arena.size} | ({"dir": str(arena.path.parent)} if pipes else {})
+        head, frames = remote._ask({"type": "attach", "arena": spec, "pipes": pipes}, "the arena attach", timeout_s)
+        if head["type"] != "attached" or frames:
+            raise RemoteError(f"{remote.endpoint}: a {server_text(head['type'])} message with {len(frames)} "
+                              f"frame(s) answered the arena attach")
+    except BaseException:
+        arena.close()
+        for p in paths:
+            p.unlink(missing_ok=True)
+        if bell is not None:
+            bell.close()
+        raise
+    arena.path = None
+    return ArenaPath(arena, remote.cfg, remote.dtype), bell
+
+
+def refuse(waiting: dict, head: bytes, pending: Pending, endpoint: str) -> None:
+    """A reply that answers no call in flight: the server's error (naming the call it failed), a header too
+    malformed to read an id from, or an id no call in flight has. Raises."""
+    if not P.is_binary(head):
+        msg = P.decode(head)
+        rid = msg.get("id")
+        what = waiting.get(rid, pending) if isinstance(rid, int) else pending
+        raise RemoteError(f"server at {endpoint} failed {what}: {server_text(msg.get('error', msg))}")
+    rid = P.peek_id(head)
+    if rid is None:
+        P.unpack(head)                # raises, naming what is wrong
+    raise P.ProtocolError(f"a reply with id {rid}, which no call in flight has")
 
 
 def default_arena_bytes(cfg: ModelConfig, tokens: int, chunks: int = 1, seed_policy: bool = False) -> int:

@@ -31,6 +31,7 @@ from pathlib import Path
 import torch
 
 from .. import files
+from ..config import runtime_dir
 from .protocol import DTYPE_NAME, WIRE_DTYPES, ProtocolError, TensorMeta
 
 SHM_ROOT = Path(os.environ.get("TSQP_SHM_ROOT", "/dev/shm"))
@@ -45,9 +46,19 @@ class ArenaError(RuntimeError):
     """The arena cannot be created, attached, or cannot hold a request."""
 
 
+SHM_REMEDY = "set XDG_RUNTIME_DIR to a directory of yours with mode 0700 (the control pipes then go there)"
+
+
 def arena_dir() -> Path:
-    """/dev/shm/tsqp-<uid>, this user's alone (made under umask 077; a loose mode is fixed through an fd)."""
-    return files.private_dir(SHM_ROOT / f"tsqp-{os.getuid()}", ArenaError, repair=True, parents=False)
+    """Where the runner's control pipes go, this user's alone (made under umask 077; a loose mode is fixed
+    through an fd): <XDG_RUNTIME_DIR>/tsqp where the system gives this user a runtime directory (no one else
+    can create anything there), else /dev/shm/tsqp-<uid> (which another user may have created first: refused,
+    saying whose it is)."""
+    runtime = runtime_dir()
+    if runtime is not None:
+        return files.private_dir(runtime / "tsqp", ArenaError, repair=True, parents=False)
+    return files.private_dir(SHM_ROOT / f"tsqp-{os.getuid()}", ArenaError, repair=True, parents=False,
+                             remedy=SHM_REMEDY)
 
 
 def pid_alive(pid: int) -> bool:

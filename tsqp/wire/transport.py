@@ -19,6 +19,7 @@ from pathlib import Path
 import zmq
 
 from .. import files
+from ..config import SQUAT_REMEDY
 
 MAX_MSG_BYTES = 4 * 2**30   # ZMQ_MAXMSGSIZE on the server: larger messages are dropped by libzmq
 HEARTBEAT_IVL_MS, HEARTBEAT_TIMEOUT_MS = 2000, 10000   # tcp only: notice peers that vanished without a FIN
@@ -109,8 +110,7 @@ def check_private_dir(d: Path, what: str) -> None:
     if not stat.S_ISDIR(st.st_mode):
         raise TransportError(f"{what}: {d} is not a directory")
     if st.st_uid != os.getuid():
-        raise TransportError(f"{what}: {d} belongs to uid {st.st_uid}, not to this user (uid {os.getuid()}); "
-                             f"use a directory of your own (mode 0700)")
+        raise TransportError(f"{what}: {files.squatted(d, st.st_uid, SQUAT_REMEDY)}")
     if st.st_mode & 0o022:
         raise TransportError(f"{what}: {d} is writable by other users (mode {describe_mode(st)}), who could bind "
                              f"there first or replace the socket; use a directory of your own (mode 0700), as "

@@ -3,8 +3,9 @@
   GET  /v1/models                 the one model served (its context length as max_model_len)
   POST /v1/chat/completions       messages -> the model's chat template -> ids; stops at the end of turn
   POST /v1/completions            a prompt string or token ids; stops at the model's eos
-  both: max_tokens, temperature, top_p, seed, stop, n=1, stream (server-sent events ending in [DONE]),
-        stream_options.include_usage; usage counts in tokens
+  both: max_tokens, temperature, top_p, top_k, seed, stop, n=1, stream (server-sent events ending in [DONE]),
+        stream_options.include_usage, response_format text; usage counts in tokens; any other field that would
+        change the answer is refused by name (schema.py)
 
 The event loop only parses, tokenizes and writes; generation runs on the pool's worker threads (pool.py),
 each with its own session to the compute server. Errors are OpenAI's JSON bodies with the HTTP status:
@@ -33,15 +34,18 @@ from ...trusted.generate import Sampling
 from ...trusted.tokenizer import Tokenizer
 from . import schema
 from .attestation import AttestationRoutes, signer_for
+from .limits import Admission, Limits, Prompts
 from .pool import Done, Failed, Job, Pool, Text
 from .schema import APIError
 
-MAX_BODY_BYTES = 8 * 2**20
 DISCONNECT_POLL_S = 1.0         # how often a waiting non-streamed request checks that its client is still there
 
 
+CLOSING = {408, 413, 503}      # a body refused unread or late: the connection closes rather than read the rest
+
+
 def error_response(e: APIError) -> JSONResponse:
-    return JSONResponse(e.body(), status_code=e.status)
+    return JSONResponse(e.body(), status_code=e.status, headers={"Connection": "close"} if e.status in CLOSING else None)
 
 
 def sse(data) -> bytes:
@@ -53,11 +57,13 @@ class Api:
 
     def __init__(self, model_id: str, cfg: ModelConfig, tokenizer: Tokenizer, template: ChatTemplate | None,
                  template_error: str | None, pool: Pool, default_max_tokens: int, api_key: str | None,
-                 attestor=None):      # attestor: --attest's; serves /v1/attestation and signs each answer
+                 limits: Limits = Limits(), attestor=None):   # attestor: --attest's; serves /v1/attestation and signs each answer
         self.model_id, self.cfg, self.tokenizer, self.template = model_id, cfg, tokenizer, template
         self.attestor = attestor
         self.template_error, self.pool = template_error, pool
         self.default_max_tokens, self.api_key = default_max_tokens, api_key
+        self.limits, self.admission = limits, Admission(limits)
+        self.prompts = Prompts(tokenizer, cfg.max_position_embeddings)
         self.created = int(time.time())
 
     def app(self) -> Starlette:
@@ -107,10 +113,11 @@ class Api:
     async def complete(self, request: HTTPRequest, kind: str) -> Response:
         try:
             self.check_key(request)
-            body = await read_body(request)
-            req = schema.parse(body, kind)
-            self.check_model(req.model)
-            ids, stop_ids = await run_in_threadpool(self.prompt_ids, req)
+            async with self.admission.body(request) as raw:     # bounded before a byte of the body is read
+                body, req = raw, schema.parse(raw, kind)     # body: the request as signed answers hash it
+                self.check_model(req.model)
+                async with self.admission.tokenizer_slot():
+                    ids, stop_ids = await run_in_threadpool(self.prompt_ids, req)
             job, events = self.start(req, ids, stop_ids)
         except APIError as e:
             return error_response(e)
@@ -145,13 +152,18 @@ class Api:
                 raise APIError(400, f"this model has no chat template ({self.template_error}); use /v1/completions",
                                param="messages")
             try:
-                ids = self.template.prompt_ids(self.tokenizer, req.messages)
+                text = self.template.render(req.messages)
             except ChatTemplateError as e:
                 raise APIError(400, str(e), param="messages") from None
+            self.prompts.check(text, "messages")        # before tokenizing: a prompt too long costs nothing
+            ids = self.tokenizer.encode(text, add_special_tokens=False)     # the template writes any BOS
             stop_ids, param = self.template.stop_ids, "messages"
+        elif isinstance(req.prompt, str):
+            self.prompts.check(req.prompt, "prompt")
+            ids, stop_ids, param = self.tokenizer.encode(req.prompt), None, "prompt"
         else:
-            ids = self.tokenizer.encode(req.prompt) if isinstance(req.prompt, str) else list(req.prompt)
-            stop_ids, param = None, "prompt"
+            ids, stop_ids, param = list(req.prompt), None, "prompt"
+        if param == "prompt":
             outside = [t for t in ids if not 0 <= t < self.cfg.vocab_size]
             if outside:
                 raise APIError(400, f"token id {outside[0]} is outside the vocabulary 0..{self.cfg.vocab_size - 1}",
@@ -179,7 +191,9 @@ class Api:
         """Queue the generation; its events arrive on the returned queue."""
         max_new = self.max_new_tokens(req, len(ids))
         greedy = req.temperature == 0
-        sampling = Sampling.make(req.temperature, None, None if greedy else req.top_p, req.seed)
+        # greedy takes the argmax, which top-k and top-p keep: they change nothing there
+        sampling = Sampling.make(req.temperature, None if greedy else req.top_k, None if greedy else req.top_p,
+                                 req.seed)
         loop, events = asyncio.get_running_loop(), asyncio.Queue()
 
         def emit(event) -> None:
@@ -253,19 +267,6 @@ async def next_event(events: asyncio.Queue, job: Job):
         raise
 
 
-async def read_body(request: HTTPRequest) -> bytes:
-    """The request's bytes, refused past MAX_BODY_BYTES (413) without reading them all."""
-    length = request.headers.get("content-length")
-    if length is not None and length.isdigit() and int(length) > MAX_BODY_BYTES:
-        raise APIError(413, f"the request body ({int(length)} bytes) exceeds {MAX_BODY_BYTES} bytes")
-    body = bytearray()
-    async for part in request.stream():
-        body += part
-        if len(body) > MAX_BODY_BYTES:
-            raise APIError(413, f"the request body exceeds {MAX_BODY_BYTES} bytes")
-    return bytes(body)
-
-
 def model_id_of(spec: str) -> str:
     """The id clients name: a GGUF file's name without .gguf, a model directory's name, or a preset."""
     if spec.startswith("random:"):
@@ -284,6 +285,6 @@ def bind(host: str, port: int) -> socket.socket:
     except OSError as e:
         sock.close()
         raise OSError(f"cannot listen on {host}:{port}: {e.strerror}") from None
-    sock.listen(128)
+    sock.listen(1024)             # a burst of connections waits in the kernel, not refused (limits.py caps them)
     sock.set_inheritable(True)
     return sock

@@ -3,6 +3,7 @@ check the compute server once, start the worker pool, then serve HTTP until SIGI
 from __future__ import annotations
 
 import ipaddress
+import resource
 import socket
 import sys
 import time
@@ -14,10 +15,13 @@ import uvicorn
 from ...trusted.chat import ChatTemplateError
 from ..attested import attestor_for, describe, provider_of
 from ..engine import Offloads, P_name, open_chat_template, open_tokenizer, where
+from .access import api_key_of, bind_unix
 from .app import Api, bind, model_id_of
 from .attestation import check_attest_flags, off_warnings
+from .limits import Limits, uvicorn_options
 from .pool import MIN_SESSION_TOKENS, Pool, Session
 
+FILES_RESERVED = 64             # file descriptors kept for the model, sessions, pipes and logs beyond the connections
 GRACEFUL_SHUTDOWN_S = 5         # on SIGTERM, responses still being written get this long before they are cut
 
 
@@ -41,8 +45,16 @@ def check_flags(args) -> None:
                              ("--max-tokens", args.max_tokens, 1)):
         if value < low:
             raise ValueError(f"{name} must be >= {low}, got {value}")
-    if not args.session_idle > 0:
-        raise ValueError(f"--session-idle must be > 0, got {args.session_idle}")
+    for name, value in (("--session-idle", args.session_idle), ("--header-timeout", args.header_timeout),
+                        ("--body-timeout", args.body_timeout)):
+        if not value > 0:
+            raise ValueError(f"{name} must be > 0, got {value}")
+    files_open = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    if not 1 <= args.max_connections <= files_open - FILES_RESERVED:
+        raise ValueError(f"--max-connections must be in 1..{files_open - FILES_RESERVED} (ulimit -n is {files_open}, "
+                         f"{FILES_RESERVED} kept for the process's own files), got {args.max_connections}")
+    if args.unix and (args.host != "127.0.0.1" or args.port != 8000):
+        raise ValueError("--unix listens on a unix socket only: drop --host and --port")
     if (args.tls_cert is None) != (args.tls_key is None):
         raise ValueError("--tls-cert and --tls-key go together")
     for path in (args.tls_cert, args.tls_key):
@@ -54,30 +66,42 @@ def is_loopback(host: str) -> bool:
     return ipaddress.ip_address(socket.gethostbyname(host) if ":" not in host else host).is_loopback
 
 
-def exposure_warnings(args, attested: bool = False) -> list[str]:
+def exposure_warnings(args, api_key: str | None, attested: bool = False) -> list[str]:
     """What a bind beyond this host exposes: prompts and answers cross its network in the clear without TLS
     (and TLS ended outside the enclave would hand them to its host), and anyone can use it without a key."""
-    if is_loopback(args.host):
+    if args.unix:
         return []
+    if is_loopback(args.host):
+        return [] if api_key else [f"note: without a key, every local user can use the API on {args.host} "
+                                   f"(--api-key-file, or --unix PATH for this user only)"]
     warnings = off_warnings(args, loopback=False)
     if args.tls_cert is None and not attested:
         warnings.append(f"WARNING: --host {args.host} without --tls-cert: prompts and answers travel in the clear")
-    if args.api_key is None:
+    if api_key is None:
         warnings.append(f"WARNING: --host {args.host} without --api-key: anyone who reaches it can use it")
     return warnings
+
+
+def listening(sock: socket.socket, args, https: bool) -> str:
+    scheme = "https" if https else "http"
+    if sock.family == socket.AF_UNIX:
+        return f"{scheme}+unix://{args.unix} (/v1; mode 0600: this user only)"
+    host, port = sock.getsockname()[:2]
+    return f"{scheme}://{f'[{host}]' if ':' in host else host}:{port}/v1"
 
 
 def serve_api(args) -> None:
     t0 = time.perf_counter()
     check_flags(args)
+    api_key, key_warnings = api_key_of(args)
     provider = provider_of(args)                # a TEE asked for but absent fails here, before any loading
-    check_attest_flags(args, provider, is_loopback(args.host))
+    check_attest_flags(args, provider, args.unix is not None or is_loopback(args.host))
     tokenizer = open_tokenizer(args, required=True)
     try:
         template, template_error = open_chat_template(args, tokenizer), None
     except ChatTemplateError as e:          # completions still work; chat requests are told why not
         template, template_error = None, str(e)
-    sock = bind(args.host, args.port)
+    sock = bind_unix(args.unix) if args.unix else bind(args.host, args.port)
     offloads = Offloads(args)
     first = pool = None
     try:
@@ -89,9 +113,9 @@ def serve_api(args) -> None:
         model_id = args.model_name or model_id_of(args.model)
         attestor = attestor_for(args, provider, first_offload, model_id, certificate_hosts(args.host)) \
             if provider is not None else None
-        api = Api(model_id, cfg, tokenizer, template, template_error, pool, args.max_tokens, args.api_key, attestor)
-        host, port = sock.getsockname()[:2]
-        shown = f"[{host}]" if ":" in host else host
+        limits = Limits(connections=args.max_connections, header_s=args.header_timeout, body_s=args.body_timeout)
+        api = Api(model_id, cfg, tokenizer, template, template_error, pool, args.max_tokens, api_key, attestor,
+                  limits)
         print(f"Model: {model_id} ({cfg.num_layers} layers, context {cfg.max_position_embeddings} tokens, "
               f"chat template: {'yes' if template else 'none'})", flush=True)
         print(f"Compute: {where(args)}, dtype {P_name(dtype)}, policy {args.policy}"
@@ -100,14 +124,16 @@ def serve_api(args) -> None:
               f"{torch.get_num_threads()} threads", flush=True)
         print(f"Workers: {args.workers} (a session each), up to {args.queue} requests waiting (then 429)", flush=True)
         print(describe(args.attest, provider), flush=True)
-        for line in exposure_warnings(args, attested=attestor is not None):
+        longest = api.prompts.max_bytes or limits.max_body
+        print(f"Limits: {limits.describe(longest)}", flush=True)
+        for line in key_warnings + exposure_warnings(args, api_key, attested=attestor is not None):
             print(line, file=sys.stderr, flush=True)
-        scheme = "https" if args.tls_cert or attestor else "http"
-        print(f"Listening: {scheme}://{shown}:{port}/v1", flush=True)
+        print(f"Listening: {listening(sock, args, https=bool(args.tls_cert or attestor))}", flush=True)
         print(f"ready in {time.perf_counter() - t0:.1f} s", flush=True)
         config = uvicorn.Config(api.app(), log_level="warning", access_log=False, lifespan="off",
                                 timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S, ssl_certfile=args.tls_cert,
-                                ssl_keyfile=args.tls_key, ssl_context_factory=tls_of(attestor))
+                                ssl_keyfile=args.tls_key, ssl_context_factory=tls_of(attestor),
+                                **uvicorn_options(limits))
         Server(config, pool).run(sockets=[sock])
     finally:
         if first is not None:

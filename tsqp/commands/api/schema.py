@@ -7,6 +7,8 @@ import json
 import math
 from dataclasses import dataclass, field
 
+from ...trusted.generate import MIN_TEMPERATURE
+
 MAX_STOP_STRINGS = 16           # OpenAI allows 4; a few more cost nothing
 MAX_STOP_CHARS = 256
 CHAT_ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
@@ -22,6 +24,11 @@ NEUTRAL = {"logprobs": (False, None), "top_logprobs": (0, None), "logit_bias": (
            "suffix": ("", None), "best_of": (1, None), "presence_penalty": (0, None),
            "frequency_penalty": (0, None), "tools": ([], None), "functions": ([], None),
            "tool_choice": ("none", None), "function_call": ("none", None)}
+# fields read below, and fields that change nothing in the answer (bookkeeping, latency hints); any other field
+# is refused by name, so that an option tsqp does not know is never silently dropped
+KNOWN = {"model", "messages", "prompt", "max_tokens", "max_completion_tokens", "n", "temperature", "top_p",
+         "top_k", "seed", "stop", "stream", "stream_options", "response_format", *UNSUPPORTED}
+HARMLESS = {"user", "metadata", "store", "service_tier", "parallel_tool_calls"}
 
 
 class APIError(Exception):
@@ -49,6 +56,7 @@ class Request:
     max_tokens: int | None = None           # None: as many as fit, up to the server's default
     temperature: float = 1.0                # OpenAI's default; 0 is greedy
     top_p: float = 1.0
+    top_k: int = 0                          # 0: off (an extension OpenAI lacks; vLLM's meaning)
     seed: int | None = None
     stop: list[str] = field(default_factory=list)
     stream: bool = False
@@ -61,11 +69,18 @@ def parse(raw: bytes, kind: str) -> Request:
         body = json.loads(raw)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise bad(f"the request body is not valid JSON ({e})") from None
+    except RecursionError:
+        raise bad("the request body nests JSON arrays or objects too deeply") from None
     if not isinstance(body, dict):
         raise bad(f"the request body must be a JSON object, not {type(body).__name__}")
+    unknown = sorted(set(body) - KNOWN - HARMLESS)
+    if unknown:
+        name = json.dumps(unknown[0])[1:-1][:60]       # escaped: a key may be anything, lone surrogates too
+        raise bad(f"unknown field '{name}': tsqp api does not support it", param=name)
     for name, what in UNSUPPORTED.items():
         if body.get(name) not in NEUTRAL[name]:
             raise bad(f"{what} is not supported by tsqp api", param=name)
+    _response_format(body.get("response_format"))
     req = Request(kind, model=_string(body, "model", required=True))
     if kind == "chat":
         req.messages = _messages(body.get("messages"))
@@ -78,6 +93,12 @@ def parse(raw: bytes, kind: str) -> Request:
         raise bad("n > 1 is not supported: ask once per completion", param="n")
     temperature = _number(body, "temperature", 0.0, 2.0)
     req.temperature = 1.0 if temperature is None else temperature
+    if 0 < req.temperature < MIN_TEMPERATURE:
+        raise bad(f"'temperature' must be 0 (greedy) or at least {MIN_TEMPERATURE:g}, got {req.temperature:g}",
+                  param="temperature")
+    req.top_k = _integer(body, "top_k", low=-1) or 0
+    if req.top_k < 0:                       # vLLM's -1: off
+        req.top_k = 0
     top_p = _number(body, "top_p", 0.0, 1.0)
     if top_p is not None and top_p <= 0:
         raise bad("top_p must be greater than 0", param="top_p")
@@ -95,13 +116,32 @@ def parse(raw: bytes, kind: str) -> Request:
     return req
 
 
+def _response_format(value) -> None:
+    """Only plain text is served: a JSON mode or schema would need constrained decoding."""
+    if value is None or value == {"type": "text"}:
+        return
+    kind = value.get("type") if isinstance(value, dict) else None
+    raise bad(f"response_format {json.dumps(kind)[:40]} is not supported by tsqp api (only {{\"type\": \"text\"}})",
+              param="response_format")
+
+
+def _text(value: str, where: str, param: str) -> str:
+    """A string that is valid Unicode: JSON's \\ud800 escapes give lone surrogates, which have no UTF-8."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise bad(f"{where} holds a lone UTF-16 surrogate at character {e.start}, which is not text",
+                  param=param) from None
+    return value
+
+
 def _string(body: dict, name: str, required: bool = False) -> str | None:
     value = body.get(name)
     if value is None and not required:
         return None
     if not isinstance(value, str):
         raise bad(f"'{name}' must be a string" + ("" if value is not None else " (it is required)"), param=name)
-    return value
+    return _text(value, f"'{name}'", name)
 
 
 def _boolean(body: dict, name: str) -> bool:
@@ -139,14 +179,14 @@ def _number(body: dict, name: str, low: float, high: float) -> float | None:
 def _content(content, where: str) -> str:
     """A message's content: a string, or OpenAI's list of parts of which only text parts are served."""
     if isinstance(content, str):
-        return content
+        return _text(content, f"{where}.content", "messages")
     if isinstance(content, list):
         texts = []
         for part in content:
             if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
                 kind = part.get("type") if isinstance(part, dict) else type(part).__name__
                 raise bad(f"{where}.content: only text parts are supported, got {kind!r}", param="messages")
-            texts.append(part["text"])
+            texts.append(_text(part["text"], f"{where}.content", "messages"))
         return "".join(texts)
     raise bad(f"{where}.content must be a string or a list of text parts", param="messages")
 
@@ -160,7 +200,7 @@ def _messages(messages) -> list[dict]:
         if not isinstance(m, dict):
             raise bad(f"{where} must be an object", param="messages")
         role = m.get("role")
-        if role not in CHAT_ROLES:
+        if not isinstance(role, str) or role not in CHAT_ROLES:
             raise bad(f"{where}.role must be one of {', '.join(CHAT_ROLES)}, got {json.dumps(role)[:40]}",
                       param="messages")
         out.append({"role": CHAT_ROLES[role], "content": _content(m.get("content"), where)})
@@ -172,7 +212,7 @@ def _prompt(prompt) -> str | list[int]:
     if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
         prompt = prompt[0]
     if isinstance(prompt, str):
-        return prompt
+        return _text(prompt, "'prompt'", "prompt")
     if isinstance(prompt, list) and prompt and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
         return prompt
     if isinstance(prompt, list) and prompt and all(isinstance(p, (str, list)) for p in prompt):
@@ -190,7 +230,7 @@ def _stop(stop) -> list[str]:
         raise bad(f"'stop' holds {len(stops)} strings; at most {MAX_STOP_STRINGS}", param="stop")
     if any(not s or len(s) > MAX_STOP_CHARS for s in stops):
         raise bad(f"each stop string must hold 1 to {MAX_STOP_CHARS} characters", param="stop")
-    return stops
+    return [_text(s, "'stop'", "stop") for s in stops]
 
 
 # ---- bodies --------------------------------------------------------------------------------------------
