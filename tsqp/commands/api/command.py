@@ -114,8 +114,8 @@ def serve_api(args) -> None:
         attestor = attestor_for(args, provider, first_offload, model_id, certificate_hosts(args.host)) \
             if provider is not None else None
         limits = Limits(connections=args.max_connections, header_s=args.header_timeout, body_s=args.body_timeout)
-        api = Api(model_id, cfg, tokenizer, template, template_error, pool, args.max_tokens, api_key, attestor,
-                  limits)
+        api = Api(model_id, cfg, tokenizer, template, template_error, pool, args.max_tokens, api_key,
+                  limits=limits, attestor=attestor)
         print(f"Model: {model_id} ({cfg.num_layers} layers, context {cfg.max_position_embeddings} tokens, "
               f"chat template: {'yes' if template else 'none'})", flush=True)
         print(f"Compute: {where(args)}, dtype {P_name(dtype)}, policy {args.policy}"
