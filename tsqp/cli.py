@@ -18,7 +18,7 @@ def default_device() -> str:
 
 def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=os.environ.get(ENV["model"], DEFAULT_MODEL),
-                   help="a Hugging Face model directory or random:tiny|small|llama-3.2-1b[@seed] "
+                   help="a Hugging Face model directory, a .gguf file or random:tiny|small|llama-3.2-1b[@seed] "
                         f"(env {ENV['model']}; default {DEFAULT_MODEL})")
     p.add_argument("--device", default=os.environ.get(ENV["device"]),
                    help=f"cuda:N or cpu (env {ENV['device']}; default cuda:0 when CUDA is present)")
