@@ -6,7 +6,7 @@ from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parent.parent / "tsqp"
 SHARED = ("tsqp.config", "tsqp.weights", "tsqp.ops", "tsqp.stats", "tsqp.quant", "tsqp.ring", "tsqp.gguf_checkpoint",
-          "tsqp.files")
+          "tsqp.checkpoint", "tsqp.files")
 
 
 def imports_of(path: Path) -> set[str]:

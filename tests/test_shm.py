@@ -70,9 +70,9 @@ def tiny():
 
 def test_shm_same_logits_as_frames_and_local_and_counts_shm_bytes(tiny, tmp_path):
     endpoint, _ = tiny
-    common = ("--tokens", "64", "--device", "cpu", "--dtype", "float32")
+    common = ("--tokens", "64")
     res, logits = {}, {}
-    for mode, extra in {"local": ("--local", "--model", "random:tiny"),
+    for mode, extra in {"local": ("--local", "--model", "random:tiny", "--device", "cpu", "--dtype", "float32"),
                         "frames": ("--endpoint", endpoint, "--transport", "frames"),
                         "shm": ("--endpoint", endpoint, "--transport", "shm")}.items():
         res[mode] = run_here(*common, *extra, "--dump-logits", str(tmp_path / f"{mode}.npy"))

@@ -7,6 +7,7 @@ import os
 import signal
 import sys
 
+from .commands import flags
 from .config import DEFAULT_ENDPOINT, DEFAULT_MODEL, DTYPES, ENV, ConfigError, env_endpoint
 
 
@@ -17,7 +18,7 @@ def default_device() -> str:
 
 def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=os.environ.get(ENV["model"], DEFAULT_MODEL),
-                   help="a Hugging Face model directory or random:tiny|small|llama-3.2-1b[@seed] "
+                   help="a Hugging Face model directory, a .gguf file or random:tiny|small|llama-3.2-1b[@seed] "
                         f"(env {ENV['model']}; default {DEFAULT_MODEL})")
     p.add_argument("--device", default=os.environ.get(ENV["device"]),
                    help=f"cuda:N or cpu (env {ENV['device']}; default cuda:0 when CUDA is present)")
@@ -335,11 +336,13 @@ def main(argv: list[str] | None = None) -> int:
     # Runner and server take turns on the same cores; spinning OpenMP workers of the waiting side would steal
     # them from the working side (measured: 12x slower prefills on a busy 2-core machine). Must precede torch.
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    argv = sys.argv[1:] if argv is None else [str(a) for a in argv]
     args = parser().parse_args(argv)
     if args.command in ("run", "api"):
         signal.signal(signal.SIGTERM, interrupt)
     try:
         resolve(args)
+        flags.refuse_inapplicable(args, flags.given(parser(), argv))
         check_device(args)
         run_command(args)
         return 0

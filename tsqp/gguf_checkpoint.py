@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from .config import ConfigError, ModelConfig
-from .weights import check_complete, expected_shapes, layer_names
+from .checkpoint import check_complete, expected_shapes, layer_names
 
 # Dequantized by gguf.quants and covered by the tests (K-quants against transformers' own dequantizer).
 SUPPORTED_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1",

@@ -11,6 +11,8 @@ from pathlib import Path
 
 import torch
 
+from . import gguf_checkpoint
+from .checkpoint import check_complete, expected_shapes, layer_names, norm_names  # noqa: F401 (re-exported)
 from .config import DTYPES, PRESETS, ConfigError, ModelConfig
 
 DTYPE = {name: getattr(torch, name) for name in DTYPES}     # the one name -> torch dtype map (wire extends it)
@@ -20,28 +22,6 @@ def torch_dtype(name: str) -> torch.dtype:
     if name not in DTYPE:
         raise ValueError(f"unknown dtype '{name}'; choose one of {', '.join(DTYPE)}")
     return DTYPE[name]
-
-
-def layer_names(i: int) -> dict[str, str]:
-    p = f"model.layers.{i}."
-    return {"q": p + "self_attn.q_proj.weight", "k": p + "self_attn.k_proj.weight",
-            "v": p + "self_attn.v_proj.weight", "o": p + "self_attn.o_proj.weight",
-            "gate": p + "mlp.gate_proj.weight", "up": p + "mlp.up_proj.weight",
-            "down": p + "mlp.down_proj.weight",
-            "attn_norm": p + "input_layernorm.weight", "mlp_norm": p + "post_attention_layernorm.weight"}
-
-
-def expected_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
-    D, I = cfg.hidden_size, cfg.intermediate_size
-    shapes = {"model.embed_tokens.weight": (cfg.vocab_size, D), "model.norm.weight": (D,)}
-    if not cfg.tie_word_embeddings:
-        shapes["lm_head.weight"] = (cfg.vocab_size, D)
-    for i in range(cfg.num_layers):
-        n = layer_names(i)
-        shapes |= {n["q"]: (cfg.q_size, D), n["k"]: (cfg.kv_size, D), n["v"]: (cfg.kv_size, D),
-                   n["o"]: (D, cfg.q_size), n["gate"]: (I, D), n["up"]: (I, D), n["down"]: (D, I),
-                   n["attn_norm"]: (D,), n["mlp_norm"]: (D,)}
-    return shapes
 
 
 def describe(spec: str) -> str:
@@ -56,16 +36,14 @@ def load_config(spec: str) -> ModelConfig:
                               + ", ".join("random:" + p for p in PRESETS))
         return PRESETS[name]
     if spec.lower().endswith(".gguf"):
-        from .gguf_checkpoint import read_config
-        return read_config(spec)
+        return gguf_checkpoint.read_config(spec)
     return ModelConfig.from_dir(Path(spec))
 
 
 def load(spec: str, dtype: torch.dtype, device: str = "cpu") -> tuple[ModelConfig, dict[str, torch.Tensor]]:
     """spec: a model directory, a .gguf file, or 'random:PRESET[@SEED]'."""
     if spec.lower().endswith(".gguf"):
-        from .gguf_checkpoint import read   # imported here: gguf_checkpoint imports this module
-        return read(spec, dtype, device)
+        return gguf_checkpoint.read(spec, dtype, device)
     cfg = load_config(spec)
     if spec.startswith("random:"):
         seed = int(spec.split("@")[1]) if "@" in spec else 0
@@ -74,19 +52,12 @@ def load(spec: str, dtype: torch.dtype, device: str = "cpu") -> tuple[ModelConfi
     return cfg, read_safetensors(Path(spec), cfg, dtype, device)
 
 
-def norm_names(cfg: ModelConfig) -> list[str]:
-    """The RMSNorm weights' names: two per layer and the final one, the only weights the runner keeps."""
-    return [layer_names(i)[k] for i in range(cfg.num_layers) for k in ("attn_norm", "mlp_norm")] + \
-        ["model.norm.weight"]
-
-
 def load_norms(spec: str, dtype: torch.dtype) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
     """(config, the norm weights) of a model directory or .gguf file, reading no other tensor."""
     if spec.lower().endswith(".gguf"):
-        from .gguf_checkpoint import config_from_reader, open_reader, weights_from_reader
-        reader = open_reader(spec)
-        cfg = config_from_reader(reader)
-        return cfg, weights_from_reader(reader, cfg, dtype, only=set(norm_names(cfg)))
+        reader = gguf_checkpoint.open_reader(spec)
+        cfg = gguf_checkpoint.config_from_reader(reader)
+        return cfg, gguf_checkpoint.weights_from_reader(reader, cfg, dtype, only=set(norm_names(cfg)))
     cfg = load_config(spec)
     if spec.startswith("random:"):
         return cfg, norm_weights(load(spec, dtype)[1])
@@ -136,15 +107,6 @@ def read_safetensors(path: Path, cfg: ModelConfig, dtype: torch.dtype, device: s
                                       f"config.json implies {shapes[name]}")
                 weights[name] = t.to(device=device, dtype=dtype)
     return check_complete(path, shapes, weights)
-
-
-def check_complete(source, shapes: dict, weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Every tensor the config implies is there, or a ConfigError names the missing ones."""
-    missing = sorted(set(shapes) - set(weights))
-    if missing:
-        raise ConfigError(f"{source}: missing tensor(s) {', '.join(missing[:3])}"
-                          + (f" and {len(missing) - 3} more" if len(missing) > 3 else ""))
-    return weights
 
 
 def norm_weights(weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

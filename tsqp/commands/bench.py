@@ -163,9 +163,11 @@ class Bench:
         need = {(c.dtype, server_kind(c)) for c in configs if c.transport != "local"}
         for dtype, sock in sorted(need):
             endpoint = f"tcp://127.0.0.1:{free_tcp_port()}" if sock == "tcp" else private_ipc_endpoint(dtype[:4])
-            extra = ("--spin-us", str(self.args.spin_us)) if self.args.spin_us else ()
+            # tcp has no control pipes to poll; a protected server computes from float32 whatever the row's dtype
+            extra = ("--spin-us", str(self.args.spin_us)) if self.args.spin_us and sock != "tcp" else ()
             extra += ("--protect", "otp") if sock == "ipc-otp" else ()
-            self.procs.append(start_server(endpoint, self.args.model, dtype, self.args.device, extra))
+            served = "float32" if sock == "ipc-otp" else dtype
+            self.procs.append(start_server(endpoint, self.args.model, served, self.args.device, extra))
             self.servers[(dtype, sock)] = endpoint
         wait_ready(self.procs)
 
