@@ -5,7 +5,6 @@ model's own top-k) or refused by name; hypothesis fuzzes the schema for any 5xx.
 from __future__ import annotations
 
 import json
-import os
 import re
 import signal
 import socket
