@@ -97,6 +97,7 @@ def test_a_unix_socket_serves_its_owner_only(tmp_path, smollm2_gguf):
         assert "s3cret-key" not in open(f"/proc/{api.proc.pid}/cmdline").read()
     finally:
         api.stop()
+    assert not path.exists()                                                    # removed at exit
 
 
 @pytest.mark.slow

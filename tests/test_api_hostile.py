@@ -5,7 +5,6 @@ model's own top-k) or refused by name; hypothesis fuzzes the schema for any 5xx.
 from __future__ import annotations
 
 import json
-import os
 import re
 import signal
 import socket
@@ -267,12 +266,15 @@ def budget_mib(api: ApiProcess) -> int:
     return int(re.search(r"at most (\d+) MiB held for clients", api.output()).group(1))
 
 
+CAPPED = 100
+
+
 @pytest.fixture(scope="module")
 def limited_api(smollm2_gguf, tmp_path_factory):
     """An API with short deadlines (2 s for headers, 4 s for bodies), so that the cut-offs show in seconds."""
     proc = ApiProcess(tmp_path_factory.mktemp("api") / "api.log", "--local", "--model", str(smollm2_gguf),
                       "--workers", "1", "--queue", "8", "--threads", "1", "--max-tokens", "4",
-                      "--header-timeout", "2", "--body-timeout", "4")
+                      "--header-timeout", "2", "--body-timeout", "4", "--max-connections", str(CAPPED))
     try:
         yield proc.wait_ready()
     finally:
@@ -314,6 +316,26 @@ def test_slow_and_oversized_clients_are_cut_off_and_a_good_client_answered(limit
     assert closed["declared 503"] + closed["chunked 503"] == 40 - 2, closed     # 2 large bodies read, then cut
     assert (peak - rest) / 1024 <= budget_mib(api), (rest, peak, budget_mib(api))
     assert chat(api)[1]["choices"][0]["message"]["content"] == greedy
+
+
+def test_one_connection_past_the_cap_gets_a_503_at_accept(limited_api):
+    """--max-connections 100: with 100 open (idle), the 101st is answered 503 and closed before anything of it
+    is read; once they are gone, requests are served again."""
+    api = limited_api
+    time.sleep(2.5)                                     # earlier tests' connections are closed by now
+    held = [socket.create_connection(("127.0.0.1", api.port), timeout=5) for _ in range(CAPPED)]
+    try:
+        time.sleep(0.3)
+        extra = socket.create_connection(("127.0.0.1", api.port), timeout=5)
+        answer = extra.recv(65536)
+        assert answer.startswith(b"HTTP/1.1 503") and b"server_busy" in answer, answer
+        assert extra.recv(65536) == b""                  # and closed
+        extra.close()
+    finally:
+        for s in held:
+            s.close()
+    time.sleep(0.3)
+    assert chat(api)[0] == 200
 
 
 def test_a_prompt_longer_than_the_context_in_bytes_is_refused_untokenized(limited_api, smollm2_gguf):

@@ -69,7 +69,8 @@ def view_of(prompt_len: int, transport: str) -> list:
     try:
         ids = ",".join(str(5 + i % 200) for i in range(prompt_len))
         rc = run_here("--protect", "otp", "--model", "random:tiny", "--endpoint", observer.endpoint,
-                      "--transport", transport, "--control", "socket", "--prompt-ids", ids,
+                      "--transport", transport, *(("--control", "socket") if transport == "shm" else ()),
+                      "--prompt-ids", ids,
                       "--max-new-tokens", str(NEW), "--ignore-eos", "--length-bucket", str(BUCKET), "--no-warmup",
                       "--timeout", "60")
         assert rc == 0

@@ -143,6 +143,8 @@ def serve_api(args) -> None:
         sock.close()
         if provider is not None and hasattr(provider, "close"):
             provider.close()
+        if args.unix:
+            Path(args.unix).unlink(missing_ok=True)     # ours: held until now, replaced by no one meanwhile
 
 
 def certificate_hosts(host: str) -> list[str]:

@@ -108,7 +108,8 @@ def protocol(limits: Limits) -> type[H11Protocol]:
 
 
 def uvicorn_options(limits: Limits) -> dict:
-    return {"http": protocol(limits), "limit_concurrency": limits.connections,
+    # uvicorn's own 503 counts the connection asking among those open: one above the cap, it never fires first
+    return {"http": protocol(limits), "limit_concurrency": limits.connections + 1,
             "h11_max_incomplete_event_size": HEADER_BYTES, "timeout_keep_alive": 5}
 
 
