@@ -154,6 +154,7 @@ def test_text_completion_from_ids_and_a_stop_string(api, hf):
     assert "".join(ch.choices[0].text for ch in streamed) == cut
 
 
+@pytest.mark.slow
 def test_eight_concurrent_streams_get_what_they_get_alone(api, hf):
     """Eight streaming clients at once (six greedy, two sampled with a seed): each text equals the one the
     same request gets alone (transformers' for the greedy ones, a lone API request for the sampled ones),
@@ -263,6 +264,7 @@ def test_errors_are_openai_bodies_with_the_right_status(api):
 
 
 # ---- a pair of its own: queue, disconnects, a dead server, shutdown; the protected pair -------------------
+@pytest.mark.slow
 def test_queue_disconnect_a_killed_server_and_shutdown(smollm2_gguf, hf):
     """With one worker and no queue a second request gets 429 at once; a client that goes away frees the
     worker; a killed compute server gives 503 well before the call timeout, the API lives on and picks up a
@@ -321,6 +323,7 @@ def test_queue_disconnect_a_killed_server_and_shutdown(smollm2_gguf, hf):
             launch.stop_servers([proc])
 
 
+@pytest.mark.slow
 def test_protection_flags_apply_to_the_api(smollm2_gguf, hf):
     """tsqp api --protect otp --verify --deferred-checks against tsqp serve --protect otp: every request's linear
     steps go out masked and come back checked (a decode step's while the next reply is awaited; strict checks

@@ -224,6 +224,7 @@ def mixed(_smollm2_hf_dir, prompts, loaded, rec_root):
     return folder, runs
 
 
+@pytest.mark.slow
 def test_token_mixing_mask_keeps_the_row_span(mixed, plain, public, prompts):
     folder, runs = mixed
     cfg, weights = public
@@ -282,6 +283,7 @@ def test_public_replay_is_the_model(_smollm2_hf_dir, public, prompts):
         ctx.append(t)
 
 
+@pytest.mark.slow
 def test_vocabulary_matching_at_deeper_layers(plain, public, _smollm2_hf_dir):
     """Position 0 and the decode steps (and the prompt positions between them) from layer 15's or 29's rows
     alone. Small shortlists keep it to 2 cores; a near-exact match is never the wrong token."""
@@ -414,6 +416,7 @@ def protected_report(protected, public, _smollm2_hf_dir):
                      AuditSettings(vocab=vocab, vocab_sequences=2))
 
 
+@pytest.mark.slow
 def test_protected_recording_holds_only_masked_limbs(protected, public):
     """What crossed: no token ids, no float activation; every linear input uint8 limbs [5, T, in], every
     result int64 ring values; every run checked by Freivalds' test; masking is exact (a prompt's two runs
@@ -434,6 +437,7 @@ def test_protected_recording_holds_only_masked_limbs(protected, public):
         assert all(torch.equal(x, y) for x, y in zip(a["logits"], b["logits"]))
 
 
+@pytest.mark.slow
 def test_every_attack_is_at_chance_on_protected_recordings(protected_report, prompts):
     report = protected_report
     names = [a["attack"] for a in report["attacks"]]
@@ -459,6 +463,7 @@ def test_every_attack_is_at_chance_on_protected_recordings(protected_report, pro
     assert attack(report, "layer0_cosine")["prompt_exact"]["hits"] <= 2
 
 
+@pytest.mark.slow
 def test_protected_masked_limbs_are_uniform_and_independent(protected_report, protected):
     m = protected_report["masked"]
     pooled = [u for u in m["uniformity"] if u["session"] == "all"]
@@ -527,6 +532,7 @@ def test_fisher_test_against_scipy():
 
 
 # ---- recording through a real server changes no result --------------------------------------------------
+@pytest.mark.slow
 def test_recording_through_a_real_server_changes_no_logit(_smollm2_hf_dir, prompts, protected, tmp_path):
     """`tsqp serve --record` (a real process) against the same server unrecorded, the runner's sessions as
     `tsqp run` opens them: the same tokens and the same logits bit for bit, for the plain split and for

@@ -141,6 +141,10 @@ def test_every_flag_has_a_rule_and_an_expectation(command, applies):
     assert set(applies) == dests_of(command)
 
 
+def test_every_bench_flag_has_a_rule():
+    assert set(flags.RULES["bench"]) == dests_of("bench")
+
+
 def check_matrix(command: str, contexts: dict, applies: dict, flips: dict, keys: str) -> int:
     wrong = []
     for ctx_name, ctx in contexts.items():
@@ -194,6 +198,8 @@ def test_combinations_of_mode_flags():
         ("run", "--endpoint", TCP, "--keys", "/nowhere", "--insecure"): "--keys",
         ("serve", "--endpoint", IPC, "--dtype", "bfloat16", "--protect", "otp"): "--dtype",
         ("run", "--local", "--dtype", "bfloat16", "--protect", "otp"): "--dtype",
+        ("bench", "--transport", "local,ipc,tcp,shm-socket", "--spin-us", "5"): "--spin-us",
+        ("bench", "--transport", "local,shm-otp-verify", "--spin-us", "5"): None,
     }
     for argv, named in cases.items():
         message = outcome(list(argv))

@@ -678,6 +678,7 @@ def test_another_user_who_binds_first_gets_nothing(other_user, tmp_path):
         shutil.rmtree(d, ignore_errors=True)
 
 
+@pytest.mark.slow
 def test_a_runner_waiting_for_its_server_can_only_meet_its_own(other_user, tmp_path):
     """The runner starts before its server (and would reconnect the same way): the endpoint is in our own
     0700 directory, where the other user can neither bind nor connect; our server, once up, serves it."""
@@ -735,6 +736,7 @@ def test_peer_credentials_are_checked_on_both_sides(other_user):
         shutil.rmtree(d, ignore_errors=True)
 
 
+@pytest.mark.slow
 def test_serve_refuses_directories_others_could_write(other_user, tmp_path):
     """Theirs, world-writable, /tmp itself (the old default path), a planted link at the socket path: refused,
     and nothing's mode changed (there is no chmod by path to trick)."""

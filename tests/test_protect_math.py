@@ -452,6 +452,7 @@ def test_every_fault_kind_is_caught(tiny, kind):
         assert faults.altered == 1     # the injector did change this result
 
 
+@pytest.mark.slow
 def test_a_vocabulary_wider_than_one_check_chunk_is_masked_and_checked_end_to_end():
     """An LM head whose check runs in two chunks (a vocabulary of 60,001, as Llama's 128,256 runs in three):
     the protected result equals the unmasked oracle's bit for bit, and every fault of every kind that
@@ -921,6 +922,7 @@ def best_ms(f, repeats: int = 3) -> float:
     return min(times) * 1e3
 
 
+@pytest.mark.slow
 def test_measure_fill_rate_and_verification_cost():
     cfg, weights = W.load("random:small", torch.float32)
     cases = {"random:small": {k: ring.RingWeight(w.q) for k, w in quant.quantize_model(cfg, weights).items()},

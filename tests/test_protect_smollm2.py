@@ -30,6 +30,7 @@ def smollm2():
     return hf, tokenizer
 
 
+@pytest.mark.slow
 def test_protected_smollm2_generates_what_transformers_does(smollm2):
     hf, tokenizer = smollm2
     cfg = ModelConfig.from_hf(hf.config.to_dict())

@@ -3,7 +3,8 @@
 Each command's flags are listed here with the condition under which they take effect; a flag given on the
 command line where its condition does not hold stops the command before anything is loaded, with one line
 naming the flag and why. Flags left at their defaults (or set from the environment) are never refused: only
-what the user typed. tests/test_flags.py checks that every flag of `run`, `api` and `serve` has a rule here.
+what the user typed. tests/test_flags.py checks that every flag of `run`, `api`, `serve` and `bench` has a
+rule here.
 """
 from __future__ import annotations
 
@@ -147,7 +148,18 @@ SERVE = {name: Rule(always, "") for name in (
     "spin_us": Rule(ipc, "polls shared memory's control pipes, which only ipc:// endpoints have"),
 }
 
-RULES = {"run": RUN, "api": API, "serve": SERVE}
+def polls_pipes(args) -> bool:
+    """`tsqp bench`: some row goes through shared memory's control pipes (shm, shm-otp*; not shm-socket)."""
+    return any(t.strip().startswith("shm") and t.strip() != "shm-socket" for t in args.transport.split(","))
+
+
+BENCH = {name: Rule(always, "") for name in (
+    "model", "device", "tokens", "transport", "dtype", "policy", "chunks", "attn_dtype", "repeat", "warmup",
+    "decode", "endpoint", "timeout", "threads", "compile", "no_references", "json", "plot")} | {
+    "spin_us": Rule(polls_pipes, "polls the control pipes: it needs a shm or shm-otp* row in --transport"),
+}
+
+RULES = {"run": RUN, "api": API, "serve": SERVE, "bench": BENCH}
 
 
 def suppressed(ap: argparse.ArgumentParser) -> argparse.ArgumentParser:
