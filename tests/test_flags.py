@@ -58,7 +58,7 @@ RUN_APPLIES = {   # flag -> the contexts where it takes effect (everywhere else:
     "tokens": ALL - {"local-chat"}, "prompt_ids": ALL - {"local-chat"}, "prompt": ALL - {"local-chat"},
     "system": {"local-chat"}, "tokenizer": GENERATING, "temperature": GENERATING, "top_k": GENERATING,
     "top_p": GENERATING, "ignore_eos": GENERATING, "seed": {"local-sample"},
-    "dump_logits": ALL - GENERATING,
+    "dump_logits": ALL - GENERATING, "attest": ALL,
 }
 # Adding these to these contexts makes a flag already there inapplicable: that one is named instead.
 FLIPS = {("local", ctx): "control" if ctx == "shm-socket" else "endpoint" for ctx in REMOTE} | \
@@ -66,7 +66,8 @@ FLIPS = {("local", ctx): "control" if ctx == "shm-socket" else "endpoint" for ct
 
 API_CONTEXTS = {name: RUN_CONTEXTS[name] for name in ("local", "local-protect", "shm", "shm-socket", "frames",
                                                       "tcp-insecure", "tcp-curve", "protect", "protect-verify")}
-API_ONLY = ("tokenizer", "host", "port", "model_name", "api_key", "workers", "queue", "max_tokens", "session_idle")
+API_ONLY = ("tokenizer", "host", "port", "model_name", "api_key", "workers", "queue", "max_tokens", "session_idle",
+            "unix", "max_connections", "header_timeout", "body_timeout", "api_key_file")
 API_APPLIES = {k: v & set(API_CONTEXTS) for k, v in RUN_APPLIES.items() if k in flags.RUNNER} | \
     {k: set(API_CONTEXTS) for k in API_ONLY} | {"tls_cert": set(), "tls_key": set()}   # each alone: refused
 
@@ -102,7 +103,8 @@ def value_of(dest: str, context: list[str], keys: str) -> list[str]:
         "workers": ["2"], "queue": ["2"], "max_tokens": ["16"], "session_idle": ["60"], "tls_cert": ["c.pem"],
         "tls_key": ["k.pem"], "max_sessions": ["4"], "max_sessions_per_user": ["2"], "max_request_mb": ["64"],
         "max_message_mb": ["65"], "max_queued_mb": ["64"], "idle_timeout": ["60"], "record": ["rec"],
-        "inject_faults": ["flip"], "allow": [f"{keys}/allowed"],
+        "inject_faults": ["flip"], "allow": [f"{keys}/allowed"], "attest": ["off"], "unix": ["api.sock"],
+        "max_connections": ["64"], "header_timeout": ["5"], "body_timeout": ["5"], "api_key_file": ["key.txt"],
     }
     return [f"--{dest.replace('_', '-')}", *values.get(dest, [])]
 
@@ -200,6 +202,9 @@ def test_combinations_of_mode_flags():
         ("run", "--local", "--dtype", "bfloat16", "--protect", "otp"): "--dtype",
         ("bench", "--transport", "local,ipc,tcp,shm-socket", "--spin-us", "5"): "--spin-us",
         ("bench", "--transport", "local,shm-otp-verify", "--spin-us", "5"): None,
+        ("api", "--local", "--unix", "a.sock", "--host", "0.0.0.0"): "--host",
+        ("api", "--local", "--unix", "a.sock", "--port", "8001"): "--port",
+        ("api", "--local", "--api-key", "k", "--api-key-file", "f"): "--api-key-file",
     }
     for argv, named in cases.items():
         message = outcome(list(argv))

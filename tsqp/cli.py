@@ -262,8 +262,10 @@ def add_keys_parser(sub) -> None:
 
 def add_attest_parser(sub) -> None:
     """`tsqp attest`: verify a runner's attestation; its verbs are built in commands/attest.py."""
-    from .commands import attest
-    attest.add_parser(sub)
+    from .commands import attest, attest_client
+    verbs = attest.add_parser(sub)
+    attest_client.add_proxy_parser(verbs)
+    attest_client.add_check_answer_parser(verbs)
 
 
 def parser() -> argparse.ArgumentParser:

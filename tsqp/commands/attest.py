@@ -3,7 +3,8 @@
 Adding a verb (e.g. `proxy`, `check-answer`): write `add_NAME_parser(verbs)` that calls
 `verbs.add_parser(...)`, adds its flags and ends with `p.set_defaults(attest_handler=NAME_command)`, where
 NAME_command(args) runs it (import what it needs inside the function: cli.py builds every parser at start);
-then append the builder to VERB_BUILDERS below. `main` dispatches on args.attest_handler. Flags several
+then append the builder to VERB_BUILDERS below (or, for a verb in another module that imports this one,
+register it in cli.py's add_attest_parser, so the two modules do not import each other). `main` dispatches on args.attest_handler. Flags several
 verbs share are in add_target_args / add_trust_args.
 
 Exit codes: 0 accepted, 1 refused (one line: `refused: FIELD: expected X, found Y`), 2 an error (a file
@@ -49,17 +50,7 @@ def add_policy_parser(verbs) -> None:
     p.set_defaults(attest_handler=policy_command)
 
 
-VERB_BUILDERS = [add_verify_parser, add_policy_parser]
-
-
-def add_client_verbs(verbs) -> None:
-    """`proxy` and `check-answer`, the attested client's verbs (commands/attest_client.py)."""
-    from .attest_client import add_check_answer_parser, add_proxy_parser
-    add_proxy_parser(verbs)
-    add_check_answer_parser(verbs)
-
-
-VERB_BUILDERS.append(add_client_verbs)
+VERB_BUILDERS = [add_verify_parser, add_policy_parser]    # cli.py adds attest_client's verbs after these
 
 
 def add_parser(sub):

@@ -1,6 +1,6 @@
 """The `tsqp attest` verbs of the attested client: `proxy` (a local plain-HTTP door to an attested runner,
 for curl and other SDKs) and `check-answer` (a signed answer against the runner's saved evidence).
-Registered in commands/attest.py's VERB_BUILDERS; exit codes as there (0 accepted, 1 refused, 2 error)."""
+Registered by cli.py's add_attest_parser after commands/attest.py's verbs; exit codes as there (0 accepted, 1 refused, 2 error)."""
 from __future__ import annotations
 
 import json

@@ -95,6 +95,7 @@ RUNNER = {   # `tsqp run` and `tsqp api`: the model, the server, the split and i
     "attn_dtype": Rule(always, ""),
     "chunks": Rule(always, ""),
     "threads": Rule(always, ""),
+    "attest": Rule(always, ""),
 }
 
 NEEDS_GENERATION = "applies to generation only: add --max-new-tokens N, --prompt or --chat"
@@ -121,8 +122,14 @@ RUN = RUNNER | {
     "no_warmup": Rule(always, ""),
 }
 
+NOT_UNIX = "names a tcp listener: --unix listens on a unix socket instead (drop one)"
+
 API = RUNNER | {name: Rule(always, "") for name in (
-    "tokenizer", "host", "port", "model_name", "api_key", "workers", "queue", "max_tokens", "session_idle")} | {
+    "tokenizer", "model_name", "api_key", "workers", "queue", "max_tokens", "session_idle", "unix",
+    "max_connections", "header_timeout", "body_timeout")} | {
+    "host": Rule(lambda a: a.unix is None, NOT_UNIX),
+    "port": Rule(lambda a: a.unix is None, NOT_UNIX),
+    "api_key_file": Rule(lambda a: a.api_key is None, "and --api-key: give one of them"),
     "tls_cert": Rule(lambda a: a.tls_key is not None, "needs --tls-key (they go together)"),
     "tls_key": Rule(lambda a: a.tls_cert is not None, "needs --tls-cert (they go together)"),
 }
