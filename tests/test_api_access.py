@@ -79,7 +79,7 @@ def test_a_key_file_others_can_read_is_refused(tmp_path, smollm2_gguf):
     assert out.returncode != 0 and "readable or writable by other users (mode 0o644): chmod 600" in out.stderr, out
     out = run_cli("api", "--local", "--model", smollm2_gguf, "--api-key-file", key_file(tmp_path, 0o600),
                   "--api-key", "x", timeout_s=120)
-    assert out.returncode != 0 and "give one of --api-key-file and --api-key" in out.stderr, out
+    assert out.returncode != 0 and "--api-key-file and --api-key: give one of them" in out.stderr, out
 
 
 @pytest.mark.skipif(os.getuid() != 0, reason="another user's client needs root to start as uid 65534")
