@@ -3,11 +3,12 @@
   GET  /v1/models                 the one model served (its context length as max_model_len)
   POST /v1/chat/completions       messages -> the model's chat template -> ids; stops at the end of turn
   POST /v1/completions            a prompt string or token ids; stops at the model's eos
+  GET  /health                    each compute server's engine: state, steps, verification failures
   both: max_tokens, temperature, top_p, seed, stop, n=1, stream (server-sent events ending in [DONE]),
         stream_options.include_usage; usage counts in tokens
 
-The event loop only parses, tokenizes and writes; generation runs on the pool's worker threads (pool.py),
-each with its own session to the compute server. Errors are OpenAI's JSON bodies with the HTTP status:
+The event loop only parses, tokenizes and writes; generation runs on the engines' threads (pool.py), one
+continuous-batching engine per compute server. Errors are OpenAI's JSON bodies with the HTTP status:
 400 bad request, 401 key, 404 model or route, 413 body, 429 queue full, 502/503 compute server.
 """
 from __future__ import annotations
@@ -69,7 +70,8 @@ class Api:
         routes = [Route("/v1/models", self.models, methods=["GET"]),
                   Route("/v1/models/{model:path}", self.model, methods=["GET"]),
                   Route("/v1/chat/completions", self.chat, methods=["POST"]),
-                  Route("/v1/completions", self.text, methods=["POST"])]
+                  Route("/v1/completions", self.text, methods=["POST"]),
+                  Route("/health", self.health, methods=["GET"])]
         return Starlette(routes=routes, exception_handlers={HTTPException: not_found, Exception: internal})
 
     # ---- routes ------------------------------------------------------------------------------------------
@@ -91,6 +93,16 @@ class Api:
         except APIError as e:
             return error_response(e)
         return JSONResponse(self.card())
+
+    async def health(self, request: HTTPRequest) -> Response:
+        """200 while every compute server serves, 503 otherwise (one shut out for altering a result, one
+        unreachable): the body says which and counts the verification failures."""
+        try:
+            self.check_key(request)
+        except APIError as e:
+            return error_response(e)
+        report = self.pool.health()
+        return JSONResponse(report, status_code=200 if report["status"] == "ok" else 503)
 
     async def chat(self, request: HTTPRequest) -> Response:
         return await self.complete(request, "chat")

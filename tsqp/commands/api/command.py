@@ -1,7 +1,9 @@
 """`tsqp api --host H --port P [--endpoint E | --local] --model M ...`: set up as `tsqp run` does (engine.py),
-check the compute server once, start the worker pool, then serve HTTP until SIGINT/SIGTERM."""
+check the first compute server once, start one engine per compute server (pool.py), then serve HTTP until
+SIGINT/SIGTERM."""
 from __future__ import annotations
 
+import argparse
 import ipaddress
 import socket
 import sys
@@ -11,10 +13,12 @@ from pathlib import Path
 import torch
 import uvicorn
 
+from ... import weights as W
 from ...trusted.chat import ChatTemplateError
 from ..engine import Offloads, P_name, open_chat_template, open_tokenizer, where
 from .app import Api, bind, model_id_of
-from .pool import MIN_SESSION_TOKENS, Pool, Session
+from ...wire.keys import client_curve
+from .pool import Limits, Pool, Session, session_tokens
 
 GRACEFUL_SHUTDOWN_S = 5         # on SIGTERM, responses still being written get this long before they are cut
 
@@ -35,10 +39,24 @@ class Server(uvicorn.Server):
 def check_flags(args) -> None:
     if not 0 <= args.port <= 65535:
         raise ValueError(f"--port must be in 0..65535, got {args.port}")
-    for name, value, low in (("--workers", args.workers, 1), ("--queue", args.queue, 0),
-                             ("--max-tokens", args.max_tokens, 1)):
+    for name, value, low in (("--max-batch", args.max_batch, 1), ("--queue", args.queue, 0),
+                             ("--max-tokens", args.max_tokens, 1), ("--max-step-tokens", args.max_step_tokens, 2)):
         if value < low:
             raise ValueError(f"{name} must be >= {low}, got {value}")
+    if not args.kv_budget_mb > 0:
+        raise ValueError(f"--kv-budget-mb must be > 0, got {args.kv_budget_mb}")
+    if args.policy != "linear":
+        raise ValueError(f"tsqp api batches requests with attention on the trusted side: --policy {args.policy} "
+                         f"does not apply (use --policy linear)")
+    if args.chunks != 1:
+        raise ValueError("--chunks interleaves one prompt's prefill; tsqp api's engine cuts prompts into chunks of "
+                         "--max-step-tokens itself: leave --chunks out")
+    if args.reconnect_after_verification_failure and not args.verify:
+        raise ValueError("--reconnect-after-verification-failure applies with --verify (--protect otp) only")
+    if args.local and len(args.endpoints) > 1:
+        raise ValueError("--local computes in-process: several --endpoint do not apply")
+    if len(set(args.endpoints)) != len(args.endpoints):
+        raise ValueError(f"an --endpoint is given twice: {args.endpoints}")
     if not args.session_idle > 0:
         raise ValueError(f"--session-idle must be > 0, got {args.session_idle}")
     if (args.tls_cert is None) != (args.tls_key is None):
@@ -61,6 +79,25 @@ def exposure_warnings(args) -> list[str]:
     return warnings
 
 
+def per_endpoint(args) -> list[argparse.Namespace]:
+    """The flags as each compute server's engine sees them: its endpoint, transport and keys."""
+    if args.local:
+        return [args]
+    out = []
+    for endpoint in args.endpoints:
+        one = argparse.Namespace(**vars(args))
+        one.endpoint = endpoint
+        one.transport = args.transport_asked or ("shm" if endpoint.startswith("ipc://") else "frames")
+        one.curve = client_curve(endpoint, args.keys, args.server_key, args.client_key, args.insecure)
+        out.append(one)
+    return out
+
+
+def limits_of(args) -> Limits:
+    return Limits(args.max_batch, args.max_step_tokens, int(args.kv_budget_mb * 2**20), args.queue,
+                  args.session_idle, args.connect_timeout, args.reconnect_after_verification_failure)
+
+
 def serve_api(args) -> None:
     t0 = time.perf_counter()
     check_flags(args)
@@ -70,14 +107,16 @@ def serve_api(args) -> None:
     except ChatTemplateError as e:          # completions still work; chat requests are told why not
         template, template_error = None, str(e)
     sock = bind(args.host, args.port)
-    offloads = Offloads(args)
+    each = per_endpoint(args)
+    offloads = [Offloads(a) for a in each]
     first = pool = None
     try:
-        first = Session(offloads, MIN_SESSION_TOKENS, None)     # the start-up check: the server answers
+        # the start-up check: the first server answers; a session is sized from the engine's budget alone
+        tokens = session_tokens(W.load_config(args.model), args.max_batch, args.max_step_tokens)
+        first = Session(offloads[0], tokens, None)
         cfg, dtype = first.cfg, first.offload.dtype
-        pool = Pool(offloads, tokenizer, cfg, args.workers, args.queue, args.session_idle, where(args),
-                    args.connect_timeout, first)
-        first = None                                            # the pool's first worker holds it now
+        pool = Pool(offloads, [where(a) for a in each], tokenizer, cfg, limits_of(args), first)
+        first = None                                            # the first engine holds it now
         model_id = args.model_name or model_id_of(args.model)
         api = Api(model_id, cfg, tokenizer, template, template_error, pool, args.max_tokens, args.api_key)
         host, port = sock.getsockname()[:2]
@@ -88,7 +127,9 @@ def serve_api(args) -> None:
               f"{', protect ' + args.protect if getattr(args, 'protect', None) else ''}"
               f"{' + verify' if args.verify else ''}{' (deferred checks)' if args.deferred_checks else ''}, "
               f"{torch.get_num_threads()} threads", flush=True)
-        print(f"Workers: {args.workers} (a session each), up to {args.queue} requests waiting (then 429)", flush=True)
+        print(f"Engine: {len(each)} compute server(s), each up to {args.max_batch} requests per step of at most "
+              f"{args.max_step_tokens} rows (prefill chunks of {pool.engine_chunk}), KV budget {args.kv_budget_mb:g} "
+              f"MB each ({pool.kv_tokens} positions); up to {args.queue} more requests wait (then 429)", flush=True)
         for line in exposure_warnings(args):
             print(line, file=sys.stderr, flush=True)
         scheme = "https" if args.tls_cert else "http"

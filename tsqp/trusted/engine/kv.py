@@ -15,6 +15,10 @@ def kv_bytes_per_token(cfg: ModelConfig, itemsize: int) -> int:
     return 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * itemsize
 
 
+class KVBudgetError(ValueError):
+    """A request that could never fit the KV budget, however long it waited."""
+
+
 class KVBudget:
     def __init__(self, cfg: ModelConfig, budget_bytes: int, itemsize: int, new_cache):
         """new_cache(tokens) -> KVCache (TrustedModel.new_cache: the attention's dtype and device)."""

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from collections import deque
 
-from .kv import KVBudget
+from .kv import KVBudget, KVBudgetError
 from .sequence import Sequence
 
 
@@ -33,8 +33,8 @@ class Scheduler:
         return len(self.waiting) + len(self.running)
 
     def add(self, seq: Sequence) -> None:
-        if not self.kv.can_allocate(0) or self.kv.blocks_for(seq.reserve_tokens) > self.kv.total:
-            raise ValueError(f"the request needs {seq.reserve_tokens} positions of KV cache; the whole budget "
+        if self.kv.blocks_for(seq.reserve_tokens) > self.kv.total:
+            raise KVBudgetError(f"the request needs {seq.reserve_tokens} positions of KV cache; the whole budget "
                              f"holds {self.kv.max_tokens}")
         self.waiting.append(seq)
 
