@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import sys
 import threading
+import time
 import traceback
 from dataclasses import asdict, dataclass, field
 from typing import Callable
@@ -35,6 +36,8 @@ from ...wire.shm import ArenaError
 from ...wire.transport import TransportError
 from ..engine import Offloads, build_model
 from .schema import APIError
+
+RETRY_S = 10.0                  # an unreachable compute server gets new requests again this long after it failed
 
 
 # ---- what an engine sends back -------------------------------------------------------------------------
@@ -192,9 +195,15 @@ class Pool:
                 raise APIError(429, f"{len(self.loops) * self.limits.max_batch} requests are generating and "
                                     f"{self.limits.waiting} wait already; retry later", "rate_limit_exceeded",
                                code="queue_full")
-            usable = [loop for loop in self.loops if loop.shut_out is None] or self.loops
-            loop = min(usable, key=lambda lp: lp.active)
+            loop = min(self._usable(), key=lambda lp: lp.active)
             loop.submit(self._request(job, loop.where))
+
+    def _usable(self) -> list[EngineLoop]:
+        """The engines a request may go to: not shut out, and not failing (an unreachable server is tried again
+        RETRY_S after it failed, or when every other one fails too)."""
+        now = time.monotonic()
+        trusted = [lp for lp in self.loops if lp.shut_out is None] or self.loops
+        return [lp for lp in trusted if lp.health.state != "unavailable" or now - lp.failed_at > RETRY_S] or trusted
 
     def _request(self, job: "Job", where: str) -> Request:
         stream, stops = self.tokenizer.stream(), StopStrings(job.stops)

@@ -55,6 +55,7 @@ class EngineLoop:
         self.session, self.engine = session, (make_engine(session) if session is not None else None)
         self.health = Health(where, sessions_opened=int(session is not None))
         self.shut_out: ServerShutOut | None = None
+        self.failed_at = 0.0                 # time.monotonic() of the last failure to reach the server
         self.inbox: list[Request] = []
         self.active = 0                      # requests submitted and not yet ended
         self.cond = threading.Condition()
@@ -124,7 +125,7 @@ class EngineLoop:
                 self.health.sessions_opened += 1
             except Exception as e:                  # unreachable, refused: these requests get why
                 self._close_session()
-                self.health.state, self.health.last_error = "unavailable", f"{type(e).__name__}: {e}"
+                self._unavailable(e)
                 self._fail(new, e)
                 return
         for request in new:
@@ -149,7 +150,7 @@ class EngineLoop:
         if isinstance(e, VerificationError) and not isinstance(e, ServerShutOut):
             self._caught(e)
         else:
-            self.health.state, self.health.last_error = "unavailable", f"{type(e).__name__}: {e}"
+            self._unavailable(e)
         self.engine.fail_all(self.shut_out or e)
         self._close_session()
 
@@ -172,6 +173,10 @@ class EngineLoop:
                                           f"or pass --reconnect-after-verification-failure)")
             self.health.state = "shut out"
         self.health.last_error = str(e)
+
+    def _unavailable(self, e: Exception) -> None:
+        self.health.state, self.health.last_error = "unavailable", f"{type(e).__name__}: {e}"
+        self.failed_at = time.monotonic()
 
     def _fail(self, requests: list[Request], error: BaseException) -> None:
         for request in requests:
