@@ -139,7 +139,7 @@ def fairness(base: str, args) -> list[dict]:
     """15 streams' ms/token p99 alone, then with a 1,000-token prompt arriving once they decode."""
     streams = [chat(i) for i in range(15)]
     alone = row(run_streams(base, streams, 64))
-    long_prompt = [{"role": "user", "content": " ".join(f"word{i}" for i in range(330)) + " Summarise."}]
+    long_prompt = [{"role": "user", "content": " ".join(f"word{i}" for i in range(277)) + " Summarise."}]
     during = row(run_streams(base, streams, 64, late=(3.0, long_prompt)))
     out = [dict(alone, mode="fairness: 15 streams alone", concurrency=15),
            dict(during, mode="fairness: 15 streams + a 1000-token prompt", concurrency=15,

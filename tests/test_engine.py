@@ -172,3 +172,73 @@ def test_cancelled_leaves_at_the_next_step_and_a_long_prompt_never_stalls_decode
     assert rs[0].end == ("cancelled", None) and len(rs[0].tokens) == n
     engine.run()
     assert late.end == ("length", None) and engine.kv.used == 0
+
+
+# ---- a server caught altering a result -------------------------------------------------------------------
+class FlippingCompute:
+    """IntCompute that flips one bit of every result, as `tsqp serve --protect otp --inject-faults flip` does."""
+
+    def __init__(self, compute):
+        from tsqp.untrusted.faults import FaultInjector
+        self.compute, self.faults = compute, FaultInjector("flip")
+
+    def __getattr__(self, name):
+        return getattr(self.compute, name)
+
+    def run(self, op, layer, inputs, out=None):
+        y, seconds = self.compute.run(op, layer, inputs, out)
+        return self.faults.apply(op, layer, y), seconds
+
+
+class FlippedSession:
+    def __init__(self, smollm2, quantized):
+        cfg, weights, _, _ = smollm2
+        self.offload = ProtectedOffload(LocalOffload(FlippingCompute(IntCompute(cfg, weights, "cpu")), Stats()), cfg,
+                                        quantized, verify=True, pool_tokens=16, background=False)
+        self.model = TrustedModel(cfg, W.norm_weights(weights), self.offload)
+
+    def alive(self, timeout_s):
+        return True
+
+    def close(self):
+        self.offload.close()
+
+
+@pytest.mark.parametrize("reconnect", [False, True])
+def test_a_failed_verification_ends_every_request_and_shuts_the_server_out(smollm2, capsys, reconnect):
+    """Every request in the engine gets the error; the failure is logged (op, layer, session, time) and
+    counted; by default later requests fail at once without a new session, with reconnect each gets one."""
+    import threading
+
+    from tsqp.trusted.engine.loop import EngineLoop, ServerShutOut
+    from tsqp.trusted.protect.freivalds import VerificationError
+    cfg, weights, _, _ = smollm2
+    quantized = QuantizedModel(cfg, weights)
+    loop = EngineLoop(lambda: FlippedSession(smollm2, quantized), lambda s: Engine(s.model, 64 * MiB, 4, 36),
+                      "in-process", idle_s=60, check_s=1, reconnect_after_verification_failure=reconnect)
+    try:
+        def ask(n: int) -> list:
+            ends, done = [], threading.Event()
+
+            def on_end(reason, error):
+                ends.append((reason, error))
+                if len(ends) == n:
+                    done.set()
+            for ids in chats(smollm2, n):
+                loop.submit(Request(ids, 4, on_end=on_end))
+            assert done.wait(120), "the requests did not end"
+            return ends
+        first = ask(2)
+        assert all(reason == "error" and isinstance(e, VerificationError) for reason, e in first)
+        assert len({str(e) for _, e in first}) == 1                     # the same error for every request
+        second = ask(1)
+        assert second[0][0] == "error" and isinstance(second[0][1], VerificationError)
+        assert isinstance(second[0][1], ServerShutOut) != reconnect     # at once, or from a fresh session
+        h = loop.health
+        assert h.verification_failures == 1 + reconnect and h.sessions_opened == 1 + reconnect
+        assert h.state == ("serving" if reconnect else "shut out") or h.state == "unavailable"
+        assert h.failures[0]["op"] == "qkv" and h.failures[0]["layer"] == 0 and h.failures[0]["session"] == 1
+    finally:
+        loop.close(30)
+    log = capsys.readouterr().err
+    assert log.count("VERIFICATION FAILED") == 1 + reconnect and "op 'qkv' layer 0" in log
