@@ -84,9 +84,12 @@ class Engine:
         row = 0
         for seq, n in batch:
             if seq.advance(n):
-                seq.choose(logits[row])
+                try:
+                    seq.choose(logits[row])
+                except Exception as e:     # its logits were not finite, its caller's callback failed: it alone ends
+                    self._end(seq, "error", e)
                 row += 1
-                if seq.finished:
+                if seq.finished and seq.cache is not None:
                     self._end(seq, seq.finished, None)
         self.steps, self.rows = self.steps + 1, self.rows + len(ids)
         self.step_s.append(time.perf_counter() - t0)
