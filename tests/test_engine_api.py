@@ -57,12 +57,15 @@ def test_two_servers_share_the_load_and_one_killed_fails_only_its_requests(smoll
     g = str(smollm2_gguf)
     with serving_all([{"model": g, "extra": ("--threads", "1")}] * 2) as [(a, _), (b, server_b)]:
         proc = start_api("--endpoint", a, "--endpoint", b, "--model", g, "--max-batch", "4", "--threads", "1",
-                         "--timeout", "30", "--connect-timeout", "60")
+                         "--timeout", "30", "--connect-timeout", "60", "--kv-budget-mb", "16")
         try:
             launch.wait_ready([proc], 240)
-            assert "Engine: 2 compute server(s)" in proc.banner
+            assert "Engine: 2 compute server(s)" in proc.banner and "(352 positions)" in proc.banner   # 16 MiB / 45 KiB
             url = api_url(proc)
             c = client(url)
+            with pytest.raises(openai.BadRequestError) as e:          # could never fit the KV budget: at once
+                c.chat.completions.create(model=MODEL_ID, messages=story(0), max_tokens=340)
+            assert e.value.code == "context_length_exceeded" and "--kv-budget-mb holds 352" in e.value.message
             streams = [c.chat.completions.create(model=MODEL_ID, messages=story(i), stream=True, temperature=0,
                                                  max_tokens=80) for i in range(4)]     # each has its first token
             status, health = get_health(url)
