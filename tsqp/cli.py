@@ -200,7 +200,7 @@ def add_api_parser(sub) -> None:
     h.add_argument("--max-tokens", type=int, default=512,
                    help="max_tokens for a request that names none, capped by the context (default 512)")
     h.add_argument("--session-idle", type=float, default=300.0,
-                   help="close a worker's session unused this many seconds, freeing the server's slot; the next "
+                   help="close an engine's session unused this many seconds, freeing the server's slot; the next "
                         "request opens a fresh one (default 300)")
 
 
