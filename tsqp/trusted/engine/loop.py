@@ -13,6 +13,7 @@ from __future__ import annotations
 import sys
 import threading
 import time
+import traceback
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -65,9 +66,11 @@ class EngineLoop:
 
     # ---- any thread ----------------------------------------------------------------------------------------
     def submit(self, request: Request) -> None:
-        on_end = request.on_end
+        on_end, once = request.on_end, threading.Lock()
 
         def ended(reason, error):
+            if not once.acquire(blocking=False):
+                return                      # ended already
             with self.cond:
                 self.active -= 1
             on_end(reason, error)
@@ -96,10 +99,17 @@ class EngineLoop:
                 if self.closing:
                     self._fail(new, ShuttingDown("tsqp api is shutting down"))
                     break
-                if new:
-                    self._start(new)
-                if self.engine is not None and not self.engine.idle:
-                    self._step()
+                try:
+                    if new:
+                        self._start(new)
+                    if self.engine is not None and not self.engine.idle:
+                        self._step()
+                except Exception as e:      # a bug: its requests get a 500, and the thread serves on
+                    traceback.print_exc(file=sys.stderr)
+                    if self.engine is not None:
+                        self.engine.fail_all(e)
+                    self._fail(new, e)      # those not in the engine yet (a request ends once: see submit)
+                    self._close_session()
         finally:
             if self.engine is not None:
                 self.engine.fail_all(ShuttingDown("tsqp api is shutting down: the generation was cut"))
