@@ -6,4 +6,5 @@ one forward pass per step over a batch of rows, so each offloaded op is one call
   scheduler.py  waiting and running sequences; which rows the next step carries (decodes first, then
                 fixed-size prefill chunks under the step's token budget)
   step.py       the Engine: one step = one batched forward (TrustedModel.forward_spans) + sampling
+  loop.py       the engine's thread and its session with one compute server; failures, shutting a cheat out
 """
