@@ -66,10 +66,12 @@ FLIPS = {("local", ctx): "control" if ctx == "shm-socket" else "endpoint" for ct
 
 API_CONTEXTS = {name: RUN_CONTEXTS[name] for name in ("local", "local-protect", "shm", "shm-socket", "frames",
                                                       "tcp-insecure", "tcp-curve", "protect", "protect-verify")}
-API_ONLY = ("tokenizer", "host", "port", "model_name", "api_key", "workers", "queue", "max_tokens", "session_idle",
+API_ONLY = ("tokenizer", "host", "port", "model_name", "api_key", "max_batch", "max_step_tokens", "kv_budget_mb",
+            "queue", "max_tokens", "session_idle",
             "unix", "max_connections", "header_timeout", "body_timeout", "api_key_file")
 API_APPLIES = {k: v & set(API_CONTEXTS) for k, v in RUN_APPLIES.items() if k in flags.RUNNER} | \
-    {k: set(API_CONTEXTS) for k in API_ONLY} | {"tls_cert": set(), "tls_key": set()}   # each alone: refused
+    {k: set(API_CONTEXTS) for k in API_ONLY} | {"tls_cert": set(), "tls_key": set()} | \
+    {"chunks": set(), "reconnect_after_verification_failure": {"local-protect", "protect-verify"}}
 
 SERVE_CONTEXTS = {"ipc": ["--endpoint", IPC], "tcp-insecure": ["--endpoint", TCP, "--insecure"],
                   "tcp-curve": ["--endpoint", TCP, "--keys", "KEYS"],
@@ -100,7 +102,7 @@ def value_of(dest: str, context: list[str], keys: str) -> list[str]:
         "chat": ["hi"], "system": ["be brief"], "tokenizer": ["tok.json"], "max_new_tokens": ["2"],
         "temperature": ["0.5"], "top_k": ["5"], "top_p": ["0.9"], "seed": ["1"], "json": ["out.json"],
         "dump_logits": ["out.npy"], "host": ["127.0.0.1"], "port": ["0"], "model_name": ["m"], "api_key": ["k"],
-        "workers": ["2"], "queue": ["2"], "max_tokens": ["16"], "session_idle": ["60"], "tls_cert": ["c.pem"],
+        "max_batch": ["2"], "max_step_tokens": ["32"], "kv_budget_mb": ["64"], "queue": ["2"], "max_tokens": ["16"], "session_idle": ["60"], "tls_cert": ["c.pem"],
         "tls_key": ["k.pem"], "max_sessions": ["4"], "max_sessions_per_user": ["2"], "max_request_mb": ["64"],
         "max_message_mb": ["65"], "max_queued_mb": ["64"], "idle_timeout": ["60"], "record": ["rec"],
         "inject_faults": ["flip"], "allow": [f"{keys}/allowed"], "attest": ["off"], "unix": ["api.sock"],

@@ -26,9 +26,10 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
                    help=f"weights and wire dtype (env {ENV['dtype']}; default float32)")
 
 
-def add_client_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--endpoint", default=None, help=f"server endpoint (env {ENV['endpoint']}; "
-                                                    f"default {DEFAULT_ENDPOINT})")
+def add_client_args(p: argparse.ArgumentParser, several: bool = False) -> None:
+    p.add_argument("--endpoint", default=None, action="append" if several else "store",
+                   help=f"server endpoint (env {ENV['endpoint']}; default {DEFAULT_ENDPOINT})"
+                        + ("; repeat it for several compute servers, one engine each" if several else ""))
     p.add_argument("--transport", choices=("shm", "frames"), default=None,
                    help="tensors through shared memory or as ZeroMQ frames (default: shm for ipc://, frames for tcp://)")
     p.add_argument("--timeout", type=float, default=60.0, help="seconds to wait for any reply (default 60)")
@@ -62,10 +63,10 @@ def add_security_args(p: argparse.ArgumentParser, server: bool) -> None:
                                                            "no encryption (says what it exposes)")
 
 
-def add_runner_args(p: argparse.ArgumentParser) -> None:
+def add_runner_args(p: argparse.ArgumentParser, several_endpoints: bool = False) -> None:
     """What every trusted runner takes (`run`, `api`): the model, the server, the split and its protection."""
     add_model_args(p)
-    add_client_args(p)
+    add_client_args(p, several_endpoints)
     add_security_args(p, server=False)
     p.add_argument("--local", action="store_true", help="compute in-process, no transport (the baseline)")
     p.add_argument("--policy", choices=("linear", "seed", "flash"), default="linear",
@@ -174,7 +175,7 @@ def add_api_parser(sub) -> None:
     """`tsqp api`: the OpenAI-compatible HTTP API in the trusted runner."""
     a = sub.add_parser("api", help="serve an OpenAI-compatible HTTP API (/v1/models, /v1/completions, "
                                    "/v1/chat/completions) from the trusted runner")
-    add_runner_args(a)
+    add_runner_args(a, several_endpoints=True)
     add_tokenizer_arg(a)
     h = a.add_argument_group("HTTP")
     h.add_argument("--host", default="127.0.0.1", help="listen here (default 127.0.0.1: this host only)")
@@ -191,10 +192,22 @@ def add_api_parser(sub) -> None:
                         "/proc/PID/cmdline: prefer --api-key-file or the env TSQP_API_KEY (default: no key)")
     h.add_argument("--api-key-file", default=None, metavar="PATH",
                    help="read the key from this file, which only its owner may read (mode 0600)")
-    h.add_argument("--workers", type=int, default=4,
-                   help="requests generated at once, each on its own session to the compute server (default 4)")
-    h.add_argument("--queue", type=int, default=16,
-                   help="requests that may wait for a worker; beyond that a request gets 429 (default 16)")
+    e = a.add_argument_group("engine (continuous batching, one per compute server)")
+    e.add_argument("--max-batch", "--workers", dest="max_batch", type=int, default=16,
+                   help="requests generated at once per compute server, every step one batched forward "
+                        "(--workers: the old name) (default 16)")
+    e.add_argument("--max-step-tokens", type=int, default=64,
+                   help="rows one step carries: a decode row per running request, the rest prefill chunks; a "
+                        "long prompt delays running streams by at most one such step (default 64)")
+    e.add_argument("--kv-budget-mb", type=float, default=1024.0,
+                   help="KV cache memory per compute server; a request reserves its prompt + max_tokens at "
+                        "admission and waits while the budget is full (default 1024)")
+    e.add_argument("--queue", type=int, default=16,
+                   help="requests that may wait beyond every engine's --max-batch; beyond that a request gets "
+                        "429 (default 16)")
+    e.add_argument("--reconnect-after-verification-failure", action="store_true",
+                   help="with --verify: after a server is caught altering a result, open a fresh session to it for "
+                        "the next requests (default: every later request on it gets 502 until tsqp api restarts)")
     h.add_argument("--max-tokens", type=int, default=512,
                    help="max_tokens for a request that names none, capped by the context (default 512)")
     h.add_argument("--max-connections", type=int, default=512,
@@ -204,7 +217,7 @@ def add_api_parser(sub) -> None:
     h.add_argument("--body-timeout", type=float, default=30.0,
                    help="seconds a client has to send a request's body, then it gets 408 (default 30)")
     h.add_argument("--session-idle", type=float, default=300.0,
-                   help="close a worker's session unused this many seconds, freeing the server's slot; the next "
+                   help="close an engine's session unused this many seconds, freeing the server's slot; the next "
                         "request opens a fresh one (default 300)")
 
 
@@ -283,6 +296,9 @@ def parser() -> argparse.ArgumentParser:
 
 def resolve(args) -> None:
     """Fill what flags left open from the environment and the defaults."""
+    if args.command == "api":               # one or several --endpoint: one engine each
+        args.endpoints, args.transport_asked = args.endpoint or [env_endpoint()[0]], args.transport
+        args.endpoint = args.endpoints[0]
     if getattr(args, "endpoint", "unset") is None and args.command != "bench":   # bench starts its own
         args.endpoint, args.endpoint_why = env_endpoint()
     if getattr(args, "transport", "unset") is None:

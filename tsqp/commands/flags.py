@@ -125,8 +125,12 @@ RUN = RUNNER | {
 NOT_UNIX = "names a tcp listener: --unix listens on a unix socket instead (drop one)"
 
 API = RUNNER | {name: Rule(always, "") for name in (
-    "tokenizer", "model_name", "api_key", "workers", "queue", "max_tokens", "session_idle", "unix",
-    "max_connections", "header_timeout", "body_timeout")} | {
+    "tokenizer", "model_name", "api_key", "max_batch", "max_step_tokens", "kv_budget_mb", "queue", "max_tokens",
+    "session_idle", "unix", "max_connections", "header_timeout", "body_timeout")} | {
+    "chunks": Rule(lambda a: False, "interleaves one prompt's prefill: tsqp api's engine cuts prompts into chunks "
+                                    "of --max-step-tokens itself (drop it)"),
+    "reconnect_after_verification_failure": Rule(lambda a: protected(a) and a.verify,
+                                                 "applies to servers caught by --verify: add --protect otp --verify"),
     "host": Rule(lambda a: a.unix is None, NOT_UNIX),
     "port": Rule(lambda a: a.unix is None, NOT_UNIX),
     "api_key_file": Rule(lambda a: a.api_key is None, "and --api-key: give one of them"),

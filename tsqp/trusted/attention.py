@@ -38,24 +38,36 @@ class TrustedAttention:
         """Where RoPE writes the queries: [T, H, hd]."""
         return torch.empty(T, self.cfg.num_heads, self.cfg.head_dim, dtype=self.dtype, device=self.device)
 
-    def __call__(self, q: torch.Tensor, cache, layer: int, start: int):
-        T, H, hd = q.shape
-        S = start + T
-        attn = self.offload.empty((T, H * hd))                                               # [T, H*hd] wire
+    def __call__(self, q: torch.Tensor, spans: list, layer: int):
+        """q [N, H, hd]: every span's queries, span after span; each attends over its own cache."""
+        N, H, hd = q.shape
+        attn = self.offload.empty((N, H * hd))                                               # [N, H*hd] wire
         with self.timer("attention"):
-            k, v = cache.k[layer, :, :S], cache.v[layer, :, :S]                               # [KV, S, hd]
-            y = F.scaled_dot_product_attention(
-                q.transpose(0, 1)[None], k[None], v[None],                                    # [1, H, T, hd]
-                attn_mask=None if start == 0 else causal_mask(start, T, self.device),
-                is_causal=start == 0 and T > 1, enable_gqa=True)
-            attn.view(T, H, hd).copy_(y[0].transpose(0, 1))                                   # [T, H, hd]
-        return (yield self.offload.submit("o", layer, attn))                                 # [T, D]
+            row = 0
+            for s in spans:
+                self.attend(q[row:row + s.length], s.cache, layer, s.start,
+                            attn[row:row + s.length].view(s.length, H, hd))
+                row += s.length
+        return (yield self.offload.submit("o", layer, attn))                                 # [N, D]
+
+    def attend(self, q: torch.Tensor, cache, layer: int, start: int, out: torch.Tensor) -> None:
+        """One sequence: q [T, H, hd] at positions start.. over its cache -> out [T, H, hd]."""
+        T = q.shape[0]
+        S = start + T
+        k, v = cache.k[layer, :, :S], cache.v[layer, :, :S]                                   # [KV, S, hd]
+        y = F.scaled_dot_product_attention(
+            q.transpose(0, 1)[None], k[None], v[None],                                        # [1, H, T, hd]
+            attn_mask=None if start == 0 else causal_mask(start, T, self.device),
+            is_causal=start == 0 and T > 1, enable_gqa=True)
+        out.copy_(y[0].transpose(0, 1))                                                      # [T, H, hd]
 
 
 class SplitAttention(TrustedAttention):
     """seed: Q K^T and P V on the server, scale, mask and softmax here."""
 
-    def __call__(self, q: torch.Tensor, cache, layer: int, start: int):
+    def __call__(self, q: torch.Tensor, spans: list, layer: int):
+        (span,) = spans                        # one sequence: its scores and probabilities go out whole
+        cache, start = span.cache, span.start
         T, H, hd = q.shape
         S, KV = start + T, self.cfg.num_kv_heads
         attn = self.offload.empty((T, H * hd))                                               # [T, H*hd] wire
@@ -90,7 +102,9 @@ class OffloadedAttention(TrustedAttention):
     def query(self, T: int) -> torch.Tensor:
         return self.offload.empty((T, self.cfg.num_heads, self.cfg.head_dim), self.dtype)
 
-    def __call__(self, q: torch.Tensor, cache, layer: int, start: int):
+    def __call__(self, q: torch.Tensor, spans: list, layer: int):
+        (span,) = spans
+        cache, start = span.cache, span.start
         S = start + q.shape[0]
         k, v = cache.k[layer, :, :S], cache.v[layer, :, :S]                                  # [KV, S, hd]
         return (yield self.offload.submit("attn_o", layer, q, k, v))                         # [T, D]

@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 import sys
 from contextlib import nullcontext
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -157,6 +158,14 @@ class KVCache:
         self.max_len, self.length = max_len, 0
 
 
+@dataclass
+class Span:
+    """One sequence's rows in a batched forward: `length` tokens at positions start.. of its own cache."""
+    cache: KVCache
+    start: int
+    length: int
+
+
 class TrustedModel:
     """The runner's side of the model. policy (attention.py): linear - attention here (default); seed - Q K^T
     and P V on the server, softmax here; flash - fused attention + O on the server."""
@@ -177,42 +186,85 @@ class TrustedModel:
     def new_cache(self, max_len: int) -> KVCache:
         return KVCache(self.cfg, max_len, self.attention.dtype, self.device)
 
-    # ---- one chunk ---------------------------------------------------------------------------------
+    # ---- one batch of rows ---------------------------------------------------------------------------
     def forward(self, ids: torch.Tensor, cache: KVCache, start: int, want_logits: bool = True,
                 all_positions: bool = False):
         """Generator over one chunk: ids [T] at positions start..start+T-1. Yields pending requests,
         returns the last position's logits [V] (float32), every position's [T, V] (all_positions), or None."""
-        cfg, T = self.cfg, ids.shape[0]
-        if start + T > cache.max_len:
-            raise ValueError(f"positions up to {start + T} exceed the KV cache of {cache.max_len}")
-        h = (yield self.offload.submit("embed", None, ids)).to(torch.float32, copy=True)  # [T, D] residual
+        T = ids.shape[0]
+        rows = None if not want_logits else list(range(T)) if all_positions else [T - 1]
+        logits = yield from self.forward_spans(ids, [Span(cache, start, T)], rows)
+        return None if logits is None else logits if all_positions else logits[0]
+
+    def forward_spans(self, ids: torch.Tensor, spans: list["Span"], logit_rows: list[int] | None):
+        """Generator over one batch: ids [N] holds every span's tokens, span after span; each span is one
+        sequence's rows at its own positions in its own KV cache. Every offloaded op is one request carrying
+        all N rows; attention runs per span. Returns the logits [R, V] (float32) of logit_rows (indices into
+        the N rows), or None."""
+        cfg, N = self.cfg, ids.shape[0]
+        if sum(s.length for s in spans) != N:
+            raise ValueError(f"the spans hold {sum(s.length for s in spans)} rows, the batch {N}")
+        for s in spans:
+            if s.start + s.length > s.cache.max_len:
+                raise ValueError(f"positions up to {s.start + s.length} exceed the KV cache of {s.cache.max_len}")
+        if len(spans) > 1 and self.policy != "linear":
+            raise ValueError(f"a batch of several sequences needs --policy linear, not {self.policy}")
+        h = (yield self.offload.submit("embed", None, ids)).to(torch.float32, copy=True)  # [N, D] residual
         with self.timer("rope"):
-            cos, sin = rope_tables(*(t.to(self.device) for t in self.rope.tables(start, T)))   # [T, 1, hd]
+            cos, sin = rope_tables(*(t.to(self.device) for t in self._rope_rows(spans)))    # [N, 1, hd]
         x = self._norm(h, self.norms[layer_names(0)["attn_norm"]])
         for layer in range(cfg.num_layers):
             n = layer_names(layer)
-            qkv = (yield self.offload.submit("qkv", layer, x))                             # [T, Q+2KV]
-            q = self.attention.query(T)                                                    # [T, H, hd]
+            qkv = (yield self.offload.submit("qkv", layer, x))                             # [N, Q+2KV]
+            q = self.attention.query(N)                                                    # [N, H, hd]
             with self.timer("rope"):
-                self.ew.call("rope_qkv", qkv, cos, sin, q, cache.k[layer, :, start:start + T].transpose(0, 1),
-                             cache.v[layer, :, start:start + T].transpose(0, 1))            # [T, KV, hd]
-            o = yield from self.attention(q, cache, layer, start)                          # [T, D]
+                k, v = self._kv_targets(spans, layer, N)                                   # [N, KV, hd]
+                self.ew.call("rope_qkv", qkv, cos, sin, q, k, v)
+                if len(spans) > 1:                 # one rope pass over all rows, then each span's K/V home
+                    self._store_kv(spans, layer, k, v)
+            o = yield from self.attention(q, spans, layer)                                 # [N, D]
             h, x = self._add_norm(h, o, self.norms[n["mlp_norm"]])                          # h + o
-            gate_up = (yield self.offload.submit("gate_up", layer, x))                     # [T, 2I]
-            act = self.offload.empty((T, cfg.intermediate_size))
+            gate_up = (yield self.offload.submit("gate_up", layer, x))                     # [N, 2I]
+            act = self.offload.empty((N, cfg.intermediate_size))
             with self.timer("silu"):
                 self.ew.call("silu_mul", gate_up, act)
-            down = yield self.offload.submit("down", layer, act)                           # [T, D]
+            down = yield self.offload.submit("down", layer, act)                           # [N, D]
             if layer + 1 < cfg.num_layers:
                 h, x = self._add_norm(h, down, self.norms[layer_names(layer + 1)["attn_norm"]])  # h + down
             else:
                 h += down
-        cache.length = max(cache.length, start + T)
-        if not want_logits:
+        for s in spans:
+            s.cache.length = max(s.cache.length, s.start + s.length)
+        if logit_rows is None:
             return None
-        x = self._norm(h if all_positions else h[-1:], self.norms["model.norm.weight"])
-        logits = (yield self.offload.submit("lm_head", None, x)).to(torch.float32, copy=True)     # [T or 1, V]
-        return logits if all_positions else logits[0]
+        x = self._norm(h if len(logit_rows) == N else h[logit_rows], self.norms["model.norm.weight"])
+        return (yield self.offload.submit("lm_head", None, x)).to(torch.float32, copy=True)      # [R, V]
+
+    def _rope_rows(self, spans: list["Span"]) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin [N, hd/2] for every row's own position."""
+        if len(spans) == 1:
+            return self.rope.tables(spans[0].start, spans[0].length)
+        parts = [self.rope.tables(s.start, s.length) for s in spans]
+        return torch.cat([c for c, _ in parts]), torch.cat([s for _, s in parts])
+
+    def _kv_targets(self, spans: list["Span"], layer: int, N: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Where RoPE writes K and V [N, KV, hd]: the one span's cache itself, or scratch for several."""
+        if len(spans) == 1:
+            s = spans[0]
+            return (s.cache.k[layer, :, s.start:s.start + N].transpose(0, 1),
+                    s.cache.v[layer, :, s.start:s.start + N].transpose(0, 1))
+        shape = (N, self.cfg.num_kv_heads, self.cfg.head_dim)
+        return (torch.empty(shape, dtype=self.attention.dtype, device=self.device),
+                torch.empty(shape, dtype=self.attention.dtype, device=self.device))
+
+    @staticmethod
+    def _store_kv(spans: list["Span"], layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        row = 0
+        for s in spans:
+            end = row + s.length
+            s.cache.k[layer, :, s.start:s.start + s.length].copy_(k[row:end].transpose(0, 1))
+            s.cache.v[layer, :, s.start:s.start + s.length].copy_(v[row:end].transpose(0, 1))
+            row = end
 
     def _norm(self, h: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         out = self.offload.empty(tuple(h.shape))

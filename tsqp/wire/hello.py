@@ -73,8 +73,10 @@ def read_welcome(head: dict, frames: list, expect: Expected | None = None) -> We
     wire = head.get("dtype")
     if wire not in WIRES:
         raise HelloError(f"field 'dtype' is {shown(wire)}; expected one of {', '.join(WIRES)}")
+    pid = head.get("pid")           # server_alive() compares it: a restarted server is another process
     info = {"model": text_field(head, "model"), "dtype": wire, "device": text_field(head, "device"),
-            "fingerprint": head.get("fingerprint")}
+            "fingerprint": head.get("fingerprint"),
+            "pid": pid if isinstance(pid, int) and not isinstance(pid, bool) else None}
     fp = info["fingerprint"]
     if fp is not None and (not isinstance(fp, str) or not 0 < len(fp) <= MAX_FINGERPRINT
                            or any(c not in "0123456789abcdef" for c in fp)):

@@ -3,12 +3,13 @@
   GET  /v1/models                 the one model served (its context length as max_model_len)
   POST /v1/chat/completions       messages -> the model's chat template -> ids; stops at the end of turn
   POST /v1/completions            a prompt string or token ids; stops at the model's eos
+  GET  /health                    each compute server's engine: state, steps, verification failures
   both: max_tokens, temperature, top_p, top_k, seed, stop, n=1, stream (server-sent events ending in [DONE]),
         stream_options.include_usage, response_format text; usage counts in tokens; any other field that would
         change the answer is refused by name (schema.py)
 
-The event loop only parses, tokenizes and writes; generation runs on the pool's worker threads (pool.py),
-each with its own session to the compute server. Errors are OpenAI's JSON bodies with the HTTP status:
+The event loop only parses, tokenizes and writes; generation runs on the engines' threads (pool.py), one
+continuous-batching engine per compute server. Errors are OpenAI's JSON bodies with the HTTP status:
 400 bad request, 401 key, 404 model or route, 413 body, 429 queue full, 502/503 compute server.
 """
 from __future__ import annotations
@@ -29,12 +30,13 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from ...config import ModelConfig
-from ...trusted.chat import ChatTemplate, ChatTemplateError
+from ...trusted.chat import ChatTemplate
 from ...trusted.generate import Sampling
 from ...trusted.tokenizer import Tokenizer
 from . import schema
+from .prompting import Prompting
 from .attestation import AttestationRoutes, signer_for
-from .limits import Admission, Limits, Prompts
+from .limits import Admission, Limits
 from .pool import Done, Failed, Job, Pool, Text
 from .schema import APIError
 
@@ -59,11 +61,9 @@ class Api:
                  template_error: str | None, pool: Pool, default_max_tokens: int, api_key: str | None,
                  limits: Limits = Limits(), attestor=None):   # attestor: --attest's; serves /v1/attestation and signs each answer
         self.model_id, self.cfg, self.tokenizer, self.template = model_id, cfg, tokenizer, template
-        self.attestor = attestor
-        self.template_error, self.pool = template_error, pool
-        self.default_max_tokens, self.api_key = default_max_tokens, api_key
+        self.attestor, self.pool, self.api_key = attestor, pool, api_key
         self.limits, self.admission = limits, Admission(limits)
-        self.prompts = Prompts(tokenizer, cfg.max_position_embeddings)
+        self.prompting = Prompting(cfg, tokenizer, template, template_error, default_max_tokens)
         self.created = int(time.time())
 
     def app(self) -> Starlette:
@@ -78,7 +78,8 @@ class Api:
         routes = [Route("/v1/models", self.models, methods=["GET"]),
                   Route("/v1/models/{model:path}", self.model, methods=["GET"]),
                   Route("/v1/chat/completions", self.chat, methods=["POST"]),
-                  Route("/v1/completions", self.text, methods=["POST"])]
+                  Route("/v1/completions", self.text, methods=["POST"]),
+                  Route("/health", self.health, methods=["GET"])]
         if self.attestor is not None:
             routes += AttestationRoutes(self.attestor).routes()
         return Starlette(routes=routes, exception_handlers={HTTPException: not_found, Exception: internal})
@@ -103,6 +104,16 @@ class Api:
             return error_response(e)
         return JSONResponse(self.card())
 
+    async def health(self, request: HTTPRequest) -> Response:
+        """200 while every compute server serves, 503 otherwise (one shut out for altering a result, one
+        unreachable): the body says which and counts the verification failures."""
+        try:
+            self.check_key(request)
+        except APIError as e:
+            return error_response(e)
+        report = self.pool.health()
+        return JSONResponse(report, status_code=200 if report["status"] == "ok" else 503)
+
     async def chat(self, request: HTTPRequest) -> Response:
         return await self.complete(request, "chat")
 
@@ -117,7 +128,7 @@ class Api:
                 body, req = raw, schema.parse(raw, kind)     # body: the request as signed answers hash it
                 self.check_model(req.model)
                 async with self.admission.tokenizer_slot():
-                    ids, stop_ids = await run_in_threadpool(self.prompt_ids, req)
+                    ids, stop_ids = await run_in_threadpool(self.prompting.prompt_ids, req)
             job, events = self.start(req, ids, stop_ids)
         except APIError as e:
             return error_response(e)
@@ -144,52 +155,9 @@ class Api:
             raise APIError(404, f"The model '{name}' does not exist; this server serves '{self.model_id}'",
                            param="model", code="model_not_found")
 
-    def prompt_ids(self, req: schema.Request) -> tuple[list[int], list[int] | None]:
-        """(prompt ids, the ids that end the generation: the template's end of turn, or None for the model's
-        eos). Runs on a thread: templates and long prompts take a while."""
-        if req.kind == "chat":
-            if self.template is None:
-                raise APIError(400, f"this model has no chat template ({self.template_error}); use /v1/completions",
-                               param="messages")
-            try:
-                text = self.template.render(req.messages)
-            except ChatTemplateError as e:
-                raise APIError(400, str(e), param="messages") from None
-            self.prompts.check(text, "messages")        # before tokenizing: a prompt too long costs nothing
-            ids = self.tokenizer.encode(text, add_special_tokens=False)     # the template writes any BOS
-            stop_ids, param = self.template.stop_ids, "messages"
-        elif isinstance(req.prompt, str):
-            self.prompts.check(req.prompt, "prompt")
-            ids, stop_ids, param = self.tokenizer.encode(req.prompt), None, "prompt"
-        else:
-            ids, stop_ids, param = list(req.prompt), None, "prompt"
-        if param == "prompt":
-            outside = [t for t in ids if not 0 <= t < self.cfg.vocab_size]
-            if outside:
-                raise APIError(400, f"token id {outside[0]} is outside the vocabulary 0..{self.cfg.vocab_size - 1}",
-                               param=param)
-        if not ids:
-            raise APIError(400, "the prompt is empty", param=param)
-        return ids, stop_ids
-
-    def max_new_tokens(self, req: schema.Request, prompt_tokens: int) -> int:
-        """Refuse a prompt (plus max_tokens) beyond the model's context; fill in max_tokens when not given."""
-        context, asked = self.cfg.max_position_embeddings, req.max_tokens
-        if prompt_tokens >= context:
-            raise APIError(400, f"This model's maximum context length is {context} tokens; the prompt holds "
-                                f"{prompt_tokens}", param="messages" if req.kind == "chat" else "prompt",
-                           code="context_length_exceeded")
-        if asked is None:
-            return min(self.default_max_tokens, context - prompt_tokens)
-        if prompt_tokens + asked > context:
-            raise APIError(400, f"This model's maximum context length is {context} tokens; the prompt holds "
-                                f"{prompt_tokens} and max_tokens asks for {asked} more", param="max_tokens",
-                           code="context_length_exceeded")
-        return asked
-
     def start(self, req: schema.Request, ids: list[int], stop_ids: list[int] | None) -> tuple[Job, asyncio.Queue]:
         """Queue the generation; its events arrive on the returned queue."""
-        max_new = self.max_new_tokens(req, len(ids))
+        max_new = self.prompting.max_new_tokens(req, len(ids))
         greedy = req.temperature == 0
         # greedy takes the argmax, which top-k and top-p keep: they change nothing there
         sampling = Sampling.make(req.temperature, None if greedy else req.top_k, None if greedy else req.top_p,

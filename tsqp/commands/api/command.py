@@ -1,7 +1,9 @@
 """`tsqp api --host H --port P [--endpoint E | --local] --model M ...`: set up as `tsqp run` does (engine.py),
-check the compute server once, start the worker pool, then serve HTTP until SIGINT/SIGTERM."""
+check the first compute server once, start one engine per compute server (pool.py), then serve HTTP until
+SIGINT/SIGTERM."""
 from __future__ import annotations
 
+import argparse
 import ipaddress
 import resource
 import socket
@@ -12,14 +14,17 @@ from pathlib import Path
 import torch
 import uvicorn
 
+from ... import weights as W
 from ...trusted.chat import ChatTemplateError
 from ..attested import attestor_for, describe, provider_of
 from ..engine import Offloads, P_name, open_chat_template, open_tokenizer, where
 from .access import api_key_of, bind_unix
 from .app import Api, bind, model_id_of
+from ...wire.keys import client_curve
 from .attestation import check_attest_flags, off_warnings
 from .limits import Limits, uvicorn_options
-from .pool import MIN_SESSION_TOKENS, Pool, Session
+from .pool import Limits as EngineLimits
+from .pool import Pool, Session, session_tokens
 
 FILES_RESERVED = 64             # file descriptors kept for the model, sessions, pipes and logs beyond the connections
 GRACEFUL_SHUTDOWN_S = 5         # on SIGTERM, responses still being written get this long before they are cut
@@ -41,8 +46,8 @@ class Server(uvicorn.Server):
 def check_flags(args) -> None:
     if not 0 <= args.port <= 65535:
         raise ValueError(f"--port must be in 0..65535, got {args.port}")
-    for name, value, low in (("--workers", args.workers, 1), ("--queue", args.queue, 0),
-                             ("--max-tokens", args.max_tokens, 1)):
+    for name, value, low in (("--max-batch", args.max_batch, 1), ("--queue", args.queue, 0),
+                             ("--max-tokens", args.max_tokens, 1), ("--max-step-tokens", args.max_step_tokens, 2)):
         if value < low:
             raise ValueError(f"{name} must be >= {low}, got {value}")
     for name, value in (("--session-idle", args.session_idle), ("--header-timeout", args.header_timeout),
@@ -55,6 +60,20 @@ def check_flags(args) -> None:
                          f"{FILES_RESERVED} kept for the process's own files), got {args.max_connections}")
     if args.unix and (args.host != "127.0.0.1" or args.port != 8000):
         raise ValueError("--unix listens on a unix socket only: drop --host and --port")
+    if not args.kv_budget_mb > 0:
+        raise ValueError(f"--kv-budget-mb must be > 0, got {args.kv_budget_mb}")
+    if args.policy != "linear":
+        raise ValueError(f"tsqp api batches requests with attention on the trusted side: --policy {args.policy} "
+                         f"does not apply (use --policy linear)")
+    if args.chunks != 1:
+        raise ValueError("--chunks interleaves one prompt's prefill; tsqp api's engine cuts prompts into chunks of "
+                         "--max-step-tokens itself: leave --chunks out")
+    if args.reconnect_after_verification_failure and not args.verify:
+        raise ValueError("--reconnect-after-verification-failure applies with --verify (--protect otp) only")
+    if args.local and len(args.endpoints) > 1:
+        raise ValueError("--local computes in-process: several --endpoint do not apply")
+    if len(set(args.endpoints)) != len(args.endpoints):
+        raise ValueError(f"an --endpoint is given twice: {args.endpoints}")
     if (args.tls_cert is None) != (args.tls_key is None):
         raise ValueError("--tls-cert and --tls-key go together")
     for path in (args.tls_cert, args.tls_key):
@@ -90,6 +109,25 @@ def listening(sock: socket.socket, args, https: bool) -> str:
     return f"{scheme}://{f'[{host}]' if ':' in host else host}:{port}/v1"
 
 
+def per_endpoint(args) -> list[argparse.Namespace]:
+    """The flags as each compute server's engine sees them: its endpoint, transport and keys."""
+    if args.local:
+        return [args]
+    out = []
+    for endpoint in args.endpoints:
+        one = argparse.Namespace(**vars(args))
+        one.endpoint = endpoint
+        one.transport = args.transport_asked or ("shm" if endpoint.startswith("ipc://") else "frames")
+        one.curve = client_curve(endpoint, args.keys, args.server_key, args.client_key, args.insecure)
+        out.append(one)
+    return out
+
+
+def limits_of(args) -> EngineLimits:
+    return EngineLimits(args.max_batch, args.max_step_tokens, int(args.kv_budget_mb * 2**20), args.queue,
+                  args.session_idle, args.connect_timeout, args.reconnect_after_verification_failure)
+
+
 def serve_api(args) -> None:
     t0 = time.perf_counter()
     check_flags(args)
@@ -102,14 +140,16 @@ def serve_api(args) -> None:
     except ChatTemplateError as e:          # completions still work; chat requests are told why not
         template, template_error = None, str(e)
     sock = bind_unix(args.unix) if args.unix else bind(args.host, args.port)
-    offloads = Offloads(args)
+    each = per_endpoint(args)
+    offloads = [Offloads(a) for a in each]
     first = pool = None
     try:
-        first = Session(offloads, MIN_SESSION_TOKENS, None)     # the start-up check: the server answers
+        # the start-up check: the first server answers; a session is sized from the engine's budget alone
+        tokens = session_tokens(W.load_config(args.model), args.max_batch, args.max_step_tokens)
+        first = Session(offloads[0], tokens, None)
         cfg, dtype, first_offload = first.cfg, first.offload.dtype, first.offload
-        pool = Pool(offloads, tokenizer, cfg, args.workers, args.queue, args.session_idle, where(args),
-                    args.connect_timeout, first)
-        first = None                                            # the pool's first worker holds it now
+        pool = Pool(offloads, [where(a) for a in each], tokenizer, cfg, limits_of(args), first)
+        first = None                                            # the first engine holds it now
         model_id = args.model_name or model_id_of(args.model)
         attestor = attestor_for(args, provider, first_offload, model_id, certificate_hosts(args.host)) \
             if provider is not None else None
@@ -122,9 +162,11 @@ def serve_api(args) -> None:
               f"{', protect ' + args.protect if getattr(args, 'protect', None) else ''}"
               f"{' + verify' if args.verify else ''}{' (deferred checks)' if args.deferred_checks else ''}, "
               f"{torch.get_num_threads()} threads", flush=True)
-        print(f"Workers: {args.workers} (a session each), up to {args.queue} requests waiting (then 429)", flush=True)
+        print(f"Engine: {len(each)} compute server(s), each up to {args.max_batch} requests per step of at most "
+              f"{args.max_step_tokens} rows (prefill chunks of {pool.engine_chunk}), KV budget {args.kv_budget_mb:g} "
+              f"MB each ({pool.kv_tokens} positions); up to {args.queue} more requests wait (then 429)", flush=True)
         print(describe(args.attest, provider), flush=True)
-        longest = api.prompts.max_bytes or limits.max_body
+        longest = api.prompting.prompts.max_bytes or limits.max_body
         print(f"Limits: {limits.describe(longest)}", flush=True)
         for line in key_warnings + exposure_warnings(args, api_key, attested=attestor is not None):
             print(line, file=sys.stderr, flush=True)

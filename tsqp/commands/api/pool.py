@@ -1,30 +1,34 @@
-"""`tsqp api`'s workers: N threads, each holding its own offload session (and the TrustedModel on it) across
-requests, fed from one queue. Admission is bounded: N requests generate and at most Q wait; the next one is
-refused at once (429). Generation runs on these threads, never on the event loop; each job's text goes back
-through `emit` as `Text`, then one `Done` or `Failed`.
+"""`tsqp api`'s generation: one continuous-batching engine (tsqp/trusted/engine) per compute server, each on
+its own thread with one offload session, sized once from the engine's budget (--max-batch,
+--max-step-tokens, --kv-budget-mb), never from a request. A request goes to the least loaded engine;
+admission is bounded: --max-batch per engine generate, --queue more wait, the next one is refused at once
+(429); one that could never fit the KV budget is refused at once (400). Generation never runs on the event
+loop; each job's text goes back through `emit` as `Text`, then one `Done` or `Failed`.
 
-A session is opened when a worker first needs one (or with room for more positions than it has). Before
-each job a kept session's server is asked whether it is still there (one round trip, --connect-timeout at
-most), so a dead or restarted server costs that, not a call's whole --timeout. A session is closed when the
-compute server fails it (the next request opens a fresh one) or after --session-idle seconds unused
-(freeing the server's session slot).
+A session is opened when an engine first has work (and after its server failed one); before an idle
+engine starts on new work its server is asked whether it is still there (one round trip, --connect-timeout
+at most). A failed step fails every request on that engine with the same error; a failed verification also
+shuts that server out (loop.py) unless --reconnect-after-verification-failure.
 """
 from __future__ import annotations
 
-import queue
 import sys
 import threading
 import time
 import traceback
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Callable
 
-import torch
 import zmq
 
 from ...config import ModelConfig
+from ...ops import TABLE
 from ...stats import Stats
-from ...trusted.generate import Sampling, generate
+from ...trusted.engine.kv import BLOCK_TOKENS, KVBudgetError, kv_bytes_per_token
+from ...trusted.engine.loop import EngineLoop, ServerShutOut, ShuttingDown
+from ...trusted.engine.sequence import Request
+from ...trusted.engine.step import Engine
+from ...trusted.generate import Sampling
 from ...trusted.protect.freivalds import VerificationError
 from ...trusted.tokenizer import Tokenizer
 from ...wire.client import RemoteError, RemoteOffload
@@ -34,10 +38,10 @@ from ...wire.transport import TransportError
 from ..engine import Offloads, build_model
 from .schema import APIError
 
-MIN_SESSION_TOKENS = 512        # a session's first arena has room for this many positions at least
+RETRY_S = 10.0                  # an unreachable compute server gets new requests again this long after it failed
 
 
-# ---- what a worker sends back --------------------------------------------------------------------------
+# ---- what an engine sends back -------------------------------------------------------------------------
 @dataclass
 class Text:
     text: str
@@ -92,9 +96,9 @@ class StopStrings:
         return text
 
 
-# ---- sessions ------------------------------------------------------------------------------------------
+# ---- sessions ----------------------------------------------------------------------------------------
 class Session:
-    """One offload session and the TrustedModel on it, with room for `tokens` positions."""
+    """One offload session and the TrustedModel on it, with room for `tokens` rows per request."""
 
     def __init__(self, offloads: Offloads, tokens: int, expect: ModelConfig | None):
         self.stats = Stats()
@@ -114,146 +118,148 @@ class Session:
         self.offload.close()
 
 
-def checked_rows(offload) -> int:
-    """Rows --verify has checked on this session so far (0 without protection)."""
-    return offload.report()["checked_rows"] if hasattr(offload, "report") else 0
+def session_tokens(cfg: ModelConfig, max_batch: int, max_step_tokens: int) -> int:
+    """The most rows one request of a step carries: max_step_tokens, and the logits of max_batch rows (the
+    session's arena and frame cap follow from it, whatever the requests)."""
+    widest = max(cfg.qkv_size, 2 * cfg.intermediate_size, cfg.hidden_size)
+    return max(max_step_tokens, -(-max_batch * cfg.vocab_size // widest))
 
 
-def session_tokens(needed: int, context: int) -> int:
-    """Room for a request's positions, rounded up to a power of two so a few sizes serve all requests."""
-    n = MIN_SESSION_TOKENS
-    while n < needed:
-        n *= 2
-    return min(n, max(context, needed))
+def checked_rows(cfg: ModelConfig, positions: int, logit_rows: int) -> int:
+    """Rows --verify checked for one request: each position it fed went through every per-layer matmul of
+    every layer, and each of its rows whose logits were read through the LM head (signed answers state it)."""
+    per_layer = sum(op.per_layer for op in TABLE if op.kind == "matmul")
+    return positions * per_layer * cfg.num_layers + logit_rows
 
 
 def failure(e: BaseException, where: str) -> APIError:
     """A failed generation as the client sees it: 503 when the compute server cannot be reached or does not
-    answer in time, 502 when it answered wrongly (a protocol violation, a failed verification)."""
+    answer in time (or tsqp api is stopping), 502 when it answered wrongly (a protocol violation, a failed
+    verification: the server was caught altering a result)."""
+    if isinstance(e, ShuttingDown):
+        return APIError(503, str(e), "service_unavailable")
+    if isinstance(e, KVBudgetError):
+        return APIError(400, str(e), param="max_tokens", code="context_length_exceeded")
     if isinstance(e, (TransportError, PipeError, ArenaError, zmq.ZMQError, OSError)):
         return APIError(503, f"the compute server at {where} is unavailable: {e}", "service_unavailable",
                         code="compute_unavailable")
-    if isinstance(e, (RemoteError, VerificationError)):
+    if isinstance(e, ServerShutOut):
+        return APIError(502, str(e), "bad_gateway", code="server_caught_altering")
+    if isinstance(e, VerificationError):
+        return APIError(502, f"the compute server at {where} was caught altering a result: {e}", "bad_gateway",
+                        code="server_caught_altering")
+    if isinstance(e, (RemoteError, ValueError)):    # ValueError from a step: non-finite logits, a bad reply
         return APIError(502, f"the compute server at {where} failed: {e}", "bad_gateway", code="compute_failed")
     return APIError(500, f"internal error: {type(e).__name__}: {e}", "internal_error")
 
 
-# ---- the pool ------------------------------------------------------------------------------------------
-class Pool:
-    def __init__(self, offloads: Offloads, tokenizer: Tokenizer, cfg: ModelConfig, workers: int, waiting: int,
-                 idle_s: float, where: str, check_s: float, first: Session | None = None):
-        """check_s: how long a kept session's server may take to answer the check before each job (the
-        connect timeout); first: a session opened already (the start-up check), handed to the first worker."""
-        if workers < 1 or waiting < 0:
-            raise ValueError(f"--workers must be >= 1 and --queue >= 0, got {workers} and {waiting}")
-        self.offloads, self.tokenizer, self.cfg, self.where = offloads, tokenizer, cfg, where
-        self.capacity, self.idle_s, self.check_s = workers + waiting, idle_s, check_s
-        self.jobs: queue.Queue = queue.Queue()        # bounded by admission below, not by the queue
-        self.admitted, self.lock = 0, threading.Lock()
-        self.closing = threading.Event()
-        self.threads = [threading.Thread(target=self._work, args=(first if i == 0 else None,),
-                                         name=f"tsqp-api-worker-{i}", daemon=True) for i in range(workers)]
-        for t in self.threads:
-            t.start()
+# ---- the pool of engines -------------------------------------------------------------------------------
+@dataclass
+class Limits:
+    max_batch: int
+    max_step_tokens: int
+    kv_budget_bytes: int
+    waiting: int                 # --queue: requests beyond every engine's max_batch that may wait
+    idle_s: float
+    check_s: float               # how long a kept session's server may take to answer the check
+    reconnect_after_verification_failure: bool = False
 
-    def submit(self, job: Job) -> None:
-        """Queue a job, or refuse it (429) when N are generating and Q wait already."""
+
+class Pool:
+    def __init__(self, offloads: list[Offloads], wheres: list[str], tokenizer: Tokenizer, cfg: ModelConfig,
+                 limits: Limits, first: Session):
+        """offloads, wheres: one per compute server; first: a session on the first one, opened already (the
+        start-up check), handed to its engine."""
+        if limits.max_batch < 1 or limits.waiting < 0:
+            raise ValueError(f"--max-batch must be >= 1 and --queue >= 0, got {limits.max_batch} and {limits.waiting}")
+        self.tokenizer, self.cfg, self.limits = tokenizer, cfg, limits
+        self.verified = bool(getattr(offloads[0].args, "verify", False))     # every result row checked
+        self.capacity = len(offloads) * limits.max_batch + limits.waiting
+        itemsize = first.model.attention.dtype.itemsize
+        block = BLOCK_TOKENS * kv_bytes_per_token(cfg, itemsize)
+        self.kv_tokens = limits.kv_budget_bytes // block * BLOCK_TOKENS     # the most one request may hold
+        tokens = first.tokens                                               # every session the same size
+
+        def make_engine(session: Session) -> Engine:
+            return Engine(session.model, limits.kv_budget_bytes, limits.max_batch, limits.max_step_tokens)
+        self.engine_chunk = make_engine(first).scheduler.chunk            # flags checked before serving
+        self.loops = [EngineLoop(lambda o=o: Session(o, tokens, cfg), make_engine, where, limits.idle_s,
+                                 limits.check_s, limits.reconnect_after_verification_failure,
+                                 session=first if i == 0 else None)
+                      for i, (o, where) in enumerate(zip(offloads, wheres))]
+        self.lock = threading.Lock()
+        self.closing = threading.Event()
+
+    def submit(self, job: "Job") -> None:
+        """Hand a job to the least loaded engine, or refuse it: 429 when every engine is full and --queue wait
+        already, 400 when it could never fit the KV budget."""
+        reserve = len(job.ids) + job.max_new
+        if reserve > self.kv_tokens:
+            raise APIError(400, f"the prompt ({len(job.ids)} tokens) and max_tokens ({job.max_new}) need {reserve} "
+                                f"positions of KV cache; --kv-budget-mb holds {self.kv_tokens}", param="max_tokens",
+                           code="context_length_exceeded")
         with self.lock:
             if self.closing.is_set():
                 raise APIError(503, "tsqp api is shutting down", "service_unavailable")
-            if self.admitted >= self.capacity:
-                raise APIError(429, f"all {len(self.threads)} workers are busy and {self.capacity - len(self.threads)} "
-                                    f"requests wait already; retry later", "rate_limit_exceeded",
+            if sum(loop.active for loop in self.loops) >= self.capacity:
+                raise APIError(429, f"{len(self.loops) * self.limits.max_batch} requests are generating and "
+                                    f"{self.limits.waiting} wait already; retry later", "rate_limit_exceeded",
                                code="queue_full")
-            self.admitted += 1
-        self.jobs.put(job)
+            loop = min(self._usable(), key=lambda lp: lp.active)
+            loop.submit(self._request(job, loop.where))
 
-    def stop(self) -> None:
-        """Stop taking jobs; the running ones end at their next token with a 'shutting down' error."""
-        self.closing.set()
+    def _usable(self) -> list[EngineLoop]:
+        """The engines a request may go to: not shut out, and not failing (an unreachable server is tried again
+        RETRY_S after it failed, or when every other one fails too)."""
+        now = time.monotonic()
+        trusted = [lp for lp in self.loops if lp.shut_out is None] or self.loops
+        return [lp for lp in trusted if lp.health.state != "unavailable" or now - lp.failed_at > RETRY_S] or trusted
 
-    def close(self, timeout_s: float) -> None:
-        """stop(), then let the workers close their sessions and end (each within a call's timeout)."""
-        self.stop()
-        for _ in self.threads:
-            self.jobs.put(None)
-        deadline = time.monotonic() + timeout_s
-        for t in self.threads:
-            t.join(max(0.0, deadline - time.monotonic()))
-
-    # ---- a worker thread ---------------------------------------------------------------------------------
-    def _work(self, session: Session | None) -> None:
-        try:
-            while True:
-                try:
-                    job = self.jobs.get(timeout=self.idle_s if session is not None else None)
-                except queue.Empty:          # unused for --session-idle: free the server's slot
-                    session = self._close(session)
-                    continue
-                if job is None:
-                    break
-                try:
-                    if self.closing.is_set():
-                        job.emit(Failed(APIError(503, "tsqp api is shutting down", "service_unavailable")))
-                    elif not job.cancelled.is_set():
-                        session = self._serve(session, job)
-                finally:
-                    with self.lock:
-                        self.admitted -= 1
-        finally:
-            self._close(session)
-
-    @staticmethod
-    def _close(session: Session | None) -> None:
-        if session is not None:
-            session.close()
-        return None
-
-    def _serve(self, session: Session | None, job: Job) -> Session | None:
-        """Run one job on this worker's session (opened or enlarged first); returns the session to keep.
-        A reused session that the server dropped meanwhile (it restarted, say) gets one retry on a fresh
-        session, as long as nothing has been sent to the client yet."""
-        needed = len(job.ids) + job.max_new
-        if session is not None and (session.tokens < needed or not session.alive(self.check_s)):
-            session = self._close(session)
-        for retry in (True, False):
-            reused = session is not None
-            try:
-                if session is None:
-                    session = Session(self.offloads, session_tokens(needed, self.cfg.max_position_embeddings),
-                                      self.cfg)
-                job.emit(self._generate(session, job))
-                return session
-            except Exception as e:          # every failure becomes the client's answer; the worker goes on
-                session = self._close(session)      # its state is unknown: the next job opens a fresh one
-                error = failure(e, self.where)
-                if retry and reused and error.status == 503 and not job.sent:
-                    continue
-                if error.status == 500:
-                    traceback.print_exc(file=sys.stderr)
-                job.emit(Failed(error))
-                return None
-        return None                         # not reached: the second try returns or fails
-
-    def _generate(self, session: Session, job: Job) -> Done | Failed:
+    def _request(self, job: "Job", where: str) -> Request:
         stream, stops = self.tokenizer.stream(), StopStrings(job.stops)
-        checked_before = checked_rows(session.offload)
+        count = [0]
 
-        def on_token(token: int, logits: torch.Tensor) -> bool:
+        def on_token(token: int, logits) -> bool:
+            count[0] += 1
             text = stops.feed(stream.step(token))
             if text:
                 job.sent = True
                 job.emit(Text(text))
-            return stops.hit or job.cancelled.is_set() or self.closing.is_set()
+            return stops.hit
 
-        gen = generate(session.model, torch.tensor(job.ids, dtype=torch.long), job.max_new, job.sampling,
-                       session.stats, stop_ids=job.stop_ids, on_token=on_token)
-        if not stops.hit:
-            rest = stops.feed(stream.flush())
-            rest += "" if stops.hit else stops.flush()
-            if rest:
-                job.emit(Text(rest))
-        if gen.stop == "caller" and not stops.hit and self.closing.is_set():
-            return Failed(APIError(503, "tsqp api is shutting down: the generation was cut", "service_unavailable"))
-        finish = "length" if gen.stop == "max_new_tokens" and not stops.hit else "stop"
-        return Done(finish, len(job.ids), len(gen.ids), checked_rows(session.offload) - checked_before)
+        def on_end(reason: str, error: BaseException | None) -> None:
+            if error is not None:
+                e = failure(error, where)
+                if e.status == 500:
+                    traceback.print_exception(error, file=sys.stderr)
+                job.emit(Failed(e))
+                return
+            if reason == "cancelled":
+                return
+            if not stops.hit:
+                rest = stops.feed(stream.flush())
+                rest += "" if stops.hit else stops.flush()
+                if rest:
+                    job.emit(Text(rest))
+            checked = checked_rows(self.cfg, len(job.ids) + count[0] - 1, count[0]) if self.verified else 0
+            job.emit(Done("length" if reason == "length" else "stop", len(job.ids), count[0], checked))
+        stop_ids = frozenset(job.stop_ids if job.stop_ids is not None else self.cfg.eos_token_id)
+        return Request(job.ids, job.max_new, job.sampling, stop_ids, on_token, on_end, job.cancelled)
+
+    def health(self) -> dict:
+        servers = [{**asdict(loop.health), "active": loop.active} for loop in self.loops]
+        failures = sum(s["verification_failures"] for s in servers)
+        status = "ok" if all(s["state"] in ("idle", "serving") for s in servers) else \
+            "degraded" if any(s["state"] in ("idle", "serving") for s in servers) else "failing"
+        return {"status": status, "verification_failures": failures, "servers": servers}
+
+    def stop(self) -> None:
+        """Stop taking jobs; the running ones end at their next step with a 'shutting down' error."""
+        self.closing.set()
+        for loop in self.loops:
+            loop.stop()
+
+    def close(self, timeout_s: float) -> None:
+        self.stop()
+        for loop in self.loops:
+            loop.close(timeout_s)
