@@ -147,7 +147,8 @@ def _check_claims(claims: dict, policy: Policy) -> None:
             raise Refused(key, expected, "absent" if found is None else found)
     settings = claims.get(fmt.EVENT_SETTINGS, {})
     for key, expected in sorted(policy.settings.items()):
-        if key not in settings or settings[key] != expected:
+        # compared as JSON, not with Python's ==, for which True == 1 == 1.0 (length_bucket: true is not 1)
+        if key not in settings or fmt.canonical_json(settings[key]) != fmt.canonical_json(expected):
             raise Refused(f"settings.{key}", expected, settings.get(key, "absent"))
 
 
