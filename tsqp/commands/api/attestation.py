@@ -18,6 +18,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from ...attestation import answer as A
+from ...attestation.format import HEX
 from ...trusted.attest.attestor import Attestor
 from ...trusted.attest.providers import AttestationError, Provider
 from .schema import APIError
@@ -91,10 +92,9 @@ class AttestationRoutes:
 def parse_nonce(text: str | None) -> bytes:
     if text is None:
         raise APIError(400, "GET /v1/attestation needs ?nonce=HEX: 32 random bytes of the client's", param="nonce")
-    try:
-        nonce = bytes.fromhex(text)
-    except ValueError:
-        raise APIError(400, "'nonce' must be hex (64 digits: 32 bytes)", param="nonce") from None
+    if not HEX.fullmatch(text):       # bytes.fromhex would also take spaces; checked before any conversion
+        raise APIError(400, "'nonce' must be hex (64 digits: 32 bytes)", param="nonce")
+    nonce = bytes.fromhex(text)
     if len(nonce) != 32:
         raise APIError(400, f"'nonce' must be 32 bytes (64 hex digits), got {len(nonce)}", param="nonce")
     return nonce
