@@ -194,8 +194,19 @@ class AttestedTransport(httpx.HTTPTransport):
         return super().handle_request(request)
 
 
+# httpx.Client arguments that would put another transport in front of the attested one (a proxy or a mount
+# takes precedence over `transport`), or that the attested transport cannot apply: refused, never ignored.
+BYPASSING_ARGS = ("transport", "mounts", "proxy", "verify", "cert", "trust_env", "http1", "http2")
+
+
 def attested_httpx(attestation: Attestation, inner: httpcore.NetworkBackend | None = None, **kw) -> httpx.Client:
-    return httpx.Client(transport=AttestedTransport(attestation, inner=inner), trust_env=False, **kw)
+    bypass = [k for k in BYPASSING_ARGS if k in kw]
+    if bypass:
+        raise TypeError(f"attested_httpx: {', '.join(bypass)}: every request goes through the attested transport "
+                        f"(TLS checked by the attestation binding, HTTP/1.1, no proxy); a network under it is "
+                        f"`inner`, an httpcore NetworkBackend")
+    limits = kw.pop("limits", httpx.Limits())     # httpx.Client ignores limits given beside a transport
+    return httpx.Client(transport=AttestedTransport(attestation, limits, inner), trust_env=False, **kw)
 
 
 def attested_openai(base_url: str, policy: Policy, allow_simulated: bool = False, collateral: Collateral = None,
