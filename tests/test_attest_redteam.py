@@ -30,7 +30,7 @@ from cryptography.hazmat.primitives import serialization
 
 from attest_helpers import EVENTS, SHARED, SimulatedRunner, self_signed
 from attest_net import TlsServer, client_tls
-from conftest import clean_env, wait_line
+from conftest import clean_env, run_cli_many, wait_line
 from tsqp.attestation import answer as A
 from tsqp.attestation import format as fmt
 from tsqp.client.answers import check_answer
@@ -259,6 +259,59 @@ def test_a_signed_stream_with_text_appended_after_the_signed_chunk_is_refused():
     assert e.value.field == "signature"
 
 
+def answering_attestor() -> Attestor:
+    key, public = new_answer_key()
+    attestor = Attestor(providers.Simulated(), [*EVENTS, {"type": A.EVENT_ANSWER_KEY, "data": {"ed25519": public}}],
+                        key, TlsIdentity())
+    attestor.certify(["127.0.0.1"])
+    return attestor
+
+
+def test_check_answer_refuses_simulated_evidence_unless_allowed_and_an_answer_with_a_key_twice(tmp_path):
+    """`tsqp attest check-answer` as a user runs it: simulated evidence needs --allow-simulated; a completion
+    whose "choices" is given twice (the genuine one last, which Python reads, a forged one first, which a
+    first-wins reader shows) and a stream with a forged tail are refused; the genuine answer verifies."""
+    attestor = answering_attestor()
+    body = json.dumps({"messages": [{"role": "user", "content": SECRET}]}).encode()
+    completion = {"id": "chatcmpl-1", "object": "chat.completion", "created": 1, "model": "m",
+                  "choices": [{"index": 0, "message": {"role": "assistant", "content": "Paris."},
+                               "finish_reason": "stop"}]}
+    signed = AnswerSigner(attestor, body).completion(completion, 5)
+    forged = json.dumps({"choices": [{"index": 0, "message": {"role": "assistant", "content": "Send your key."},
+                                      "finish_reason": "stop"}]})[1:-1]
+    files = {"request": body, "evidence": attestor.evidence(os.urandom(32)).to_json().encode(),
+             "policy": json.dumps({"tee": "simulated", "settings": EVENTS[2]["data"]}).encode(),
+             "good": json.dumps(signed).encode(), "twice": ("{" + forged + "," + json.dumps(signed)[1:]).encode(),
+             "tail": json.dumps(signed_stream(attestor, body, ["Paris"]) + [
+                 {"choices": [{"index": 0, "delta": {"content": "!"}}]}]).encode()}
+    for name, data in files.items():
+        (tmp_path / name).write_bytes(data)
+    assert json.loads(files["twice"])["choices"] == signed["choices"]        # Python reads the genuine one
+    common = ("--request", tmp_path / "request", "--evidence", tmp_path / "evidence", "--policy", tmp_path / "policy")
+    runs = run_cli_many([("attest", "check-answer", tmp_path / name, *common, *extra) for name, extra in
+                         (("good", ("--allow-simulated",)), ("good", ()), ("twice", ("--allow-simulated",)),
+                          ("tail", ("--allow-simulated",)))], timeout_s=120)
+    good, unallowed, twice, tail = runs
+    assert good.returncode == 0 and "answer verified (SIMULATED" in good.stdout, good.stdout + good.stderr
+    assert unallowed.returncode == 1 and "provider: expected a hardware TEE" in unallowed.stdout
+    assert twice.returncode == 1 and twice.stdout.startswith("refused: choices:"), twice.stdout + twice.stderr
+    assert tail.returncode == 1 and "refused: answer[" in tail.stdout, tail.stdout + tail.stderr
+
+
+def test_a_certificate_carrying_another_runners_extension_is_refused():
+    """Claim 3: runner B serves a certificate of its own key carrying runner A's boot evidence (copied
+    extension). The evidence binds A's key; the certificate presented is B's."""
+    a = answering_attestor()
+    boot = fmt.evidence_from_certificate(a.tls.pem())
+    copied, _ = self_signed(extension=boot.extension_value())
+    verdict = verify(fmt.evidence_from_certificate(copied), Policy(tee="simulated"), None, NOW, allow_simulated=True)
+    assert (verdict.accepted, verdict.field) == (False, "report_data")
+    served = fmt.spki_sha256(copied)
+    verdict = verify(boot, Policy(tee="simulated"), None, NOW, allow_simulated=True, expect_spki=served)
+    assert (verdict.accepted, verdict.field) == (False, "spki")
+    assert verify(boot, Policy(tee="simulated"), None, NOW, allow_simulated=True).accepted    # A's, as A serves it
+
+
 # ---- the real runner process: claims 1, 3 and 5 ---------------------------------------------------------------
 
 @pytest.fixture(scope="module")
@@ -433,6 +486,16 @@ def test_the_tls_key_is_on_no_disk_and_in_no_open_file_of_the_runner(runner):
     assert searched > 0
 
 
+def raw_status(port: int, request: bytes) -> int:
+    """The status code of one hand-written HTTP/1.1 request over TLS."""
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as s, client_tls().wrap_socket(s) as tls:
+        tls.sendall(request)
+        head = bytearray()
+        while b"\r\n" not in head and (data := tls.recv(65536)):
+            head += data
+    return int(head.split(b" ", 2)[1])
+
+
 @pytest.mark.slow
 def test_the_attestation_endpoint_survives_huge_malformed_and_flooding_requests(runner):
     """Attack (claim 5): nonces of 100 kB, bad hex, spaces; 40 requests at once. Each bad one is a 4xx naming
@@ -440,8 +503,9 @@ def test_the_attestation_endpoint_survives_huge_malformed_and_flooding_requests(
     still attests and answers."""
     url = runner["url"] + "/v1/attestation"
     with httpx.Client(verify=client_tls(), trust_env=False, timeout=60) as client:
-        huge = client.get(url, params={"nonce": "00" * 50_000})     # past uvicorn's request-line limit
-        assert 400 <= huge.status_code < 500 and huge.status_code != 429, huge.status_code
+        status = raw_status(runner["port"], b"GET /v1/attestation?nonce=" + b"00" * 50_000 + b" HTTP/1.1\r\n"
+                            b"Host: x\r\n\r\n")      # 100 kB: past httpx's own URL limit, so by hand
+        assert 400 <= status < 500 and status != 429, status
         for nonce in ("00" * 5_000, "zz" * 32, " " + "00" * 32, "00" * 31, None):
             r = client.get(url, params={"nonce": nonce} if nonce is not None else None)
             assert r.status_code == 400 and r.json()["error"]["param"] == "nonce", (nonce and nonce[:8], r.text)

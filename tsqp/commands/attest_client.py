@@ -115,7 +115,7 @@ def check_answer_command(args) -> None:
     attestation = attestation_of(args)
     try:
         evidence = fmt.parse_evidence(read_file(args.evidence))
-        answer = json.loads(read_file(args.answer))
+        answer = json.loads(read_file(args.answer), object_pairs_hook=fmt.unique_keys)   # one reading only
     except (fmt.FormatError, json.JSONDecodeError) as e:
         print(f"refused: {getattr(e, 'field', 'answer')}: {e}")
         raise SystemExit(1) from None
