@@ -522,3 +522,38 @@ def test_the_attestation_endpoint_survives_huge_malformed_and_flooding_requests(
         assert fresh.status_code == 200 and fmt.parse_evidence(fresh.content).nonce == nonce
         assert base64.b64decode(fresh.json()["quote"])
     assert runner["proc"].poll() is None
+
+
+@pytest.mark.slow
+def test_one_peer_flooding_the_attestation_endpoint_leaves_quotes_for_another(runner):
+    """Attack (claim 5): one client address floods GET /v1/attestation so that no new client can attest (each
+    needs a fresh quote on its first connection). Before the per-peer bucket, the flood took every token of the
+    shared bucket and the other client got 429. Two loopback source addresses stand for two hosts."""
+    url = runner["url"] + "/v1/attestation"
+
+    def from_address(address: str) -> httpx.Client:
+        return httpx.Client(transport=httpx.HTTPTransport(verify=client_tls(), local_address=address),
+                            trust_env=False, timeout=30)
+    flooder, victim, stop, codes = from_address("127.0.0.2"), from_address("127.0.0.3"), threading.Event(), []
+
+    def flood():
+        with from_address("127.0.0.2") as own:
+            while not stop.is_set():
+                codes.append(own.get(url, params={"nonce": os.urandom(32).hex()}).status_code)
+    threads = [threading.Thread(target=flood, daemon=True) for _ in range(6)]
+    for t in threads:
+        t.start()
+    try:
+        time.sleep(2.0)
+        got = []
+        for _ in range(3):
+            got.append(victim.get(url, params={"nonce": os.urandom(32).hex()}).status_code)
+            time.sleep(0.3)
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(30)
+        flooder.close()
+        victim.close()
+    assert codes.count(429) > codes.count(200) > 0, (codes.count(200), codes.count(429))
+    assert got == [200, 200, 200], got
