@@ -216,6 +216,24 @@ def test_a_proxy_or_mount_passed_to_the_client_cannot_take_the_place_of_the_atte
         attacker.close()
 
 
+def test_the_attested_client_writes_no_tls_key_log_even_with_sslkeylogfile_set(tmp_path, monkeypatch):
+    """Attack: SSLKEYLOGFILE (a debugging variable often left set) makes ssl.create_default_context log each
+    session's secrets; with the file, a recording of the traffic decrypts. The attested client logs none."""
+    log = tmp_path / "keys.log"
+    monkeypatch.setenv("SSLKEYLOGFILE", str(log))
+    assert ssl.create_default_context().keylog_filename == str(log)          # what Python does by default
+    attacker = Reader(tmp_path)
+    attacker.start()
+    try:
+        with pytest.raises(AttestationRefused):
+            attested_httpx(Attestation(Policy(tee="simulated"), allow_simulated=True)).get(attacker.url)
+        assert attacker.received.startswith(b"GET /v1/attestation?")      # the handshake did happen
+    finally:
+        attacker.close()
+    logged = [line for line in log.read_text().splitlines() if not line.startswith("#")]   # the header: ours, above
+    assert logged == [], logged[:2]
+
+
 # ---- claim 4: signed answers ----------------------------------------------------------------------------------
 
 def signed_stream(attestor: Attestor, body: bytes, texts: list[str]) -> list[dict]:

@@ -45,10 +45,13 @@ class AttestationRefused(httpx.TransportError):
 
 
 def unverified_tls() -> ssl.SSLContext:
-    """No CA and no host name check: the key is pinned by the attestation binding instead."""
+    """No CA and no host name check: the key is pinned by the attestation binding instead. No key log either:
+    create_default_context writes every session's secrets to $SSLKEYLOGFILE where that is set (a debugging
+    aid often left on), and whoever reads that file reads the prompts."""
     ctx = ssl.create_default_context()
     ctx.check_hostname = False
     ctx.verify_mode = ssl.CERT_NONE
+    ctx.keylog_filename = None
     return ctx
 
 
