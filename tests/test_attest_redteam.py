@@ -333,19 +333,23 @@ def test_a_certificate_carrying_another_runners_extension_is_refused():
 # ---- the real runner process: claims 1, 3 and 5 ---------------------------------------------------------------
 
 @pytest.fixture(scope="module")
-def runner(smollm2_gguf):
-    """A real `tsqp api --attest simulated` (in-process compute: what is attacked is the runner's door)."""
+def runner(smollm2_gguf, tmp_path_factory):
+    """A real `tsqp api --attest simulated` (in-process compute: what is attacked is the runner's door), started
+    with $SSLKEYLOGFILE set, as a careless or hostile environment would."""
     started = time.time()
+    keylog = tmp_path_factory.mktemp("runner") / "keys.log"
     proc = subprocess.Popen([sys.executable, "-m", "tsqp.cli", "api", "--local", "--model", str(smollm2_gguf),
                              "--attest", "simulated", "--port", "0", "--workers", "1", "--threads", "1",
                              "--device", "cpu", "--max-tokens", "16"], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env={**clean_env(), "PYTHONUNBUFFERED": "1"})
+                            stderr=subprocess.PIPE, text=True,
+                            env={**clean_env(), "PYTHONUNBUFFERED": "1", "SSLKEYLOGFILE": str(keylog)})
     try:
         line = wait_line(proc, "Listening:", 180)
         wait_line(proc, "ready in", 60)
         url = re.search(r"(https://127\.0\.0\.1:\d+)/v1", line).group(1)
         policy = parse_policy(json.dumps({"tee": "simulated", "settings": {"attest": "simulated"}}))
-        yield {"url": url, "port": int(url.rsplit(":", 1)[1]), "proc": proc, "started": started, "policy": policy}
+        yield {"url": url, "port": int(url.rsplit(":", 1)[1]), "proc": proc, "started": started, "policy": policy,
+               "keylog": keylog}
     finally:
         proc.terminate()
         try:
@@ -502,6 +506,51 @@ def test_the_tls_key_is_on_no_disk_and_in_no_open_file_of_the_runner(runner):
         searched += 1
         assert not [k for k in keys if getattr(k.public_key(), "public_numbers", lambda: None)() == served], path
     assert searched > 0
+    secrets = [line for line in runner["keylog"].read_text().splitlines() if "SECRET" in line or "RANDOM" in line] \
+        if runner["keylog"].exists() else []
+    assert secrets == [], "the runner logged TLS session secrets to $SSLKEYLOGFILE"
+
+
+def raw_http(port: int, request: bytes) -> bytes:
+    """One hand-written plain HTTP/1.1 request to the local proxy; the whole answer (Connection: close)."""
+    with socket.create_connection(("127.0.0.1", port), timeout=60) as s:
+        s.sendall(request)
+        answer = bytearray()
+        while data := s.recv(65536):
+            answer += data
+    return bytes(answer)
+
+
+@pytest.mark.slow
+def test_the_proxy_refuses_a_rebound_host_and_never_forwards_elsewhere(runner, tmp_path):
+    """`tsqp attest proxy` as a real process. Attacks: a web page whose name was rebound to 127.0.0.1 (its
+    Host header is its own name; before the fix the proxy forwarded it); an absolute-form request target
+    naming another server (the proxy must still only talk to the attested runner)."""
+    policy = tmp_path / "policy.json"
+    policy.write_text(runner["policy"].to_json())
+    proxy = subprocess.Popen([sys.executable, "-m", "tsqp.cli", "attest", "proxy", runner["url"], "--listen",
+                              "127.0.0.1:0", "--policy", str(policy), "--allow-simulated"], stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True, env={**clean_env(), "PYTHONUNBUFFERED": "1"})
+    spy = Listener()
+    spy.start()
+    try:
+        port = int(re.search(r"http://127\.0\.0\.1:(\d+)", wait_line(proxy, "Listening:", 120)).group(1))
+        wait_line(proxy, "ready in", 30)
+        body = json.dumps(CHAT).encode()
+        post = (b"POST /v1/chat/completions HTTP/1.1\r\nHost: %s\r\nContent-Type: application/json\r\n"
+                b"Content-Length: %d\r\nConnection: close\r\n\r\n" % (b"%s", len(body))) + body
+        rebound = raw_http(port, post.replace(b"%s", b"attacker.example:%d" % port, 1))
+        assert rebound.startswith(b"HTTP/1.1 403") and b"loopback" in rebound, rebound[:300]
+        elsewhere = raw_http(port, b"GET http://127.0.0.1:%d/v1/models HTTP/1.1\r\nHost: 127.0.0.1:%d\r\n"
+                                   b"Connection: close\r\n\r\n" % (spy.port, port))
+        assert elsewhere.startswith(b"HTTP/1.1 "), elsewhere[:200]
+        good = httpx.post(f"http://127.0.0.1:{port}/v1/chat/completions", json=CHAT, timeout=120, trust_env=False)
+        assert good.status_code == 200 and A.FIELD in good.json(), good.text[:300]
+        assert (spy.connections, bytes(spy.received)) == (0, b"")
+    finally:
+        spy.close()
+        proxy.terminate()
+        proxy.wait(20)
 
 
 def raw_status(port: int, request: bytes) -> int:
