@@ -129,6 +129,22 @@ def test_hex_with_spaces_or_junk_is_refused_where_bytes_fromhex_would_take_it(te
     assert pe.value.field == "mrtd"
 
 
+def test_a_refusal_line_cannot_carry_terminal_escapes_from_the_peer(tmp_path):
+    """Attack: evidence whose unknown field name (or a settings value) holds ESC sequences that erase the
+    refusal on the user's terminal and print 'accepted' over it; the exit status alone would tell."""
+    fake = "\x1b[1A\x1b[2Kattestation accepted\r"
+    doc = json.loads(SimulatedRunner().evidence(os.urandom(32)).to_json())
+    (tmp_path / "unknown.json").write_text(json.dumps({**doc, fake: 1}))
+    runner = SimulatedRunner(events=[{"type": fmt.EVENT_SETTINGS, "data": {"protect": fake}}])
+    (tmp_path / "settings.json").write_text(runner.evidence(os.urandom(32)).to_json())
+    (tmp_path / "policy.json").write_text(json.dumps({"tee": "simulated", "settings": {"protect": "otp"}}))
+    runs = run_cli_many([("attest", "verify", tmp_path / name, "--allow-simulated", "--policy", tmp_path / "policy.json")
+                         for name in ("unknown.json", "settings.json")], timeout_s=120)
+    for run in runs:
+        assert run.returncode == 1 and run.stdout.startswith("refused"), run.stdout + run.stderr
+        assert "\x1b" not in run.stdout and "\r" not in run.stdout and "\\x1b[1A" in run.stdout, repr(run.stdout)
+
+
 def test_a_tdx_policy_refuses_the_real_sgx_quote_and_simulated_evidence_named_tdx():
     """Tee mismatch: an SGX quote (genuine, verifying) against a TDX policy; simulated evidence labelled tdx."""
     sgx, coll = real("sgx_quote")

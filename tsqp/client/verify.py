@@ -43,12 +43,18 @@ class Verdict:
         if self.accepted:
             return f"accepted{label}: {self.tcb_status}" + (f", advisories {', '.join(self.advisories)}"
                                                             if self.advisories else "")
-        return f"refused{label}: {self.field}: expected {self.expected}, found {self.found}"
+        return printable(f"refused{label}: {self.field}: expected {self.expected}, found {self.found}")
 
     def to_dict(self) -> dict:
         return {"accepted": self.accepted, "field": self.field, "expected": self.expected, "found": self.found,
                 "simulated": self.simulated, "tcb_status": self.tcb_status, "advisories": list(self.advisories),
                 "bound": self.bound, "measurements": self.measurements, "claims": self.claims}
+
+
+def printable(text: str) -> str:
+    """Control characters (a terminal's escape sequences) shown as escapes: a refusal names what the peer sent,
+    and a peer could otherwise rewrite the terminal's line to read 'accepted'."""
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in text)
 
 
 class Refused(Exception):
