@@ -250,6 +250,57 @@ def test_the_attested_client_writes_no_tls_key_log_even_with_sslkeylogfile_set(t
     assert logged == [], logged[:2]
 
 
+class Trickler(TlsServer):
+    """Answers the attestation GET with a header promising 100 kB, then a byte every 0.2 s: never silent
+    for as long as a read timeout, never done."""
+
+    def handle(self, tls):
+        head = bytearray()
+        while b"\r\n\r\n" not in head and (data := tls.recv(65536)):
+            head += data
+        self.record(bytes(head))
+        tls.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 100000\r\n\r\n")
+        while not self.closing.is_set():
+            tls.sendall(b" ")
+            time.sleep(0.2)
+
+
+def finishes_within(seconds: float, call) -> tuple[float, BaseException | None]:
+    """(how long `call` took, what it raised), or a test failure when it is still waiting after `seconds`."""
+    outcome = {}
+
+    def run():
+        t0 = time.monotonic()
+        try:
+            call()
+        except BaseException as e:        # noqa: BLE001 (handed back to the test to assert on)
+            outcome["error"] = e
+        outcome["s"] = time.monotonic() - t0
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    thread.join(seconds)
+    assert not thread.is_alive(), f"still waiting after {seconds} s"
+    return outcome["s"], outcome.get("error")
+
+
+def test_a_peer_trickling_its_evidence_cannot_hold_the_client(tmp_path):
+    """Attack: a peer that sends the evidence a byte at a time, each within the read timeout, held the attested
+    client (and `tsqp attest verify https://`) for as long as it liked. Every wait has a deadline."""
+    from tsqp.client import remote
+    attacker = Trickler(tmp_path)
+    attacker.start()
+    try:
+        client = attested_httpx(Attestation(Policy(tee="simulated"), allow_simulated=True), timeout=1.0)
+        took, error = finishes_within(10, lambda: client.post(attacker.url + "/v1/chat/completions", content=SECRET))
+        # the last read's timeout is what is left of the deadline: a read timeout or a refusal, either way closed
+        assert isinstance(error, (AttestationRefused, httpx.ReadTimeout)) and took < 3, (took, error)
+        took, error = finishes_within(10, lambda: remote.fetch_evidence(attacker.url, os.urandom(32), timeout=1.0))
+        assert isinstance(error, ValueError) and "took over 2 s" in str(error) and took < 4, (took, error)
+        assert SECRET.encode() not in attacker.received
+    finally:
+        attacker.close()
+
+
 # ---- claim 4: signed answers ----------------------------------------------------------------------------------
 
 def signed_stream(attestor: Attestor, body: bytes, texts: list[str]) -> list[dict]:

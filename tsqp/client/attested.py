@@ -32,6 +32,7 @@ from tsqp.client.verify import Verdict, verify
 ATTESTATION_PATH = "/v1/attestation"
 READ_CHUNK = 65536
 DEFAULT_TTL_S = 600.0
+EVIDENCE_DEADLINE_S = 60.0    # the whole attestation exchange, at most (a quote takes well under a second)
 
 Collateral = str | Callable[[bytes], str] | None
 
@@ -61,7 +62,10 @@ def peer_spki_sha256(stream: httpcore.NetworkStream) -> bytes:
 
 
 def request_evidence(stream: httpcore.NetworkStream, host: str, nonce: bytes, timeout: float | None) -> bytes:
-    """GET /v1/attestation on an open TLS stream; the body, size-capped. The stream stays usable (keep-alive)."""
+    """GET /v1/attestation on an open TLS stream; the body, size-capped, the whole exchange within one deadline
+    (a per-read timeout alone lets a peer sending a byte at a time hold the client for ever). The stream stays
+    usable (keep-alive)."""
+    deadline = time.monotonic() + min(timeout or EVIDENCE_DEADLINE_S, EVIDENCE_DEADLINE_S)
     conn = h11.Connection(h11.CLIENT)
     request = h11.Request(method="GET", target=f"{ATTESTATION_PATH}?nonce={nonce.hex()}",
                           headers=[("Host", host), ("Accept", "application/json")])
@@ -70,7 +74,11 @@ def request_evidence(stream: httpcore.NetworkStream, host: str, nonce: bytes, ti
     while True:
         event = conn.next_event()
         if event is h11.NEED_DATA:
-            data = stream.read(READ_CHUNK, timeout)
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise fmt.FormatError("evidence", f"GET {ATTESTATION_PATH} not answered within "
+                                                  f"{min(timeout or EVIDENCE_DEADLINE_S, EVIDENCE_DEADLINE_S)} s")
+            data = stream.read(READ_CHUNK, left)
             conn.receive_data(data)          # b"": the peer closed; h11 then raises or reports the end
             continue
         if isinstance(event, h11.Response):
