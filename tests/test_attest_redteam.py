@@ -71,6 +71,9 @@ def test_a_policy_pinning_only_what_the_software_chooses_is_refused():
             parse_policy(json.dumps(doc))
         assert e.value.field == "tee"
     assert parse_policy({"tee": "sgx", "mrsigner": "ab" * 32, "isv_prod_id": 0}).mrsigner == "ab" * 32
+    for weak in (weak_sgx, weak_tdx, Policy(tee="tdx")):        # built in code, not parsed: the client refuses too
+        with pytest.raises(PolicyError, match="pins no"):
+            attested_openai("https://127.0.0.1:9/v1", weak)
 
 
 @pytest.mark.parametrize("pinned,served", [
@@ -138,7 +141,8 @@ def test_a_refusal_line_cannot_carry_terminal_escapes_from_the_peer(tmp_path):
     runner = SimulatedRunner(events=[{"type": fmt.EVENT_SETTINGS, "data": {"protect": fake}}])
     (tmp_path / "settings.json").write_text(runner.evidence(os.urandom(32)).to_json())
     (tmp_path / "policy.json").write_text(json.dumps({"tee": "simulated", "settings": {"protect": "otp"}}))
-    runs = run_cli_many([("attest", "verify", tmp_path / name, "--allow-simulated", "--policy", tmp_path / "policy.json")
+    policy = tmp_path / "policy.json"
+    runs = run_cli_many([("attest", "verify", tmp_path / name, "--allow-simulated", "--policy", policy)
                          for name in ("unknown.json", "settings.json")], timeout_s=120)
     for run in runs:
         assert run.returncode == 1 and run.stdout.startswith("refused"), run.stdout + run.stderr

@@ -26,7 +26,7 @@ import httpx
 
 from tsqp.attestation import format as fmt
 from tsqp.attestation.quote import parse_quote
-from tsqp.client.policy import Policy
+from tsqp.client.policy import Policy, check_pinned
 from tsqp.client.verify import Verdict, verify
 
 ATTESTATION_PATH = "/v1/attestation"
@@ -101,7 +101,8 @@ class Attestation:
                  at: dt.datetime | None = None, verdict_ttl_s: float = DEFAULT_TTL_S):
         """collateral: dcap-qvl's JSON, or a function of the quote returning it (e.g. a cached PCS fetch);
         at: verify at this time instead of now (tests pinning a collateral window)."""
-        self.policy, self.allow_simulated, self.collateral, self.at = policy, allow_simulated, collateral, at
+        self.policy, self.allow_simulated = check_pinned(policy), allow_simulated
+        self.collateral, self.at = collateral, at
         self.ttl_s, self.verdicts, self.lock = verdict_ttl_s, {}, threading.Lock()
         self.attested = 0            # connections attested (fetch + verify), for tests and reports
 

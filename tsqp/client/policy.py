@@ -3,8 +3,8 @@
 A field absent from the policy is not checked; a policy that pins no root measurement of its TEE is refused,
 since it would accept any enclave at all: MRTD for TDX (RTMR0-2 are extended by the firmware MRTD measures, so
 a firmware of the attacker's writes any RTMR it likes), MRENCLAVE or MRSIGNER for SGX (ISVPRODID and ISVSVN
-are whatever the enclave's signer chose). JSON with a key given twice is refused (which one would count?). The values come from the client (or an operator it trusts to
-publish them), never from the server being verified.
+are whatever the enclave's signer chose). JSON with a key given twice is refused (which one would count?).
+The values come from the client (or an operator it trusts to publish them), never from the server verified.
 
     {"format": "tsqp-policy/1", "tee": "tdx",
      "mrtd": hex48, "rtmr0": hex48, "rtmr1": hex48, "rtmr2": hex48,            (tdx, simulated)
@@ -133,8 +133,14 @@ def parse_policy(doc: bytes | str | dict) -> Policy:
                if k in values and k not in MEASUREMENTS[values["tee"]]]
     if foreign:
         raise PolicyError(foreign[0], f"is not a measurement of a {values['tee']} quote")
-    roots = ROOTS.get(values["tee"], ())
-    if roots and not any(k in values for k in roots):
-        raise PolicyError("tee", f"pins no {' or '.join(roots)}, what the {values['tee']} hardware measures: "
+    return check_pinned(Policy(**values))
+
+
+def check_pinned(policy: Policy) -> Policy:
+    """The policy, once it pins what its TEE's hardware measures (PolicyError otherwise); a client that sends
+    prompts on a verdict requires it, whether the policy came from a file or was built in code."""
+    roots = ROOTS.get(policy.tee, ())
+    if roots and all(getattr(policy, k) is None for k in roots):
+        raise PolicyError("tee", f"pins no {' or '.join(roots)}, what the {policy.tee} hardware measures: "
                                  f"without it the policy would accept any enclave")
-    return Policy(**values)
+    return policy
