@@ -625,13 +625,17 @@ def test_the_proxy_refuses_a_rebound_host_and_never_forwards_elsewhere(runner, t
 
 
 def raw_status(port: int, request: bytes) -> int:
-    """The status code of one hand-written HTTP/1.1 request over TLS."""
+    """The status code of one hand-written HTTP/1.1 request over TLS; 0 when the server hung up without one
+    (uvicorn may close on an oversized request line while it is still being sent)."""
+    head = bytearray()
     with socket.create_connection(("127.0.0.1", port), timeout=30) as s, client_tls().wrap_socket(s) as tls:
-        tls.sendall(request)
-        head = bytearray()
-        while b"\r\n" not in head and (data := tls.recv(65536)):
-            head += data
-    return int(head.split(b" ", 2)[1])
+        try:
+            tls.sendall(request)
+            while b"\r\n" not in head and (data := tls.recv(65536)):
+                head += data
+        except (ssl.SSLError, ConnectionError):
+            pass
+    return int(head.split(b" ", 2)[1]) if head.startswith(b"HTTP/1.1 ") else 0
 
 
 @pytest.mark.slow
@@ -643,7 +647,7 @@ def test_the_attestation_endpoint_survives_huge_malformed_and_flooding_requests(
     with httpx.Client(verify=client_tls(), trust_env=False, timeout=60) as client:
         status = raw_status(runner["port"], b"GET /v1/attestation?nonce=" + b"00" * 50_000 + b" HTTP/1.1\r\n"
                             b"Host: x\r\n\r\n")      # 100 kB: past httpx's own URL limit, so by hand
-        assert 400 <= status < 500 and status != 429, status
+        assert status == 0 or (400 <= status < 500 and status != 429), status      # refused, or hung up on
         for nonce in ("00" * 5_000, "zz" * 32, " " + "00" * 32, "00" * 31, None):
             r = client.get(url, params={"nonce": nonce} if nonce is not None else None)
             assert r.status_code == 400 and r.json()["error"]["param"] == "nonce", (nonce and nonce[:8], r.text)
