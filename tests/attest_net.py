@@ -18,6 +18,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 PUMP_S = 30.0
+RECV_S = 0.2
 
 
 def attacker_certificate(directory: Path) -> tuple[Path, Path]:
@@ -102,19 +103,27 @@ class ManInTheMiddle(TlsServer):
 
 def relay(client, upstream, record) -> None:
     """Both directions on one thread (an SSL socket must not be read and written by two threads at once),
-    until either side closes or stays silent for PUMP_S."""
+    until either side closes or stays silent for PUMP_S. A socket can be readable with no application data
+    (TLS 1.3 session tickets arrive after the handshake): a blocking recv there waited for ever while the
+    other side's request went unread, so each recv gives up after RECV_S and the loop goes on."""
     while True:
         ready = [s for s in (client, upstream) if s.pending()] or \
             select.select([client, upstream], [], [], PUMP_S)[0]
         if not ready:
             return
         for src in ready:
-            data = src.recv(65536)
+            dst = upstream if src is client else client
+            src.settimeout(RECV_S)
+            try:
+                data = src.recv(65536)
+            except TimeoutError:
+                continue
             if not data:
                 return
             if src is client:
                 record(data)
-            (upstream if src is client else client).sendall(data)
+            dst.settimeout(PUMP_S)
+            dst.sendall(data)
 
 
 class Replayer(TlsServer):

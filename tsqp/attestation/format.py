@@ -19,6 +19,7 @@ import base64
 import binascii
 import hashlib
 import json
+import re
 from dataclasses import dataclass, field
 
 from cryptography import x509
@@ -37,6 +38,7 @@ MAX_EVENTS = 64
 MAX_LOG_BYTES = 64 * 1024
 MAX_EVIDENCE_BYTES = 256 * 1024
 MAX_CERTIFICATE_CHARS = 16 * 1024
+HEX = re.compile(r"[0-9a-fA-F]*")
 
 # Event types the runner logs and the verifier's policy reads (data keys in the comments).
 EVENT_CODE = "tsqp.code"            # {"tsqp_version": str, "code_sha256": hex}
@@ -163,6 +165,16 @@ class Evidence:
 _KEYS = {"format", "provider", "quote", "nonce", "event_log", "rtmr3_extended", "certificate"}
 
 
+def unique_keys(pairs: list[tuple[str, object]]) -> dict:
+    """json.loads' object hook: a key given twice is refused (json keeps the last; another reader, the first)."""
+    obj = {}
+    for key, value in pairs:
+        if key in obj:
+            raise FormatError(key, "is given twice in one JSON object")
+        obj[key] = value
+    return obj
+
+
 def _decode_document(doc: bytes | str | dict) -> dict:
     if isinstance(doc, dict):
         return doc
@@ -173,7 +185,7 @@ def _decode_document(doc: bytes | str | dict) -> dict:
     if len(doc) > MAX_EVIDENCE_BYTES:
         raise FormatError("evidence", f"{len(doc)} bytes is over the {MAX_EVIDENCE_BYTES}-byte cap")
     try:
-        value = json.loads(doc)
+        value = json.loads(doc, object_pairs_hook=unique_keys)
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise FormatError("evidence", f"is not JSON: {e}") from None
     if not isinstance(value, dict):
@@ -207,10 +219,9 @@ def parse_evidence(doc: bytes | str | dict) -> Evidence:
     except binascii.Error as e:
         raise FormatError("quote", f"is not base64: {e}") from None
     nonce_hex = _field(doc, "nonce", str)
-    try:
-        nonce = bytes.fromhex(nonce_hex)
-    except ValueError:
-        raise FormatError("nonce", "is not hex") from None
+    if not HEX.fullmatch(nonce_hex):           # bytes.fromhex would also take spaces
+        raise FormatError("nonce", "is not hex (digits 0-9a-f only)")
+    nonce = bytes.fromhex(nonce_hex)
     if len(nonce) != 32:
         raise FormatError("nonce", f"must be 32 bytes, got {len(nonce)}")
     certificate = _field(doc, "certificate", str, required=False)

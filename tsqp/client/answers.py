@@ -1,6 +1,7 @@
 """Check a signed answer against the evidence of the runner that gave it (client side).
 
-    answer: a completion's JSON, or a stream's chunks as a JSON list (the data lines, [DONE] left out)
+    answer: a completion's JSON, or a stream's chunks as a JSON list (the data lines, [DONE] left out); after
+            the signed chunk only the usage chunk (choices []) may follow, and it is not signed
     the answer key: the evidence's tsqp.answer_key event; the statement's log_digest must be that event
     log's replay, so the answer is tied to exactly that evidence (whose quote `tsqp attest verify` checks)
 """
@@ -23,6 +24,12 @@ def signed_part(answer) -> tuple[dict, str]:
         if not ends:
             raise A.AnswerError(A.FIELD, "no chunk of the stream carries a signature")
         last = ends[0]
+        for i, chunk in enumerate(answer[last + 1:], last + 1):
+            # the signature covers the chunks up to the one with the finish reason; after it the runner sends
+            # at most the usage (choices []): text there would pass as signed without being so
+            if chunk.get("choices") != [] or A.FIELD in chunk:
+                raise A.AnswerError(f"answer[{i}]", "a chunk after the signed one carries choices (or a second "
+                                                    "signature): it is not covered by the signature")
         return answer[last][A.FIELD], A.chunks_digest(answer[:last + 1])
     raise A.AnswerError("answer", "must be a completion object or a list of stream chunks")
 

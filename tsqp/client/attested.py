@@ -26,12 +26,13 @@ import httpx
 
 from tsqp.attestation import format as fmt
 from tsqp.attestation.quote import parse_quote
-from tsqp.client.policy import Policy
+from tsqp.client.policy import Policy, check_pinned
 from tsqp.client.verify import Verdict, verify
 
 ATTESTATION_PATH = "/v1/attestation"
 READ_CHUNK = 65536
 DEFAULT_TTL_S = 600.0
+EVIDENCE_DEADLINE_S = 60.0    # the whole attestation exchange, at most (a quote takes well under a second)
 
 Collateral = str | Callable[[bytes], str] | None
 
@@ -45,10 +46,13 @@ class AttestationRefused(httpx.TransportError):
 
 
 def unverified_tls() -> ssl.SSLContext:
-    """No CA and no host name check: the key is pinned by the attestation binding instead."""
+    """No CA and no host name check: the key is pinned by the attestation binding instead. No key log either:
+    create_default_context writes every session's secrets to $SSLKEYLOGFILE where that is set (a debugging
+    aid often left on), and whoever reads that file reads the prompts."""
     ctx = ssl.create_default_context()
     ctx.check_hostname = False
     ctx.verify_mode = ssl.CERT_NONE
+    ctx.keylog_filename = None
     return ctx
 
 
@@ -58,7 +62,10 @@ def peer_spki_sha256(stream: httpcore.NetworkStream) -> bytes:
 
 
 def request_evidence(stream: httpcore.NetworkStream, host: str, nonce: bytes, timeout: float | None) -> bytes:
-    """GET /v1/attestation on an open TLS stream; the body, size-capped. The stream stays usable (keep-alive)."""
+    """GET /v1/attestation on an open TLS stream; the body, size-capped, the whole exchange within one deadline
+    (a per-read timeout alone lets a peer sending a byte at a time hold the client for ever). The stream stays
+    usable (keep-alive)."""
+    deadline = time.monotonic() + min(timeout or EVIDENCE_DEADLINE_S, EVIDENCE_DEADLINE_S)
     conn = h11.Connection(h11.CLIENT)
     request = h11.Request(method="GET", target=f"{ATTESTATION_PATH}?nonce={nonce.hex()}",
                           headers=[("Host", host), ("Accept", "application/json")])
@@ -67,7 +74,11 @@ def request_evidence(stream: httpcore.NetworkStream, host: str, nonce: bytes, ti
     while True:
         event = conn.next_event()
         if event is h11.NEED_DATA:
-            data = stream.read(READ_CHUNK, timeout)
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise fmt.FormatError("evidence", f"GET {ATTESTATION_PATH} not answered within "
+                                                  f"{min(timeout or EVIDENCE_DEADLINE_S, EVIDENCE_DEADLINE_S)} s")
+            data = stream.read(READ_CHUNK, left)
             conn.receive_data(data)          # b"": the peer closed; h11 then raises or reports the end
             continue
         if isinstance(event, h11.Response):
@@ -90,7 +101,8 @@ class Attestation:
                  at: dt.datetime | None = None, verdict_ttl_s: float = DEFAULT_TTL_S):
         """collateral: dcap-qvl's JSON, or a function of the quote returning it (e.g. a cached PCS fetch);
         at: verify at this time instead of now (tests pinning a collateral window)."""
-        self.policy, self.allow_simulated, self.collateral, self.at = policy, allow_simulated, collateral, at
+        self.policy, self.allow_simulated = check_pinned(policy), allow_simulated
+        self.collateral, self.at = collateral, at
         self.ttl_s, self.verdicts, self.lock = verdict_ttl_s, {}, threading.Lock()
         self.attested = 0            # connections attested (fetch + verify), for tests and reports
 
@@ -194,8 +206,19 @@ class AttestedTransport(httpx.HTTPTransport):
         return super().handle_request(request)
 
 
+# httpx.Client arguments that would put another transport in front of the attested one (a proxy or a mount
+# takes precedence over `transport`), or that the attested transport cannot apply: refused, never ignored.
+BYPASSING_ARGS = ("transport", "mounts", "proxy", "verify", "cert", "trust_env", "http1", "http2")
+
+
 def attested_httpx(attestation: Attestation, inner: httpcore.NetworkBackend | None = None, **kw) -> httpx.Client:
-    return httpx.Client(transport=AttestedTransport(attestation, inner=inner), trust_env=False, **kw)
+    bypass = [k for k in BYPASSING_ARGS if k in kw]
+    if bypass:
+        raise TypeError(f"attested_httpx: {', '.join(bypass)}: every request goes through the attested transport "
+                        f"(TLS checked by the attestation binding, HTTP/1.1, no proxy); a network under it is "
+                        f"`inner`, an httpcore NetworkBackend")
+    limits = kw.pop("limits", httpx.Limits())     # httpx.Client ignores limits given beside a transport
+    return httpx.Client(transport=AttestedTransport(attestation, limits, inner), trust_env=False, **kw)
 
 
 def attested_openai(base_url: str, policy: Policy, allow_simulated: bool = False, collateral: Collateral = None,

@@ -1,8 +1,10 @@
 """The client's reference values: a plain JSON policy file, parsed strictly (unknown keys refused).
 
-A field absent from the policy is not checked; a policy that pins no measurement of its TEE is refused,
-since it would accept any enclave at all. The values come from the client (or an operator it trusts to
-publish them), never from the server being verified.
+A field absent from the policy is not checked; a policy that pins no root measurement of its TEE is refused,
+since it would accept any enclave at all: MRTD for TDX (RTMR0-2 are extended by the firmware MRTD measures, so
+a firmware of the attacker's writes any RTMR it likes), MRENCLAVE or MRSIGNER for SGX (ISVPRODID and ISVSVN
+are whatever the enclave's signer chose). JSON with a key given twice is refused (which one would count?).
+The values come from the client (or an operator it trusts to publish them), never from the server verified.
 
     {"format": "tsqp-policy/1", "tee": "tdx",
      "mrtd": hex48, "rtmr0": hex48, "rtmr1": hex48, "rtmr2": hex48,            (tdx, simulated)
@@ -14,6 +16,7 @@ publish them), never from the server being verified.
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import asdict, dataclass, field
 
 POLICY_FORMAT = "tsqp-policy/1"
@@ -22,9 +25,11 @@ TCB_STATUSES = ("UpToDate", "SWHardeningNeeded", "ConfigurationNeeded", "Configu
                 "OutOfDate", "OutOfDateConfigurationNeeded", "Revoked")
 MEASUREMENTS = {"tdx": ("mrtd", "rtmr0", "rtmr1", "rtmr2"), "simulated": ("mrtd", "rtmr0", "rtmr1", "rtmr2"),
                 "sgx": ("mrenclave", "mrsigner", "isv_prod_id", "min_isv_svn")}
+ROOTS = {"tdx": ("mrtd",), "sgx": ("mrenclave", "mrsigner")}   # what the hardware measures, not the software
 HEX_SIZES = {"mrtd": 48, "rtmr0": 48, "rtmr1": 48, "rtmr2": 48, "mrenclave": 32, "mrsigner": 32,
              "code_sha256": 32, "checkpoint_sha256": 32}
 MAX_POLICY_BYTES = 64 * 1024
+HEX = re.compile(r"[0-9a-fA-F]*")
 
 
 class PolicyError(ValueError):
@@ -74,10 +79,9 @@ def _check_value(key: str, value):
     if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
         raise PolicyError(key, f"must be {kind.__name__}, got {type(value).__name__}")
     if key in HEX_SIZES:
-        try:
-            raw = bytes.fromhex(value)
-        except ValueError:
-            raise PolicyError(key, "is not hex") from None
+        if not HEX.fullmatch(value):       # bytes.fromhex would also take spaces
+            raise PolicyError(key, "is not hex (digits 0-9a-f only)")
+        raw = bytes.fromhex(value)
         if len(raw) != HEX_SIZES[key]:
             raise PolicyError(key, f"must be {HEX_SIZES[key]} bytes of hex, got {len(raw)}")
         return raw.hex()   # lower case, so comparisons are byte comparisons
@@ -93,13 +97,23 @@ def _check_value(key: str, value):
     return value
 
 
+def unique_keys(pairs: list[tuple[str, object]]) -> dict:
+    """json.loads' object hook: a key given twice is an error (json keeps the last, a reader may see the first)."""
+    doc = {}
+    for key, value in pairs:
+        if key in doc:
+            raise PolicyError(key, "is given twice")
+        doc[key] = value
+    return doc
+
+
 def parse_policy(doc: bytes | str | dict) -> Policy:
     """Strictly parse a policy document; PolicyError names the first wrong key."""
     if isinstance(doc, (bytes, str)):
         if len(doc) > MAX_POLICY_BYTES:
             raise PolicyError("file", f"is over the {MAX_POLICY_BYTES}-byte cap")
         try:
-            doc = json.loads(doc)
+            doc = json.loads(doc, object_pairs_hook=unique_keys)
         except (UnicodeDecodeError, json.JSONDecodeError) as e:
             raise PolicyError("file", f"is not JSON: {e}") from None
     if not isinstance(doc, dict):
@@ -119,7 +133,14 @@ def parse_policy(doc: bytes | str | dict) -> Policy:
                if k in values and k not in MEASUREMENTS[values["tee"]]]
     if foreign:
         raise PolicyError(foreign[0], f"is not a measurement of a {values['tee']} quote")
-    if values["tee"] != "simulated" and not any(k in values for k in MEASUREMENTS[values["tee"]]):
-        raise PolicyError("tee", f"pins no {values['tee']} measurement ({', '.join(MEASUREMENTS[values['tee']])}): "
-                                 f"it would accept any enclave")
-    return Policy(**values)
+    return check_pinned(Policy(**values))
+
+
+def check_pinned(policy: Policy) -> Policy:
+    """The policy, once it pins what its TEE's hardware measures (PolicyError otherwise); a client that sends
+    prompts on a verdict requires it, whether the policy came from a file or was built in code."""
+    roots = ROOTS.get(policy.tee, ())
+    if roots and all(getattr(policy, k) is None for k in roots):
+        raise PolicyError("tee", f"pins no {' or '.join(roots)}, what the {policy.tee} hardware measures: "
+                                 f"without it the policy would accept any enclave")
+    return policy

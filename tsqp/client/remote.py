@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import ssl
+import time
 
 import httpx
 
@@ -45,6 +46,7 @@ def fetch_evidence(target: str, nonce: bytes, timeout: float = 10.0) -> tuple[fm
 
 
 def _fetch(url: str, nonce: bytes, timeout: float) -> tuple[fmt.Evidence, bytes]:
+    deadline = time.monotonic() + 2 * timeout     # the whole body: httpx's timeout is per read
     with httpx.Client(verify=_unverified_tls(), timeout=timeout, follow_redirects=False) as client:
         with client.stream("GET", url, params={"nonce": nonce.hex()}) as response:
             ssl_object = response.extensions["network_stream"].get_extra_info("ssl_object")
@@ -54,6 +56,8 @@ def _fetch(url: str, nonce: bytes, timeout: float) -> tuple[fmt.Evidence, bytes]
                 body += chunk
                 if len(body) > fmt.MAX_EVIDENCE_BYTES:
                     raise ValueError(f"{url}: evidence over {fmt.MAX_EVIDENCE_BYTES} bytes")
+                if time.monotonic() > deadline:
+                    raise ValueError(f"{url}: the evidence took over {2 * timeout:g} s to arrive")
     if served is None:
         raise ValueError(f"{url}: the server presented no certificate")
     if response.status_code != 200:

@@ -43,12 +43,18 @@ class Verdict:
         if self.accepted:
             return f"accepted{label}: {self.tcb_status}" + (f", advisories {', '.join(self.advisories)}"
                                                             if self.advisories else "")
-        return f"refused{label}: {self.field}: expected {self.expected}, found {self.found}"
+        return printable(f"refused{label}: {self.field}: expected {self.expected}, found {self.found}")
 
     def to_dict(self) -> dict:
         return {"accepted": self.accepted, "field": self.field, "expected": self.expected, "found": self.found,
                 "simulated": self.simulated, "tcb_status": self.tcb_status, "advisories": list(self.advisories),
                 "bound": self.bound, "measurements": self.measurements, "claims": self.claims}
+
+
+def printable(text: str) -> str:
+    """Control characters (a terminal's escape sequences) shown as escapes: a refusal names what the peer sent,
+    and a peer could otherwise rewrite the terminal's line to read 'accepted'."""
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in text)
 
 
 class Refused(Exception):
@@ -147,7 +153,8 @@ def _check_claims(claims: dict, policy: Policy) -> None:
             raise Refused(key, expected, "absent" if found is None else found)
     settings = claims.get(fmt.EVENT_SETTINGS, {})
     for key, expected in sorted(policy.settings.items()):
-        if key not in settings or settings[key] != expected:
+        # compared as JSON, not with Python's ==, for which True == 1 == 1.0 (length_bucket: true is not 1)
+        if key not in settings or fmt.canonical_json(settings[key]) != fmt.canonical_json(expected):
             raise Refused(f"settings.{key}", expected, settings.get(key, "absent"))
 
 

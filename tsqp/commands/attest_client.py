@@ -111,13 +111,13 @@ def check_answer_command(args) -> None:
     from ..attestation import answer as A
     from ..attestation import format as fmt
     from ..client.answers import check_answer
-    from ..client.verify import verify
+    from ..client.verify import printable, verify
     attestation = attestation_of(args)
     try:
         evidence = fmt.parse_evidence(read_file(args.evidence))
-        answer = json.loads(read_file(args.answer))
+        answer = json.loads(read_file(args.answer), object_pairs_hook=fmt.unique_keys)   # one reading only
     except (fmt.FormatError, json.JSONDecodeError) as e:
-        print(f"refused: {getattr(e, 'field', 'answer')}: {e}")
+        print(printable(f"refused: {getattr(e, 'field', 'answer')}: {e}"))
         raise SystemExit(1) from None
     verdict = verify(evidence, attestation.policy, attestation.collateral_for(evidence.quote), attestation.now(),
                      allow_simulated=attestation.allow_simulated)
@@ -127,7 +127,7 @@ def check_answer_command(args) -> None:
     try:
         stmt = check_answer(answer, read_file(args.request), evidence)
     except A.AnswerError as e:
-        print(f"refused: {e}")
+        print(printable(f"refused: {e}"))
         raise SystemExit(1) from None
     label = " (SIMULATED evidence: no hardware TEE)" if verdict.simulated else ""
     print(f"answer verified{label}: signed by the attested runner's answer key")

@@ -2,7 +2,8 @@
 
   GET /v1/attestation?nonce=HEX (32 bytes)   fresh evidence over the client's nonce: the quote, the event log,
                                              the certificate (tsqp-evidence/1); no API key (a client checks
-                                             the runner before it sends one); a token bucket, 429 beyond it
+                                             the runner before it sends one); a token bucket per client
+                                             address, then a shared one, 429 beyond either
   each completion carries "tsqp_signature": {"statement", "signature"} (tsqp/attestation/answer.py); a stream
   carries it on the chunk with the finish reason
 """
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import threading
+from collections import OrderedDict
 import time
 
 from starlette.concurrency import run_in_threadpool
@@ -18,12 +20,15 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from ...attestation import answer as A
+from ...attestation.format import HEX
 from ...trusted.attest.attestor import Attestor
 from ...trusted.attest.providers import AttestationError, Provider
 from .schema import APIError
 
 EVIDENCE_PER_S = 4.0            # fresh quotes per second, sustained (a TDX quote takes the quoting enclave's time)
 EVIDENCE_BURST = 8
+PEER_PER_S = 2.0                # one client address's share: a flood from one peer leaves the rest to the others
+MAX_PEERS = 4096                # buckets kept, the least recently seen dropped first
 
 
 def check_attest_flags(args, provider: Provider | None, loopback: bool) -> None:
@@ -64,9 +69,29 @@ class TokenBucket:
             return (1 - self.tokens) / self.rate
 
 
+class PeerBuckets:
+    """A token bucket per client address, taken before the shared one: a peer past its share is refused on its
+    own bucket and leaves the shared tokens (a new client's first connection needs one) to the others."""
+
+    def __init__(self, rate: float, burst: int, max_peers: int = MAX_PEERS):
+        self.rate, self.burst, self.max_peers = rate, burst, max_peers
+        self.buckets: OrderedDict[str, TokenBucket] = OrderedDict()
+        self.lock = threading.Lock()
+
+    def take(self, peer: str) -> float:
+        with self.lock:
+            bucket = self.buckets.pop(peer, None) or TokenBucket(self.rate, self.burst)
+            self.buckets[peer] = bucket
+            while len(self.buckets) > self.max_peers:
+                self.buckets.popitem(last=False)
+        return bucket.take()
+
+
 class AttestationRoutes:
-    def __init__(self, attestor: Attestor, rate: float = EVIDENCE_PER_S, burst: int = EVIDENCE_BURST):
+    def __init__(self, attestor: Attestor, rate: float = EVIDENCE_PER_S, burst: int = EVIDENCE_BURST,
+                 peer_rate: float = PEER_PER_S):
         self.attestor, self.bucket = attestor, TokenBucket(rate, burst)
+        self.peers = PeerBuckets(peer_rate, burst)
 
     def routes(self) -> list[Route]:
         return [Route("/v1/attestation", self.evidence, methods=["GET"])]
@@ -76,7 +101,7 @@ class AttestationRoutes:
             nonce = parse_nonce(request.query_params.get("nonce"))
         except APIError as e:
             return JSONResponse(e.body(), status_code=e.status)
-        wait = self.bucket.take()
+        wait = self.peers.take(request.client.host if request.client else "") or self.bucket.take()
         if wait:
             e = APIError(429, f"too many attestation requests; retry in {wait:.2f} s", "rate_limit_exceeded")
             return JSONResponse(e.body(), status_code=429, headers={"Retry-After": str(max(1, round(wait)))})
@@ -91,10 +116,9 @@ class AttestationRoutes:
 def parse_nonce(text: str | None) -> bytes:
     if text is None:
         raise APIError(400, "GET /v1/attestation needs ?nonce=HEX: 32 random bytes of the client's", param="nonce")
-    try:
-        nonce = bytes.fromhex(text)
-    except ValueError:
-        raise APIError(400, "'nonce' must be hex (64 digits: 32 bytes)", param="nonce") from None
+    if not HEX.fullmatch(text):       # bytes.fromhex would also take spaces; checked before any conversion
+        raise APIError(400, "'nonce' must be hex (64 digits: 32 bytes)", param="nonce")
+    nonce = bytes.fromhex(text)
     if len(nonce) != 32:
         raise APIError(400, f"'nonce' must be 32 bytes (64 hex digits), got {len(nonce)}", param="nonce")
     return nonce
