@@ -46,21 +46,25 @@ def url_of(proc: subprocess.Popen) -> str:
 
 @pytest.fixture(scope="module")
 def runners(smollm2_gguf):
-    """{"attested", "plain", "flash"}: base URLs of three runners on one compute server; "flash" is attested
-    too but runs another split policy (--policy flash), i.e. other settings than the attested one's."""
+    """{"attested", "plain", "other"}: base URLs of three runners; "other" is attested too but runs other
+    settings than the attested one's (--protect otp --verify, on a protected compute server of its own: tsqp
+    api's engine needs --policy linear, so the split policy cannot be the setting that differs)."""
     server = start_server(str(smollm2_gguf), extra=("--max-sessions", "8", "--threads", "1"))
+    masked = start_server(str(smollm2_gguf), extra=("--threads", "1", "--protect", "otp"))
     common = ("--endpoint", server.endpoint, "--model", str(smollm2_gguf), "--workers", "1", "--threads", "1",
               "--connect-timeout", "240", "--timeout", "60")
     procs = {"attested": start_api(*common, "--attest", "simulated"), "plain": start_api(*common),
-             "flash": start_api(*common, "--attest", "simulated", "--policy", "flash")}
+             "other": start_api(common[0], masked.endpoint, *common[2:], "--attest", "simulated", "--protect", "otp",
+                                "--verify")}
     try:
-        launch.wait_ready([server, *procs.values()], 300)
+        launch.wait_ready([server, masked, *procs.values()], 300)
         assert "Attestation: SIMULATED" in procs["attested"].banner
         assert "Attestation: off (no TEE found (auto))" in procs["plain"].banner
         yield {name: url_of(p) for name, p in procs.items()}
     finally:
         launch.stop_servers(list(procs.values()))
         stop_server(server, own_dir=True)
+        stop_server(masked, own_dir=True)
 
 
 @pytest.fixture(scope="module")
@@ -179,11 +183,11 @@ def test_a_tls_man_in_the_middle_with_its_own_key_sees_no_prompt_byte(runners, p
 
 def test_a_runner_with_other_settings_or_another_model_is_refused(runners, policy):
     sent = RecordingBackend()
-    flash = attested_openai(runners["flash"] + "/v1", policy, allow_simulated=True, max_retries=0, inner=sent)
+    other = attested_openai(runners["other"] + "/v1", policy, allow_simulated=True, max_retries=0, inner=sent)
     with pytest.raises(openai.APIConnectionError) as e:
-        flash.chat.completions.create(model=MODEL_ID, messages=MESSAGES, temperature=0, max_tokens=4)
+        other.chat.completions.create(model=MODEL_ID, messages=MESSAGES, temperature=0, max_tokens=4)
     verdict = refusal(e).verdict
-    assert (verdict.field, verdict.expected, verdict.found) == ("settings.policy", "linear", "flash")
+    assert (verdict.field, verdict.expected, verdict.found) == ("settings.protect", "None", "otp")
     another = parse_policy({**policy.to_dict(), "checkpoint_sha256": hashlib.sha256(b"another model").hexdigest()})
     other_model = attested_openai(runners["attested"] + "/v1", another, allow_simulated=True, max_retries=0,
                                   inner=sent)
@@ -224,11 +228,11 @@ def test_attest_verify_an_https_runner(runners, policy_file):
     ok, unallowed, other = (run_cli("attest", "verify", runners["attested"], "--policy", policy_file,
                                     "--allow-simulated"),
                             run_cli("attest", "verify", runners["attested"], "--policy", policy_file),
-                            run_cli("attest", "verify", runners["flash"], "--policy", policy_file, "--allow-simulated"))
+                            run_cli("attest", "verify", runners["other"], "--policy", policy_file, "--allow-simulated"))
     assert ok.returncode == 0 and "accepted (SIMULATED evidence: no hardware TEE): Simulated" in ok.stdout, ok.stdout
     assert "key, event log and nonce bound in REPORTDATA" in ok.stdout
     assert unallowed.returncode == 1 and ": provider: expected a hardware TEE" in unallowed.stdout
-    assert other.returncode == 1 and "settings.policy: expected linear, found flash" in other.stdout
+    assert other.returncode == 1 and "settings.protect: expected None, found otp" in other.stdout, other.stdout
 
 
 def test_attest_proxy_serves_curl_over_the_attested_channel(runners, policy_file, plain_answer, tmp_path):
@@ -236,7 +240,7 @@ def test_attest_proxy_serves_curl_over_the_attested_channel(runners, policy_file
                               "127.0.0.1:0", "--policy", str(policy_file), "--allow-simulated"],
                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env={**clean_env(), "PYTHONUNBUFFERED": "1"})
     proxy.endpoint = None
-    refused = run_cli("attest", "proxy", runners["flash"], "--listen", "127.0.0.1:0", "--policy", policy_file,
+    refused = run_cli("attest", "proxy", runners["other"], "--listen", "127.0.0.1:0", "--policy", policy_file,
                       "--allow-simulated")
     try:
         launch.wait_ready([proxy], 120)
@@ -249,6 +253,6 @@ def test_attest_proxy_serves_curl_over_the_attested_channel(runners, policy_file
         assert answer["choices"][0]["message"]["content"] == plain_answer and "tsqp_signature" in answer
     finally:
         launch.stop_servers([proxy])
-    assert refused.returncode == 1 and "settings.policy: expected linear, found flash" in refused.stdout
+    assert refused.returncode == 1 and "settings.protect: expected None, found otp" in refused.stdout, refused.stdout
     wide = run_cli("attest", "proxy", runners["attested"], "--listen", "0.0.0.0:0", "--policy", policy_file)
     assert wide.returncode == 2 and "loopback only" in wide.stderr
