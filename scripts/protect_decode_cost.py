@@ -19,6 +19,7 @@ at the same latency, paired by round.
 
     python3 scripts/protect_decode_cost.py [--model random:llama-3.2-1b] [--tokens 32] [--repeat 5] [--threads N]
                                            [--server-us 0,100] [--checks strict,deferred]
+                                           [--kernels torch,c]
 """
 from __future__ import annotations
 
@@ -32,6 +33,7 @@ import torch
 from tsqp import quant, ring
 from tsqp import weights as W
 from tsqp.trusted.offload import Done
+from tsqp.trusted.protect import fast
 from tsqp.trusted.protect.masked import ProtectedOffload, QuantizedModel
 
 OPS = ("qkv", "o", "gate_up", "down")
@@ -98,8 +100,10 @@ def one_token(po: ProtectedOffload, layers: int, inputs: dict[str, torch.Tensor]
     pending.release()
 
 
-def one_round(model, cfg, L: int, inputs, products, a, server_us: float, deferred: bool) -> dict:
-    """One session with a full pool, timed over tokens - 1 decode steps: the runner's seconds per token."""
+def one_round(model, cfg, L: int, inputs, products, a, server_us: float, deferred: bool, kernel: str) -> dict:
+    """One session with a full pool, timed over tokens - 1 decode steps: the runner's seconds per token, with
+    the per-row passes of `kernel` (fast.py: c, or the torch reference)."""
+    fast.KERNEL = kernel
     # the pool is filled in one batch per op and idle while timed (the filler would share the cores; it
     # works while the runner waits for the user)
     server = ReadyServer(products, server_us)
@@ -135,6 +139,8 @@ def main() -> None:
                          "waiting for the next reply, deferred.py); rounds alternate between them")
     ap.add_argument("--server-us", default="0", help="comma-separated: each reply is ready this long after its "
                                                      "request; rounds alternate between them")
+    ap.add_argument("--kernels", default=fast.KERNEL, help="comma-separated: c (the compiled per-row passes), torch "
+                    "(the reference chains); rounds alternate between them")
     ap.add_argument("--threads", type=int, default=None, help="torch's intra-op threads (default: torch's)")
     a = ap.parse_args()
     if a.threads:
@@ -152,11 +158,14 @@ def main() -> None:
               "gate_up": torch.randn(1, D, generator=g), "down": torch.randn(1, cfg.intermediate_size, generator=g),
               "lm_head": torch.randn(1, D, generator=g)}
     products = {op: product(x, model.qweights[(op, None if op == "lm_head" else 0)].q) for op, x in inputs.items()}
-    configs = [(us, c) for us in latencies for c in checks]
+    kernels = a.kernels.split(",")
+    if not set(kernels) <= {"c", "torch"} or ("c" in kernels and fast._fastpath is None):
+        raise SystemExit(f"--kernels takes c (built: {fast._fastpath is not None}) and torch, got {a.kernels}")
+    configs = [(us, c, k) for us in latencies for c in checks for k in kernels]
     rounds = {cfg_: [] for cfg_ in configs}
     for _ in range(a.repeat):
-        for us, c in configs:
-            rounds[(us, c)].append(one_round(model, cfg, L, inputs, products, a, us, c == "deferred"))
+        for us, c, k in configs:
+            rounds[(us, c, k)].append(one_round(model, cfg, L, inputs, products, a, us, c == "deferred", k))
     calls = L * len(OPS) + 1
     print(f"{a.model}: {calls} one-row calls per token ({L} layers x {len(OPS)} + lm_head), "
           f"{'unverified' if a.no_verify else 'verified'}, {torch.get_num_threads()} threads, median of {a.repeat} "
@@ -164,18 +173,20 @@ def main() -> None:
           f"{sum(r['on_demand'] for rs in rounds.values() for r in rs)}")
     print("The runner's share per token: the wall time less the server's (the reply latency per call). The steps "
           "are the runner's seconds in each; deferred checks run while it waits, so they may overlap the latency.")
-    print("| reply after | checks | mask | unmask | check | the rest | **runner per token** (min-max) | us per call "
-          "| x strict (paired) |\n|---|---|---|---|---|---|---|---|---|")
-    for us, c in configs:
-        rs = rounds[(us, c)]
+    print("| reply after | checks | passes | mask | unmask | check | the rest | **runner per token** (min-max) "
+          "| us per call | x strict (paired) | x torch (paired) |\n|---|---|---|---|---|---|---|---|---|---|---|")
+    for us, c, k in configs:
+        rs = rounds[(us, c, k)]
         med = {k: statistics.median(r.get(k, 0.0) for r in rs) for k in ("runner", "mask", "unmask", "verify")}
         rest = med["runner"] - sum(med[k] for k in ("mask", "unmask", "verify"))
-        base = rounds.get((us, "strict"))
+        base, reference = rounds.get((us, "strict", k)), rounds.get((us, c, "torch"))
         ratio = f"{statistics.median(r['runner'] / b['runner'] for r, b in zip(rs, base)):.2f}" if base else ""
+        versus = f"{statistics.median(r['runner'] / b['runner'] for r, b in zip(rs, reference)):.2f}" \
+            if reference else ""
         lo, hi = min(r["runner"] for r in rs), max(r["runner"] for r in rs)
-        print(f"| {us:g} us | {c} | {1e3 * med['mask']:.2f} | {1e3 * med['unmask']:.2f} | {1e3 * med['verify']:.2f} "
+        print(f"| {us:g} us | {c} | {k} | {1e3 * med['mask']:.2f} | {1e3 * med['unmask']:.2f} | {1e3 * med['verify']:.2f} "
               f"| {1e3 * rest:.2f} | **{1e3 * med['runner']:.2f} ms** ({1e3 * lo:.2f}-{1e3 * hi:.2f}) "
-              f"| {1e6 * med['runner'] / calls:.0f} | {ratio} |")
+              f"| {1e6 * med['runner'] / calls:.0f} | {ratio} | {versus} |")
 
 
 if __name__ == "__main__":

@@ -1,0 +1,152 @@
+"""The compiled per-row passes (tsqp/_fastpath.c via protect/fast.py) against the torch chains they replace
+(blocks.py's reference path): the same limbs, scales, dequantized bits and check residues, on random and
+extreme inputs, and the same refusals."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tsqp import quant, ring
+from tsqp.trusted.protect import blocks, fast
+from tsqp.trusted.protect.freivalds import Freivalds
+
+pytestmark = pytest.mark.skipif(fast._fastpath is None, reason="tsqp._fastpath is not built "
+                                "(python3 setup.py build_ext --inplace)")
+
+
+@pytest.fixture
+def kernel(monkeypatch):
+    """kernel('torch') or kernel('c'): which path blocks.mask / blocks.finish take from now on."""
+    return lambda name: monkeypatch.setattr(fast, "KERNEL", name)
+
+
+def extreme_rows(n: int, g: torch.Generator) -> torch.Tensor:
+    """Rows that stress quantization: zeros, one huge value, denormals, exact ties at .5 of a step, negative
+    zeros, float32's largest values, a row whose max is below 32767 denormals (scale 0), mixed magnitudes."""
+    rows = [torch.zeros(n), torch.full((n,), -0.0), torch.randn(n, generator=g) * 1e-40,
+            torch.full((n,), 3.4e38) * torch.sign(torch.randn(n, generator=g)),
+            torch.tensor([1e-45] * n), torch.randn(n, generator=g) * torch.logspace(-30, 30, n)]
+    spike = torch.randn(n, generator=g)
+    spike[n // 2] = 1e6
+    rows.append(spike)
+    mixed = torch.zeros(n)
+    mixed[::2] = -0.0
+    rows += [mixed, -mixed, torch.zeros(n)]
+    ties = (torch.randint(-32767, 32767, (n,), generator=g).float() + 0.5) / 32767 * 7.0
+    ties[0] = 7.0                          # max |x| = 7: x / scale lands on k + 0.5 where float32 allows
+    rows.append(ties)
+    return torch.stack(rows).float()
+
+
+def bits(t: torch.Tensor) -> torch.Tensor:
+    """A float tensor's bit patterns (so -0.0 and 0.0 differ, and NaNs compare)."""
+    return t.contiguous().view(torch.int32)
+
+
+def both(kernel, fn):
+    out = {}
+    for name in ("torch", "c"):
+        kernel(name)
+        out[name] = fn()
+    return out["torch"], out["c"]
+
+
+def masked_both(kernel, x, r, check):
+    def run():
+        limbs = torch.empty((ring.LIMBS, *x.shape), dtype=torch.uint8)
+        quantized = torch.empty(x.shape, dtype=torch.float32)
+        sx, parts, _ = blocks.mask(x, r, limbs, check, blocks.Scratch(), quantized)
+        side = None if check is None else (parts if parts.dim() == 1 else check._input_sum(parts))
+        return limbs, sx, quantized, side
+    return both(kernel, run)
+
+
+@pytest.mark.parametrize("T,n", [(1, 576), (1, 2048), (3, 64), (9, 8192), (70, 1000), (1, 1)])
+def test_mask_gives_the_torch_paths_limbs_scales_and_check_side(kernel, T, n):
+    g = torch.Generator().manual_seed(T * 1000 + n)
+    q = torch.randint(-2047, 2048, (5, n), generator=g, dtype=torch.int16)
+    check = Freivalds(q)
+    x = torch.cat([torch.randn(T, n, generator=g) * torch.rand(T, 1, generator=g) * 100,
+                   extreme_rows(n, g)])
+    r = torch.randint(0, ring.MOD, x.shape, generator=g)
+    r[0, :1] = ring.MASK
+    for pad in (r, ring.to_limbs(r)):                   # int64 rows, or a pool's uint8 planes
+        for c in (check, None):
+            old, new = masked_both(kernel, x, pad, c)
+            assert torch.equal(old[0], new[0])
+            assert torch.equal(bits(old[1]), bits(new[1]))
+            assert torch.equal(old[2], new[2])          # values: the torch path's buffer may hold -0.0 alike
+            if c is not None:
+                assert torch.equal(old[3], new[3])
+                assert torch.equal(new[3], c.input_side(quant.quantize_rows(x)[0]))   # the oracle
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf")])
+@pytest.mark.parametrize("T", [1, 4])
+def test_a_non_finite_input_is_refused_by_both(kernel, value, T):
+    x = torch.randn(T, 64)
+    x[T - 1, 7] = value
+    for name in ("torch", "c"):
+        kernel(name)
+        with pytest.raises(ValueError, match="not finite"):
+            blocks.mask(x, torch.zeros((T, 64), dtype=torch.int64), torch.empty((5, T, 64), dtype=torch.uint8),
+                        None, blocks.Scratch())
+
+
+def finished_both(kernel, z, u, sx, sw, check, offsets: bool):
+    def run():
+        y = torch.empty((sx.shape[0], z.shape[1]), dtype=torch.float32)
+        kept = torch.empty(z.shape, dtype=torch.int64) if offsets else None
+        _, parts, _ = blocks.finish(z, u, sx, sw, check, blocks.Scratch(), y, kept)
+        side = None if check is None else (parts if parts.dim() == 1 else
+                                           torch.remainder(check._output_sum(parts.to(torch.int64))
+                                                           + check._y_offset, check.prime))
+        return y, kept, side
+    return both(kernel, run)
+
+
+@pytest.mark.parametrize("T,out,kept", [(1, 1536, 1), (1, 60000, 1), (4, 8, 2), (33, 5000, 33), (16, 16384, 9)])
+def test_finish_gives_the_torch_paths_bits_and_check_side(kernel, T, out, kept):
+    g = torch.Generator().manual_seed(T * 7 + out)
+    q = torch.randint(-2047, 2048, (out, 8), generator=g, dtype=torch.int16)
+    check = Freivalds(q)
+    z = torch.randint(0, ring.MOD, (T, out), generator=g)
+    z[0, :4] = torch.tensor([0, ring.MASK, ring.HALF, ring.HALF - 1])
+    u = torch.randint(0, ring.MOD, (T, out), generator=g)
+    u[-1, :3] = torch.tensor([0, ring.MASK, ring.HALF])
+    sx = torch.cat([torch.tensor([0.0, 1e-38, 3e30])[:kept], torch.rand(max(kept - 3, 0), generator=g)])[:kept]
+    sw = torch.rand(out, generator=g) * 1e-3
+    sw[:2] = torch.tensor([0.0, 1e30])
+    for pad in (u, ring.to_limbs(u)):
+        for c, offsets in ((check, False), (None, True), (None, False)):
+            old, new = finished_both(kernel, z, pad, sx, sw, c, offsets)
+            assert torch.equal(bits(old[0]), bits(new[0]))
+            if offsets:
+                assert torch.equal(old[1], new[1])
+            if c is not None:
+                assert torch.equal(old[2], new[2])
+                assert torch.equal(new[2], check.output_side((z - u).bitwise_and_(ring.MASK)))   # the oracle
+
+
+@pytest.mark.parametrize("bad", [-1, ring.MOD, -(1 << 63), (1 << 63) - 1])
+def test_a_value_outside_the_ring_is_refused_by_both(kernel, bad):
+    for T, out in ((1, 700), (5, 40)):
+        z = torch.zeros((T, out), dtype=torch.int64)
+        z[T - 1, out - 1] = bad
+        for name in ("torch", "c"):
+            kernel(name)
+            with pytest.raises(blocks.OutOfRange):
+                blocks.finish(z, torch.zeros_like(z), torch.ones(T), torch.ones(out), None, blocks.Scratch())
+
+
+def test_a_deferred_checks_sides_match_and_a_wrong_row_fails(kernel):
+    g = torch.Generator().manual_seed(5)
+    q = torch.randint(-2047, 2048, (300, 200), generator=g, dtype=torch.int16)
+    check = Freivalds(q)
+    x = torch.randint(-32767, 32768, (3, 200), generator=g)
+    y = x @ q.t().to(torch.int64)                                                    # [3, 300] exact
+    y[1, 17] += 1
+    for name in ("torch", "c"):
+        kernel(name)
+        ok = check.copies_pass(x.float(), y + ring.HALF)
+        assert ok.tolist() == [True, False, True]
