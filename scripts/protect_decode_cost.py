@@ -47,20 +47,20 @@ class ReadyServer:
         self.products, self.u, self.seconds, self.latency_s = products, None, 0.0, server_us / 1e6
 
     def watch(self, pool) -> None:
-        take = pool.take
+        take = pool.take_limbs
 
         def recorded(key, rows):
             r, u = take(key, rows)
-            self.u = u
+            self.u = u                        # U's limbs, uint8 [5, rows, out]
             return r, u
-        pool.take = recorded
+        pool.take_limbs = recorded
 
     def empty(self, shape, dtype=None) -> torch.Tensor:
         return torch.empty(shape, dtype=dtype)
 
     def submit(self, op: str, layer, limbs: torch.Tensor) -> Done:
         t0 = time.perf_counter()
-        z = (self.u + ring.HALF).add_(self.products[op]).bitwise_and_(ring.MASK)           # [1, out]
+        z = ring.from_limbs(self.u).add_(ring.HALF).add_(self.products[op]).bitwise_and_(ring.MASK)   # [1, out]
         ready_at = time.perf_counter()
         self.seconds += ready_at - t0
         return Later(z, ready_at + self.latency_s) if self.latency_s else Done(z)

@@ -3,20 +3,24 @@
 extreme inputs, and the same refusals."""
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 
 from tsqp import quant, ring
-from tsqp.trusted.protect import blocks, fast
+from tsqp import weights as W
+from tsqp.trusted.protect import blocks, fast, poolsize
 from tsqp.trusted.protect.freivalds import Freivalds
-
-pytestmark = pytest.mark.skipif(fast._fastpath is None, reason="tsqp._fastpath is not built "
-                                "(python3 setup.py build_ext --inplace)")
+from tsqp.trusted.protect.pads import PadPool
+from tsqp.trusted.protect.poolsize import PoolSize
 
 
 @pytest.fixture
 def kernel(monkeypatch):
     """kernel('torch') or kernel('c'): which path blocks.mask / blocks.finish take from now on."""
+    if fast._fastpath is None:
+        pytest.skip("tsqp._fastpath is not built (python3 setup.py build_ext --inplace)")
     return lambda name: monkeypatch.setattr(fast, "KERNEL", name)
 
 
@@ -150,3 +154,55 @@ def test_a_deferred_checks_sides_match_and_a_wrong_row_fails(kernel):
         kernel(name)
         ok = check.copies_pass(x.float(), y + ring.HALF)
         assert ok.tolist() == [True, False, True]
+
+
+# ---- the compact pool: R and U in the ring's 5 bytes --------------------------------------------------
+
+def test_a_token_of_llama_3_2_1b_pads_is_at_most_4_mb():
+    """The pool keeps R's and U's limbs, 5 bytes an element: one row of every (op, layer) at Llama-3.2-1B's
+    shapes, counted from the config (PadPool never allocates here: no pool, no background)."""
+    cfg = W.load_config("random:llama-3.2-1b")
+    D, I = cfg.hidden_size, cfg.intermediate_size
+    shapes = {("qkv", i): (cfg.qkv_size, D) for i in range(cfg.num_layers)}
+    shapes |= {("o", i): (D, cfg.q_size) for i in range(cfg.num_layers)}
+    shapes |= {("gate_up", i): (2 * I, D) for i in range(cfg.num_layers)}
+    shapes |= {("down", i): (D, I) for i in range(cfg.num_layers)}
+    shapes[("lm_head", None)] = (cfg.vocab_size, D)
+    pool = PadPool({k: SimpleNamespace(out_features=o, in_features=n) for k, (o, n) in shapes.items()},
+                   pool_tokens=0, lm_head_rows=0, background=False)
+    per_layer = (D + cfg.qkv_size) + (cfg.q_size + D) + (D + 2 * I) + (I + D)
+    assert pool.bytes_per_token == 5 * (cfg.num_layers * per_layer + D + cfg.vocab_size)
+    assert pool.bytes_per_token <= 4e6
+    assert PadPool(pool.weights, pool_tokens=PoolSize(nbytes=int(400e6)), lm_head_rows=0,
+                   background=False).pool_tokens == int(400e6) // pool.bytes_per_token
+
+
+def test_the_pool_holds_5_bytes_an_element_and_its_pads_unmask():
+    cfg, weights = W.load("random:tiny", torch.float32)
+    ring_weights = {k: ring.RingWeight(w.q) for k, w in quant.quantize_model(cfg, weights).items()}
+    pool = PadPool(ring_weights, pool_tokens=PoolSize(nbytes=6 * 5 * sum(w.in_features + w.out_features
+                                                                           for w in ring_weights.values())),
+                   batch_tokens=3, lm_head_rows=2)
+    assert pool.pool_tokens == 6 and pool.wait_full(60)
+    per_op = {k: 5 * (w.in_features + w.out_features) for k, w in ring_weights.items()}
+    expected = sum(b * (2 if k[0] == "lm_head" else 6) for k, b in per_op.items())
+    assert pool.bytes_held == expected == pool.stats()["bytes_held"]
+    key = ("gate_up", 1)
+    r, u = pool.take_limbs(key, 4)                       # spans two blocks of 3 rows
+    assert r.dtype == u.dtype == torch.uint8 and r.shape == (5, 4, cfg.hidden_size)
+    assert torch.equal(ring.from_limbs(u), (ring.limb_matmul(r.contiguous(), ring_weights[key]) - ring.HALF)
+                       & ring.MASK)
+    pool.close()
+
+
+@pytest.mark.parametrize("text,size", [("64", PoolSize(tokens=64)), ("0", PoolSize(tokens=0)),
+                                       ("12t", PoolSize(tokens=12)), ("256MB", PoolSize(nbytes=256_000_000)),
+                                       ("1.5GiB", PoolSize(nbytes=3 * 2**29)), ("512 kib", PoolSize(nbytes=2**19))])
+def test_pad_pool_sizes_parse(text, size):
+    assert poolsize.parse(text) == size
+
+
+@pytest.mark.parametrize("text", ["-1", "1.5", "64 parsecs", "MB", ""])
+def test_a_bad_pad_pool_size_is_refused_naming_it(text):
+    with pytest.raises(ValueError, match="pad pool size"):
+        poolsize.parse(text)

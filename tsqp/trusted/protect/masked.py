@@ -171,7 +171,7 @@ class ProtectedOffload(_QuantizedBase):
             else None
         try:
             with blocks.one_thread_for(T):
-                r, u = self.pool.take(key, T)
+                r, u = self.pool.take_limbs(key, T)
                 padded = torch.cat([x, x.new_zeros(T - x.shape[0], x.shape[1])]) if T > x.shape[0] else x
                 sx, input_parts, check_s = blocks.mask(padded, r, limbs, None if quantized is not None else
                                                        self.checks.get(key), self.scratch, quantized)
