@@ -45,6 +45,7 @@ class ReadyServer:
 
     def __init__(self, products: dict[str, torch.Tensor], server_us: float = 0.0):
         self.products, self.u, self.seconds, self.latency_s = products, None, 0.0, server_us / 1e6
+        self.cpu_s = 0.0                      # the process's CPU seconds in submit (this thread's, here)
 
     def watch(self, pool) -> None:
         take = pool.take_limbs
@@ -59,10 +60,11 @@ class ReadyServer:
         return torch.empty(shape, dtype=dtype)
 
     def submit(self, op: str, layer, limbs: torch.Tensor) -> Done:
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         z = ring.from_limbs(self.u).add_(ring.HALF).add_(self.products[op]).bitwise_and_(ring.MASK)   # [1, out]
         ready_at = time.perf_counter()
         self.seconds += ready_at - t0
+        self.cpu_s += time.process_time() - c0
         return Later(z, ready_at + self.latency_s) if self.latency_s else Done(z)
 
     def close(self) -> None:
@@ -115,15 +117,15 @@ def one_round(model, cfg, L: int, inputs, products, a, server_us: float, deferre
         raise SystemExit("the pad pool did not fill in 600 s")
     one_token(po, 1, inputs)            # warm: the scratch views and result buffers exist
     po.stats.reset()
-    on_demand, server.seconds = po.pool.on_demand, 0.0
-    t0 = time.perf_counter()
+    on_demand, server.seconds, server.cpu_s = po.pool.on_demand, 0.0, 0.0
+    t0, c0 = time.perf_counter(), time.process_time()
     for _ in range(a.tokens - 1):
         one_token(po, L, inputs)
-    wall = time.perf_counter() - t0
+    wall, cpu = time.perf_counter() - t0, time.process_time() - c0
     n = a.tokens - 1
     latency = n * (L * len(OPS) + 1) * server.latency_s
     result = {"runner": (wall - server.seconds - latency) / n, **{k: v / n for k, v in po.stats.trusted_s.items()},
-              "on_demand": po.pool.on_demand - on_demand}
+              "on_demand": po.pool.on_demand - on_demand, "cpu": (cpu - server.cpu_s) / n}
     po.close()
     return result
 
@@ -172,12 +174,14 @@ def main() -> None:
           f"alternating rounds of {a.tokens - 1} tokens; pads made on demand: "
           f"{sum(r['on_demand'] for rs in rounds.values() for r in rs)}")
     print("The runner's share per token: the wall time less the server's (the reply latency per call). The steps "
-          "are the runner's seconds in each; deferred checks run while it waits, so they may overlap the latency.")
+          "are the runner's seconds in each; deferred checks run while it waits, so they may overlap the latency. "
+          "CPU per token: the process's CPU seconds less the stand-in server's (on a loaded machine, what the "
+          "runner would take on a core of its own; a reply awaited after N us is spun for, so counts).")
     print("| reply after | checks | passes | mask | unmask | check | the rest | **runner per token** (min-max) "
-          "| us per call | x strict (paired) | x torch (paired) |\n|---|---|---|---|---|---|---|---|---|---|---|")
+          "| us per call | x strict (paired) | x torch (paired) | CPU per token |\n|---|---|---|---|---|---|---|---|---|---|---|---|")
     for us, c, k in configs:
         rs = rounds[(us, c, k)]
-        med = {k: statistics.median(r.get(k, 0.0) for r in rs) for k in ("runner", "mask", "unmask", "verify")}
+        med = {k: statistics.median(r.get(k, 0.0) for r in rs) for k in ("runner", "mask", "unmask", "verify", "cpu")}
         rest = med["runner"] - sum(med[k] for k in ("mask", "unmask", "verify"))
         base, reference = rounds.get((us, "strict", k)), rounds.get((us, c, "torch"))
         ratio = f"{statistics.median(r['runner'] / b['runner'] for r, b in zip(rs, base)):.2f}" if base else ""
@@ -186,7 +190,7 @@ def main() -> None:
         lo, hi = min(r["runner"] for r in rs), max(r["runner"] for r in rs)
         print(f"| {us:g} us | {c} | {k} | {1e3 * med['mask']:.2f} | {1e3 * med['unmask']:.2f} | {1e3 * med['verify']:.2f} "
               f"| {1e3 * rest:.2f} | **{1e3 * med['runner']:.2f} ms** ({1e3 * lo:.2f}-{1e3 * hi:.2f}) "
-              f"| {1e6 * med['runner'] / calls:.0f} | {ratio} | {versus} |")
+              f"| {1e6 * med['runner'] / calls:.0f} | {ratio} | {versus} | {1e3 * med['cpu']:.2f} ms |")
 
 
 if __name__ == "__main__":

@@ -206,3 +206,12 @@ def test_pad_pool_sizes_parse(text, size):
 def test_a_bad_pad_pool_size_is_refused_naming_it(text):
     with pytest.raises(ValueError, match="pad pool size"):
         poolsize.parse(text)
+
+
+def test_the_cli_takes_a_pad_pool_in_tokens_or_memory_and_refuses_a_bad_one(capsys):
+    from tsqp import cli
+    assert cli.parser().parse_args(["run", "--pad-pool", "256MB"]).pad_pool == PoolSize(nbytes=256_000_000)
+    assert cli.parser().parse_args(["run"]).pad_pool == PoolSize(tokens=64)
+    with pytest.raises(SystemExit) as e:
+        cli.parser().parse_args(["run", "--pad-pool", "64 parsecs"])
+    assert e.value.code == 2 and "pad pool size '64 parsecs'" in capsys.readouterr().err
