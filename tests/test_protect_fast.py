@@ -215,3 +215,18 @@ def test_the_cli_takes_a_pad_pool_in_tokens_or_memory_and_refuses_a_bad_one(caps
     with pytest.raises(SystemExit) as e:
         cli.parser().parse_args(["run", "--pad-pool", "64 parsecs"])
     assert e.value.code == 2 and "pad pool size '64 parsecs'" in capsys.readouterr().err
+
+
+def test_the_compiled_passes_refuse_operands_of_the_wrong_shape(kernel):
+    """The C loops trust their operands' sizes: the wrapper checks every one before passing an address."""
+    kernel("c")
+    z, u8 = torch.zeros((2, 16), dtype=torch.int64), torch.zeros((5, 2, 16), dtype=torch.uint8)
+    with pytest.raises(ValueError, match="scales"):
+        fast.finish(z, u8, torch.ones(2), torch.ones(15), None, torch.empty((2, 16)))
+    with pytest.raises(ValueError, match="pad must be"):
+        fast.finish(z, u8[:, :1], torch.ones(2), torch.ones(16), None, torch.empty((2, 16)))
+    with pytest.raises(ValueError, match="limbs must be"):
+        fast.mask(torch.ones(2, 16), u8, torch.empty((5, 2, 15), dtype=torch.uint8), None)
+    check = Freivalds(torch.ones((3, 8), dtype=torch.int16)).vectors
+    with pytest.raises(ValueError, match="check's ws"):
+        fast.mask(torch.ones(2, 16), u8, torch.empty((5, 2, 16), dtype=torch.uint8), check)

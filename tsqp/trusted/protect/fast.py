@@ -108,6 +108,8 @@ def finish(z: torch.Tensor, u: torch.Tensor, sx: torch.Tensor, sw: torch.Tensor,
         sx = sx.to(torch.float32).contiguous()
     if sw.dtype != torch.float32 or not sw.is_contiguous():
         sw = sw.to(torch.float32).contiguous()
+    if sw.shape != (out,) or kept > T:
+        raise ValueError(f"scales must be [{out}] and at most {T} rows' [{kept}], got {tuple(sw.shape)}")
     if y.shape != (kept, out) or y.dtype != torch.float32 or not y.is_contiguous():
         raise ValueError(f"y must be float32 [{kept}, {out}] contiguous")
     if offsets is not None and (offsets.shape != (T, out) or offsets.dtype != torch.int64
