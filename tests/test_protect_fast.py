@@ -230,3 +230,17 @@ def test_the_compiled_passes_refuse_operands_of_the_wrong_shape(kernel):
     check = Freivalds(torch.ones((3, 8), dtype=torch.int16)).vectors
     with pytest.raises(ValueError, match="check's ws"):
         fast.mask(torch.ones(2, 16), u8, torch.empty((5, 2, 16), dtype=torch.uint8), check)
+
+
+@pytest.mark.parametrize("rows,n,out", [(1, 64, 40), (16, 576, 1536), (5, 2048, 3)])
+def test_the_pools_u_is_the_torch_paths(kernel, rows, n, out):
+    """fast.pad_u (the limb GEMM's products combined in C) against ring.limb_matmul - 2^39 cut into limbs,
+    with extreme weights and limbs."""
+    g = torch.Generator().manual_seed(rows + n + out)
+    q = torch.randint(-2047, 2048, (out, n), generator=g, dtype=torch.int16)
+    q[0, :2] = torch.tensor([2047, -2047])
+    w = ring.RingWeight(q)
+    r = torch.randint(0, 256, (ring.LIMBS, rows, n), generator=g, dtype=torch.uint8)
+    r[:, 0] = 255
+    reference = ring.to_limbs(ring.limb_matmul(r, w).sub_(ring.HALF).bitwise_and_(ring.MASK))
+    assert torch.equal(fast.pad_u(r, w), reference)

@@ -234,6 +234,30 @@ CLONES static void output_side_rows(Job *j, int64_t a, int64_t b) {
     }
 }
 
+/* ---- the pool: U's limbs from the limb GEMM's int32 products ----------------------------------------- */
+/* p int32 [5, rows, 2 out] (limb j's products with the hi plane, then the lo plane), offset int64 [out]
+ * (128 colsum(W) sum_j 2^(8j) mod 2^40) -> the limbs of B W^T - 2^39 mod 2^40 (ring.py's _combine, exact:
+ * every step is mod 2^64 wrapping arithmetic, and only the low 40 bits are kept). */
+CLONES static void combine_rows(Job *j, int64_t a, int64_t b) {
+    const int64_t out = j->width, rows = j->kept, lp = j->limb_plane;
+    const int32_t *restrict p = j->c_lo;
+    const int64_t *restrict offset = j->z;
+    for (int64_t t = a; t < b; t++) {
+        uint8_t *restrict l0 = j->limbs + t * out;
+        for (int64_t k = 0; k < out; k++) {
+            uint64_t y = (uint64_t)offset[k] - (uint64_t)HALF;
+            for (int l = 0; l < LIMBS - 1; l++) {
+                const int32_t *row = p + ((int64_t)l * rows + t) * 2 * out;
+                y += ((uint64_t)(int64_t)row[k] << (8 * l + 6)) + ((uint64_t)(int64_t)row[out + k] << (8 * l));
+            }
+            const int32_t *last = p + ((int64_t)(LIMBS - 1) * rows + t) * 2 * out;
+            y += ((((uint64_t)(int64_t)last[k] << 6) + (uint64_t)(int64_t)last[out + k]) & 0xFF) << 32;
+            l0[k] = (uint8_t)y; l0[k + lp] = (uint8_t)(y >> 8); l0[k + 2 * lp] = (uint8_t)(y >> 16);
+            l0[k + 3 * lp] = (uint8_t)(y >> 24); l0[k + 4 * lp] = (uint8_t)(y >> 32);
+        }
+    }
+}
+
 /* ---- Python entry points: addresses and sizes as integers ---------------------------------------------- */
 #define PTR(T, v) ((T)(uintptr_t)(v))
 
@@ -309,11 +333,25 @@ static PyObject *py_output_side(PyObject *self, PyObject *args) {
     return run_job(&job, output_side_rows, rows, threads);
 }
 
+/* combine(p, offset, limbs, limb_plane, rows, out, threads) */
+static PyObject *py_combine(PyObject *self, PyObject *args) {
+    unsigned long long p, offset, limbs;
+    long long limb_plane, rows, out;
+    int threads;
+    if (!PyArg_ParseTuple(args, "KKKLLLi", &p, &offset, &limbs, &limb_plane, &rows, &out, &threads))
+        return NULL;
+    Job job = {0};
+    job.c_lo = PTR(const int32_t *, p); job.z = PTR(const int64_t *, offset); job.limbs = PTR(uint8_t *, limbs);
+    job.limb_plane = limb_plane; job.kept = rows; job.width = out;
+    return run_job(&job, combine_rows, rows, threads);
+}
+
 static PyMethodDef methods[] = {
     {"mask", py_mask, METH_VARARGS, "quantize, pad and cut rows into limbs"},
     {"finish", py_finish, METH_VARARGS, "range-check, unmask, lift and dequantize rows"},
     {"input_side", py_input_side, METH_VARARGS, "X . ws mod p per row"},
     {"output_side", py_output_side, METH_VARARGS, "Y . s mod p per row, from Y + 2^39"},
+    {"combine", py_combine, METH_VARARGS, "U's limbs from the limb GEMM's int32 products"},
     {NULL, NULL, 0, NULL},
 };
 

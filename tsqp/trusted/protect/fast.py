@@ -154,3 +154,18 @@ def _vector(check: CheckVectors | None, name: str, width: int) -> tuple[int, int
     if lo.shape[0] != width or width > MAX_WIDTH:
         raise ValueError(f"the check's {name} has {lo.shape[0]} entries, the operand {width} (at most {MAX_WIDTH})")
     return lo.data_ptr(), hi.data_ptr()
+
+
+def pad_u(limbs: torch.Tensor, w: ring.RingWeight) -> torch.Tensor:
+    """A pad block's R limbs uint8 [5, rows, in] -> U's limbs uint8 [5, rows, out], U = R W^T - 2^39 mod 2^40:
+    ring.limb_matmul's int8 GEMM, then its int32 products combined and cut into limbs in one compiled pass
+    (the torch chain made ten int64 passes over [rows, out] and the limb cut six more)."""
+    _, T, n = limbs.shape
+    signed = torch.bitwise_xor(limbs, 0x80).view(torch.int8)                      # b_j - 128 as int8
+    p = ring.int_mm(signed.reshape(ring.LIMBS * T, n), w.wt).contiguous()          # [5 T, 2 out] int32
+    out = w.out_features
+    if p.shape != (ring.LIMBS * T, 2 * out) or p.dtype != torch.int32 or w.offset.shape != (out,):
+        raise ValueError(f"limb products {p.dtype} {tuple(p.shape)} for {out} outputs")
+    u = torch.empty((ring.LIMBS, T, out), dtype=torch.uint8)
+    _fastpath.combine(p.data_ptr(), w.offset.contiguous().data_ptr(), u.data_ptr(), T * out, T, out, _threads(T))
+    return u

@@ -20,6 +20,7 @@ import torch
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms
 
 from ... import ring
+from . import fast
 from .poolsize import PoolSize
 
 Key = tuple[str, int | None]
@@ -152,6 +153,8 @@ class PadPool:
         w = self.weights[key]
         _, stream = self.source.fresh(ring.LIMBS * rows * w.in_features)
         limbs = stream.view(ring.LIMBS, rows, w.in_features)                  # [5, rows, in]: R's limbs
+        if fast.usable(limbs) and w.wt.device.type == "cpu":
+            return limbs, fast.pad_u(limbs, w)
         u = ring.limb_matmul(limbs, w).sub_(ring.HALF).bitwise_and_(ring.MASK)   # [rows, out]
         return limbs, ring.to_limbs(u)
 
