@@ -13,11 +13,15 @@ if ls .whl/*.whl >/dev/null 2>&1 && ! python3 -c "import zmq" 2>/dev/null; then
   export PYTHONPATH=/tmp/site:$PWD
 fi
 export PYTHONUNBUFFERED=1
+# the compiled per-row passes (tsqp/_fastpath.c), built here as `pip install -e .` builds them; where the build
+# fails the torch reference runs, and host.txt says which
+python3 setup.py build_ext --inplace > "$W/build_ext.txt" 2>&1 || tail -5 "$W/build_ext.txt"
 tsqp() { python3 -m tsqp.cli "$@"; }
 {
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null
   echo "cores: $(nproc); amx: $(grep -o -m1 amx_bf16 /proc/cpuinfo || echo none)"
   python3 -c "import torch, zmq; print('torch', torch.__version__, 'zmq', zmq.zmq_version(), torch.cuda.is_available() and torch.cuda.get_device_name())"
+  python3 -c "from tsqp.trusted.protect import fast; print('protected passes:', fast.KERNEL)"
 } 2>&1 | tee "$W/host.txt"
 BIG=${BIG:-random:llama-3.2-1b}; TOK=${TOK:-1024}; DT=${DT:-bfloat16}
 TRANSPORTS=${TRANSPORTS:-local,shm}; POLICIES=${POLICIES:-linear,flash}; CHUNKS=${CHUNKS:-1,2}
@@ -52,6 +56,12 @@ PY
 timeout ${PROTECT_S:-240} python3 -m tsqp.cli bench --device $DEV --model $BIG --tokens $TOK --decode 32 \
   --transport shm,shm-otp,shm-otp-verify,shm-otp-verify-deferred --policy linear --repeat 3 \
   --json "$OUT/bench_protect.json" 2>&1 | tee "$W/bench_protect.txt"
+# 0b. the runner's own share on this host's cores: per decode token (strict and deferred checks, replies at once
+#     and after 100 us) and per prefill of $TOK tokens, the compiled passes beside the torch reference
+timeout ${SHARE_S:-200} python3 scripts/protect_decode_cost.py --model $BIG --checks strict,deferred \
+  --server-us 0,100 --kernels torch,c --repeat 3 --tokens 16 2>&1 | tee "$W/share.txt"
+timeout ${SHARE_S:-200} python3 scripts/protect_host_cost.py --model $BIG --tokens $TOK --repeat 3 --kernels torch,c \
+  2>&1 | tee -a "$W/share.txt"
 # 1. the benchmark: 1024 tokens of the Llama-3.2-1B shape, bf16, with the no-split references (eager torch)
 bench --transport $TRANSPORTS --policy $POLICIES --chunks $CHUNKS --json "$OUT/bench.json" --plot "$OUT/bench.png" \
   2>&1 | tee "$W/bench.txt"
@@ -122,6 +132,6 @@ if [ "$DIAG" = 1 ]; then
   cat "$W/diagnose.txt" >> "$OUT/check.txt"
 fi
 cat "$W/host.txt" >> "$OUT/check.txt"
-cat "$W/bench_protect.txt" "$W/bench.txt" "$W/bench_compile.txt" "$W/bench_levers.txt" "$W/summary.txt" \
+cat "$W/bench_protect.txt" "$W/share.txt" "$W/bench.txt" "$W/bench_compile.txt" "$W/bench_levers.txt" "$W/summary.txt" \
   > "$OUT/tables.txt" 2>/dev/null
 echo "done"

@@ -19,6 +19,7 @@ at the same latency, paired by round.
 
     python3 scripts/protect_decode_cost.py [--model random:llama-3.2-1b] [--tokens 32] [--repeat 5] [--threads N]
                                            [--server-us 0,100] [--checks strict,deferred]
+                                           [--kernels torch,c]
 """
 from __future__ import annotations
 
@@ -32,6 +33,7 @@ import torch
 from tsqp import quant, ring
 from tsqp import weights as W
 from tsqp.trusted.offload import Done
+from tsqp.trusted.protect import fast
 from tsqp.trusted.protect.masked import ProtectedOffload, QuantizedModel
 
 OPS = ("qkv", "o", "gate_up", "down")
@@ -43,24 +45,26 @@ class ReadyServer:
 
     def __init__(self, products: dict[str, torch.Tensor], server_us: float = 0.0):
         self.products, self.u, self.seconds, self.latency_s = products, None, 0.0, server_us / 1e6
+        self.cpu_s = 0.0                      # the process's CPU seconds in submit (this thread's, here)
 
     def watch(self, pool) -> None:
-        take = pool.take
+        take = pool.take_limbs
 
         def recorded(key, rows):
             r, u = take(key, rows)
-            self.u = u
+            self.u = u                        # U's limbs, uint8 [5, rows, out]
             return r, u
-        pool.take = recorded
+        pool.take_limbs = recorded
 
     def empty(self, shape, dtype=None) -> torch.Tensor:
         return torch.empty(shape, dtype=dtype)
 
     def submit(self, op: str, layer, limbs: torch.Tensor) -> Done:
-        t0 = time.perf_counter()
-        z = (self.u + ring.HALF).add_(self.products[op]).bitwise_and_(ring.MASK)           # [1, out]
+        t0, c0 = time.perf_counter(), time.process_time()
+        z = ring.from_limbs(self.u).add_(ring.HALF).add_(self.products[op]).bitwise_and_(ring.MASK)   # [1, out]
         ready_at = time.perf_counter()
         self.seconds += ready_at - t0
+        self.cpu_s += time.process_time() - c0
         return Later(z, ready_at + self.latency_s) if self.latency_s else Done(z)
 
     def close(self) -> None:
@@ -98,8 +102,10 @@ def one_token(po: ProtectedOffload, layers: int, inputs: dict[str, torch.Tensor]
     pending.release()
 
 
-def one_round(model, cfg, L: int, inputs, products, a, server_us: float, deferred: bool) -> dict:
-    """One session with a full pool, timed over tokens - 1 decode steps: the runner's seconds per token."""
+def one_round(model, cfg, L: int, inputs, products, a, server_us: float, deferred: bool, kernel: str) -> dict:
+    """One session with a full pool, timed over tokens - 1 decode steps: the runner's seconds per token, with
+    the per-row passes of `kernel` (fast.py: c, or the torch reference)."""
+    fast.KERNEL = kernel
     # the pool is filled in one batch per op and idle while timed (the filler would share the cores; it
     # works while the runner waits for the user)
     server = ReadyServer(products, server_us)
@@ -111,15 +117,15 @@ def one_round(model, cfg, L: int, inputs, products, a, server_us: float, deferre
         raise SystemExit("the pad pool did not fill in 600 s")
     one_token(po, 1, inputs)            # warm: the scratch views and result buffers exist
     po.stats.reset()
-    on_demand, server.seconds = po.pool.on_demand, 0.0
-    t0 = time.perf_counter()
+    on_demand, server.seconds, server.cpu_s = po.pool.on_demand, 0.0, 0.0
+    t0, c0 = time.perf_counter(), time.process_time()
     for _ in range(a.tokens - 1):
         one_token(po, L, inputs)
-    wall = time.perf_counter() - t0
+    wall, cpu = time.perf_counter() - t0, time.process_time() - c0
     n = a.tokens - 1
     latency = n * (L * len(OPS) + 1) * server.latency_s
     result = {"runner": (wall - server.seconds - latency) / n, **{k: v / n for k, v in po.stats.trusted_s.items()},
-              "on_demand": po.pool.on_demand - on_demand}
+              "on_demand": po.pool.on_demand - on_demand, "cpu": (cpu - server.cpu_s) / n}
     po.close()
     return result
 
@@ -135,6 +141,8 @@ def main() -> None:
                          "waiting for the next reply, deferred.py); rounds alternate between them")
     ap.add_argument("--server-us", default="0", help="comma-separated: each reply is ready this long after its "
                                                      "request; rounds alternate between them")
+    ap.add_argument("--kernels", default=fast.KERNEL, help="comma-separated: c (the compiled per-row passes), torch "
+                    "(the reference chains); rounds alternate between them")
     ap.add_argument("--threads", type=int, default=None, help="torch's intra-op threads (default: torch's)")
     a = ap.parse_args()
     if a.threads:
@@ -152,30 +160,37 @@ def main() -> None:
               "gate_up": torch.randn(1, D, generator=g), "down": torch.randn(1, cfg.intermediate_size, generator=g),
               "lm_head": torch.randn(1, D, generator=g)}
     products = {op: product(x, model.qweights[(op, None if op == "lm_head" else 0)].q) for op, x in inputs.items()}
-    configs = [(us, c) for us in latencies for c in checks]
+    kernels = a.kernels.split(",")
+    if not set(kernels) <= {"c", "torch"} or ("c" in kernels and fast._fastpath is None):
+        raise SystemExit(f"--kernels takes c (built: {fast._fastpath is not None}) and torch, got {a.kernels}")
+    configs = [(us, c, k) for us in latencies for c in checks for k in kernels]
     rounds = {cfg_: [] for cfg_ in configs}
     for _ in range(a.repeat):
-        for us, c in configs:
-            rounds[(us, c)].append(one_round(model, cfg, L, inputs, products, a, us, c == "deferred"))
+        for us, c, k in configs:
+            rounds[(us, c, k)].append(one_round(model, cfg, L, inputs, products, a, us, c == "deferred", k))
     calls = L * len(OPS) + 1
     print(f"{a.model}: {calls} one-row calls per token ({L} layers x {len(OPS)} + lm_head), "
           f"{'unverified' if a.no_verify else 'verified'}, {torch.get_num_threads()} threads, median of {a.repeat} "
           f"alternating rounds of {a.tokens - 1} tokens; pads made on demand: "
           f"{sum(r['on_demand'] for rs in rounds.values() for r in rs)}")
     print("The runner's share per token: the wall time less the server's (the reply latency per call). The steps "
-          "are the runner's seconds in each; deferred checks run while it waits, so they may overlap the latency.")
-    print("| reply after | checks | mask | unmask | check | the rest | **runner per token** (min-max) | us per call "
-          "| x strict (paired) |\n|---|---|---|---|---|---|---|---|---|")
-    for us, c in configs:
-        rs = rounds[(us, c)]
-        med = {k: statistics.median(r.get(k, 0.0) for r in rs) for k in ("runner", "mask", "unmask", "verify")}
+          "are the runner's seconds in each; deferred checks run while it waits, so they may overlap the latency. "
+          "CPU per token: the process's CPU seconds less the stand-in server's (on a loaded machine, what the "
+          "runner would take on a core of its own; a reply awaited after N us is spun for, so counts).")
+    print("| reply after | checks | passes | mask | unmask | check | the rest | **runner per token** (min-max) "
+          "| us per call | x strict (paired) | x torch (paired) | CPU per token |\n|---|---|---|---|---|---|---|---|---|---|---|---|")
+    for us, c, k in configs:
+        rs = rounds[(us, c, k)]
+        med = {k: statistics.median(r.get(k, 0.0) for r in rs) for k in ("runner", "mask", "unmask", "verify", "cpu")}
         rest = med["runner"] - sum(med[k] for k in ("mask", "unmask", "verify"))
-        base = rounds.get((us, "strict"))
+        base, reference = rounds.get((us, "strict", k)), rounds.get((us, c, "torch"))
         ratio = f"{statistics.median(r['runner'] / b['runner'] for r, b in zip(rs, base)):.2f}" if base else ""
+        versus = f"{statistics.median(r['runner'] / b['runner'] for r, b in zip(rs, reference)):.2f}" \
+            if reference else ""
         lo, hi = min(r["runner"] for r in rs), max(r["runner"] for r in rs)
-        print(f"| {us:g} us | {c} | {1e3 * med['mask']:.2f} | {1e3 * med['unmask']:.2f} | {1e3 * med['verify']:.2f} "
+        print(f"| {us:g} us | {c} | {k} | {1e3 * med['mask']:.2f} | {1e3 * med['unmask']:.2f} | {1e3 * med['verify']:.2f} "
               f"| {1e3 * rest:.2f} | **{1e3 * med['runner']:.2f} ms** ({1e3 * lo:.2f}-{1e3 * hi:.2f}) "
-              f"| {1e6 * med['runner'] / calls:.0f} | {ratio} |")
+              f"| {1e6 * med['runner'] / calls:.0f} | {ratio} | {versus} | {1e3 * med['cpu']:.2f} ms |")
 
 
 if __name__ == "__main__":

@@ -11,6 +11,15 @@ from .commands import flags
 from .config import DEFAULT_ENDPOINT, DEFAULT_MODEL, DTYPES, ENV, ConfigError, env_endpoint
 
 
+
+def _pool_size(text: str):
+    from .trusted.protect import poolsize
+    try:
+        return poolsize.parse(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
 def default_device() -> str:
     import torch
     return "cuda:0" if torch.cuda.is_available() else "cpu"
@@ -86,8 +95,9 @@ def add_runner_args(p: argparse.ArgumentParser, several_endpoints: bool = False)
                    help="with --protect: pad each prefill request with zero rows to a multiple of N, so the server "
                         "learns the prompt's length only to within N tokens (costs up to N-1 rows of work; default "
                         "1: off)")
-    p.add_argument("--pad-pool", type=int, default=64,
-                   help="with --protect: pads precomputed per op, in tokens, filled in the background (default 64)")
+    p.add_argument("--pad-pool", type=_pool_size, default="64",
+                   help="with --protect: pads precomputed per op, filled in the background: tokens (64, the "
+                        "default) or memory (256MB, 1GiB; a token of Llama-3.2-1B pads is 3.7 MB)")
     p.add_argument("--compile", action="store_true",
                    help="fuse the trusted elementwise steps with torch.compile (needs a C++ compiler; compiles "
                         "once per prompt length)")

@@ -21,13 +21,11 @@ import time
 import torch
 
 from ... import quant, ring
+from . import fast
+from .fast import OutOfRange
 from .freivalds import Freivalds
 
 BLOCK = 1 << 19
-
-
-class OutOfRange(ValueError):
-    """A returned value lies outside [0, 2^40)."""
 
 
 class Scratch:
@@ -122,7 +120,13 @@ def mask(x: torch.Tensor, r: torch.Tensor, limbs: torch.Tensor, check: Freivalds
     """x float [T, in], r int64 [T, in] (a pad's rows) -> limbs of B = quantize(x) + r mod 2^40 written into
     `limbs` uint8 [5, T, in]; returns (sx float32 [T] the rows' scales, the check's input parts [T, k] or
     None, seconds spent on the check). quantized: float32 [T, in] to keep the quantized rows in (for a check
-    made later), instead of scratch."""
+    made later), instead of scratch. The compiled pass (fast.py) runs where it can: its check's input side is
+    X . ws mod p itself, [T], and its time is the mask's (one loop)."""
+    if fast.usable(x, r, limbs) and limbs.is_contiguous():
+        sx, side = fast.mask(x, r, limbs, check.vectors if check is not None else None, quantized)
+        return _signed_zero_scales(x, sx), side, 0.0
+    if r.dtype == torch.uint8:                     # a pool's planes: the reference reads them as int64
+        r = ring.from_limbs(r)
     T, n = x.shape
     scales, parts, check_s = [], [], 0.0
     for a, b in spans(T, n, BLOCK):
@@ -139,17 +143,45 @@ def mask(x: torch.Tensor, r: torch.Tensor, limbs: torch.Tensor, check: Freivalds
     return joined(scales), joined(parts) if parts else None, check_s
 
 
+def _signed_zero_scales(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """The compiled pass's scales, a zero one given the sign the reference gives it: over a block of rows
+    quant._symmetric takes max(max x, -min x), and for a row of zeros that is -0.0 or 0.0 by the order of
+    torch's reductions and of torch.maximum's vector lanes (a -0.0 scale makes the row's results -0.0), so
+    those rows' scales are computed as the reference does, block by block, at the same vector positions.
+    A block of one row takes max |x| (quant._one_row), 0.0, as the compiled pass does."""
+    T, n = x.shape
+    if T == 1:
+        return scale
+    zero = scale == 0
+    if not bool(zero.any()):
+        return scale
+    for a, b in spans(T, n, BLOCK):
+        here = zero[a:b]
+        if b - a == 1 or not bool(here.any()):
+            continue
+        rows_x = x[a:b][here].to(torch.float32)                                   # [zeros, n]
+        high, low = torch.zeros(b - a), torch.zeros(b - a)                        # [b - a]: the block's lanes
+        high[here], low[here] = rows_x.amax(1), rows_x.amin(1)
+        scale[a:b][here] = torch.maximum(high, low.neg_()).div_(quant.ACT_MAX)[here]
+    return scale
+
+
 def finish(z: torch.Tensor, u: torch.Tensor, sx: torch.Tensor, sw: torch.Tensor, check: Freivalds | None,
            scratch: Scratch, y: torch.Tensor | None = None,
            offsets: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None, float]:
     """The server's z = B W^T mod 2^40 (int64 [T, out], in memory it may still write) and the pad's
     U = R W^T - 2^39 mod 2^40, int64 [T, out] -> (y float32 [len(sx), out] dequantized, written into `y` when given; rows beyond
     len(sx) are padding and dropped; the check's output parts [T, k] or None; seconds spent checking).
-    offsets: int64 [T, out] to keep Y + 2^39 in (for a check made later), instead of scratch. Raises OutOfRange."""
+    offsets: int64 [T, out] to keep Y + 2^39 in (for a check made later), instead of scratch. Raises OutOfRange.
+    The compiled pass (fast.py) runs where it can: its check's output side is Y . s mod p itself, [T]."""
     T, out = z.shape
     kept = sx.shape[0]
     if y is None:
         y = torch.empty((kept, out), dtype=torch.float32)
+    if fast.usable(z, u) and z.dtype == torch.int64 and y.is_contiguous():
+        return y, fast.finish(z, u, sx, sw, check.vectors if check is not None else None, y, offsets), 0.0
+    if u.dtype == torch.uint8:
+        u = ring.from_limbs(u)
     parts, check_s = [], 0.0
     for a, b in spans(T, out, BLOCK):
         low, high = torch.aminmax(rows(z, a, b))        # strictness only: z is used mod 2^40 below

@@ -31,6 +31,7 @@ from __future__ import annotations
 import torch
 
 from ... import ring
+from . import fast
 from .pads import uniform_below
 
 PRIME = 2**41 + 27          # 2199023255579: the smallest prime above 2^41 (tests prove it with Miller-Rabin)
@@ -140,7 +141,9 @@ class Freivalds:
         # X . ws: ws in limbs of in_bits bits, float64 [in, count]
         self.in_bits = min(LIMB_BITS, (FLOAT64_EXACT.bit_length() - 1) - 15 - in_features.bit_length())
         count = -(-prime.bit_length() // self.in_bits)
-        self._ws = cut(self._weighted_columns(q, s), self.in_bits, count).to(torch.float64)
+        ws = self._weighted_columns(q, s)                                          # [in] mod p
+        self.vectors = fast.CheckVectors(ws, s, prime)                              # the compiled passes' form
+        self._ws = cut(ws, self.in_bits, count).to(torch.float64)
         input_weights = [1 << (self.in_bits * i) for i in range(count)]
         # Y . s: 2^(8j) s_k mod p at row 8k + j (zero for the bytes above the fifth), in limbs of out_bits bits
         self.chunks = output_chunks(out_features)
@@ -201,12 +204,22 @@ class Freivalds:
                           for (a, b), s in zip(self.chunks, self._s_bytes)], 1)
 
     def passes(self, output_parts: torch.Tensor, input_parts: torch.Tensor) -> torch.Tensor:
-        """Both sides' parts for the same rows -> bool [T]: Y[t] . s == X[t] . ws mod p."""
+        """Both sides' parts for the same rows -> bool [T]: Y[t] . s == X[t] . ws mod p. Parts of one
+        dimension are the sides themselves, reduced (the compiled passes', fast.py)."""
+        if output_parts.dim() == 1:
+            return output_parts == input_parts
         if output_parts.shape[0] <= WeightedSum.PYTHON_ROWS:        # a decode step: Python's integers, no cat
             c, p = self._difference.coefficients, self.prime
             return torch.tensor([sum(v * w for v, w in zip(out + inp, c)) % p == self._passing_total
                                  for out, inp in zip(output_parts.tolist(), input_parts.tolist())], dtype=torch.bool)
         return self._difference(torch.cat([output_parts.to(torch.int64), input_parts], 1)) == self._passing_total
+
+    def copies_pass(self, quantized: torch.Tensor, y_offset: torch.Tensor) -> torch.Tensor:
+        """A deferred check: the input's integers float32 [T, in] and Y + 2^39 int64 [T, out] (consumed)
+        -> bool [T], by the compiled passes where they run."""
+        if fast.usable(quantized, y_offset):
+            return fast.output_side(self.vectors, y_offset) == fast.input_side(self.vectors, quantized)
+        return self.passes(self.output_parts(y_offset), self.input_parts(quantized))
 
     def input_side(self, x: torch.Tensor) -> torch.Tensor:
         """X . ws mod p, int64 [T] (what `passes` compares, reduced on its own)."""

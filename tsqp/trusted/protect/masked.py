@@ -23,7 +23,7 @@ from ... import quant, ring
 from ...config import ModelConfig
 from ...stats import Stats
 from ..offload import Done
-from . import blocks
+from . import blocks, fast
 from .deferred import DeferredChecks
 from .freivalds import Freivalds, VerificationError, failing_rows
 from .pads import PadPool, PadSource
@@ -171,7 +171,7 @@ class ProtectedOffload(_QuantizedBase):
             else None
         try:
             with blocks.one_thread_for(T):
-                r, u = self.pool.take(key, T)
+                r, u = self.pool.take_limbs(key, T)
                 padded = torch.cat([x, x.new_zeros(T - x.shape[0], x.shape[1])]) if T > x.shape[0] else x
                 sx, input_parts, check_s = blocks.mask(padded, r, limbs, None if quantized is not None else
                                                        self.checks.get(key), self.scratch, quantized)
@@ -234,7 +234,8 @@ class ProtectedOffload(_QuantizedBase):
         return {"verify": self.verify, "deferred_checks": deferred,
                 "checked_rows": self.checked_rows + (self.deferred.rows if deferred else 0),
                 "verify_s": self.verify_s, "deferred_check_s": self.deferred.seconds if deferred else 0.0,
-                "fingerprint": self.fingerprint, "pool": self.pool.stats()}
+                "fingerprint": self.fingerprint, "pool": self.pool.stats(),
+                "passes": fast.KERNEL}
 
     def close(self) -> None:
         self.pool.close()
@@ -258,13 +259,13 @@ class MaskedPending:
         if self.value is None:
             self.owner.settle()             # deferred checks, while the server works on this request
             z = self.pending.result()
-            with blocks.one_thread_for(self.u.shape[0]):
+            with blocks.one_thread_for(self.u.shape[-2]):
                 self.value = self._finish(z)
         return self.value
 
     def _finish(self, z: torch.Tensor) -> torch.Tensor:
         owner, (op, layer) = self.owner, self.key
-        T, out = self.u.shape
+        T, out = self.u.shape[-2:]          # U: uint8 [5, T, out] (the pool's planes)
         try:
             if z.dtype != torch.int64 or tuple(z.shape) != (T, out) or z.device.type != "cpu":
                 raise VerificationError(op, layer, f"expected int64 [{T}, {out}] on the CPU, got {z.dtype} "

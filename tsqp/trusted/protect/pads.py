@@ -20,6 +20,8 @@ import torch
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms
 
 from ... import ring
+from . import fast
+from .poolsize import PoolSize
 
 Key = tuple[str, int | None]
 
@@ -93,30 +95,35 @@ def uniform_below(bound: int, count: int) -> torch.Tensor:
 
 
 class _Batch:
-    """Rows start.. of one precomputed pad block: R int64 [b, in], U int64 [b, out]."""
+    """Rows start.. of one precomputed pad block, in the ring's 5 bytes an element: R's limbs uint8
+    [5, b, in] (the keystream as drawn) and U's uint8 [5, b, out]."""
 
     def __init__(self, r: torch.Tensor, u: torch.Tensor):
         self.r, self.u, self.start = r, u, 0
 
     @property
     def left(self) -> int:
-        return self.r.shape[0] - self.start
+        return self.r.shape[1] - self.start
 
 
 class PadPool:
     """(R, U) rows per (op, layer), precomputed on a background thread.
 
-    weights: (op, layer) -> RingWeight, in forward order. Each per-layer op keeps `pool_tokens` rows ready;
+    weights: (op, layer) -> RingWeight, in forward order. Each per-layer op keeps `pool_tokens` rows ready
+    (or as many as a poolsize.PoolSize of memory holds);
     the lm_head, called for one row per prefill or decode step, keeps `lm_head_rows` (default: one batch).
     The filler tops up the emptiest pool (relative to its target) `batch_tokens` rows at a time, once the
     pool lacks a whole batch.
     """
 
-    def __init__(self, weights: dict[Key, ring.RingWeight], pool_tokens: int = 64, batch_tokens: int = 16,
-                 lm_head_rows: int | None = None, source: PadSource | None = None, background: bool = True):
+    def __init__(self, weights: dict[Key, ring.RingWeight], pool_tokens: int | PoolSize = 64,
+                 batch_tokens: int = 16, lm_head_rows: int | None = None, source: PadSource | None = None,
+                 background: bool = True):
+        self.weights = weights
+        if isinstance(pool_tokens, PoolSize):         # --pad-pool in memory: the tokens it holds
+            pool_tokens = pool_tokens.rows(self.bytes_per_token)
         if pool_tokens < 0 or batch_tokens < 1:
             raise ValueError("pool_tokens must be >= 0 and batch_tokens >= 1")
-        self.weights = weights
         self.source = source or PadSource()
         self.batch_tokens, self.pool_tokens = batch_tokens, pool_tokens
         head_rows = batch_tokens if lm_head_rows is None else lm_head_rows
@@ -139,13 +146,17 @@ class PadPool:
 
     # ---- making pads -------------------------------------------------------------------------------
     def make(self, key: Key, rows: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """A fresh pad block of `rows` rows for (op, layer): (R int64 [rows, in], U int64 [rows, out]) with
-        U = R W^T - 2^39 mod 2^40: shifted by half the ring, so that the runner's unmask Z - U is Y + 2^39 in
-        one subtraction (blocks.finish)."""
+        """A fresh pad block of `rows` rows for (op, layer), as the pool keeps it: (R's limbs uint8
+        [5, rows, in], U's uint8 [5, rows, out]) with U = R W^T - 2^39 mod 2^40: shifted by half the ring, so
+        that the runner's unmask Z - U is Y + 2^39 in one subtraction (blocks.finish). 5 bytes an element:
+        a token of Llama-3.2-1B's pads is 3.7 MB (int64 R and U took 11.8)."""
         w = self.weights[key]
         _, stream = self.source.fresh(ring.LIMBS * rows * w.in_features)
         limbs = stream.view(ring.LIMBS, rows, w.in_features)                  # [5, rows, in]: R's limbs
-        return ring.from_limbs(limbs), ring.limb_matmul(limbs, w).sub_(ring.HALF).bitwise_and_(ring.MASK)
+        if fast.usable(limbs) and w.wt.device.type == "cpu":
+            return limbs, fast.pad_u(limbs, w)
+        u = ring.limb_matmul(limbs, w).sub_(ring.HALF).bitwise_and_(ring.MASK)   # [rows, out]
+        return limbs, ring.to_limbs(u)
 
     def _fill_loop(self) -> None:
         try:
@@ -195,8 +206,14 @@ class PadPool:
 
     # ---- using pads --------------------------------------------------------------------------------
     def take(self, key: Key, rows: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """`rows` unused pad rows for (op, layer): (R int64 [rows, in], U int64 [rows, out], see make). Rows come from
-        the pool first; whatever it lacks is made now (an on-demand event)."""
+        """`rows` unused pad rows for (op, layer) as int64: (R [rows, in], U [rows, out], see make)."""
+        r, u = self.take_limbs(key, rows)
+        return ring.from_limbs(r), ring.from_limbs(u)
+
+    def take_limbs(self, key: Key, rows: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """`rows` unused pad rows for (op, layer) as the pool keeps them: (R's limbs uint8 [5, rows, in], U's
+        uint8 [5, rows, out], see make; rows contiguous, planes a block apart). Rows come from the pool first;
+        whatever it lacks is made now (an on-demand event)."""
         rs, us, got = [], [], 0
         with self._cond:
             if self.error is not None:
@@ -205,8 +222,8 @@ class PadPool:
             while got < rows and pool:
                 batch = pool[0]
                 n = min(batch.left, rows - got)
-                rs.append(batch.r[batch.start:batch.start + n])
-                us.append(batch.u[batch.start:batch.start + n])
+                rs.append(batch.r[:, batch.start:batch.start + n])
+                us.append(batch.u[:, batch.start:batch.start + n])
                 batch.start += n
                 got += n
                 if not batch.left:
@@ -227,7 +244,7 @@ class PadPool:
                 self.on_demand_s += time.perf_counter() - t0
         if len(rs) == 1:
             return rs[0], us[0]
-        return torch.cat(rs), torch.cat(us)
+        return torch.cat(rs, 1), torch.cat(us, 1)
 
     def wait_full(self, timeout_s: float | None = None) -> bool:
         """Block until no pool is being refilled (True: each is at its target, or lacks less than a batch)
@@ -239,7 +256,12 @@ class PadPool:
     @property
     def bytes_held(self) -> int:
         with self._cond:
-            return sum(b.r[b.start:].nbytes + b.u[b.start:].nbytes for pool in self.pools.values() for b in pool)
+            return sum(b.r[:, b.start:].nbytes + b.u[:, b.start:].nbytes for pool in self.pools.values() for b in pool)
+
+    @property
+    def bytes_per_token(self) -> int:
+        """The pool's bytes for one token of pads: one row of R and of U for every (op, layer)."""
+        return sum(ring.LIMBS * (w.in_features + w.out_features) for w in self.weights.values())
 
     def stats(self) -> dict:
         """Figures for JSON: rows made in the background and consumed, on-demand events and rows, the fill
@@ -252,6 +274,7 @@ class PadPool:
                     "fill_tokens_per_s": self.tokens_made / self.fill_s if self.fill_s else 0.0,
                     "pool_tokens": self.pool_tokens,
                     "blocks_issued": self.source.blocks_issued, "bytes_held": held,
+                    "bytes_per_token": self.bytes_per_token,
                     "filler_error": None if self.error is None else repr(self.error)}
 
     def close(self) -> None:
