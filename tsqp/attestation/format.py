@@ -165,12 +165,13 @@ class Evidence:
 _KEYS = {"format", "provider", "quote", "nonce", "event_log", "rtmr3_extended", "certificate"}
 
 
-def unique_keys(pairs: list[tuple[str, object]]) -> dict:
-    """json.loads' object hook: a key given twice is refused (json keeps the last; another reader, the first)."""
+def unique_keys(pairs: list[tuple[str, object]], error: type[Exception] = None) -> dict:
+    """json.loads' object hook: a key given twice is refused (json keeps the last; another reader, the first).
+    error(key, why): what to raise (FormatError unless a caller names its own, as the policy parser does)."""
     obj = {}
     for key, value in pairs:
         if key in obj:
-            raise FormatError(key, "is given twice in one JSON object")
+            raise (error or FormatError)(key, "is given twice in one JSON object")
         obj[key] = value
     return obj
 

@@ -19,6 +19,8 @@ import json
 import re
 from dataclasses import asdict, dataclass, field
 
+from ..attestation import format as fmt
+
 POLICY_FORMAT = "tsqp-policy/1"
 TEES = ("tdx", "sgx", "simulated")
 TCB_STATUSES = ("UpToDate", "SWHardeningNeeded", "ConfigurationNeeded", "ConfigurationAndSWHardeningNeeded",
@@ -97,23 +99,13 @@ def _check_value(key: str, value):
     return value
 
 
-def unique_keys(pairs: list[tuple[str, object]]) -> dict:
-    """json.loads' object hook: a key given twice is an error (json keeps the last, a reader may see the first)."""
-    doc = {}
-    for key, value in pairs:
-        if key in doc:
-            raise PolicyError(key, "is given twice")
-        doc[key] = value
-    return doc
-
-
 def parse_policy(doc: bytes | str | dict) -> Policy:
     """Strictly parse a policy document; PolicyError names the first wrong key."""
     if isinstance(doc, (bytes, str)):
         if len(doc) > MAX_POLICY_BYTES:
             raise PolicyError("file", f"is over the {MAX_POLICY_BYTES}-byte cap")
         try:
-            doc = json.loads(doc, object_pairs_hook=unique_keys)
+            doc = json.loads(doc, object_pairs_hook=lambda pairs: fmt.unique_keys(pairs, PolicyError))
         except (UnicodeDecodeError, json.JSONDecodeError) as e:
             raise PolicyError("file", f"is not JSON: {e}") from None
     if not isinstance(doc, dict):
