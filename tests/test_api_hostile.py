@@ -130,7 +130,9 @@ REFUSED = [({"response_format": {"type": "json_object"}}, "response_format"),
            ({"n": 3}, "n"), ({"logprobs": True}, "logprobs"), ({"presence_penalty": 0.5}, "presence_penalty"),
            ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
            ({"min_p": 0.1}, "min_p"), ({"repetition_penalty": 1.2}, "repetition_penalty"),
-           ({"audio": {"voice": "alloy"}}, "audio"), ({"top_k": "x"}, "top_k"), ({"top_k": -5}, "top_k")]
+           ({"audio": {"voice": "alloy"}}, "audio"), ({"top_k": "x"}, "top_k"), ({"top_k": -5}, "top_k"),
+           ({"messages": [{**HELLO[0], "tool_calls": [{"id": "c1"}]}]}, "messages"),
+           ({"messages": [{**HELLO[0], "name": 7}]}, "messages")]
 
 
 def test_bad_input_gets_a_400_naming_the_field_and_the_session_survives(api, greedy):
@@ -144,6 +146,10 @@ def test_bad_input_gets_a_400_naming_the_field_and_the_session_survives(api, gre
     for fields, param in REFUSED:
         status, body = chat(api, **fields)
         assert status == 400 and body["error"]["param"] == param, (fields, status, body)
+    status, body = chat(api, messages=[{**HELLO[0], "tool_calls": [{"id": "c1"}]}])
+    assert "messages[0].tool_calls" in body["error"]["message"], body
+    status, body = chat(api, messages=[{**HELLO[0], "name": "bob", "refusal": None}])   # handed to the template
+    assert status == 200, body
     status, body = chat(api, response_format={"type": "text"}, user="u1", metadata={"k": "v"})
     assert status == 200 and body["choices"][0]["message"]["content"] == greedy, body
     for temperature in (1e-300, 5e-324):      # sampled at temperature 1e-300 and a real token came: still there
@@ -419,3 +425,12 @@ def test_the_bound_is_tight_and_refuses_only_what_cannot_fit(prompts):
     with pytest.raises(APIError) as e:
         prompts.check(longest * 8192 + "x", "prompt")
     assert e.value.code == "context_length_exceeded" and e.value.param == "prompt"
+
+
+@pytest.mark.parametrize("host", ["nonexistent.invalid", "::zz"])
+def test_an_unresolvable_host_is_refused_naming_the_flag(host):
+    """Before, `--host nonexistent.invalid` died with the resolver's bare '[Errno -2] Name or service not known'."""
+    proc = subprocess.run([sys.executable, "-m", "tsqp.cli", "api", "--local", "--model", "random:tiny",
+                           "--host", host, "--port", "0"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0 and f"--host '{host}'" in proc.stderr, proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr

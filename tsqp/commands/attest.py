@@ -169,13 +169,11 @@ def observing_policy(quote: bytes):
 
 def verify_command(args) -> None:
     from ..client.policy import parse_policy
-    policy_for = unpinned_policy
     if args.policy:
         policy = parse_policy(Path(args.policy).read_bytes())
-
-        def policy_for(quote: bytes):
-            return policy
-    verdict, _ = _check(args, policy_for)
+        verdict, _ = _check(args, lambda quote: policy)
+    else:
+        verdict, _ = _check(args, unpinned_policy)
     if args.json:
         print(json.dumps({**verdict.to_dict(), "policy": args.policy}, separators=(",", ":")))
     elif verdict.accepted:

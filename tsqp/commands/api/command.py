@@ -82,7 +82,10 @@ def check_flags(args) -> None:
 
 
 def is_loopback(host: str) -> bool:
-    return ipaddress.ip_address(socket.gethostbyname(host) if ":" not in host else host).is_loopback
+    try:
+        return ipaddress.ip_address(socket.gethostbyname(host) if ":" not in host else host).is_loopback
+    except (OSError, ValueError) as e:      # an unknown name, or an IPv6 literal that is not one
+        raise ValueError(f"--host {host!r}: not an address or a name this host resolves ({e})") from None
 
 
 def exposure_warnings(args, api_key: str | None, attested: bool = False) -> list[str]:

@@ -12,6 +12,7 @@ from ...trusted.generate import MIN_TEMPERATURE
 MAX_STOP_STRINGS = 16           # OpenAI allows 4; a few more cost nothing
 MAX_STOP_CHARS = 256
 CHAT_ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
+MESSAGE_FIELDS = {"role", "content", "name"}
 
 # fields that would change what comes back if honoured: refused rather than silently ignored
 UNSUPPORTED = {
@@ -203,8 +204,23 @@ def _messages(messages) -> list[dict]:
         if not isinstance(role, str) or role not in CHAT_ROLES:
             raise bad(f"{where}.role must be one of {', '.join(CHAT_ROLES)}, got {json.dumps(role)[:40]}",
                       param="messages")
-        out.append({"role": CHAT_ROLES[role], "content": _content(m.get("content"), where)})
+        out.append({"role": CHAT_ROLES[role], "content": _content(m.get("content"), where), **_name(m, where)})
     return out
+
+
+def _name(m: dict, where: str) -> dict:
+    """A message's optional name, handed to the chat template as transformers does (most templates ignore
+    it); any other field of a message is refused, since honouring it (tool calls, say) would change the answer."""
+    extra = sorted(k for k, v in m.items() if k not in MESSAGE_FIELDS and v is not None)
+    if extra:
+        key = json.dumps(extra[0])[1:-1][:60]          # escaped: a key may be anything
+        raise bad(f"{where}.{key} is not supported (a message takes role, content and name)", param="messages")
+    name = m.get("name")
+    if name is None:
+        return {}
+    if not isinstance(name, str):
+        raise bad(f"{where}.name must be a string", param="messages")
+    return {"name": _text(name, f"{where}.name", "messages")}
 
 
 def _prompt(prompt) -> str | list[int]:
