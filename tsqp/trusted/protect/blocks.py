@@ -24,6 +24,7 @@ from ... import quant, ring
 from . import fast
 from .fast import OutOfRange
 from .freivalds import Freivalds
+from .pads import PadRow
 
 BLOCK = 1 << 19
 
@@ -121,7 +122,14 @@ def mask(x: torch.Tensor, r: torch.Tensor, limbs: torch.Tensor, check: Freivalds
     `limbs` uint8 [5, T, in]; returns (sx float32 [T] the rows' scales, the check's input parts [T, k] or
     None, seconds spent on the check). quantized: float32 [T, in] to keep the quantized rows in (for a check
     made later), instead of scratch. The compiled pass (fast.py) runs where it can: its check's input side is
-    X . ws mod p itself, [T], and its time is the mask's (one loop)."""
+    X . ws mod p itself, [T], and its time is the mask's (one loop).
+    r may be a pads.PadRow (a decode step's one row, where the pool holds it): the compiled pass then returns
+    the scale and the side as Python numbers (fast.mask_row), and finish takes them so."""
+    if isinstance(r, PadRow):
+        if fast.usable(x):
+            scale, side = fast.mask_row(x, r, limbs, check.vectors if check is not None else None, quantized)
+            return scale, side, 0.0
+        r = r.r()
     if fast.usable(x, r, limbs) and limbs.is_contiguous():
         sx, side = fast.mask(x, r, limbs, check.vectors if check is not None else None, quantized)
         return _signed_zero_scales(x, sx), side, 0.0
@@ -173,7 +181,15 @@ def finish(z: torch.Tensor, u: torch.Tensor, sx: torch.Tensor, sw: torch.Tensor,
     U = R W^T - 2^39 mod 2^40, int64 [T, out] -> (y float32 [len(sx), out] dequantized, written into `y` when given; rows beyond
     len(sx) are padding and dropped; the check's output parts [T, k] or None; seconds spent checking).
     offsets: int64 [T, out] to keep Y + 2^39 in (for a check made later), instead of scratch. Raises OutOfRange.
-    The compiled pass (fast.py) runs where it can: its check's output side is Y . s mod p itself, [T]."""
+    The compiled pass (fast.py) runs where it can: its check's output side is Y . s mod p itself, [T].
+    u a pads.PadRow and sx a float (what mask gave for one): one row by fast.finish_row, its side an int."""
+    if isinstance(u, PadRow):
+        if isinstance(sx, float):
+            if y is None:
+                y = torch.empty((1, u.out_features), dtype=torch.float32)
+            side = fast.finish_row(z, u, sx, sw, check.vectors if check is not None else None, y, offsets)
+            return y, side, 0.0
+        u = u.u()
     T, out = z.shape
     kept = sx.shape[0]
     if y is None:

@@ -126,6 +126,61 @@ def finish(z: torch.Tensor, u: torch.Tensor, sx: torch.Tensor, sw: torch.Tensor,
     return side
 
 
+def mask_row(x: torch.Tensor, pad, limbs: torch.Tensor, check: CheckVectors | None,
+             quantized: torch.Tensor | None = None) -> tuple[float, int | None]:
+    """One row: x float32 [1, in], pad a pads.PadRow -> limbs of quantize(x) + R mod 2^40 into `limbs` uint8
+    [5, 1, in] (contiguous); returns (the row's scale, X . ws mod p or None), Python numbers (no per-call
+    tensors). quantized: float32 [1, in] to keep the quantized row in. Raises ValueError on a non-finite input."""
+    n = pad.in_features
+    if x.dtype != torch.float32 or not x.is_contiguous():
+        x = x.to(torch.float32).contiguous()
+    if x.shape != (1, n):
+        raise ValueError(f"one row of {n} inputs expected, got {tuple(x.shape)}")
+    if limbs.shape != (ring.LIMBS, 1, n) or limbs.dtype != torch.uint8 or not limbs.is_contiguous():
+        raise ValueError(f"limbs must be uint8 [5, 1, {n}] contiguous, got {limbs.dtype} {tuple(limbs.shape)}")
+    if quantized is not None and (quantized.shape != (1, n) or quantized.dtype != torch.float32
+                                  or not quantized.is_contiguous()):
+        raise ValueError(f"quantized must be float32 [1, {n}] contiguous")
+    r_addr, r_plane = pad.batch.r_at
+    lo, hi = _vector(check, "ws", n)
+    got = _fastpath.mask_row(x.data_ptr(), r_addr, r_plane, pad.row, limbs.data_ptr(),
+                             0 if quantized is None else quantized.data_ptr(), lo, hi,
+                             check.prime if check is not None else 0, n)
+    if got is None:
+        raise ValueError("activations to quantize are not finite")
+    scale, side = got
+    return scale, side if check is not None else None
+
+
+def finish_row(z: torch.Tensor, pad, sx: float, sw: torch.Tensor, check: CheckVectors | None, y: torch.Tensor,
+               offsets: torch.Tensor | None = None) -> int | None:
+    """One row: the server's z int64 [1, out] and pad a pads.PadRow (U - 2^39 in its block) -> y float32
+    [1, out] dequantized with the row's scale sx (mask_row's); returns Y . s mod p or None. offsets: int64
+    [1, out] to keep Y + 2^39 in. Raises OutOfRange."""
+    out = pad.out_features
+    if z.shape != (1, out) or z.dtype != torch.int64:
+        raise ValueError(f"z must be int64 [1, {out}], got {z.dtype} {tuple(z.shape)}")
+    z = z if z.is_contiguous() else z.contiguous()
+    if sw.shape != (out,) or sw.dtype != torch.float32 or not sw.is_contiguous():
+        sw = sw.to(torch.float32).contiguous()
+        if sw.shape != (out,):
+            raise ValueError(f"scales must be [{out}], got {tuple(sw.shape)}")
+    if y.shape != (1, out) or y.dtype != torch.float32 or not y.is_contiguous():
+        raise ValueError(f"y must be float32 [1, {out}] contiguous")
+    if offsets is not None and (offsets.shape != (1, out) or offsets.dtype != torch.int64
+                                or not offsets.is_contiguous()):
+        raise ValueError(f"offsets must be int64 [1, {out}] contiguous")
+    u_addr, u_plane = pad.batch.u_at
+    lo, hi = _vector(check, "s", out)
+    side = _fastpath.finish_row(z.data_ptr(), u_addr, u_plane, pad.row, float(sx), sw.data_ptr(), y.data_ptr(),
+                                0 if offsets is None else offsets.data_ptr(), lo, hi,
+                                check.prime if check is not None else 0, check.constant if check is not None else 0,
+                                out)
+    if side is None:
+        raise OutOfRange("a value lies outside [0, 2^40)")
+    return side if check is not None else None
+
+
 def input_side(check: CheckVectors, quantized: torch.Tensor) -> torch.Tensor:
     """X . ws mod p, int64 [T], from the quantized rows float32 [T, in] (a deferred check's copy)."""
     T, n = quantized.shape

@@ -100,10 +100,43 @@ class _Batch:
 
     def __init__(self, r: torch.Tensor, u: torch.Tensor):
         self.r, self.u, self.start = r, u, 0
+        rows = r.shape[1]
+        if r.stride()[1:] != (r.shape[2], 1) or u.stride()[1:] != (u.shape[2], 1) or u.shape[1] != rows:
+            raise ValueError(f"a pad block's planes must hold contiguous rows, got R {tuple(r.shape)} strides "
+                             f"{r.stride()}, U {tuple(u.shape)} strides {u.stride()}")
+        # where the compiled one-row passes read a row (fast.mask_row / finish_row): planes' address and stride
+        self.r_at, self.u_at = (r.data_ptr(), r.stride(0)), (u.data_ptr(), u.stride(0))
 
     @property
     def left(self) -> int:
         return self.r.shape[1] - self.start
+
+
+class PadRow:
+    """One unused pad row as `PadPool.take_row` hands it out: the row's index in its block, which it keeps
+    alive. A decode step's compiled passes read R's and U's limbs where the block holds them (fast.mask_row,
+    fast.finish_row): slicing two tensors per call cost more than the row's arithmetic."""
+
+    __slots__ = ("batch", "row")
+
+    def __init__(self, batch: _Batch, row: int):
+        self.batch, self.row = batch, row
+
+    @property
+    def in_features(self) -> int:
+        return self.batch.r.shape[2]
+
+    @property
+    def out_features(self) -> int:
+        return self.batch.u.shape[2]
+
+    def r(self) -> torch.Tensor:
+        """R's limbs uint8 [5, 1, in] (a view of the block)."""
+        return self.batch.r[:, self.row:self.row + 1]
+
+    def u(self) -> torch.Tensor:
+        """U's limbs uint8 [5, 1, out] (a view of the block)."""
+        return self.batch.u[:, self.row:self.row + 1]
 
 
 class PadPool:
@@ -245,6 +278,33 @@ class PadPool:
         if len(rs) == 1:
             return rs[0], us[0]
         return torch.cat(rs, 1), torch.cat(us, 1)
+
+    def take_row(self, key: Key) -> PadRow:
+        """One unused pad row for (op, layer), in place in its block (PadRow): take_limbs(key, 1) without
+        slicing. From the pool, or made now (an on-demand event)."""
+        with self._cond:
+            if self.error is not None:
+                raise RuntimeError("the pad pool's filler failed") from self.error
+            self.pads_consumed += 1
+            pool = self.pools[key]
+            if pool:
+                batch = pool[0]
+                row = batch.start
+                batch.start += 1
+                if not batch.left:
+                    pool.popleft()
+                self.level[key] -= 1
+                if self._due(key):
+                    self._cond.notify_all()          # as in take_limbs: only when a refill is now due
+                return PadRow(batch, row)
+        t0 = time.perf_counter()
+        batch = _Batch(*self.make(key, 1))
+        batch.start = 1
+        with self._cond:
+            self.on_demand += 1
+            self.on_demand_rows += 1
+            self.on_demand_s += time.perf_counter() - t0
+        return PadRow(batch, 0)
 
     def wait_full(self, timeout_s: float | None = None) -> bool:
         """Block until no pool is being refilled (True: each is at its target, or lacks less than a batch)
