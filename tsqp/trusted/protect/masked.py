@@ -166,14 +166,17 @@ class ProtectedOffload(_QuantizedBase):
         if T % self.length_bucket and (T > 1 or self._prefilling and op != "lm_head"):
             T += self.length_bucket - T % self.length_bucket
         limbs = self.inner.empty((ring.LIMBS, T, x.shape[1]), torch.uint8)               # [5, T, in]
-        # a decode step's check runs later, from its own copy of the quantized row
-        quantized = self.deferred.buffer((T, x.shape[1]), torch.float32) if self.deferred is not None and T == 1 \
-            else None
+        # a decode step's one row, compiled: the pool's row where it lies (a PadRow), scale and side as numbers
+        one_row = T == 1 and fast.usable(x)
+        # a decode step's deferred check: the torch chains check later from a copy of the quantized row (and
+        # of Y + 2^39); the compiled row passes compute both sides in their loops and defer the comparison
+        quantized = self.deferred.buffer((T, x.shape[1]), torch.float32) \
+            if self.deferred is not None and T == 1 and not one_row else None
         try:
             with blocks.one_thread_for(T):
-                # a decode step's one row: the pool's row where it lies (a PadRow), scale and side as numbers
-                r = u = self.pool.take_row(key) if T == 1 and fast.usable(x) else None
-                if r is None:
+                if one_row:
+                    r = u = self.pool.take_row(key)
+                else:
                     r, u = self.pool.take_limbs(key, T)
                 padded = torch.cat([x, x.new_zeros(T - x.shape[0], x.shape[1])]) if T > x.shape[0] else x
                 sx, input_parts, check_s = blocks.mask(padded, r, limbs, None if quantized is not None else
@@ -279,19 +282,22 @@ class MaskedPending:
                 raise VerificationError(op, layer, f"expected int64 [{T}, {out}] on the CPU, got {z.dtype} "
                                                    f"{tuple(z.shape)} on {z.device}")
             t0 = time.perf_counter()
-            deferred = self.quantized is not None
-            offsets = owner.deferred.buffer((T, out), torch.int64) if deferred else None
+            deferred = owner.deferred is not None and T == 1        # used now, checked at the next wait
+            copies = self.quantized is not None                       # checked from copies (torch chains)
+            offsets = owner.deferred.buffer((T, out), torch.int64) if copies else None
             try:
                 y, output_parts, check_s = blocks.finish(z, self.u, self.sx, owner.qweights[self.key].scale,
-                                                         None if deferred else owner.checks.get(self.key),
+                                                         None if copies else owner.checks.get(self.key),
                                                          owner.scratch, owner.results.take((self.kept, out)),
                                                          offsets)
             except blocks.OutOfRange as e:
                 raise VerificationError(op, layer, str(e)) from None
             owner.stats.add_time("unmask", time.perf_counter() - t0 - check_s)
             owner._count_check(check_s)
-            if deferred:
+            if copies:
                 owner.deferred.add(self.key, owner.checks[self.key], self.quantized, offsets)
+            elif deferred:
+                owner.deferred.add_sides(self.key, self.input_parts, output_parts)
             elif owner.verify:
                 t1 = time.perf_counter()
                 ok = owner.checks[self.key].passes(output_parts, self.input_parts)
