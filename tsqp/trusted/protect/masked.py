@@ -278,7 +278,7 @@ class MaskedPending:
         owner, (op, layer) = self.owner, self.key
         T, out = self.shape
         try:
-            if z.dtype != torch.int64 or tuple(z.shape) != (T, out) or z.device.type != "cpu":
+            if z.dtype != torch.int64 or z.shape != (T, out) or not z.is_cpu:
                 raise VerificationError(op, layer, f"expected int64 [{T}, {out}] on the CPU, got {z.dtype} "
                                                    f"{tuple(z.shape)} on {z.device}")
             t0 = time.perf_counter()

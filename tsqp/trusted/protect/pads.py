@@ -106,6 +106,7 @@ class _Batch:
                              f"{r.stride()}, U {tuple(u.shape)} strides {u.stride()}")
         # where the compiled one-row passes read a row (fast.mask_row / finish_row): planes' address and stride
         self.r_at, self.u_at = (r.data_ptr(), r.stride(0)), (u.data_ptr(), u.stride(0))
+        self.in_features, self.out_features = r.shape[2], u.shape[2]
 
     @property
     def left(self) -> int:
@@ -124,11 +125,11 @@ class PadRow:
 
     @property
     def in_features(self) -> int:
-        return self.batch.r.shape[2]
+        return self.batch.in_features
 
     @property
     def out_features(self) -> int:
-        return self.batch.u.shape[2]
+        return self.batch.out_features
 
     def r(self) -> torch.Tensor:
         """R's limbs uint8 [5, 1, in] (a view of the block)."""
