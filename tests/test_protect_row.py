@@ -178,3 +178,16 @@ def test_a_failure_to_finish_one_row_ends_the_session(tiny, kernel, monkeypatch)
     with pytest.raises(VerificationError, match="RuntimeError: out of memory.*session is over"):
         po.submit(*key, linear_inputs(cfg, key, 1))
     po.close()
+
+
+def test_a_row_wider_than_the_checks_exact_sums_is_refused(kernel):
+    """The check's 64-bit partial sums are exact up to fast.MAX_WIDTH terms: a wider row is refused, not summed."""
+    kernel("c")
+    wide = fast.MAX_WIDTH + 1
+    check = fast.CheckVectors(torch.ones(wide, dtype=torch.int64), torch.ones(wide, dtype=torch.int64), 2**41 + 27)
+    row = PadRow(a_block(1, wide, wide, torch.Generator().manual_seed(2)), 0)
+    with pytest.raises(ValueError, match="at most"):
+        fast.mask_row(torch.ones(1, wide), row, torch.empty((ring.LIMBS, 1, wide), dtype=torch.uint8), check)
+    with pytest.raises(ValueError, match="at most"):
+        fast.finish_row(torch.zeros((1, wide), dtype=torch.int64), row, 1.0, torch.ones(wide), check,
+                        torch.empty((1, wide)))

@@ -44,6 +44,10 @@ class CheckVectors:
                                   (ws >> 21).to(torch.int32).contiguous())
         self.s_lo, self.s_hi = (s & 0x1FFFFF).to(torch.int32).contiguous(), (s >> 21).to(torch.int32).contiguous()
         self.constant = ring.HALF % prime * (int(s.sum()) % prime) % prime
+        # what a one-row call passes (mask_row / finish_row): widths and the limbs' addresses, read once
+        self.in_features, self.out_features = self.ws_lo.shape[0], self.s_lo.shape[0]
+        self.ws_at = (self.ws_lo.data_ptr(), self.ws_hi.data_ptr(), prime)
+        self.s_at = (self.s_lo.data_ptr(), self.s_hi.data_ptr(), prime, self.constant)
 
 
 def usable(*tensors: torch.Tensor) -> bool:
@@ -142,10 +146,11 @@ def mask_row(x: torch.Tensor, pad, limbs: torch.Tensor, check: CheckVectors | No
                                   or not quantized.is_contiguous()):
         raise ValueError(f"quantized must be float32 [1, {n}] contiguous")
     r_addr, r_plane = pad.batch.r_at
-    lo, hi = _vector(check, "ws", n)
+    if check is not None and (check.in_features != n or n > MAX_WIDTH):
+        _vector(check, "ws", n)                                      # raises, naming both widths
     got = _fastpath.mask_row(x.data_ptr(), r_addr, r_plane, pad.row, limbs.data_ptr(),
-                             0 if quantized is None else quantized.data_ptr(), lo, hi,
-                             check.prime if check is not None else 0, n)
+                             0 if quantized is None else quantized.data_ptr(),
+                             *(check.ws_at if check is not None else (0, 0, 0)), n)
     if got is None:
         raise ValueError("activations to quantize are not finite")
     scale, side = got
@@ -171,11 +176,11 @@ def finish_row(z: torch.Tensor, pad, sx: float, sw: torch.Tensor, check: CheckVe
                                 or not offsets.is_contiguous()):
         raise ValueError(f"offsets must be int64 [1, {out}] contiguous")
     u_addr, u_plane = pad.batch.u_at
-    lo, hi = _vector(check, "s", out)
+    if check is not None and (check.out_features != out or out > MAX_WIDTH):
+        _vector(check, "s", out)                                     # raises, naming both widths
     side = _fastpath.finish_row(z.data_ptr(), u_addr, u_plane, pad.row, float(sx), sw.data_ptr(), y.data_ptr(),
-                                0 if offsets is None else offsets.data_ptr(), lo, hi,
-                                check.prime if check is not None else 0, check.constant if check is not None else 0,
-                                out)
+                                0 if offsets is None else offsets.data_ptr(),
+                                *(check.s_at if check is not None else (0, 0, 0, 0)), out)
     if side is None:
         raise OutOfRange("a value lies outside [0, 2^40)")
     return side if check is not None else None
