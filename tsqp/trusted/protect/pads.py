@@ -246,9 +246,22 @@ class PadPool:
 
     def take_limbs(self, key: Key, rows: int) -> tuple[torch.Tensor, torch.Tensor]:
         """`rows` unused pad rows for (op, layer) as the pool keeps them: (R's limbs uint8 [5, rows, in], U's
-        uint8 [5, rows, out], see make; rows contiguous, planes a block apart). Rows come from the pool first;
-        whatever it lacks is made now (an on-demand event)."""
-        rs, us, got = [], [], 0
+        uint8 [5, rows, out], see make; rows contiguous, planes a block apart)."""
+        spans = self._hand_out(key, rows)
+        rs, us = [b.r[:, a:a + n] for b, a, n in spans], [b.u[:, a:a + n] for b, a, n in spans]
+        if len(spans) == 1:
+            return rs[0], us[0]
+        return torch.cat(rs, 1), torch.cat(us, 1)
+
+    def take_row(self, key: Key) -> PadRow:
+        """One unused pad row for (op, layer), where its block holds it (a decode step's: nothing sliced)."""
+        (batch, row, _), = self._hand_out(key, 1)
+        return PadRow(batch, row)
+
+    def _hand_out(self, key: Key, rows: int) -> list[tuple[_Batch, int, int]]:
+        """`rows` unused rows as (block, first row, rows) spans, each row handed out once: from the pool first,
+        oldest block first; whatever it lacks is made now (an on-demand event)."""
+        spans, got = [], 0
         with self._cond:
             if self.error is not None:
                 raise RuntimeError("the pad pool's filler failed") from self.error
@@ -256,8 +269,7 @@ class PadPool:
             while got < rows and pool:
                 batch = pool[0]
                 n = min(batch.left, rows - got)
-                rs.append(batch.r[:, batch.start:batch.start + n])
-                us.append(batch.u[:, batch.start:batch.start + n])
+                spans.append((batch, batch.start, n))
                 batch.start += n
                 got += n
                 if not batch.left:
@@ -269,43 +281,14 @@ class PadPool:
                 # scans every pool holding the lock and the GIL, on every decode step's 65 calls)
         if got < rows:
             t0 = time.perf_counter()
-            r, u = self.make(key, rows - got)
-            rs.append(r)
-            us.append(u)
+            made = _Batch(*self.make(key, rows - got))
+            made.start = rows - got
+            spans.append((made, 0, rows - got))
             with self._cond:
                 self.on_demand += 1
                 self.on_demand_rows += rows - got
                 self.on_demand_s += time.perf_counter() - t0
-        if len(rs) == 1:
-            return rs[0], us[0]
-        return torch.cat(rs, 1), torch.cat(us, 1)
-
-    def take_row(self, key: Key) -> PadRow:
-        """One unused pad row for (op, layer), in place in its block (PadRow): take_limbs(key, 1) without
-        slicing. From the pool, or made now (an on-demand event)."""
-        with self._cond:
-            if self.error is not None:
-                raise RuntimeError("the pad pool's filler failed") from self.error
-            self.pads_consumed += 1
-            pool = self.pools[key]
-            if pool:
-                batch = pool[0]
-                row = batch.start
-                batch.start += 1
-                if not batch.left:
-                    pool.popleft()
-                self.level[key] -= 1
-                if self._due(key):
-                    self._cond.notify_all()          # as in take_limbs: only when a refill is now due
-                return PadRow(batch, row)
-        t0 = time.perf_counter()
-        batch = _Batch(*self.make(key, 1))
-        batch.start = 1
-        with self._cond:
-            self.on_demand += 1
-            self.on_demand_rows += 1
-            self.on_demand_s += time.perf_counter() - t0
-        return PadRow(batch, 0)
+        return spans
 
     def wait_full(self, timeout_s: float | None = None) -> bool:
         """Block until no pool is being refilled (True: each is at its target, or lacks less than a batch)
