@@ -4,7 +4,9 @@ Strictly, a result is checked before it is used, so the runner's cores check whi
 the server computes while the runner's cores idle. With deferred checks a one-row result is unmasked and
 handed to the model at once; its check (both sides, X . ws and Y . s, from private copies of the quantized
 input and of Y + 2^39) is queued, and runs when the runner next waits: after sending the following request,
-before blocking on its reply, so it overlaps the server's work. The LM head's result runs every queued
+before blocking on its reply, so it overlaps the server's work. The compiled one-row passes sum both sides
+in the row's own loops (from the same private copy of the reply the value is made from), so for them only
+the comparison is queued (`add_sides`): copying to check later cost more than the check. The LM head's result runs every queued
 check before it is returned, so the logits, and any token sampled from them, never rest on a result that
 failed or was not checked.
 What an unchecked result can do meanwhile is feed the same token's later requests, which are masked with

@@ -167,7 +167,7 @@ class ProtectedOffload(_QuantizedBase):
             T += self.length_bucket - T % self.length_bucket
         limbs = self.inner.empty((ring.LIMBS, T, x.shape[1]), torch.uint8)               # [5, T, in]
         # a decode step's one row, compiled: the pool's row where it lies (a PadRow), scale and side as numbers
-        one_row = T == 1 and fast.usable(x)
+        one_row = T == 1 and fast.usable(x) and limbs.is_contiguous()
         # a decode step's deferred check: the torch chains check later from a copy of the quantized row (and
         # of Y + 2^39); the compiled row passes compute both sides in their loops and defer the comparison
         quantized = self.deferred.buffer((T, x.shape[1]), torch.float32) \
