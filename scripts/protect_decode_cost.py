@@ -35,6 +35,7 @@ from tsqp import weights as W
 from tsqp.trusted.offload import Done
 from tsqp.trusted.protect import fast
 from tsqp.trusted.protect.masked import ProtectedOffload, QuantizedModel
+from tsqp.trusted.protect.pads import PadRow
 
 OPS = ("qkv", "o", "gate_up", "down")
 
@@ -48,20 +49,25 @@ class ReadyServer:
         self.cpu_s = 0.0                      # the process's CPU seconds in submit (this thread's, here)
 
     def watch(self, pool) -> None:
-        take = pool.take_limbs
+        take, take_row = pool.take_limbs, pool.take_row
 
         def recorded(key, rows):
             r, u = take(key, rows)
             self.u = u                        # U's limbs, uint8 [5, rows, out]
             return r, u
-        pool.take_limbs = recorded
+
+        def recorded_row(key):                # a decode step's row, where the pool holds it (pads.PadRow)
+            self.u = take_row(key)            # sliced in submit, on the server's clock
+            return self.u
+        pool.take_limbs, pool.take_row = recorded, recorded_row
 
     def empty(self, shape, dtype=None) -> torch.Tensor:
         return torch.empty(shape, dtype=dtype)
 
     def submit(self, op: str, layer, limbs: torch.Tensor) -> Done:
         t0, c0 = time.perf_counter(), time.process_time()
-        z = ring.from_limbs(self.u).add_(ring.HALF).add_(self.products[op]).bitwise_and_(ring.MASK)   # [1, out]
+        u = self.u.u() if isinstance(self.u, PadRow) else self.u
+        z = ring.from_limbs(u).add_(ring.HALF).add_(self.products[op]).bitwise_and_(ring.MASK)   # [1, out]
         ready_at = time.perf_counter()
         self.seconds += ready_at - t0
         self.cpu_s += time.process_time() - c0

@@ -346,12 +346,81 @@ static PyObject *py_combine(PyObject *self, PyObject *args) {
     return run_job(&job, combine_rows, rows, threads);
 }
 
+/* ---- one row straight from a pool's block (a decode step's request) ------------------------------------ */
+/* A decode step makes 65 one-row calls a token at Llama-3.2-1B's shapes; around each, the per-call tensors
+ * (scales, check sides, sliced pads) and the argument tuple cost more than the row's arithmetic. These take
+ * the block's planes' address and the row's index, return the scale and the check's side as Python numbers,
+ * and run mask_one / finish_one on the calling thread (GIL released). Arguments are integers, in order;
+ * METH_FASTCALL reads them without a tuple. */
+static int read_ints(PyObject *const *args, Py_ssize_t nargs, Py_ssize_t want, long long *out) {
+    if (nargs != want) {
+        PyErr_Format(PyExc_TypeError, "expected %zd integer arguments, got %zd", want, nargs);
+        return -1;
+    }
+    for (Py_ssize_t i = 0; i < want; i++) {
+        out[i] = PyLong_AsLongLong(args[i]);
+        if (out[i] == -1 && PyErr_Occurred()) return -1;
+    }
+    return 0;
+}
+
+/* mask_row(x, r8, r_plane, r_row, limbs, quantized, c_lo, c_hi, prime, width) -> (scale, side) or None when
+ * the row is not finite; side is -1 without a check (c_lo 0). x float32 [width], R's planes uint8
+ * [5, rows, width] at r8 (row r_row, planes r_plane elements apart), limbs uint8 [5, 1, width] contiguous. */
+static PyObject *py_mask_row(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    long long v[10];
+    if (read_ints(args, nargs, 10, v)) return NULL;
+    const int64_t width = v[9];
+    float scale = 0.0f;
+    int64_t side = -1;
+    Job job = {0};
+    job.x = PTR(const float *, v[0]); job.r8 = PTR(const uint8_t *, v[1]) + v[3] * width; job.r_plane = v[2];
+    job.limbs = PTR(uint8_t *, v[4]); job.limb_plane = width; job.quantized = PTR(float *, v[5]);
+    job.scale = &scale; job.c_lo = PTR(const int32_t *, v[6]); job.c_hi = PTR(const int32_t *, v[7]);
+    job.side = &side; job.prime = v[8]; job.width = width;
+    Py_BEGIN_ALLOW_THREADS
+    mask_one(&job, 0);
+    Py_END_ALLOW_THREADS
+    if (job.bad) Py_RETURN_NONE;
+    return Py_BuildValue("(dL)", (double)scale, (long long)side);
+}
+
+/* finish_row(z, u8, u_plane, u_row, sx, sw, y, offsets, c_lo, c_hi, prime, constant, width) -> side (-1
+ * without a check) or None when a value of z lies outside [0, 2^40). z int64 [width], U's planes as R's
+ * above, sx the row's scale (a float32 value, as mask_row gave it), y float32 [width] (0: not kept). */
+static PyObject *py_finish_row(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    long long v[13];
+    if (nargs != 13 || !PyFloat_Check(args[4])) {
+        PyErr_SetString(PyExc_TypeError, "finish_row takes 13 arguments, the fifth (the scale) a float");
+        return NULL;
+    }
+    const float sx = (float)PyFloat_AS_DOUBLE(args[4]);
+    PyObject *ints[13];
+    memcpy(ints, args, sizeof ints);
+    ints[4] = ints[3];                                  /* read as an integer, then unused */
+    if (read_ints(ints, 13, 13, v)) return NULL;
+    const int64_t width = v[12];
+    int64_t side = -1;
+    Job job = {0};
+    job.z = PTR(const int64_t *, v[0]); job.u8 = PTR(const uint8_t *, v[1]) + v[3] * width; job.u_plane = v[2];
+    job.sx = &sx; job.sw = PTR(const float *, v[5]); job.y = PTR(float *, v[6]); job.kept = v[6] ? 1 : 0;
+    job.offsets = PTR(int64_t *, v[7]); job.c_lo = PTR(const int32_t *, v[8]); job.c_hi = PTR(const int32_t *, v[9]);
+    job.side = &side; job.prime = v[10]; job.constant = v[11]; job.width = width;
+    Py_BEGIN_ALLOW_THREADS
+    finish_one(&job, 0);
+    Py_END_ALLOW_THREADS
+    if (job.bad) Py_RETURN_NONE;
+    return PyLong_FromLongLong(side);
+}
+
 static PyMethodDef methods[] = {
     {"mask", py_mask, METH_VARARGS, "quantize, pad and cut rows into limbs"},
     {"finish", py_finish, METH_VARARGS, "range-check, unmask, lift and dequantize rows"},
     {"input_side", py_input_side, METH_VARARGS, "X . ws mod p per row"},
     {"output_side", py_output_side, METH_VARARGS, "Y . s mod p per row, from Y + 2^39"},
     {"combine", py_combine, METH_VARARGS, "U's limbs from the limb GEMM's int32 products"},
+    {"mask_row", (PyCFunction)(void (*)(void))py_mask_row, METH_FASTCALL, "mask one row of a pool's block"},
+    {"finish_row", (PyCFunction)(void (*)(void))py_finish_row, METH_FASTCALL, "finish one row of a pool's block"},
     {NULL, NULL, 0, NULL},
 };
 

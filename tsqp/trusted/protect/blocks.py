@@ -14,7 +14,6 @@ Every step is row-wise, so the results equal, bit for bit, the same steps over t
 """
 from __future__ import annotations
 
-import contextlib
 import math
 import time
 
@@ -24,6 +23,7 @@ from ... import quant, ring
 from . import fast
 from .fast import OutOfRange
 from .freivalds import Freivalds
+from .pads import PadRow
 
 BLOCK = 1 << 19
 
@@ -81,23 +81,30 @@ class Results:
             self.held += y.nbytes
 
 
-@contextlib.contextmanager
-def one_thread_for(rows: int):
+class one_thread_for:
     """A one-row request (a decode step's) runs its steps on the calling thread alone: each is too small to
     share, and waking torch's other threads for it cost more than the work: the runner's share of a verified
     decode token at Llama-3.2-1B's shapes on a 2-core VM (`scripts/protect_decode_cost.py`, six alternating
     pairs) went from 36-53 ms (median 50) to 24-38 ms (median 33). Larger requests keep every thread.
     torch's thread count is the process's: another thread (`tsqp api`'s other workers, the pad filler) runs
-    on one thread meanwhile too. It cannot stick at 1: a block that finds 1 already set changes nothing."""
-    threads = torch.get_num_threads()
-    if rows > 1 or threads == 1:
-        yield
-        return
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
+    on one thread meanwhile too. It cannot stick at 1: a block that finds 1 already set changes nothing.
+    A class, not a generator: entered twice on each of a decode token's 65 calls, the generator's context
+    manager cost more than the two thread-count calls (0.2 us)."""
+
+    __slots__ = ("rows", "threads")
+
+    def __init__(self, rows: int):
+        self.rows, self.threads = rows, 1
+
+    def __enter__(self) -> None:
+        if self.rows <= 1:
+            self.threads = torch.get_num_threads()
+            if self.threads != 1:
+                torch.set_num_threads(1)
+
+    def __exit__(self, *exc) -> None:
+        if self.threads != 1:
+            torch.set_num_threads(self.threads)
 
 
 def spans(total: int, width: int, block: int) -> list[tuple[int, int]]:
@@ -121,7 +128,14 @@ def mask(x: torch.Tensor, r: torch.Tensor, limbs: torch.Tensor, check: Freivalds
     `limbs` uint8 [5, T, in]; returns (sx float32 [T] the rows' scales, the check's input parts [T, k] or
     None, seconds spent on the check). quantized: float32 [T, in] to keep the quantized rows in (for a check
     made later), instead of scratch. The compiled pass (fast.py) runs where it can: its check's input side is
-    X . ws mod p itself, [T], and its time is the mask's (one loop)."""
+    X . ws mod p itself, [T], and its time is the mask's (one loop).
+    r may be a pads.PadRow (a decode step's one row, where the pool holds it): the compiled pass then returns
+    the scale and the side as Python numbers (fast.mask_row), and finish takes them so."""
+    if isinstance(r, PadRow):
+        if fast.usable(x):
+            scale, side = fast.mask_row(x, r, limbs, check.vectors if check is not None else None, quantized)
+            return scale, side, 0.0
+        r = r.r()
     if fast.usable(x, r, limbs) and limbs.is_contiguous():
         sx, side = fast.mask(x, r, limbs, check.vectors if check is not None else None, quantized)
         return _signed_zero_scales(x, sx), side, 0.0
@@ -173,7 +187,15 @@ def finish(z: torch.Tensor, u: torch.Tensor, sx: torch.Tensor, sw: torch.Tensor,
     U = R W^T - 2^39 mod 2^40, int64 [T, out] -> (y float32 [len(sx), out] dequantized, written into `y` when given; rows beyond
     len(sx) are padding and dropped; the check's output parts [T, k] or None; seconds spent checking).
     offsets: int64 [T, out] to keep Y + 2^39 in (for a check made later), instead of scratch. Raises OutOfRange.
-    The compiled pass (fast.py) runs where it can: its check's output side is Y . s mod p itself, [T]."""
+    The compiled pass (fast.py) runs where it can: its check's output side is Y . s mod p itself, [T].
+    u a pads.PadRow and sx a float (what mask gave for one): one row by fast.finish_row, its side an int."""
+    if isinstance(u, PadRow):
+        if isinstance(sx, float):
+            if y is None:
+                y = torch.empty((1, u.out_features), dtype=torch.float32)
+            side = fast.finish_row(z, u, sx, sw, check.vectors if check is not None else None, y, offsets)
+            return y, side, 0.0
+        u = u.u()
     T, out = z.shape
     kept = sx.shape[0]
     if y is None:

@@ -4,7 +4,9 @@ Strictly, a result is checked before it is used, so the runner's cores check whi
 the server computes while the runner's cores idle. With deferred checks a one-row result is unmasked and
 handed to the model at once; its check (both sides, X . ws and Y . s, from private copies of the quantized
 input and of Y + 2^39) is queued, and runs when the runner next waits: after sending the following request,
-before blocking on its reply, so it overlaps the server's work. The LM head's result runs every queued
+before blocking on its reply, so it overlaps the server's work. The compiled one-row passes sum both sides
+in the row's own loops (from the same private copy of the reply the value is made from), so for them only
+the comparison is queued (`add_sides`): copying to check later cost more than the check. The LM head's result runs every queued
 check before it is returned, so the logits, and any token sampled from them, never rest on a result that
 failed or was not checked.
 What an unchecked result can do meanwhile is feed the same token's later requests, which are masked with
@@ -30,7 +32,8 @@ class DeferredChecks:
     """Checks handed over and not yet run, oldest first, and the buffers their copies are kept in."""
 
     def __init__(self):
-        self._queue: deque[tuple[Key, Freivalds, torch.Tensor, torch.Tensor]] = deque()
+        # (key, check, quantized, offsets), or (key, None, input side, output side) for add_sides
+        self._queue: deque[tuple[Key, Freivalds | None, torch.Tensor | int, torch.Tensor | int]] = deque()
         self._free: dict[tuple, list[torch.Tensor]] = {}     # (shape, dtype) -> buffers a check is done with
         self.seconds = 0.0
         self.rows = 0
@@ -46,6 +49,11 @@ class DeferredChecks:
         (Y + 2^39, consumed). Both are the caller's private copies, not to be written again."""
         self._queue.append((key, check, quantized, offsets))
 
+    def add_sides(self, key: Key, input_side: int, output_side: int) -> None:
+        """Compare later one row's check sides, X . ws and Y . s mod p, computed when its result was finished
+        (the compiled row passes: computing them in the same loop costs less than keeping copies)."""
+        self._queue.append((key, None, input_side, output_side))
+
     def __len__(self) -> int:
         return len(self._queue)
 
@@ -56,6 +64,10 @@ class DeferredChecks:
         try:
             while self._queue:
                 key, check, quantized, offsets = self._queue.popleft()
+                if check is None:                 # one row's sides (add_sides)
+                    failing_rows(quantized == offsets, *key)
+                    self.rows += 1
+                    continue
                 failing_rows(check.copies_pass(quantized, offsets), *key)
                 self.rows += quantized.shape[0]
                 for done in (quantized, offsets):

@@ -44,6 +44,10 @@ class CheckVectors:
                                   (ws >> 21).to(torch.int32).contiguous())
         self.s_lo, self.s_hi = (s & 0x1FFFFF).to(torch.int32).contiguous(), (s >> 21).to(torch.int32).contiguous()
         self.constant = ring.HALF % prime * (int(s.sum()) % prime) % prime
+        # what a one-row call passes (mask_row / finish_row): widths and the limbs' addresses, read once
+        self.in_features, self.out_features = self.ws_lo.shape[0], self.s_lo.shape[0]
+        self.ws_at = (self.ws_lo.data_ptr(), self.ws_hi.data_ptr(), prime)
+        self.s_at = (self.s_lo.data_ptr(), self.s_hi.data_ptr(), prime, self.constant)
 
 
 def usable(*tensors: torch.Tensor) -> bool:
@@ -51,7 +55,7 @@ def usable(*tensors: torch.Tensor) -> bool:
     if KERNEL != "c":
         return False
     for t in tensors:
-        if t.is_cuda or t.device.type != "cpu":
+        if not t.is_cpu:
             return False
     return True
 
@@ -124,6 +128,62 @@ def finish(z: torch.Tensor, u: torch.Tensor, sx: torch.Tensor, sw: torch.Tensor,
     if bad:
         raise OutOfRange("a value lies outside [0, 2^40)")
     return side
+
+
+def mask_row(x: torch.Tensor, pad, limbs: torch.Tensor, check: CheckVectors | None,
+             quantized: torch.Tensor | None = None) -> tuple[float, int | None]:
+    """One row: x float32 [1, in], pad a pads.PadRow -> limbs of quantize(x) + R mod 2^40 into `limbs` uint8
+    [5, 1, in] (contiguous); returns (the row's scale, X . ws mod p or None), Python numbers (no per-call
+    tensors). quantized: float32 [1, in] to keep the quantized row in. Raises ValueError on a non-finite input."""
+    n = pad.in_features
+    if x.dtype != torch.float32 or not x.is_contiguous():
+        x = x.to(torch.float32).contiguous()
+    if x.shape != (1, n):
+        raise ValueError(f"one row of {n} inputs expected, got {tuple(x.shape)}")
+    if limbs.shape != (ring.LIMBS, 1, n) or limbs.dtype != torch.uint8 or not limbs.is_contiguous():
+        raise ValueError(f"limbs must be uint8 [5, 1, {n}] contiguous, got {limbs.dtype} {tuple(limbs.shape)}")
+    if quantized is not None and (quantized.shape != (1, n) or quantized.dtype != torch.float32
+                                  or not quantized.is_contiguous()):
+        raise ValueError(f"quantized must be float32 [1, {n}] contiguous")
+    r_addr, r_plane = pad.batch.r_at
+    if check is not None and (check.in_features != n or n > MAX_WIDTH):
+        _vector(check, "ws", n)                                      # raises, naming both widths
+    got = _fastpath.mask_row(x.data_ptr(), r_addr, r_plane, pad.row, limbs.data_ptr(),
+                             0 if quantized is None else quantized.data_ptr(),
+                             *(check.ws_at if check is not None else (0, 0, 0)), n)
+    if got is None:
+        raise ValueError("activations to quantize are not finite")
+    scale, side = got
+    return scale, side if check is not None else None
+
+
+def finish_row(z: torch.Tensor, pad, sx: float, sw: torch.Tensor, check: CheckVectors | None, y: torch.Tensor,
+               offsets: torch.Tensor | None = None) -> int | None:
+    """One row: the server's z int64 [1, out] and pad a pads.PadRow (U - 2^39 in its block) -> y float32
+    [1, out] dequantized with the row's scale sx (mask_row's); returns Y . s mod p or None. offsets: int64
+    [1, out] to keep Y + 2^39 in. Raises OutOfRange."""
+    out = pad.out_features
+    if z.shape != (1, out) or z.dtype != torch.int64:
+        raise ValueError(f"z must be int64 [1, {out}], got {z.dtype} {tuple(z.shape)}")
+    z = z if z.is_contiguous() else z.contiguous()
+    if sw.shape != (out,) or sw.dtype != torch.float32 or not sw.is_contiguous():
+        sw = sw.to(torch.float32).contiguous()
+        if sw.shape != (out,):
+            raise ValueError(f"scales must be [{out}], got {tuple(sw.shape)}")
+    if y.shape != (1, out) or y.dtype != torch.float32 or not y.is_contiguous():
+        raise ValueError(f"y must be float32 [1, {out}] contiguous")
+    if offsets is not None and (offsets.shape != (1, out) or offsets.dtype != torch.int64
+                                or not offsets.is_contiguous()):
+        raise ValueError(f"offsets must be int64 [1, {out}] contiguous")
+    u_addr, u_plane = pad.batch.u_at
+    if check is not None and (check.out_features != out or out > MAX_WIDTH):
+        _vector(check, "s", out)                                     # raises, naming both widths
+    side = _fastpath.finish_row(z.data_ptr(), u_addr, u_plane, pad.row, float(sx), sw.data_ptr(), y.data_ptr(),
+                                0 if offsets is None else offsets.data_ptr(),
+                                *(check.s_at if check is not None else (0, 0, 0, 0)), out)
+    if side is None:
+        raise OutOfRange("a value lies outside [0, 2^40)")
+    return side if check is not None else None
 
 
 def input_side(check: CheckVectors, quantized: torch.Tensor) -> torch.Tensor:

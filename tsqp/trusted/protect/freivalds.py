@@ -205,7 +205,10 @@ class Freivalds:
 
     def passes(self, output_parts: torch.Tensor, input_parts: torch.Tensor) -> torch.Tensor:
         """Both sides' parts for the same rows -> bool [T]: Y[t] . s == X[t] . ws mod p. Parts of one
-        dimension are the sides themselves, reduced (the compiled passes', fast.py)."""
+        dimension are the sides themselves, reduced (the compiled passes', fast.py); one row's sides as Python
+        integers (fast.mask_row / finish_row) give one bool."""
+        if isinstance(output_parts, int):
+            return output_parts == input_parts
         if output_parts.dim() == 1:
             return output_parts == input_parts
         if output_parts.shape[0] <= WeightedSum.PYTHON_ROWS:        # a decode step: Python's integers, no cat
@@ -237,8 +240,12 @@ class Freivalds:
         return self.passes(self.output_parts(y + ring.HALF), self.input_parts(x))
 
 
-def failing_rows(ok: torch.Tensor, op: str, layer: int | None) -> None:
-    """Raise VerificationError naming the first rows where ok is False."""
+def failing_rows(ok: torch.Tensor | bool, op: str, layer: int | None) -> None:
+    """Raise VerificationError naming the first rows where ok (bool [T], or one row's bool) is False."""
+    if ok is True:
+        return
+    if ok is False:
+        raise VerificationError(op, layer, "Freivalds check failed on row(s) [0] of 1")
     if not bool(ok.all()):
         bad = (~ok).nonzero().flatten().tolist()
         raise VerificationError(op, layer, f"Freivalds check failed on row(s) {bad[:8]} of {ok.shape[0]}")

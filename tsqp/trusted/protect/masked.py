@@ -166,12 +166,18 @@ class ProtectedOffload(_QuantizedBase):
         if T % self.length_bucket and (T > 1 or self._prefilling and op != "lm_head"):
             T += self.length_bucket - T % self.length_bucket
         limbs = self.inner.empty((ring.LIMBS, T, x.shape[1]), torch.uint8)               # [5, T, in]
-        # a decode step's check runs later, from its own copy of the quantized row
-        quantized = self.deferred.buffer((T, x.shape[1]), torch.float32) if self.deferred is not None and T == 1 \
-            else None
+        # a decode step's one row, compiled: the pool's row where it lies (a PadRow), scale and side as numbers
+        one_row = T == 1 and fast.usable(x) and limbs.is_contiguous()
+        # a decode step's deferred check: the torch chains check later from a copy of the quantized row (and
+        # of Y + 2^39); the compiled row passes compute both sides in their loops and defer the comparison
+        quantized = self.deferred.buffer((T, x.shape[1]), torch.float32) \
+            if self.deferred is not None and T == 1 and not one_row else None
         try:
             with blocks.one_thread_for(T):
-                r, u = self.pool.take_limbs(key, T)
+                if one_row:
+                    r = u = self.pool.take_row(key)
+                else:
+                    r, u = self.pool.take_limbs(key, T)
                 padded = torch.cat([x, x.new_zeros(T - x.shape[0], x.shape[1])]) if T > x.shape[0] else x
                 sx, input_parts, check_s = blocks.mask(padded, r, limbs, None if quantized is not None else
                                                        self.checks.get(key), self.scratch, quantized)
@@ -182,8 +188,9 @@ class ProtectedOffload(_QuantizedBase):
             raise
         self._count_check(check_s)
         self.stats.add_time("mask", time.perf_counter() - t0 - check_s)
-        return MaskedPending(self, key, self.inner.submit(op, layer, limbs), sx[:x.shape[0]], input_parts, u,
-                             quantized)
+        kept = sx if isinstance(sx, float) else sx[:x.shape[0]]
+        return MaskedPending(self, key, self.inner.submit(op, layer, limbs), (T, self.qweights[key].q.shape[0]),
+                             kept, input_parts, u, quantized)
 
     def settle(self) -> None:
         """Run every deferred check now; a failed one ends the session (raised as VerificationError)."""
@@ -245,9 +252,13 @@ class ProtectedOffload(_QuantizedBase):
 class MaskedPending:
     """One masked request in flight; result() unmasks, checks and dequantizes once."""
 
-    def __init__(self, owner: ProtectedOffload, key, pending, sx, input_parts, u, quantized=None):
-        self.owner, self.key, self.pending = owner, key, pending
-        self.sx, self.input_parts, self.u = sx, input_parts, u      # input_parts: None unverified or deferred
+    def __init__(self, owner: ProtectedOffload, key, pending, shape: tuple[int, int], sx, input_parts, u,
+                 quantized=None):
+        self.owner, self.key, self.pending, self.shape = owner, key, pending, shape       # shape: Z's [T, out]
+        # sx: float32 [kept rows], or one row's float; input_parts: None unverified or deferred; u: U's limbs
+        # uint8 [5, T, out] or a pads.PadRow (a decode step's, blocks.mask)
+        self.sx, self.input_parts, self.u = sx, input_parts, u
+        self.kept = 1 if isinstance(sx, float) else sx.shape[0]
         self.quantized = quantized                                   # the input's integers for a deferred check
         self.value = None
         self.released = False
@@ -259,31 +270,34 @@ class MaskedPending:
         if self.value is None:
             self.owner.settle()             # deferred checks, while the server works on this request
             z = self.pending.result()
-            with blocks.one_thread_for(self.u.shape[-2]):
+            with blocks.one_thread_for(self.shape[0]):
                 self.value = self._finish(z)
         return self.value
 
     def _finish(self, z: torch.Tensor) -> torch.Tensor:
         owner, (op, layer) = self.owner, self.key
-        T, out = self.u.shape[-2:]          # U: uint8 [5, T, out] (the pool's planes)
+        T, out = self.shape
         try:
-            if z.dtype != torch.int64 or tuple(z.shape) != (T, out) or z.device.type != "cpu":
+            if z.dtype != torch.int64 or z.shape != (T, out) or not z.is_cpu:
                 raise VerificationError(op, layer, f"expected int64 [{T}, {out}] on the CPU, got {z.dtype} "
                                                    f"{tuple(z.shape)} on {z.device}")
             t0 = time.perf_counter()
-            deferred = self.quantized is not None
-            offsets = owner.deferred.buffer((T, out), torch.int64) if deferred else None
+            deferred = owner.deferred is not None and T == 1        # used now, checked at the next wait
+            copies = self.quantized is not None                       # checked from copies (torch chains)
+            offsets = owner.deferred.buffer((T, out), torch.int64) if copies else None
             try:
                 y, output_parts, check_s = blocks.finish(z, self.u, self.sx, owner.qweights[self.key].scale,
-                                                         None if deferred else owner.checks.get(self.key),
-                                                         owner.scratch, owner.results.take((self.sx.shape[0], out)),
+                                                         None if copies else owner.checks.get(self.key),
+                                                         owner.scratch, owner.results.take((self.kept, out)),
                                                          offsets)
             except blocks.OutOfRange as e:
                 raise VerificationError(op, layer, str(e)) from None
             owner.stats.add_time("unmask", time.perf_counter() - t0 - check_s)
             owner._count_check(check_s)
-            if deferred:
+            if copies:
                 owner.deferred.add(self.key, owner.checks[self.key], self.quantized, offsets)
+            elif deferred:
+                owner.deferred.add_sides(self.key, self.input_parts, output_parts)
             elif owner.verify:
                 t1 = time.perf_counter()
                 ok = owner.checks[self.key].passes(output_parts, self.input_parts)

@@ -100,10 +100,44 @@ class _Batch:
 
     def __init__(self, r: torch.Tensor, u: torch.Tensor):
         self.r, self.u, self.start = r, u, 0
+        rows = r.shape[1]
+        if r.stride()[1:] != (r.shape[2], 1) or u.stride()[1:] != (u.shape[2], 1) or u.shape[1] != rows:
+            raise ValueError(f"a pad block's planes must hold contiguous rows, got R {tuple(r.shape)} strides "
+                             f"{r.stride()}, U {tuple(u.shape)} strides {u.stride()}")
+        # where the compiled one-row passes read a row (fast.mask_row / finish_row): planes' address and stride
+        self.r_at, self.u_at = (r.data_ptr(), r.stride(0)), (u.data_ptr(), u.stride(0))
+        self.in_features, self.out_features = r.shape[2], u.shape[2]
 
     @property
     def left(self) -> int:
         return self.r.shape[1] - self.start
+
+
+class PadRow:
+    """One unused pad row as `PadPool.take_row` hands it out: the row's index in its block, which it keeps
+    alive. A decode step's compiled passes read R's and U's limbs where the block holds them (fast.mask_row,
+    fast.finish_row): slicing two tensors per call cost more than the row's arithmetic."""
+
+    __slots__ = ("batch", "row")
+
+    def __init__(self, batch: _Batch, row: int):
+        self.batch, self.row = batch, row
+
+    @property
+    def in_features(self) -> int:
+        return self.batch.in_features
+
+    @property
+    def out_features(self) -> int:
+        return self.batch.out_features
+
+    def r(self) -> torch.Tensor:
+        """R's limbs uint8 [5, 1, in] (a view of the block)."""
+        return self.batch.r[:, self.row:self.row + 1]
+
+    def u(self) -> torch.Tensor:
+        """U's limbs uint8 [5, 1, out] (a view of the block)."""
+        return self.batch.u[:, self.row:self.row + 1]
 
 
 class PadPool:
@@ -212,9 +246,22 @@ class PadPool:
 
     def take_limbs(self, key: Key, rows: int) -> tuple[torch.Tensor, torch.Tensor]:
         """`rows` unused pad rows for (op, layer) as the pool keeps them: (R's limbs uint8 [5, rows, in], U's
-        uint8 [5, rows, out], see make; rows contiguous, planes a block apart). Rows come from the pool first;
-        whatever it lacks is made now (an on-demand event)."""
-        rs, us, got = [], [], 0
+        uint8 [5, rows, out], see make; rows contiguous, planes a block apart)."""
+        spans = self._hand_out(key, rows)
+        rs, us = [b.r[:, a:a + n] for b, a, n in spans], [b.u[:, a:a + n] for b, a, n in spans]
+        if len(spans) == 1:
+            return rs[0], us[0]
+        return torch.cat(rs, 1), torch.cat(us, 1)
+
+    def take_row(self, key: Key) -> PadRow:
+        """One unused pad row for (op, layer), where its block holds it (a decode step's: nothing sliced)."""
+        (batch, row, _), = self._hand_out(key, 1)
+        return PadRow(batch, row)
+
+    def _hand_out(self, key: Key, rows: int) -> list[tuple[_Batch, int, int]]:
+        """`rows` unused rows as (block, first row, rows) spans, each row handed out once: from the pool first,
+        oldest block first; whatever it lacks is made now (an on-demand event)."""
+        spans, got = [], 0
         with self._cond:
             if self.error is not None:
                 raise RuntimeError("the pad pool's filler failed") from self.error
@@ -222,8 +269,7 @@ class PadPool:
             while got < rows and pool:
                 batch = pool[0]
                 n = min(batch.left, rows - got)
-                rs.append(batch.r[:, batch.start:batch.start + n])
-                us.append(batch.u[:, batch.start:batch.start + n])
+                spans.append((batch, batch.start, n))
                 batch.start += n
                 got += n
                 if not batch.left:
@@ -235,16 +281,14 @@ class PadPool:
                 # scans every pool holding the lock and the GIL, on every decode step's 65 calls)
         if got < rows:
             t0 = time.perf_counter()
-            r, u = self.make(key, rows - got)
-            rs.append(r)
-            us.append(u)
+            made = _Batch(*self.make(key, rows - got))
+            made.start = rows - got
+            spans.append((made, 0, rows - got))
             with self._cond:
                 self.on_demand += 1
                 self.on_demand_rows += rows - got
                 self.on_demand_s += time.perf_counter() - t0
-        if len(rs) == 1:
-            return rs[0], us[0]
-        return torch.cat(rs, 1), torch.cat(us, 1)
+        return spans
 
     def wait_full(self, timeout_s: float | None = None) -> bool:
         """Block until no pool is being refilled (True: each is at its target, or lacks less than a batch)
