@@ -211,6 +211,13 @@ def test_the_filler_makes_a_refill_in_one_gemm_from_the_keystream():
             for b in batches:
                 assert torch.equal(b.u, ring.to_limbs((ring.limb_matmul(b.r, w) - ring.HALF) & ring.MASK))
         pool.close()
+    ready = PadPool(ring_weights, pool_tokens=8, batch_tokens=3, lm_head_rows=2, background=False)
+    ready.fill_now()                                 # the same fill on the calling thread, no filler thread
+    assert ready.pads_made == 8 * layer_ops + 2 and ready.source.blocks_issued == layer_ops + 1
+    ready.take_limbs(("o", 0), 8)
+    ready.fill_now()
+    assert ready.level[("o", 0)] == 8 and ready.stats()["on_demand"] == 0
+    ready.close()
     probe = PadPool(ring_weights, pool_tokens=0, lm_head_rows=0, background=False)
     key = ("down", 0)
     r, u = probe.make(key, 5)

@@ -170,21 +170,38 @@ class PadPool:
                     if self._closed:
                         return
                     rows = min(self.fill_rows, self.target[key] - self.level[key])
-                t0 = time.perf_counter()
-                r, u = self.make(key, rows)
-                with self._cond:
-                    self.fill_s += time.perf_counter() - t0
-                    self.pools[key].append(_Batch(r, u))
-                    self.level[key] += rows
-                    if self.level[key] >= self.target[key]:
-                        self._refilling.discard(key)
-                    self.pads_made += rows
-                    self.tokens_made += rows * self.token_share[key]
-                    self._cond.notify_all()
+                self._add_batch(key, rows)
         except Exception as e:        # surfaced by the next take(), never lost
             with self._cond:
                 self.error = e
                 self._cond.notify_all()
+
+    def _add_batch(self, key: Key, rows: int) -> None:
+        """Make `rows` rows for key in one GEMM and put them in its pool."""
+        t0 = time.perf_counter()
+        r, u = self.make(key, rows)
+        with self._cond:
+            self.fill_s += time.perf_counter() - t0
+            self.pools[key].append(_Batch(r, u))
+            self.level[key] += rows
+            if self.level[key] >= self.target[key]:
+                self._refilling.discard(key)
+            self.pads_made += rows
+            self.tokens_made += rows * self.token_share[key]
+            self._cond.notify_all()
+
+    def fill_now(self) -> None:
+        """Refill every pool that is due to its target on the calling thread, as the filler would (for a pool
+        made with background=False: pads ready, and no filler sharing the cores while they are used)."""
+        if self._thread is not None:
+            raise RuntimeError("fill_now is for a pool without a filler thread (background=False)")
+        while True:
+            with self._cond:
+                key = self._neediest()
+                if key is None:
+                    return
+                rows = min(self.fill_rows, self.target[key] - self.level[key])
+            self._add_batch(key, rows)
 
     def _neediest(self) -> Key | None:
         """The pool furthest below its target (forward order breaks ties) among those being refilled: a
