@@ -149,14 +149,14 @@ def test_bench_pad_rate_and_sustained_rows_are_consistent(tmp_path):
     prefill makes every pad it uses as it runs (as many rows as a prefill takes) and is slower than the
     warm one, and the whole model on the runner's CPU stands beside the protected rows."""
     import re
-    out, T, count = tmp_path / "s.json", 24, 3
-    proc = subprocess.run([sys.executable, "-m", "tsqp.cli", "bench", "--model", "random:tiny", "--device", "cpu",
+    out, T, count = tmp_path / "s.json", 32, 3
+    proc = subprocess.run([sys.executable, "-m", "tsqp.cli", "bench", "--model", "random:small", "--device", "cpu",
                            "--tokens", str(T), "--transport", "shm-otp-verify", "--dtype", "float32", "--repeat", "3",
                            "--no-references", "--pad-rate", "64", "--sustained", str(count), "--json", str(out)],
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     result = json.loads(out.read_text())
-    cfg = PRESETS["tiny"]
+    cfg = PRESETS["small"]          # small, not tiny: a cold prefill's pads must cost more than the machine's noise
     D, I = cfg.hidden_size, cfg.intermediate_size
     macs = 10 * (cfg.num_layers * (cfg.qkv_size * D + D * cfg.q_size + 2 * I * D + D * I) + cfg.vocab_size * D)
     p = result["pad_rate"]
@@ -177,6 +177,7 @@ def test_bench_pad_rate_and_sustained_rows_are_consistent(tmp_path):
     warm, cold, run, whole = rows
     assert warm["on_demand_rows"] == 0 and len(warm["times_s"]) == 3
     assert cold["on_demand_rows"] == 4 * cfg.num_layers * T + 1                # every pad made as it ran
-    assert cold["s_per_prefill"] > warm["s_per_prefill"]
+    # the runner's CPU seconds, not wall: here the server computes on the same shared cores
+    assert cold["runner_cpu_s"] > 1.5 * warm["runner_cpu_s"], (cold, warm)
     assert f"{count} prefills back to back" in run["row"] and run["prefills"] == count
-    assert whole["s_per_prefill"] > 0 and "sustained: 24-token prefills" in proc.stdout
+    assert whole["s_per_prefill"] > 0 and "sustained: 32-token prefills" in proc.stdout
