@@ -163,11 +163,15 @@ def test_bench_pad_rate_and_sustained_rows_are_consistent(tmp_path):
     assert p["token_macs"] == macs and p["fill_tokens"] == pytest.approx(64)
     assert p["ideal_tokens_per_s"] == pytest.approx(p["int8_peak_macs_per_s"] / macs)
     assert p["share_of_ideal"] == pytest.approx(p["fill_tokens_per_s"] / p["ideal_tokens_per_s"])
+    assert p["ideal_tokens_per_cpu_s"] == pytest.approx(p["int8_peak_macs_per_cpu_s"] / macs)
+    assert p["share_of_ideal_cpu"] == pytest.approx(p["fill_tokens_per_cpu_s"] / p["ideal_tokens_per_cpu_s"])
+    assert p["fill_tokens_per_cpu_s"] == pytest.approx(p["fill_tokens"] / p["fill_cpu_s"])
     printed = proc.stdout.replace("\n", " ")
-    line = re.search(r"ideal ([\d.]+) tokens/s; .*: ([\d.]+) tokens/s, (\d+)% of ideal", printed)
+    line = re.search(r"ideal ([\d.]+) tokens/s; .*: ([\d.]+) tokens/s, (\d+)% of ideal; per CPU second: .* "
+                     r"ideal ([\d.]+), fill ([\d.]+) tokens/s, (\d+)% of ideal", printed)
     assert line, proc.stdout
-    ideal, fill, share = float(line[1]), float(line[2]), int(line[3])
-    assert abs(100 * fill / ideal - share) <= 1
+    for ideal, fill, share in (line.group(1, 2, 3), line.group(4, 5, 6)):
+        assert abs(100 * float(fill) / float(ideal) - int(share)) <= 1
     rows = result["sustained"]
     whole_row = "whole model on the runner's CPU (all in the enclave)"
     assert [r["row"].split(",")[0] for r in rows] == ["shm-otp-verify"] * 3 + [whole_row]

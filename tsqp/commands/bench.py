@@ -360,7 +360,7 @@ def measure_sustained(bench: Bench, trials: list[Trial], ids: torch.Tensor, resu
     for other in trials:
         other.settle_pool()
     if a.pad_rate:
-        result["pad_rate"] = sustained.pad_rate(trial.offload.ring_weights, a.pad_rate, 3)
+        result["pad_rate"] = sustained.pad_rate(trial.offload.ring_weights, a.pad_rate, 2)
     if not a.sustained:
         return
     label = trial.config.transport

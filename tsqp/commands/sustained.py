@@ -22,15 +22,23 @@ from ..trusted.protect.pads import PadPool
 SQUARE = (2048, 2048, 2048)       # a cache-sized GEMM beside the pool's own shapes, for the peak
 
 
-def best_s(fn, repeat: int) -> float:
-    """The fastest of `repeat` timings after one warm-up call."""
+SPAN_S = 0.05                     # each timing spans at least this long: the kernel's CPU clock of threads
+# other than the caller's is brought up to date only now and then, so a shorter span under-counts their time
+
+
+def best_s(fn, repeat: int) -> tuple[float, float]:
+    """Seconds per call, the best of `repeat` spans of calls (each at least SPAN_S) after one warm-up call:
+    (wall seconds, the process's CPU seconds)."""
     fn()
-    times = []
+    walls, cpus = [], []
     for _ in range(repeat):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return min(times)
+        calls, t0, cpu0 = 0, time.perf_counter(), time.process_time()
+        while calls == 0 or time.perf_counter() - t0 < SPAN_S:
+            fn()
+            calls += 1
+        walls.append((time.perf_counter() - t0) / calls)
+        cpus.append((time.process_time() - cpu0) / calls)
+    return min(walls), min(cpus)
 
 
 def token_macs(weights: dict) -> int:
@@ -38,11 +46,11 @@ def token_macs(weights: dict) -> int:
     return sum(ring.LIMBS * 2 * w.in_features * w.out_features for w in weights.values())
 
 
-def int8_peak(weights: dict, rows: int, repeat: int) -> tuple[float, tuple[int, int, int]]:
+def int8_peak(weights: dict, rows: int, repeat: int) -> tuple[float, float, tuple[int, int, int]]:
     """The best multiply-adds/s of torch._int_mm (the kernel the pool runs, on the threads it runs on) over
     the GEMMs the pool makes a `rows`-row block with ([5 rows, in] x a block of w.wt's columns, the same
-    strided slice) and a cache-sized square: (rate, (m, k, n) where it was reached)."""
-    top, where = 0.0, SQUARE
+    strided slice) and a cache-sized square: (per wall second, per CPU second, (m, k, n) of the wall best)."""
+    top, top_cpu, where = 0.0, 0.0, SQUARE
     shapes = {(w.in_features, fast.block_columns(rows, w.out_features)): w for w in weights.values()}
     cases = [(torch.randint(-128, 128, (ring.LIMBS * rows, k), dtype=torch.int8), w.wt[:, :n])
              for (k, n), w in shapes.items()]
@@ -50,38 +58,43 @@ def int8_peak(weights: dict, rows: int, repeat: int) -> tuple[float, tuple[int, 
     cases.append((torch.randint(-128, 128, (m, k), dtype=torch.int8), torch.randint(-128, 128, (k, n),
                                                                                         dtype=torch.int8)))
     for a, b in cases:
-        rate = a.shape[0] * a.shape[1] * b.shape[1] / best_s(lambda: torch._int_mm(a, b), repeat)
-        if rate > top:
-            top, where = rate, (a.shape[0], a.shape[1], b.shape[1])
-    return top, where
+        wall, cpu = best_s(lambda: torch._int_mm(a, b), repeat)
+        macs = a.shape[0] * a.shape[1] * b.shape[1]
+        if macs / wall > top:
+            top, where = macs / wall, (a.shape[0], a.shape[1], b.shape[1])
+        top_cpu = max(top_cpu, macs / cpu if cpu else 0.0)
+    return top, top_cpu, where
 
 
 def pad_rate(weights: dict, tokens: int, repeat: int) -> dict:
-    """In one run: the int8 peak (measured before and after the fill), the ideal pad rate it allows, and the
-    rate a fresh pool's own filler thread fills `tokens` tokens of pads at (wall time from start to full; a
-    token: one row of every linear)."""
+    """In one run: the int8 peak (measured before and after the fill, the higher kept: other work on a shared
+    machine lowers a short measurement more than the fill's long one), the ideal pad rate it allows, and the
+    rate a fresh pool's own filler thread fills `tokens` tokens of pads at (from start to full; a token: one
+    row of every linear). Each per wall second and per CPU second of this process (the second is what other
+    work on the machine does not change: the share that the pool's code, not the machine's load, decides)."""
     probe = PadPool(weights, pool_tokens=0, lm_head_rows=0, background=False)
-    rows, macs = probe.fill_rows, token_macs(weights)
+    rows, macs, per_token = probe.fill_rows, token_macs(weights), probe.bytes_per_token
     probe.close()
     before = int8_peak(weights, min(rows, tokens), repeat)
-    t0 = time.perf_counter()
+    t0, cpu0 = time.perf_counter(), time.process_time()
     pool = PadPool(weights, pool_tokens=tokens, lm_head_rows=tokens)
     try:
         if not pool.wait_full(None):
             raise RuntimeError(f"the pad pool's filler failed: {pool.stats()['filler_error']}")
-        wall = time.perf_counter() - t0
+        wall, cpu = time.perf_counter() - t0, time.process_time() - cpu0
         made = pool.tokens_made
     finally:
         pool.close()
-    # the peak before and after the fill, the higher kept: other work on a shared machine lowers a short
-    # measurement more than the fill's long one
-    peak, where = max(before, int8_peak(weights, min(rows, tokens), repeat))
-    ideal = peak / macs
-    fill = made / wall
+    after = int8_peak(weights, min(rows, tokens), repeat)
+    peak, _, where = max(before, after)
+    peak_cpu = max(before[1], after[1])
+    ideal, ideal_cpu = peak / macs, peak_cpu / macs
     return {"int8_peak_macs_per_s": peak, "peak_gemm": list(where), "threads": torch.get_num_threads(),
             "token_macs": macs, "ideal_tokens_per_s": ideal, "fill_tokens": made, "fill_s": wall,
-            "fill_tokens_per_s": fill, "share_of_ideal": fill / ideal, "fill_rows": rows,
-            "pool_bytes_per_token": pool.bytes_per_token}
+            "fill_tokens_per_s": made / wall, "share_of_ideal": made / wall / ideal, "fill_rows": rows,
+            "int8_peak_macs_per_cpu_s": peak_cpu, "ideal_tokens_per_cpu_s": ideal_cpu, "fill_cpu_s": cpu,
+            "fill_tokens_per_cpu_s": made / cpu, "share_of_ideal_cpu": made / cpu / ideal_cpu,
+            "pool_bytes_per_token": per_token}
 
 
 def pad_rate_line(p: dict) -> str:
@@ -89,7 +102,9 @@ def pad_rate_line(p: dict) -> str:
             f"{p['peak_gemm']}, {p['threads']} threads); a token of pads is {p['token_macs'] / 1e9:.3g} G: ideal "
             f"{p['ideal_tokens_per_s']:.2f} tokens/s; the pool filled {p['fill_tokens']:.0f} tokens in "
             f"{p['fill_s']:.2f} s ({p['fill_rows']} rows per GEMM): {p['fill_tokens_per_s']:.2f} tokens/s, "
-            f"{p['share_of_ideal']:.0%} of ideal")
+            f"{p['share_of_ideal']:.0%} of ideal; per CPU second: peak {p['int8_peak_macs_per_cpu_s'] / 1e9:.1f} G, "
+            f"ideal {p['ideal_tokens_per_cpu_s']:.2f}, fill {p['fill_tokens_per_cpu_s']:.2f} tokens/s, "
+            f"{p['share_of_ideal_cpu']:.0%} of ideal")
 
 
 def row(label: str, tokens: int, wall_s: float, cpu_s: float, on_demand_rows: int | None = None) -> dict:
