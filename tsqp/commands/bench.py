@@ -356,7 +356,10 @@ def measure_sustained(bench: Bench, trials: list[Trial], ids: torch.Tensor, resu
     """--pad-rate and --sustained, for the first protected row of the matrix (every pool full first: the
     measurements are the only work on the runner's cores)."""
     a = bench.args
-    trial = next(t for t in trials if "otp" in t.config.transport)
+    trial = next((t for t in trials if "otp" in t.config.transport), None)
+    if trial is None:
+        console.print("[red]--pad-rate / --sustained: no protected row is left to measure (see its error)[/red]")
+        return
     for other in trials:
         other.settle_pool()
     if a.pad_rate:
