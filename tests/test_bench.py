@@ -141,3 +141,47 @@ def test_bench_protected_rows_report_the_pool_and_move_the_config_count(tmp_path
         assert row["decode_vs_shm_paired"] == pytest.approx(sum(paired) / 2)
     assert rows["shm"]["decode_vs_shm_paired"] == 1.0
     assert "decode, median ms per token over 3 steps" in proc.stdout
+
+
+def test_bench_pad_rate_and_sustained_rows_are_consistent(tmp_path):
+    """--pad-rate and --sustained (issue 28, items 4 and 5): the printed share is the printed fill rate over
+    the printed ideal, the ideal is the peak over a token's multiply-adds counted from the config, a cold
+    prefill makes every pad it uses as it runs (as many rows as a prefill takes) and is slower than the
+    warm one, and the whole model on the runner's CPU stands beside the protected rows."""
+    import re
+    out, T, count = tmp_path / "s.json", 32, 3
+    proc = subprocess.run([sys.executable, "-m", "tsqp.cli", "bench", "--model", "random:small", "--device", "cpu",
+                           "--tokens", str(T), "--transport", "shm-otp-verify", "--dtype", "float32", "--repeat", "3",
+                           "--no-references", "--pad-rate", "64", "--sustained", str(count), "--json", str(out)],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    result = json.loads(out.read_text())
+    cfg = PRESETS["small"]          # small, not tiny: a cold prefill's pads must cost more than the machine's noise
+    D, I = cfg.hidden_size, cfg.intermediate_size
+    macs = 10 * (cfg.num_layers * (cfg.qkv_size * D + D * cfg.q_size + 2 * I * D + D * I) + cfg.vocab_size * D)
+    p = result["pad_rate"]
+    assert p["token_macs"] == macs and p["fill_tokens"] == pytest.approx(64)
+    assert p["ideal_tokens_per_s"] == pytest.approx(p["int8_peak_macs_per_s"] / macs)
+    assert p["share_of_ideal"] == pytest.approx(p["fill_tokens_per_s"] / p["ideal_tokens_per_s"])
+    assert p["ideal_tokens_per_cpu_s"] == pytest.approx(p["int8_peak_macs_per_cpu_s"] / macs)
+    assert p["share_of_ideal_cpu"] == pytest.approx(p["fill_tokens_per_cpu_s"] / p["ideal_tokens_per_cpu_s"])
+    assert p["fill_tokens_per_cpu_s"] == pytest.approx(p["fill_tokens"] / p["fill_cpu_s"])
+    printed = proc.stdout.replace("\n", " ")
+    line = re.search(r"ideal ([\d.]+) tokens/s; .*: ([\d.]+) tokens/s, (\d+)% of ideal; per CPU second: .* "
+                     r"ideal ([\d.]+), fill ([\d.]+) tokens/s, (\d+)% of ideal", printed)
+    assert line, proc.stdout
+    for ideal, fill, share in (line.group(1, 2, 3), line.group(4, 5, 6)):
+        assert abs(100 * float(fill) / float(ideal) - int(share)) <= 1
+    rows = result["sustained"]
+    whole_row = "whole model on the runner's CPU (all in the enclave)"
+    assert [r["row"].split(",")[0] for r in rows] == ["shm-otp-verify"] * 3 + [whole_row]
+    for r in rows:
+        assert r["tokens_per_s"] == pytest.approx(T / r["s_per_prefill"]) and r["runner_cpu_s"] > 0
+        assert r["tokens_per_s_runner_bound"] == pytest.approx(T * r["threads"] / r["runner_cpu_s"])
+    warm, cold, run, whole = rows
+    assert warm["on_demand_rows"] == 0 and len(warm["times_s"]) == 3
+    assert cold["on_demand_rows"] == 4 * cfg.num_layers * T + 1                # every pad made as it ran
+    # the runner's CPU seconds, not wall: here the server computes on the same shared cores
+    assert cold["runner_cpu_s"] > 1.5 * warm["runner_cpu_s"], (cold, warm)
+    assert f"{count} prefills back to back" in run["row"] and run["prefills"] == count
+    assert whole["s_per_prefill"] > 0 and "sustained: 32-token prefills" in proc.stdout

@@ -12,7 +12,7 @@ from tsqp import quant, ring
 from tsqp import weights as W
 from tsqp.trusted.protect import blocks, fast, poolsize
 from tsqp.trusted.protect.freivalds import Freivalds
-from tsqp.trusted.protect.pads import PadPool
+from tsqp.trusted.protect.pads import PadPool, keystream
 from tsqp.trusted.protect.poolsize import PoolSize
 
 
@@ -175,6 +175,57 @@ def test_a_token_of_llama_3_2_1b_pads_is_at_most_4_mb():
     assert pool.bytes_per_token <= 4e6
     assert PadPool(pool.weights, pool_tokens=PoolSize(nbytes=int(400e6)), lm_head_rows=0,
                    background=False).pool_tokens == int(400e6) // pool.bytes_per_token
+
+
+@pytest.mark.parametrize("rows,out,min_columns,block_bytes", [(3, 200, 64, 1), (40, 4100, 2048, 1),
+                                                               (7, 1000, 64, 8 << 20)])
+def test_u_made_a_block_of_columns_at_a_time_is_the_torch_paths(kernel, monkeypatch, rows, out, min_columns,
+                                                                block_bytes):
+    """pad_u in blocks of U's columns (GEMMs on strided column slices of both weight planes, each block
+    combined on its own; uneven last blocks) gives the same limbs as ring.limb_matmul on the whole."""
+    monkeypatch.setattr(fast, "MIN_BLOCK_COLUMNS", min_columns)
+    monkeypatch.setattr(fast, "GEMM_BLOCK_BYTES", block_bytes)
+    g = torch.Generator().manual_seed(rows + out)
+    n = 128
+    w = ring.RingWeight(torch.randint(-2047, 2048, (out, n), generator=g, dtype=torch.int16))
+    r = torch.randint(0, 256, (ring.LIMBS, rows, n), generator=g, dtype=torch.uint8)
+    step = fast.block_columns(rows, out)
+    assert step % 64 == 0 and step < out or block_bytes > 1 and step == out
+    reference = ring.to_limbs(ring.limb_matmul(r, w).sub_(ring.HALF).bitwise_and_(ring.MASK))
+    assert torch.equal(fast.pad_u(r, w), reference)
+
+
+def test_the_filler_makes_a_refill_in_one_gemm_from_the_keystream():
+    """A refill runs as one GEMM of up to fill_rows rows (one keystream block per op when the target fits),
+    and every block's R is the ChaCha20 keystream for its number with U = R W^T - 2^39 from it, as before."""
+    cfg, weights = W.load("random:tiny", torch.float32)
+    ring_weights = {k: ring.RingWeight(w.q) for k, w in quant.quantize_model(cfg, weights).items()}
+    for fill_rows, blocks_per_op in ((256, 1), (3, 3)):        # 8 rows: one GEMM, or 3 + 3 + 2
+        pool = PadPool(ring_weights, pool_tokens=8, batch_tokens=3, lm_head_rows=2, fill_rows=fill_rows)
+        assert pool.wait_full(60)
+        layer_ops = len(ring_weights) - 1
+        assert pool.source.blocks_issued == layer_ops * blocks_per_op + 1 and pool.pads_made == 8 * layer_ops + 2
+        for key, w in ring_weights.items():
+            batches = list(pool.pools[key])
+            assert [b.r.shape[1] for b in batches][0] == min(fill_rows, 2 if key[0] == "lm_head" else 8)
+            for b in batches:
+                assert torch.equal(b.u, ring.to_limbs((ring.limb_matmul(b.r, w) - ring.HALF) & ring.MASK))
+        pool.close()
+    ready = PadPool(ring_weights, pool_tokens=8, batch_tokens=3, lm_head_rows=2, background=False)
+    ready.fill_now()                                 # the same fill on the calling thread, no filler thread
+    assert ready.pads_made == 8 * layer_ops + 2 and ready.source.blocks_issued == layer_ops + 1
+    ready.take_limbs(("o", 0), 8)
+    ready.fill_now()
+    assert ready.level[("o", 0)] == 8 and ready.stats()["on_demand"] == 0
+    ready.close()
+    probe = PadPool(ring_weights, pool_tokens=0, lm_head_rows=0, background=False)
+    key = ("down", 0)
+    r, u = probe.make(key, 5)
+    assert torch.equal(r.reshape(-1), keystream(probe.source._key, 0, r.numel()))
+    assert torch.equal(u, ring.to_limbs((ring.limb_matmul(r, ring_weights[key]) - ring.HALF) & ring.MASK))
+    probe.close()
+    with pytest.raises(ValueError, match="fill_rows"):
+        PadPool(ring_weights, fill_rows=0, background=False)
 
 
 def test_the_pool_holds_5_bytes_an_element_and_its_pads_unmask():

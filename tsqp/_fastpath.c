@@ -40,6 +40,8 @@ typedef struct {
     const float *sx; const float *sw; float *y; int64_t kept; int64_t *offsets;
     /* checks: 21-bit limbs (lo, hi) of ws [width] or s [width]; side [rows] out; prime; constant */
     const int32_t *c_lo; const int32_t *c_hi; int64_t *side; int64_t prime; int64_t constant;
+    /* combine: the planes' int32 limb products, [5, rows, p_row] each (a column block of U), and U's row stride */
+    const int32_t *p_hi; const int32_t *p_lo; int64_t p_row; int64_t limb_row;
     int64_t width; int bad;
 } Job;
 
@@ -235,23 +237,23 @@ CLONES static void output_side_rows(Job *j, int64_t a, int64_t b) {
 }
 
 /* ---- the pool: U's limbs from the limb GEMM's int32 products ----------------------------------------- */
-/* p int32 [5, rows, 2 out] (limb j's products with the hi plane, then the lo plane), offset int64 [out]
- * (128 colsum(W) sum_j 2^(8j) mod 2^40) -> the limbs of B W^T - 2^39 mod 2^40 (ring.py's _combine, exact:
+/* hi, lo int32 [5, rows, p_row] (limb j's products with the hi plane and with the lo plane, for a block of
+ * `out` of U's columns), offset int64 [out] (the block's 128 colsum(W) sum_j 2^(8j) mod 2^40) -> the limbs of B W^T - 2^39 mod 2^40 (ring.py's _combine, exact:
  * every step is mod 2^64 wrapping arithmetic, and only the low 40 bits are kept). */
 CLONES static void combine_rows(Job *j, int64_t a, int64_t b) {
-    const int64_t out = j->width, rows = j->kept, lp = j->limb_plane;
-    const int32_t *restrict p = j->c_lo;
+    const int64_t out = j->width, rows = j->kept, lp = j->limb_plane, pr = j->p_row;
+    const int32_t *restrict hi = j->p_hi, *restrict lo = j->p_lo;
     const int64_t *restrict offset = j->z;
     for (int64_t t = a; t < b; t++) {
-        uint8_t *restrict l0 = j->limbs + t * out;
+        uint8_t *restrict l0 = j->limbs + t * j->limb_row;
         for (int64_t k = 0; k < out; k++) {
             uint64_t y = (uint64_t)offset[k] - (uint64_t)HALF;
             for (int l = 0; l < LIMBS - 1; l++) {
-                const int32_t *row = p + ((int64_t)l * rows + t) * 2 * out;
-                y += ((uint64_t)(int64_t)row[k] << (8 * l + 6)) + ((uint64_t)(int64_t)row[out + k] << (8 * l));
+                const int64_t at = ((int64_t)l * rows + t) * pr + k;
+                y += ((uint64_t)(int64_t)hi[at] << (8 * l + 6)) + ((uint64_t)(int64_t)lo[at] << (8 * l));
             }
-            const int32_t *last = p + ((int64_t)(LIMBS - 1) * rows + t) * 2 * out;
-            y += ((((uint64_t)(int64_t)last[k] << 6) + (uint64_t)(int64_t)last[out + k]) & 0xFF) << 32;
+            const int64_t last = ((int64_t)(LIMBS - 1) * rows + t) * pr + k;
+            y += ((((uint64_t)(int64_t)hi[last] << 6) + (uint64_t)(int64_t)lo[last]) & 0xFF) << 32;
             l0[k] = (uint8_t)y; l0[k + lp] = (uint8_t)(y >> 8); l0[k + 2 * lp] = (uint8_t)(y >> 16);
             l0[k + 3 * lp] = (uint8_t)(y >> 24); l0[k + 4 * lp] = (uint8_t)(y >> 32);
         }
@@ -333,16 +335,19 @@ static PyObject *py_output_side(PyObject *self, PyObject *args) {
     return run_job(&job, output_side_rows, rows, threads);
 }
 
-/* combine(p, offset, limbs, limb_plane, rows, out, threads) */
+/* combine(hi, lo, p_row, offset, limbs, limb_plane, limb_row, rows, out, threads): hi and lo [5, rows, p_row]
+ * int32 (columns [0, out) used), offset [out], limbs [5, rows, out] at limb_row bytes a row */
 static PyObject *py_combine(PyObject *self, PyObject *args) {
-    unsigned long long p, offset, limbs;
-    long long limb_plane, rows, out;
+    unsigned long long hi, lo, offset, limbs;
+    long long p_row, limb_plane, limb_row, rows, out;
     int threads;
-    if (!PyArg_ParseTuple(args, "KKKLLLi", &p, &offset, &limbs, &limb_plane, &rows, &out, &threads))
+    if (!PyArg_ParseTuple(args, "KKLKKLLLLi", &hi, &lo, &p_row, &offset, &limbs, &limb_plane, &limb_row, &rows, &out,
+                          &threads))
         return NULL;
     Job job = {0};
-    job.c_lo = PTR(const int32_t *, p); job.z = PTR(const int64_t *, offset); job.limbs = PTR(uint8_t *, limbs);
-    job.limb_plane = limb_plane; job.kept = rows; job.width = out;
+    job.p_hi = PTR(const int32_t *, hi); job.p_lo = PTR(const int32_t *, lo); job.p_row = p_row;
+    job.z = PTR(const int64_t *, offset); job.limbs = PTR(uint8_t *, limbs);
+    job.limb_plane = limb_plane; job.limb_row = limb_row; job.kept = rows; job.width = out;
     return run_job(&job, combine_rows, rows, threads);
 }
 

@@ -271,6 +271,12 @@ def add_bench_parser(sub) -> None:
     b.add_argument("--spin-us", type=float, default=0.0,
                    help="shm rows: runner and server poll this long before sleeping (default 0)")
     b.add_argument("--no-references", action="store_true", help="skip the device-only and CPU-only references")
+    b.add_argument("--pad-rate", type=int, default=0, metavar="TOKENS",
+                   help="with a shm-otp* row: measure the int8 GEMM peak, the ideal pad rate it allows and the "
+                        "rate a fresh pool fills TOKENS tokens of pads at (default 0: off)")
+    b.add_argument("--sustained", type=int, default=0, metavar="N",
+                   help="with a shm-otp* row: add the sustained rows (the pool cold, N prefills back to back, "
+                        "the whole model on the runner's CPU; default 0: off)")
     b.add_argument("--json", default=None, help="write settings, references and rows here")
     b.add_argument("--plot", default=None, help="write a stacked bar chart (PNG) here")
 

@@ -32,6 +32,7 @@ from ..trusted.model import POLICIES, TrustedModel
 from ..trusted.protect.masked import ProtectedOffload
 from ..untrusted.compute import Compute
 from ..wire.client import RemoteOffload, default_arena_bytes
+from . import sustained
 from .engine import attn_dtype
 from .files import write_figure, write_json
 from .launch import free_tcp_port, private_ipc_endpoint, start_server, stop_servers, wait_ready
@@ -73,12 +74,12 @@ def timed_prefills(model: TrustedModel, ids: torch.Tensor, chunks: int, repeat: 
     times, runs = [], []
     for _ in range(repeat):
         stats.reset()
-        t0 = time.perf_counter()
+        t0, cpu0 = time.perf_counter(), time.process_time()
         model.prefill(ids, model.new_cache(ids.numel()), chunks)
         sync()
         stats.total_s = time.perf_counter() - t0
         times.append(stats.total_s)
-        runs.append(stats.to_dict())
+        runs.append({**stats.to_dict(), "cpu_s": time.process_time() - cpu0})
     return times, runs
 
 
@@ -244,9 +245,9 @@ class Bench:
                              W.torch_dtype(dtype) if device != "cpu" else attn_dtype("auto", W.torch_dtype(dtype)),
                              fused=self.args.compile and device == "cpu")
         sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
-        times, _ = timed_prefills(model, ids.to(device), 1, self.args.repeat, self.args.warmup, stats, sync)
+        times, runs = timed_prefills(model, ids.to(device), 1, self.args.repeat, self.args.warmup, stats, sync)
         del model, offload
-        return summary(times)
+        return {**summary(times), "cpu_s": statistics.median(r["cpu_s"] for r in runs)}
 
 
 def choices(value: str, allowed: tuple[str, ...], what: str) -> list[str]:
@@ -318,6 +319,9 @@ def run_bench(args) -> dict:
                         trial.close()
                     progress.advance(task)
             result["rows"] = [t.row(ids) for t in trials]
+            if a.pad_rate or a.sustained:
+                progress.update(task, description="pad rate and sustained rows")
+                measure_sustained(bench, trials, ids, result)
             for trial in trials:
                 trial.close()
     finally:
@@ -328,9 +332,7 @@ def run_bench(args) -> dict:
         result["references"]["device_only_s"] = result["references"][first]["device_only_s"]
         result["references"]["cpu_only_s"] = result["references"][first]["cpu_only_s"]
     add_ratios(result)
-    console.print(table(result))
-    if tax_line(result):
-        console.print(tax_line(result), soft_wrap=True)
+    print_tables(result)
     if a.json:
         write_json(a.json, result)
         console.print(f"wrote {a.json}")
@@ -338,6 +340,42 @@ def run_bench(args) -> dict:
         plot(result, a.plot)
         console.print(f"wrote {a.plot}")
     return result
+
+
+def print_tables(result: dict) -> None:
+    console.print(table(result))
+    if tax_line(result):
+        console.print(tax_line(result), soft_wrap=True)
+    if "pad_rate" in result:
+        console.print(sustained.pad_rate_line(result["pad_rate"]), soft_wrap=True)
+    if "sustained" in result:
+        console.print(sustained.table(result["sustained"], result["settings"]["tokens"]))
+
+
+def measure_sustained(bench: Bench, trials: list[Trial], ids: torch.Tensor, result: dict) -> None:
+    """--pad-rate and --sustained, for the first protected row of the matrix (every pool full first: the
+    measurements are the only work on the runner's cores)."""
+    a = bench.args
+    trial = next((t for t in trials if "otp" in t.config.transport), None)
+    if trial is None:
+        console.print("[red]--pad-rate / --sustained: no protected row is left to measure (see its error)[/red]")
+        return
+    for other in trials:
+        other.settle_pool()
+    if a.pad_rate:
+        result["pad_rate"] = sustained.pad_rate(trial.offload.ring_weights, a.pad_rate, 2)
+    if not a.sustained:
+        return
+    label = trial.config.transport
+    rows = [sustained.timed(trial, ids, a.repeat, bench.sync, f"{label}, pads ready (after idle time)", True),
+            sustained.timed(trial, ids, a.repeat, bench.sync, f"{label}, pool cold (pads made as it runs)", False)]
+    rows.append(sustained.back_to_back(trial, ids, a.sustained, bench.sync,
+                                       f"{label}, {a.sustained} prefills back to back (pad-bound)"))
+    ref = result["references"].get("float32")
+    whole = ref["cpu_only"] if ref else bench.reference("float32", ids, "cpu")
+    rows.append(sustained.row("whole model on the runner's CPU (all in the enclave), float32", ids.numel(),
+                              whole["median_s"], whole["cpu_s"]))
+    result["sustained"] = rows
 
 
 def failed(result: dict, c: Config, e: Exception) -> None:

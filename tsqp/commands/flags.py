@@ -164,10 +164,17 @@ def polls_pipes(args) -> bool:
     return any(t.strip().startswith("shm") and t.strip() != "shm-socket" for t in args.transport.split(","))
 
 
+def protected_row(args) -> bool:
+    """`tsqp bench`: some row of --transport is protected (shm-otp*)."""
+    return any("otp" in t for t in args.transport.split(","))
+
+
 BENCH = {name: Rule(always, "") for name in (
     "model", "device", "tokens", "transport", "dtype", "policy", "chunks", "attn_dtype", "repeat", "warmup",
     "decode", "endpoint", "timeout", "threads", "compile", "no_references", "json", "plot")} | {
     "spin_us": Rule(polls_pipes, "polls the control pipes: it needs a shm or shm-otp* row in --transport"),
+    "pad_rate": Rule(protected_row, "measures the protected rows' pad pool: it needs a shm-otp* row in --transport"),
+    "sustained": Rule(protected_row, "times protected prefills: it needs a shm-otp* row in --transport"),
 }
 
 RULES = {"run": RUN, "api": API, "serve": SERVE, "bench": BENCH}

@@ -146,20 +146,21 @@ class PadPool:
     weights: (op, layer) -> RingWeight, in forward order. Each per-layer op keeps `pool_tokens` rows ready
     (or as many as a poolsize.PoolSize of memory holds);
     the lm_head, called for one row per prefill or decode step, keeps `lm_head_rows` (default: one batch).
-    The filler tops up the emptiest pool (relative to its target) `batch_tokens` rows at a time, once the
-    pool lacks a whole batch.
+    The filler tops up the emptiest pool (relative to its target) once the pool lacks a whole batch
+    (`batch_tokens` rows), up to `fill_rows` rows per GEMM (or as many as the pool lacks): the GEMM's rate
+    depends on its rows (Llama-3.2-1B shapes: 241 G multiply-adds/s at 16 rows, 330 at 256: scripts/pad_rate.py).
     """
 
     def __init__(self, weights: dict[Key, ring.RingWeight], pool_tokens: int | PoolSize = 64,
                  batch_tokens: int = 16, lm_head_rows: int | None = None, source: PadSource | None = None,
-                 background: bool = True):
+                 background: bool = True, fill_rows: int = 256):
         self.weights = weights
         if isinstance(pool_tokens, PoolSize):         # --pad-pool in memory: the tokens it holds
             pool_tokens = pool_tokens.rows(self.bytes_per_token)
-        if pool_tokens < 0 or batch_tokens < 1:
-            raise ValueError("pool_tokens must be >= 0 and batch_tokens >= 1")
+        if pool_tokens < 0 or batch_tokens < 1 or fill_rows < 1:
+            raise ValueError("pool_tokens must be >= 0, batch_tokens and fill_rows >= 1")
         self.source = source or PadSource()
-        self.batch_tokens, self.pool_tokens = batch_tokens, pool_tokens
+        self.batch_tokens, self.pool_tokens, self.fill_rows = batch_tokens, pool_tokens, max(fill_rows, batch_tokens)
         head_rows = batch_tokens if lm_head_rows is None else lm_head_rows
         self.target = {key: head_rows if key[0] == "lm_head" else pool_tokens for key in weights}
         self.pools: dict[Key, deque[_Batch]] = {key: deque() for key in weights}
@@ -202,22 +203,39 @@ class PadPool:
                         key = self._neediest()
                     if self._closed:
                         return
-                    rows = min(self.batch_tokens, self.target[key] - self.level[key])
-                t0 = time.perf_counter()
-                r, u = self.make(key, rows)
-                with self._cond:
-                    self.fill_s += time.perf_counter() - t0
-                    self.pools[key].append(_Batch(r, u))
-                    self.level[key] += rows
-                    if self.level[key] >= self.target[key]:
-                        self._refilling.discard(key)
-                    self.pads_made += rows
-                    self.tokens_made += rows * self.token_share[key]
-                    self._cond.notify_all()
+                    rows = min(self.fill_rows, self.target[key] - self.level[key])
+                self._add_batch(key, rows)
         except Exception as e:        # surfaced by the next take(), never lost
             with self._cond:
                 self.error = e
                 self._cond.notify_all()
+
+    def _add_batch(self, key: Key, rows: int) -> None:
+        """Make `rows` rows for key in one GEMM and put them in its pool."""
+        t0 = time.perf_counter()
+        r, u = self.make(key, rows)
+        with self._cond:
+            self.fill_s += time.perf_counter() - t0
+            self.pools[key].append(_Batch(r, u))
+            self.level[key] += rows
+            if self.level[key] >= self.target[key]:
+                self._refilling.discard(key)
+            self.pads_made += rows
+            self.tokens_made += rows * self.token_share[key]
+            self._cond.notify_all()
+
+    def fill_now(self) -> None:
+        """Refill every pool that is due to its target on the calling thread, as the filler would (for a pool
+        made with background=False: pads ready, and no filler sharing the cores while they are used)."""
+        if self._thread is not None:
+            raise RuntimeError("fill_now is for a pool without a filler thread (background=False)")
+        while True:
+            with self._cond:
+                key = self._neediest()
+                if key is None:
+                    return
+                rows = min(self.fill_rows, self.target[key] - self.level[key])
+            self._add_batch(key, rows)
 
     def _neediest(self) -> Key | None:
         """The pool furthest below its target (forward order breaks ties) among those being refilled: a
