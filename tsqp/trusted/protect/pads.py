@@ -140,6 +140,19 @@ class PadRow:
         return self.batch.u[:, self.row:self.row + 1]
 
 
+def make_block(source: PadSource, w: ring.RingWeight, rows: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """A fresh pad block of `rows` rows for one weight: (R's limbs uint8 [5, rows, in], U's uint8
+    [5, rows, out]) with U = R W^T - 2^39 mod 2^40: shifted by half the ring, so that the runner's unmask
+    Z - U is Y + 2^39 in one subtraction (blocks.finish). 5 bytes an element: a token of Llama-3.2-1B's pads
+    is 3.7 MB (int64 R and U took 11.8)."""
+    _, stream = source.fresh(ring.LIMBS * rows * w.in_features)
+    limbs = stream.view(ring.LIMBS, rows, w.in_features)                  # [5, rows, in]: R's limbs
+    if fast.usable(limbs) and w.wt.device.type == "cpu":
+        return limbs, fast.pad_u(limbs, w)
+    u = ring.limb_matmul(limbs, w).sub_(ring.HALF).bitwise_and_(ring.MASK)   # [rows, out]
+    return limbs, ring.to_limbs(u)
+
+
 class PadPool:
     """(R, U) rows per (op, layer), precomputed on a background thread.
 
@@ -181,17 +194,8 @@ class PadPool:
 
     # ---- making pads -------------------------------------------------------------------------------
     def make(self, key: Key, rows: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """A fresh pad block of `rows` rows for (op, layer), as the pool keeps it: (R's limbs uint8
-        [5, rows, in], U's uint8 [5, rows, out]) with U = R W^T - 2^39 mod 2^40: shifted by half the ring, so
-        that the runner's unmask Z - U is Y + 2^39 in one subtraction (blocks.finish). 5 bytes an element:
-        a token of Llama-3.2-1B's pads is 3.7 MB (int64 R and U took 11.8)."""
-        w = self.weights[key]
-        _, stream = self.source.fresh(ring.LIMBS * rows * w.in_features)
-        limbs = stream.view(ring.LIMBS, rows, w.in_features)                  # [5, rows, in]: R's limbs
-        if fast.usable(limbs) and w.wt.device.type == "cpu":
-            return limbs, fast.pad_u(limbs, w)
-        u = ring.limb_matmul(limbs, w).sub_(ring.HALF).bitwise_and_(ring.MASK)   # [rows, out]
-        return limbs, ring.to_limbs(u)
+        """A fresh pad block of `rows` rows for (op, layer), as the pool keeps it (make_block)."""
+        return make_block(self.source, self.weights[key], rows)
 
     def _fill_loop(self) -> None:
         try:
