@@ -151,6 +151,7 @@ class Client:
         """curve: a keys.ClientCurve (CurveZMQ: encrypted, and authenticated by the server), or None."""
         self.endpoint, self.timeout_s = endpoint, timeout_s
         self.transport = transport_of(endpoint)
+        self.curve = curve is not None           # CurveZMQ's box around each frame (watch.wire_bytes)
         self.ctx = ctx or zmq.Context.instance()
         self.sock = self.ctx.socket(zmq.DEALER)
         self.sock.setsockopt(zmq.LINGER, 0)

@@ -1,0 +1,164 @@
+"""One message of many frames (issue 29, item 2's open gap): ZMQ_MAXMSGSIZE caps each frame and ZMQ_RCVHWM
+counts whole messages, and libzmq shows a message to the application only once its last frame is in, so a
+server that sends ONE message of 1,000 frames of the runner's cap passes both: libzmq reads and holds it all
+while the runner computes or idles. The runner's receive watch (wire/watch.py) counts, from the kernel's own
+figure for the connection (TCP_INFO), the bytes received and not yet handed to the runner, and drops the
+connection and names the server the moment that passes its bound. The flooder is a real server (tsqp's
+Server on random:tiny) behind the test's own ROUTER socket, with CurveZMQ as `tsqp serve` runs tcp."""
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+import torch
+import zmq
+
+from conftest import short_endpoint
+from tsqp import weights as W
+from tsqp.untrusted.compute import Compute
+from tsqp.untrusted.server import Server
+from tsqp.wire import protocol as P
+from tsqp.wire.client import Budget, RemoteError, RemoteOffload
+from tsqp.wire.hello import Expected
+from tsqp.wire.keys import ClientCurve
+from tsqp.wire.transport import ServerTimeout, heartbeat
+from tsqp.wire.watch import HEARTBEAT_BYTES_PER_S
+
+MiB = 2**20
+CAP = 1 * MiB            # the runner's receive cap here (Budget.max_bytes with the frames transport)
+FRAMES = 1000            # 1,000 frames of 1 MiB in ONE message: 1 GiB
+
+
+class MultiFrameServer(threading.Thread):
+    """Answers honestly; `attack()` sends one unsolicited message of FRAMES frames of CAP bytes each (one
+    buffer, sent without copies: the attack costs this side nothing)."""
+
+    def __init__(self, endpoint: str, curve: bool):
+        super().__init__(daemon=True)
+        cfg, weights = W.load("random:tiny", torch.float32, "cpu")
+        self.server = Server(Compute(cfg, weights, "cpu"), W.norm_weights(weights), "ipc:///nonexistent/x.ipc",
+                             "random:tiny", max_sessions=8)
+        self.sock = zmq.Context.instance().socket(zmq.ROUTER)
+        self.sock.setsockopt(zmq.LINGER, 0)
+        heartbeat(self.sock)                   # as `tsqp serve` on tcp: its PINGs reach the runner too
+        self.curve = None
+        if curve:
+            public, secret = zmq.curve_keypair()
+            client_public, client_secret = zmq.curve_keypair()
+            self.sock.setsockopt(zmq.CURVE_SERVER, 1)
+            self.sock.setsockopt(zmq.CURVE_PUBLICKEY, public)
+            self.sock.setsockopt(zmq.CURVE_SECRETKEY, secret)
+            self.curve = ClientCurve(public, client_public, client_secret)
+        if endpoint.endswith(":0"):
+            endpoint = endpoint[:-1] + str(self.sock.bind_to_random_port(endpoint.rsplit(":", 1)[0]))
+        else:
+            self.sock.bind(endpoint)
+        self.endpoint, self.stopping, self.peer = endpoint, threading.Event(), None
+        self.attacks, self.sent = threading.Event(), 0
+        self.junk = zmq.Frame(bytes(CAP - 64))     # under the cap with CurveZMQ's 33 bytes a frame
+
+    def run(self) -> None:
+        while not self.stopping.is_set():
+            if self.attacks.is_set() and self.peer is not None:
+                self.attacks.clear()
+                self.sock.send_multipart([self.peer, *[self.junk] * FRAMES], copy=False)
+                self.sent += 1
+            if not self.sock.poll(10):
+                continue
+            self.peer, *body = self.sock.recv_multipart()
+            self.sock.send_multipart([self.peer, *self.server.handle(self.peer, body)], copy=False)
+
+    def close(self) -> None:
+        self.stopping.set()
+        self.join(5)
+        self.sock.close(linger=0)
+
+
+def rss_kib() -> int:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmRSS:"))
+
+
+def peak_growth(before_kib: int, seconds: float, stop=lambda: False) -> int:
+    """The largest RSS growth (bytes) seen, sampled every millisecond for `seconds` or until stop()."""
+    peak, end = 0, time.monotonic() + seconds
+    while time.monotonic() < end and not stop():
+        peak = max(peak, rss_kib() - before_kib)
+        time.sleep(0.001)
+    return max(peak, rss_kib() - before_kib) * 1024
+
+
+def connect(server: MultiFrameServer) -> RemoteOffload:
+    cfg, weights = W.load("random:tiny", torch.float32, "cpu")
+    norms = W.norm_weights(weights)
+    expect = Expected("random:tiny", cfg, lambda dtype: {k: v.to(dtype) for k, v in norms.items()})
+    return RemoteOffload(server.endpoint, "frames", timeout_s=5, connect_timeout_s=5, expect=expect,
+                         budget=Budget(max_bytes=CAP), curve=server.curve)
+
+
+def attack_while_idle(endpoint: str, curve: bool) -> tuple[RemoteOffload, int, MultiFrameServer]:
+    server = MultiFrameServer(endpoint, curve)
+    server.start()
+    remote = connect(server)
+    assert remote.receive_cap == CAP
+    before = rss_kib()
+    server.attacks.set()                       # the runner is idle: no call in flight, nothing reading
+    grown = peak_growth(before, 6.0, stop=lambda: remote.link.watch.violation is not None and server.sent)
+    grown = max(grown, peak_growth(before, 0.3))
+    return remote, grown, server
+
+
+def test_one_message_of_a_thousand_frames_over_tcp_with_curve_is_cut_at_the_bound():
+    remote, grown, server = attack_while_idle("tcp://127.0.0.1:0", curve=True)
+    try:
+        watch = remote.link.watch
+        assert server.sent == 1
+        assert watch.violation is not None, f"no violation seen; the runner grew {grown / MiB:.0f} MiB"
+        assert "hostile" in watch.violation and server.endpoint in watch.violation
+        assert grown <= watch.limit + 64 * MiB, \
+            f"grew {grown / MiB:.0f} MiB, bound {watch.limit / MiB:.0f} MiB (+ 64 MiB of slack at link rate)"
+        with pytest.raises((RemoteError, ServerTimeout), match="hostile"):
+            remote.submit("lm_head", None, torch.zeros(1, remote.cfg.hidden_size)).result()
+    finally:
+        remote.close()
+        server.close()
+
+
+def test_an_honest_session_over_tcp_is_counted_to_the_byte_and_never_named_hostile():
+    """The kernel's count of bytes received, less the frames' exact wire size (watch.wire_bytes), is the
+    handshake and the heartbeats alone: the same after 300 calls as after the hello, growing only by the
+    heartbeats while idle (well within the allowance)."""
+    server = MultiFrameServer("tcp://127.0.0.1:0", curve=True)
+    server.start()
+    remote = connect(server)
+    try:
+        watch, x = remote.link.watch, torch.randn(1, remote.cfg.hidden_size)
+        deadline = time.monotonic() + 5
+        while watch.conn is None and time.monotonic() < deadline:
+            time.sleep(0.01)
+        after_hello = watch.unread()
+        for _ in range(300):
+            remote.submit("lm_head", None, x).result()
+        after_calls = watch.unread()
+        t0 = time.monotonic()
+        time.sleep(4.5)                                        # two heartbeats either way
+        idle = watch.unread() - after_calls
+        assert after_hello < 1024 and after_calls == after_hello, (after_hello, after_calls)
+        assert 0 <= idle <= HEARTBEAT_BYTES_PER_S * (time.monotonic() - t0) / 2, idle
+        assert watch.violation is None and not watch.lost
+    finally:
+        remote.close()
+        server.close()
+
+
+@pytest.mark.xfail(strict=True, reason="over ipc the kernel counts no bytes for a unix socket, and libzmq shows "
+                   "no frame of a message before its last: one message of many frames is not bounded "
+                   "(docs/security.md; use tcp with CurveZMQ against a server you do not trust)")
+def test_one_message_of_a_thousand_frames_over_ipc_is_not_bounded_yet():
+    remote, grown, server = attack_while_idle(short_endpoint("mf"), curve=False)
+    try:
+        assert grown <= remote.link.watch.limit + 64 * MiB, f"grew {grown / MiB:.0f} MiB"
+    finally:
+        remote.close()
+        server.close()
