@@ -25,6 +25,7 @@ import zmq
 from zmq.utils.monitor import recv_monitor_message
 
 PERIOD_S = 0.005            # how often the count is compared: the bound's overshoot is the link's rate * this
+IDLE_POLL_S = 0.1           # without a tcp connection to count (ipc, or none yet) only events are waited for
 HANDSHAKE_BYTES = 64 * 1024  # the ZMTP greeting and handshake (CurveZMQ's HELLO/WELCOME/INITIATE/READY: < 1 KiB)
 HEARTBEAT_BYTES_PER_S = 128  # an honest server's PINGs and PONGs (each < 64 bytes, one per 2 s either way)
 TCPI_BYTES_RECEIVED = 128    # offset of the u64 tcpi_bytes_received in struct tcp_info (Linux >= 4.1)
@@ -71,7 +72,7 @@ class ReceiveWatch(threading.Thread):
     def run(self) -> None:
         while not self.stopping.is_set():
             with contextlib.suppress(zmq.ZMQError):
-                if self.monitor.poll(int(PERIOD_S * 1000)):
+                if self.monitor.poll(int(1000 * (PERIOD_S if self.conn is not None else IDLE_POLL_S))):
                     self._events()
             if self.conn is not None:
                 self._check()
