@@ -25,7 +25,7 @@ import zmq
 from zmq.utils.monitor import recv_monitor_message
 
 PERIOD_S = 0.005            # how often the count is compared: the bound's overshoot is the link's rate * this
-IDLE_POLL_S = 0.1           # without a tcp connection to count (ipc, or none yet) only events are waited for
+IDLE_POLL_S = 1.0           # without a tcp connection to count (ipc, or none yet) only events are waited for
 HANDSHAKE_BYTES = 64 * 1024  # the ZMTP greeting and handshake (CurveZMQ's HELLO/WELCOME/INITIATE/READY: < 1 KiB)
 HEARTBEAT_BYTES_PER_S = 128  # an honest server's PINGs and PONGs (each < 64 bytes, one per 2 s either way)
 TCPI_BYTES_RECEIVED = 128    # offset of the u64 tcpi_bytes_received in struct tcp_info (Linux >= 4.1)
@@ -63,6 +63,10 @@ class ReceiveWatch(threading.Thread):
         self.conn_consumed, self.conn_since = 0, time.monotonic()
         self.wake_fd, self._wake_w = os.pipe()
         self.stopping = threading.Event()
+        self._stop_r, self._stop_w = os.pipe()               # wakes run() at once when stop() is called
+        self.poller = zmq.Poller()
+        self.poller.register(monitor, zmq.POLLIN)
+        self.poller.register(self._stop_r, zmq.POLLIN)
         self.start()
 
     def count(self, frames) -> None:
@@ -72,7 +76,8 @@ class ReceiveWatch(threading.Thread):
     def run(self) -> None:
         while not self.stopping.is_set():
             with contextlib.suppress(zmq.ZMQError):
-                if self.monitor.poll(int(1000 * (PERIOD_S if self.conn is not None else IDLE_POLL_S))):
+                ready = dict(self.poller.poll(int(1000 * (PERIOD_S if self.conn is not None else IDLE_POLL_S))))
+                if self.monitor in ready:
                     self._events()
             if self.conn is not None:
                 self._check()
@@ -140,10 +145,11 @@ class ReceiveWatch(threading.Thread):
     def stop(self) -> None:
         """Stop the thread and close what it owns (the monitor socket included)."""
         self.stopping.set()
+        os.write(self._stop_w, b"!")
         self.join(5)
         if self.conn is not None:
             self.conn.close()
         self.monitor.close(linger=0)
-        for fd in (self.wake_fd, self._wake_w):
+        for fd in (self.wake_fd, self._wake_w, self._stop_r, self._stop_w):
             with contextlib.suppress(OSError):
                 os.close(fd)
