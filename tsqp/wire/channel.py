@@ -10,6 +10,7 @@ import zmq
 
 from .pipes import Channel as Pipes
 from .transport import Client, ServerTimeout
+from .relay import Relay
 from .watch import ReceiveWatch
 
 
@@ -45,10 +46,11 @@ class SocketChannel:
     A connection that never completed its handshake (a CurveZMQ server refusing the key) is not a drop: that
     wait ends at the deadline, as before."""
 
-    def __init__(self, client: Client, receive_cap: int, limit: int):
-        """client: made in a RunnerContext (its socket carries its monitor); limit: client.receive_bound."""
-        self.client, self.receive_cap = client, receive_cap
-        self.watch = ReceiveWatch(client.sock.watch, client.endpoint, limit, client.curve)
+    def __init__(self, client: Client, receive_cap: int, limit: int, relay: Relay | None = None):
+        """client: made in a RunnerContext (its socket carries its monitor); limit: client.receive_bound;
+        relay: ipc's, which the client connects through (this channel stops it with the watch)."""
+        self.client, self.receive_cap, self.relay = client, receive_cap, relay
+        self.watch = ReceiveWatch(client.sock.watch, client.endpoint, limit, client.curve, relay)
         self.poller = zmq.Poller()
         self.poller.register(client.sock, zmq.POLLIN)
         self.poller.register(self.watch.wake_fd, zmq.POLLIN)
@@ -78,6 +80,8 @@ class SocketChannel:
     def close(self) -> None:
         self.client.sock.disable_monitor()
         self.watch.stop()
+        if self.relay is not None:
+            self.relay.stop()
 
 
 class PipeChannel:

@@ -29,6 +29,7 @@ from .pipes import Channel as Pipes
 from .pipes import PipeError, make_pipes, open_pipe
 from .shm import Arena
 from .transport import Client, ServerTimeout, TransportError, check_ipc_owner
+from .relay import Relay
 from .watch import kernel_buffer
 
 MiB = 2**20
@@ -108,16 +109,17 @@ def receive_queue(cap: int) -> int:
     return max(2, min(MAX_QUEUE, QUEUE_BYTES // cap))
 
 
-def receive_bound(cap: int, cfg: ModelConfig | None) -> int:
+def receive_bound(cap: int, cfg: ModelConfig | None, tcp: bool) -> int:
     """The most bytes an honest server's replies can have delivered and the runner not read at once, over tcp
     (watch.py drops the connection beyond): the queue's replies (a frame of the cap and a header each), one
     reply in progress (the welcome: its norms, two per layer and the final one, of the served or the largest
-    allowed model), and the kernel's receive buffer."""
+    allowed model), and over tcp the kernel's receive buffer (over ipc the relay counts bytes as it takes
+    them from the server, so the buffer between it and libzmq is inside the count)."""
     layers = cfg.num_layers if cfg is not None else PEER_LIMITS["num_layers"]
     welcome = (2 * layers + 2) * min(cap, P.MAX_CONTROL_BYTES if cfg is None else 4 * cfg.hidden_size) \
         + P.MAX_CONTROL_BYTES
     reply = cap + P.MAX_CONTROL_BYTES
-    return receive_queue(cap) * reply + max(reply, welcome) + kernel_buffer()
+    return receive_queue(cap) * reply + max(reply, welcome) + (kernel_buffer() if tcp else 0)
 
 
 class Pending:
@@ -189,8 +191,9 @@ class RemoteOffload:
         self.receive_cap, self.receive_queue = cap, receive_queue(cap)
         self.ctx.setsockopt(zmq.MAXMSGSIZE, cap)
         self.ctx.setsockopt(zmq.RCVHWM, self.receive_queue)
-        self.client = Client(self.endpoint, timeout_s, ctx=self.ctx, curve=curve)
-        self.link = SocketChannel(self.client, cap, receive_bound(cap, self.cfg))
+        relay = Relay(self.endpoint) if self.endpoint.startswith("ipc://") else None      # counts for ipc
+        self.client = Client(self.endpoint, timeout_s, ctx=self.ctx, curve=curve, via=relay and relay.endpoint)
+        self.link = SocketChannel(self.client, cap, receive_bound(cap, self.cfg, relay is None), relay)
 
     def _ask(self, message: dict, what: str, timeout_s: float) -> tuple[dict, list]:
         self.client.send([P.encode(message)])

@@ -147,8 +147,10 @@ def check_ipc_owner(endpoint: str) -> None:
 class Client:
     """A DEALER socket: several requests may be in flight; every receive is a timed poll."""
 
-    def __init__(self, endpoint: str, timeout_s: float, ctx: zmq.Context | None = None, curve=None):
-        """curve: a keys.ClientCurve (CurveZMQ: encrypted, and authenticated by the server), or None."""
+    def __init__(self, endpoint: str, timeout_s: float, ctx: zmq.Context | None = None, curve=None,
+                 via: str | None = None):
+        """curve: a keys.ClientCurve (CurveZMQ: encrypted, and authenticated by the server), or None.
+        via: where to connect instead (the runner's ipc relay: relay.py); errors still name `endpoint`."""
         self.endpoint, self.timeout_s = endpoint, timeout_s
         self.transport = transport_of(endpoint)
         self.curve = curve is not None           # CurveZMQ's box around each frame (watch.wire_bytes)
@@ -160,7 +162,7 @@ class Client:
             heartbeat(self.sock)
         if curve is not None:
             curve.apply(self.sock)
-        self.sock.connect(endpoint)
+        self.sock.connect(via or endpoint)
         self.poller = zmq.Poller()
         self.poller.register(self.sock, zmq.POLLIN)
 

@@ -10,7 +10,7 @@ difference is what libzmq and the kernel hold for the runner. Past the bound, th
 the connection is shut down under libzmq (which drops the message in progress and frees it), now and on
 every reconnection. It never touches the ZeroMQ socket itself (not thread-safe): only the kernel's socket.
 
-Over ipc the kernel keeps no such count for a unix socket; see docs/security.md for what bounds it there.
+Over ipc the kernel keeps no such count for a unix socket: the runner's relay (relay.py) takes it instead.
 """
 from __future__ import annotations
 
@@ -53,7 +53,8 @@ class ReceiveWatch(threading.Thread):
     receive_bound). `violation` names the server's breach once seen; `lost` says an established connection
     went down; either makes `wake_fd` readable for good (the runner's poller watches it)."""
 
-    def __init__(self, monitor: zmq.Socket, endpoint: str, limit: int, curve: bool):
+    def __init__(self, monitor: zmq.Socket, endpoint: str, limit: int, curve: bool, relay=None):
+        """relay: ipc's relay.Relay, which counts what the server sent (tcp: the kernel does)."""
         super().__init__(daemon=True, name="tsqp-receive-watch")
         self.monitor, self.endpoint, self.limit, self.curve = monitor, endpoint, limit, curve
         self.consumed = 0                 # wire bytes of the frames the runner has read (its thread adds)
@@ -67,6 +68,8 @@ class ReceiveWatch(threading.Thread):
         self.poller = zmq.Poller()
         self.poller.register(monitor, zmq.POLLIN)
         self.poller.register(self._stop_r, zmq.POLLIN)
+        if relay is not None:
+            relay.watch = self
         self.start()
 
     def count(self, frames) -> None:
@@ -119,8 +122,10 @@ class ReceiveWatch(threading.Thread):
 
     def held(self) -> int:
         """unread() less the handshake's and the heartbeats' allowance: what the server made libzmq hold."""
-        allowance = HANDSHAKE_BYTES + HEARTBEAT_BYTES_PER_S * (time.monotonic() - self.conn_since)
-        return self.unread() - int(allowance)
+        return self.unread() - self.allowance()
+
+    def allowance(self) -> int:
+        return int(HANDSHAKE_BYTES + HEARTBEAT_BYTES_PER_S * (time.monotonic() - self.conn_since))
 
     def _check(self) -> None:
         try:
@@ -128,10 +133,30 @@ class ReceiveWatch(threading.Thread):
         except OSError:
             return
         if held > self.limit and self.violation is None:
-            self.violation = (f"the server at {self.endpoint} is hostile: it sent {held} bytes that no reply the "
-                              f"runner read accounts for, over this runner's receive bound of {self.limit} bytes "
-                              f"(one message of many frames, or replies nobody asked for); connection dropped")
+            self._name_hostile(held)
             self._shut()
+
+    def new_connection(self) -> None:
+        """The relay made a new connection to the server: count it from here."""
+        self.conn_consumed, self.conn_since = self.consumed, time.monotonic()
+
+    def over(self, taken: int) -> bool:
+        """The relay took `taken` bytes from the server on this connection: past the bound, name the server
+        (the relay then drops the connection)."""
+        held = taken - (self.consumed - self.conn_consumed) - self.allowance()
+        if held <= self.limit:
+            return False
+        self._name_hostile(held)
+        return True
+
+    def name(self, why: str) -> None:
+        self.violation = why
+        self._wake()
+
+    def _name_hostile(self, held: int) -> None:
+        self.name(f"the server at {self.endpoint} is hostile: it sent {held} bytes that no reply the runner read "
+                  f"accounts for, over this runner's receive bound of {self.limit} bytes (one message of many "
+                  f"frames, or replies nobody asked for); connection dropped")
 
     def _shut(self) -> None:
         with contextlib.suppress(OSError):
