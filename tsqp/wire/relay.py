@@ -37,6 +37,10 @@ class Relay(threading.Thread):
         self.out = {}                         # socket -> bytes still to write to it
         self.buf = bytearray(CHUNK)
         self._stop_r, self._stop_w = os.pipe()
+        self.poll = select.poll()
+        self.poll.register(self._stop_r, select.POLLIN)
+        self.poll.register(self.listener, select.POLLIN)
+        self.events: dict[socket.socket, int] = {}      # what each side of the pair is polled for
         self.start()
 
     def run(self) -> None:
@@ -51,14 +55,15 @@ class Relay(threading.Thread):
                     self._move(ready)
 
     def _wait(self) -> dict[int, int]:
-        poll = select.poll()
-        poll.register(self._stop_r, select.POLLIN)
-        poll.register(self.listener, select.POLLIN)
+        """Readiness of the sockets; a side is read only while its peer has nothing left to write (so the
+        relay holds at most CHUNK per direction) and watched for writing while it has."""
         if self.pair is not None:
             for s, peer in (self.pair, self.pair[::-1]):
-                poll.register(s, (select.POLLOUT if self.out.get(s) else 0) |
-                              (0 if self.out.get(peer) else select.POLLIN))
-        return dict(poll.poll())
+                events = (select.POLLOUT if self.out.get(s) else 0) | (0 if self.out.get(peer) else select.POLLIN)
+                if self.events.get(s) != events:
+                    self.poll.modify(s, events)
+                    self.events[s] = events
+        return dict(self.poll.poll())
 
     def _accept(self) -> None:
         """libzmq (re)connected: a fresh connection to the server for it, or none (it retries)."""
@@ -82,6 +87,9 @@ class Relay(threading.Thread):
         for s in (zmq_side, server):
             s.setblocking(False)
         self.pair, self.taken = (zmq_side, server), 0
+        for s in self.pair:
+            self.poll.register(s, select.POLLIN)
+            self.events[s] = select.POLLIN
         if self.watch is not None:
             self.watch.new_connection()
 
@@ -128,8 +136,10 @@ class Relay(threading.Thread):
     def _drop(self) -> None:
         if self.pair is not None:
             for s in self.pair:
+                with contextlib.suppress(KeyError, ValueError):
+                    self.poll.unregister(s)
                 s.close()
-        self.pair, self.out = None, {}
+        self.pair, self.out, self.events = None, {}, {}
 
     def stop(self) -> None:
         os.write(self._stop_w, b"!")

@@ -3,8 +3,9 @@ what they mean.
 
 Who is at the other end of an ipc:// socket is the kernel's word, never the peer's: libzmq reads each
 connection's SO_PEERCRED when it is accepted (or made) and stamps it on every message from it as the
-"Peer-Address" property (`[host]:uid:gid:pid`). Both sides read it from each message they receive, so a
-reconnect to someone else is caught on its first reply. Before any byte leaves, the runner also checks the
+"Peer-Address" property (`[host]:uid:gid:pid`). The server reads it from each message it receives; the
+runner's RemoteOffload talks through its relay (relay.py), which reads SO_PEERCRED itself on each connection
+it makes to the server, so a reconnect to someone else is caught before its first byte reaches libzmq. Before any byte leaves, the runner also checks the
 socket file and its directory: a directory only its own user can write keeps everyone else from binding
 there, now and on every reconnect.
 """
