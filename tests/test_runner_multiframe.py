@@ -7,6 +7,7 @@ connection and names the server the moment that passes its bound. The flooder is
 Server on random:tiny) behind the test's own ROUTER socket, with CurveZMQ as `tsqp serve` runs tcp."""
 from __future__ import annotations
 
+import os
 import threading
 import time
 
@@ -15,6 +16,7 @@ import torch
 import zmq
 
 from conftest import short_endpoint
+from test_hostile_runner import as_user, other_user, their_dir  # noqa: F401 (a fixture)
 from tsqp import weights as W
 from tsqp.untrusted.compute import Compute
 from tsqp.untrusted.server import Server
@@ -194,3 +196,50 @@ def test_one_message_of_a_thousand_frames_over_ipc_is_cut_at_the_bound():
     finally:
         remote.close()
         server.close()
+
+
+class Named:
+    """Stands in for the receive watch the relay reports to."""
+    violation = None
+
+    def name(self, why: str) -> None:
+        self.violation = why
+
+    def new_connection(self) -> None:
+        pass
+
+    def over(self, taken: int) -> bool:
+        return False
+
+
+def test_the_ipc_relay_refuses_another_users_server_by_the_kernels_word(other_user):
+    """SO_PEERCRED at the relay (which now stands where libzmq's per-message Peer-Address check stood): the
+    other user's real `tsqp serve`, reached past the file system by root; nothing it sends reaches libzmq."""
+    import signal
+    import shutil
+
+    from conftest import wait_line
+    from tsqp.wire.relay import Relay
+    d = their_dir(other_user)
+    endpoint = f"ipc://{d}/s.ipc"
+    server = as_user(other_user, "serve", "--model", "random:tiny", "--device", "cpu", "--endpoint", endpoint)
+    relay = dealer = None
+    try:
+        wait_line(server, "ready in", timeout_s=60)
+        relay, named = Relay(endpoint), Named()
+        relay.watch = named
+        dealer = zmq.Context.instance().socket(zmq.DEALER)
+        dealer.setsockopt(zmq.LINGER, 0)
+        dealer.connect(relay.endpoint)
+        dealer.send(P.encode({"type": "hello"}))
+        assert not dealer.poll(1500), "a reply came through the relay from another user's server"
+        assert named.violation is not None and f"runs as uid {other_user.pw_uid}" in named.violation and \
+            f"not as this user (uid {os.getuid()})" in named.violation, named.violation
+    finally:
+        if dealer is not None:
+            dealer.close(linger=0)
+        if relay is not None:
+            relay.stop()
+        server.send_signal(signal.SIGTERM)
+        server.communicate(timeout=30)
+        shutil.rmtree(d, ignore_errors=True)
