@@ -7,10 +7,11 @@ from __future__ import annotations
 import time
 
 import zmq
-from zmq.utils.monitor import recv_monitor_message
 
 from .pipes import Channel as Pipes
 from .transport import Client, ServerTimeout
+from .relay import Relay
+from .watch import ReceiveWatch
 
 
 class ConnectionLost(ServerTimeout):
@@ -18,7 +19,7 @@ class ConnectionLost(ServerTimeout):
     went away, or one that sent a frame over the runner's receive cap (libzmq drops the connection)."""
 
 
-MONITORED = zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_DISCONNECTED
+MONITORED = zmq.EVENT_CONNECTED | zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_DISCONNECTED
 
 
 class MonitoredSocket(zmq.Socket):
@@ -39,19 +40,20 @@ class RunnerContext(zmq.Context):
 
 class SocketChannel:
     """Calls and replies over the session's ZeroMQ socket (the control messages; the calls too with the frames
-    transport or shm with --control socket). A monitor on the socket tells a dropped connection at once: the
-    session is gone with it (a reconnection gets a new identity), so waiting on would only delay the error. A
-    connection that never completed its handshake (a CurveZMQ server refusing the key) is not a drop: that
+    transport or shm with --control socket). Its receive watch (watch.py) reads the socket's monitor: a
+    dropped connection is told at once (the session is gone with it: a reconnection gets a new identity, so
+    waiting on would only delay the error), and so is a server that made the runner hold more than its bound.
+    A connection that never completed its handshake (a CurveZMQ server refusing the key) is not a drop: that
     wait ends at the deadline, as before."""
 
-    def __init__(self, client: Client, receive_cap: int):
-        """client: made in a RunnerContext (its socket carries its monitor)."""
-        self.client, self.receive_cap = client, receive_cap
-        self.monitor = client.sock.watch
-        self.up = False                       # a handshake succeeded: a disconnect from now on loses the session
+    def __init__(self, client: Client, receive_cap: int, limit: int, relay: Relay | None = None):
+        """client: made in a RunnerContext (its socket carries its monitor); limit: client.receive_bound;
+        relay: ipc's, which the client connects through (this channel stops it with the watch)."""
+        self.client, self.receive_cap, self.relay = client, receive_cap, relay
+        self.watch = ReceiveWatch(client.sock.watch, client.endpoint, limit, client.curve, relay)
         self.poller = zmq.Poller()
         self.poller.register(client.sock, zmq.POLLIN)
-        self.poller.register(self.monitor, zmq.POLLIN)
+        self.poller.register(self.watch.wake_fd, zmq.POLLIN)
 
     def send(self, header: bytes, frames: list, what) -> None:
         self.client.send([header, *frames], what=what)
@@ -59,35 +61,27 @@ class SocketChannel:
     def receive(self, deadline: float, what, timeout_s: float | None = None) -> list[list]:
         """The messages that arrived by the deadline (at least one), each [header, *frames]. timeout_s: the
         wait the deadline stands for, as the message says it (default: the session's reply timeout)."""
-        while True:
-            left = deadline - time.monotonic()
-            ready = dict(self.poller.poll(max(0, int(left * 1000)))) if left > 0 else {}
-            if self.client.sock in ready:         # a reply that came before a drop is still read
-                header, *frames = self.client.sock.recv_multipart(copy=False)
-                return [[header.bytes, *frames]]
-            if self.monitor not in ready:
-                break
-            if self._dropped():
-                raise ConnectionLost(f"the connection to {self.client.endpoint} dropped while waiting for {what}: "
-                                     f"the server went away, or sent a frame over this runner's receive cap of "
-                                     f"{self.receive_cap} bytes")
+        left = deadline - time.monotonic()
+        ready = dict(self.poller.poll(max(0, int(left * 1000)))) if left > 0 else {}
+        if self.watch.violation is not None:
+            raise ConnectionLost(f"{self.watch.violation} while waiting for {what}")
+        if self.client.sock in ready:         # a reply that came before a drop is still read
+            header, *frames = self.client.sock.recv_multipart(copy=False)
+            self.watch.count((header, *frames))
+            return [[header.bytes, *frames]]
+        if self.watch.lost:
+            raise ConnectionLost(f"the connection to {self.client.endpoint} dropped while waiting for {what}: "
+                                 f"the server went away, or sent a frame over this runner's receive cap of "
+                                 f"{self.receive_cap} bytes")
         t = self.client.timeout_s if timeout_s is None else timeout_s
         raise ServerTimeout(f"no reply from {self.client.endpoint} within {t:g} s while waiting for {what}; "
                             f"is `tsqp serve` running there?")
 
-    def _dropped(self) -> bool:
-        """Read the monitor's events: True once an established connection went down."""
-        while self.monitor.poll(0):
-            event = recv_monitor_message(self.monitor)["event"]
-            if event == zmq.EVENT_HANDSHAKE_SUCCEEDED:
-                self.up = True
-            elif event == zmq.EVENT_DISCONNECTED and self.up:
-                return True
-        return False
-
     def close(self) -> None:
         self.client.sock.disable_monitor()
-        self.monitor.close(linger=0)
+        self.watch.stop()
+        if self.relay is not None:
+            self.relay.stop()
 
 
 class PipeChannel:

@@ -29,6 +29,8 @@ from .pipes import Channel as Pipes
 from .pipes import PipeError, make_pipes, open_pipe
 from .shm import Arena
 from .transport import Client, ServerTimeout, TransportError, check_ipc_owner
+from .relay import Relay
+from .watch import kernel_buffer
 
 MiB = 2**20
 DEFAULT_MAX_BYTES = 4096 * MiB   # --max-arena-mb
@@ -107,6 +109,19 @@ def receive_queue(cap: int) -> int:
     return max(2, min(MAX_QUEUE, QUEUE_BYTES // cap))
 
 
+def receive_bound(cap: int, cfg: ModelConfig | None, tcp: bool) -> int:
+    """The most bytes an honest server's replies can have delivered and the runner not read at once, over tcp
+    (watch.py drops the connection beyond): the queue's replies (a frame of the cap and a header each), one
+    reply in progress (the welcome: its norms, two per layer and the final one, of the served or the largest
+    allowed model), and over tcp the kernel's receive buffer (over ipc the relay counts bytes as it takes
+    them from the server, so the buffer between it and libzmq is inside the count)."""
+    layers = cfg.num_layers if cfg is not None else PEER_LIMITS["num_layers"]
+    welcome = (2 * layers + 2) * min(cap, P.MAX_CONTROL_BYTES if cfg is None else 4 * cfg.hidden_size) \
+        + P.MAX_CONTROL_BYTES
+    reply = cap + P.MAX_CONTROL_BYTES
+    return receive_queue(cap) * reply + max(reply, welcome) + (kernel_buffer() if tcp else 0)
+
+
 class Pending:
     value = None            # the result, once received
     reply = None            # (compute s, frames, arrival time), once filed
@@ -148,13 +163,14 @@ class RemoteOffload:
         self.stats = stats or Stats()
         self.client = self.link = self.path = self.channel = self.ctx = None
         self.ids = itertools.count(1)
+        self.cfg = expect.cfg if expect else None    # the runner's own model until the hello names the served one
         self.waiting: dict[int, Pending] = {}       # calls sent and not yet answered
         check_ipc_owner(endpoint)
         # a context of its own: its sockets get the runner's caps before they connect (libzmq copies a
         # socket's options into each connection when it is made)
         self.ctx = RunnerContext()
         try:
-            self._connect(receive_cap(transport, expect.cfg if expect else None, budget), timeout_s, curve)
+            self._connect(receive_cap(transport, self.cfg, budget), timeout_s, curve)
             self._hello(connect_timeout_s, expect)
             nbytes = arena_bytes(self.cfg) if callable(arena_bytes) else arena_bytes
             budget.check(self.cfg, transport, nbytes if transport == "shm" else 0, endpoint, self.info["model"])
@@ -175,8 +191,9 @@ class RemoteOffload:
         self.receive_cap, self.receive_queue = cap, receive_queue(cap)
         self.ctx.setsockopt(zmq.MAXMSGSIZE, cap)
         self.ctx.setsockopt(zmq.RCVHWM, self.receive_queue)
-        self.client = Client(self.endpoint, timeout_s, ctx=self.ctx, curve=curve)
-        self.link = SocketChannel(self.client, cap)
+        relay = Relay(self.endpoint) if self.endpoint.startswith("ipc://") else None      # counts for ipc
+        self.client = Client(self.endpoint, timeout_s, ctx=self.ctx, curve=curve, via=relay and relay.endpoint)
+        self.link = SocketChannel(self.client, cap, receive_bound(cap, self.cfg, relay is None), relay)
 
     def _ask(self, message: dict, what: str, timeout_s: float) -> tuple[dict, list]:
         self.client.send([P.encode(message)])

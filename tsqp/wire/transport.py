@@ -3,8 +3,9 @@ what they mean.
 
 Who is at the other end of an ipc:// socket is the kernel's word, never the peer's: libzmq reads each
 connection's SO_PEERCRED when it is accepted (or made) and stamps it on every message from it as the
-"Peer-Address" property (`[host]:uid:gid:pid`). Both sides read it from each message they receive, so a
-reconnect to someone else is caught on its first reply. Before any byte leaves, the runner also checks the
+"Peer-Address" property (`[host]:uid:gid:pid`). The server reads it from each message it receives; the
+runner's RemoteOffload talks through its relay (relay.py), which reads SO_PEERCRED itself on each connection
+it makes to the server, so a reconnect to someone else is caught before its first byte reaches libzmq. Before any byte leaves, the runner also checks the
 socket file and its directory: a directory only its own user can write keeps everyone else from binding
 there, now and on every reconnect.
 """
@@ -147,10 +148,13 @@ def check_ipc_owner(endpoint: str) -> None:
 class Client:
     """A DEALER socket: several requests may be in flight; every receive is a timed poll."""
 
-    def __init__(self, endpoint: str, timeout_s: float, ctx: zmq.Context | None = None, curve=None):
-        """curve: a keys.ClientCurve (CurveZMQ: encrypted, and authenticated by the server), or None."""
+    def __init__(self, endpoint: str, timeout_s: float, ctx: zmq.Context | None = None, curve=None,
+                 via: str | None = None):
+        """curve: a keys.ClientCurve (CurveZMQ: encrypted, and authenticated by the server), or None.
+        via: where to connect instead (the runner's ipc relay: relay.py); errors still name `endpoint`."""
         self.endpoint, self.timeout_s = endpoint, timeout_s
         self.transport = transport_of(endpoint)
+        self.curve = curve is not None           # CurveZMQ's box around each frame (watch.wire_bytes)
         self.ctx = ctx or zmq.Context.instance()
         self.sock = self.ctx.socket(zmq.DEALER)
         self.sock.setsockopt(zmq.LINGER, 0)
@@ -159,7 +163,7 @@ class Client:
             heartbeat(self.sock)
         if curve is not None:
             curve.apply(self.sock)
-        self.sock.connect(endpoint)
+        self.sock.connect(via or endpoint)
         self.poller = zmq.Poller()
         self.poller.register(self.sock, zmq.POLLIN)
 
