@@ -135,12 +135,21 @@ CLONES static void mask_one(Job *j, int64_t t) {
                 l0[c + i] = (uint8_t)b; l0[c + i + lp] = (uint8_t)(b >> 8); l0[c + i + 2 * lp] = (uint8_t)(b >> 16);
                 l0[c + i + 3 * lp] = (uint8_t)(b >> 24); l0[c + i + 4 * lp] = (uint8_t)(b >> 32);
             }
-        else
+        else {
+            /* B = R + q mod 2^40 plane by plane in 32-bit lanes (vectorizes): the low four bytes as one word
+             * plus q mod 2^32, then byte 4 gets the carry and q's sign (q < 0 adds 2^32 - |q|, one 2^32 too many) */
+            const uint8_t *restrict p0 = r8 + c, *restrict p1 = p0 + rp, *restrict p2 = p1 + rp, *restrict p3 = p2 + rp,
+                          *restrict p4 = p3 + rp;
+            uint8_t *restrict o0 = l0 + c, *restrict o1 = o0 + lp, *restrict o2 = o1 + lp, *restrict o3 = o2 + lp,
+                    *restrict o4 = o3 + lp;
+#pragma GCC ivdep
             for (int64_t i = 0; i < m; i++) {
-                uint64_t b = (uint64_t)(pad_at(NULL, r8, rp, c + i) + qi[i]);
-                l0[c + i] = (uint8_t)b; l0[c + i + lp] = (uint8_t)(b >> 8); l0[c + i + 2 * lp] = (uint8_t)(b >> 16);
-                l0[c + i + 3 * lp] = (uint8_t)(b >> 24); l0[c + i + 4 * lp] = (uint8_t)(b >> 32);
+                const uint32_t lo = (uint32_t)p0[i] | (uint32_t)p1[i] << 8 | (uint32_t)p2[i] << 16 | (uint32_t)p3[i] << 24;
+                const uint32_t s = lo + (uint32_t)qi[i];
+                o0[i] = (uint8_t)s; o1[i] = (uint8_t)(s >> 8); o2[i] = (uint8_t)(s >> 16); o3[i] = (uint8_t)(s >> 24);
+                o4[i] = (uint8_t)(p4[i] + (uint32_t)(s < lo) + (uint32_t)(qi[i] >> 31));
             }
+        }
         if (c_lo)
             for (int64_t i = 0; i < m; i++) {
                 acc_lo += (int64_t)qi[i] * c_lo[c + i];
