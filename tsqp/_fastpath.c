@@ -195,8 +195,16 @@ CLONES static void finish_one(Job *j, int64_t t) {
         if (bad) { j->bad = 1; return; }
         if (u64)
             for (int64_t i = 0; i < m; i++) private[i] = (private[i] - u64[c + i]) & MASK;
-        else
-            for (int64_t i = 0; i < m; i++) private[i] = (private[i] - pad_at(NULL, u8, up, c + i)) & MASK;
+        else {                         /* the planes' pointers apart, or gcc's alias check keeps this scalar */
+            const uint8_t *restrict q0 = u8 + c, *restrict q1 = q0 + up, *restrict q2 = q1 + up, *restrict q3 = q2 + up,
+                          *restrict q4 = q3 + up;
+#pragma GCC ivdep
+            for (int64_t i = 0; i < m; i++) {
+                const uint64_t u = (uint64_t)q0[i] | (uint64_t)q1[i] << 8 | (uint64_t)q2[i] << 16 |
+                                   (uint64_t)q3[i] << 24 | (uint64_t)q4[i] << 32;
+                private[i] = (int64_t)(((uint64_t)private[i] - u) & MASK);
+            }
+        }
         if (c_lo)
             for (int64_t i = 0; i < m; i++) {
                 uint64_t ol = (uint64_t)private[i] & 0xFFFFF, oh = (uint64_t)private[i] >> 20;
