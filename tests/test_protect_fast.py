@@ -85,6 +85,23 @@ def test_mask_gives_the_torch_paths_limbs_scales_and_check_side(kernel, T, n):
                 assert torch.equal(new[3], c.input_side(quant.quantize_rows(x)[0]))   # the oracle
 
 
+def test_mask_carries_and_borrows_across_the_fifth_byte_as_the_reference(kernel):
+    """The compiled mask adds q to R's low four bytes as one 32-bit word and gives byte 4 the carry and q's
+    sign: pads whose low word sits at the edges (0, 1, |q| - 1, 2^32 - 1, 2^32 - |q|) under byte 4 of 0 and
+    255, against inputs quantizing to +-32767, +-1 and 0, give the reference's limbs and the ring's sum."""
+    q_row = torch.tensor([32767.0, -32767.0, 1.0, -1.0, 0.0, 16384.0, -16384.0, 32767.0])   # [8], scale 1
+    lows = [0, 1, 32766, 32767, 2**32 - 1, 2**32 - 32767, 2**32 - 1, 2**31]
+    pads = [(top << 32) + low for top in (0, 255, 128) for low in lows]                     # [24]
+    x = q_row.repeat(len(pads), 1)                                                          # [24, 8]
+    r = torch.tensor(pads).view(-1, 1).repeat(1, 8)                                         # [24, 8]
+    r = torch.cat([r, torch.roll(r, 3, 1)])                                                 # [48, 8] every pair
+    x = torch.cat([x, x])
+    old, new = masked_both(kernel, x, ring.to_limbs(r), None)
+    assert torch.equal(old[0], new[0])
+    want = (r + quant.quantize_rows(x)[0]) & ring.MASK                                      # the ring's sum
+    assert torch.equal(ring.from_limbs(new[0]), want)
+
+
 @pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf")])
 @pytest.mark.parametrize("T", [1, 4])
 def test_a_non_finite_input_is_refused_by_both(kernel, value, T):

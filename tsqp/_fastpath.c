@@ -137,12 +137,21 @@ CLONES static void mask_one(Job *j, int64_t t) {
                 l0[c + i] = (uint8_t)b; l0[c + i + lp] = (uint8_t)(b >> 8); l0[c + i + 2 * lp] = (uint8_t)(b >> 16);
                 l0[c + i + 3 * lp] = (uint8_t)(b >> 24); l0[c + i + 4 * lp] = (uint8_t)(b >> 32);
             }
-        else
+        else {
+            /* B = R + q mod 2^40 plane by plane in 32-bit lanes (vectorizes): the low four bytes as one word
+             * plus q mod 2^32, then byte 4 gets the carry and q's sign (q < 0 adds 2^32 - |q|, one 2^32 too many) */
+            const uint8_t *restrict p0 = r8 + c, *restrict p1 = p0 + rp, *restrict p2 = p1 + rp, *restrict p3 = p2 + rp,
+                          *restrict p4 = p3 + rp;
+            uint8_t *restrict o0 = l0 + c, *restrict o1 = o0 + lp, *restrict o2 = o1 + lp, *restrict o3 = o2 + lp,
+                    *restrict o4 = o3 + lp;
+#pragma GCC ivdep
             for (int64_t i = 0; i < m; i++) {
-                uint64_t b = (uint64_t)(pad_at(NULL, r8, rp, c + i) + qi[i]);
-                l0[c + i] = (uint8_t)b; l0[c + i + lp] = (uint8_t)(b >> 8); l0[c + i + 2 * lp] = (uint8_t)(b >> 16);
-                l0[c + i + 3 * lp] = (uint8_t)(b >> 24); l0[c + i + 4 * lp] = (uint8_t)(b >> 32);
+                const uint32_t lo = (uint32_t)p0[i] | (uint32_t)p1[i] << 8 | (uint32_t)p2[i] << 16 | (uint32_t)p3[i] << 24;
+                const uint32_t s = lo + (uint32_t)qi[i];
+                o0[i] = (uint8_t)s; o1[i] = (uint8_t)(s >> 8); o2[i] = (uint8_t)(s >> 16); o3[i] = (uint8_t)(s >> 24);
+                o4[i] = (uint8_t)(p4[i] + (uint32_t)(s < lo) + (uint32_t)(qi[i] >> 31));
             }
+        }
         if (c_lo)
             for (int64_t i = 0; i < m; i++) {
                 acc_lo += (int64_t)qi[i] * c_lo[c + i];
@@ -188,8 +197,16 @@ CLONES static void finish_one(Job *j, int64_t t) {
         if (bad) { j->bad = 1; return; }
         if (u64)
             for (int64_t i = 0; i < m; i++) private[i] = (private[i] - u64[c + i]) & MASK;
-        else
-            for (int64_t i = 0; i < m; i++) private[i] = (private[i] - pad_at(NULL, u8, up, c + i)) & MASK;
+        else {                         /* the planes' pointers apart, or gcc's alias check keeps this scalar */
+            const uint8_t *restrict q0 = u8 + c, *restrict q1 = q0 + up, *restrict q2 = q1 + up, *restrict q3 = q2 + up,
+                          *restrict q4 = q3 + up;
+#pragma GCC ivdep
+            for (int64_t i = 0; i < m; i++) {
+                const uint64_t u = (uint64_t)q0[i] | (uint64_t)q1[i] << 8 | (uint64_t)q2[i] << 16 |
+                                   (uint64_t)q3[i] << 24 | (uint64_t)q4[i] << 32;
+                private[i] = (int64_t)(((uint64_t)private[i] - u) & MASK);
+            }
+        }
         if (c_lo)
             for (int64_t i = 0; i < m; i++) {
                 uint64_t ol = (uint64_t)private[i] & 0xFFFFF, oh = (uint64_t)private[i] >> 20;
