@@ -52,9 +52,12 @@ PY
 
 # 0. issue 13's targets first: the protected prefill (--protect otp, then with --verify; pads pooled before each
 #    timed prefill) beside shm and the whole model on this host's cores (the cpu-only reference), and 32 decode
-#    steps after each, protected (strict and deferred checks) beside unprotected; tsqp run's decode in step 4
-timeout ${PROTECT_S:-240} python3 -m tsqp.cli bench --device $DEV --model $BIG --tokens $TOK --decode 32 \
+#    steps after each, protected (strict and deferred checks) beside unprotected; tsqp run's decode in step 4;
+#    then the pool's fill against the int8 peak and the sustained rows (pool cold, back to back, the whole model
+#    on this host's cores: issue 28, items 4 and 5)
+timeout ${PROTECT_S:-360} python3 -m tsqp.cli bench --device $DEV --model $BIG --tokens $TOK --decode 32 \
   --transport shm,shm-otp,shm-otp-verify,shm-otp-verify-deferred --policy linear --repeat 3 \
+  --pad-rate $TOK --sustained 3 \
   --json "$OUT/bench_protect.json" 2>&1 | tee "$W/bench_protect.txt"
 # 0b. the runner's own share on this host's cores: per decode token (strict and deferred checks, replies at once
 #     and after 100 us) and per prefill of $TOK tokens, the compiled passes beside the torch reference
