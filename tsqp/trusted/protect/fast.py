@@ -83,11 +83,8 @@ def mask(x: torch.Tensor, r: torch.Tensor, limbs: torch.Tensor, check: CheckVect
     T, n = x.shape
     if x.dtype != torch.float32 or not x.is_contiguous():
         x = x.to(torch.float32).contiguous()
-    if limbs.shape != (ring.LIMBS, T, n) or limbs.dtype != torch.uint8 or not limbs.is_contiguous():
-        raise ValueError(f"limbs must be uint8 [5, {T}, {n}] contiguous, got {limbs.dtype} {tuple(limbs.shape)}")
-    if quantized is not None and (quantized.shape != (T, n) or quantized.dtype != torch.float32
-                                  or not quantized.is_contiguous()):
-        raise ValueError(f"quantized must be float32 [{T}, {n}] contiguous")
+    _require(limbs, "limbs", torch.uint8, (ring.LIMBS, T, n))
+    _require(quantized, "quantized", torch.float32, (T, n))
     r64, r8, r_plane = _planes(r, T, n)
     scale = torch.empty(T, dtype=torch.float32)
     side = torch.empty(T, dtype=torch.int64) if check is not None else None
@@ -114,11 +111,8 @@ def finish(z: torch.Tensor, u: torch.Tensor, sx: torch.Tensor, sw: torch.Tensor,
         sw = sw.to(torch.float32).contiguous()
     if sw.shape != (out,) or kept > T:
         raise ValueError(f"scales must be [{out}] and at most {T} rows' [{kept}], got {tuple(sw.shape)}")
-    if y.shape != (kept, out) or y.dtype != torch.float32 or not y.is_contiguous():
-        raise ValueError(f"y must be float32 [{kept}, {out}] contiguous")
-    if offsets is not None and (offsets.shape != (T, out) or offsets.dtype != torch.int64
-                                or not offsets.is_contiguous()):
-        raise ValueError(f"offsets must be int64 [{T}, {out}] contiguous")
+    _require(y, "y", torch.float32, (kept, out))
+    _require(offsets, "offsets", torch.int64, (T, out))
     u64, u8, u_plane = _planes(u, T, out)
     side = torch.empty(T, dtype=torch.int64) if check is not None else None
     bad = _fastpath.finish(z.data_ptr(), u64, u8, u_plane, sx.data_ptr(), sw.data_ptr(), y.data_ptr(), kept,
@@ -140,11 +134,8 @@ def mask_row(x: torch.Tensor, pad, limbs: torch.Tensor, check: CheckVectors | No
         x = x.to(torch.float32).contiguous()
     if x.shape != (1, n):
         raise ValueError(f"one row of {n} inputs expected, got {tuple(x.shape)}")
-    if limbs.shape != (ring.LIMBS, 1, n) or limbs.dtype != torch.uint8 or not limbs.is_contiguous():
-        raise ValueError(f"limbs must be uint8 [5, 1, {n}] contiguous, got {limbs.dtype} {tuple(limbs.shape)}")
-    if quantized is not None and (quantized.shape != (1, n) or quantized.dtype != torch.float32
-                                  or not quantized.is_contiguous()):
-        raise ValueError(f"quantized must be float32 [1, {n}] contiguous")
+    _require(limbs, "limbs", torch.uint8, (ring.LIMBS, 1, n))
+    _require(quantized, "quantized", torch.float32, (1, n))
     r_addr, r_plane = pad.batch.r_at
     if check is not None and (check.in_features != n or n > MAX_WIDTH):
         _vector(check, "ws", n)                                      # raises, naming both widths
@@ -170,11 +161,8 @@ def finish_row(z: torch.Tensor, pad, sx: float, sw: torch.Tensor, check: CheckVe
         sw = sw.to(torch.float32).contiguous()
         if sw.shape != (out,):
             raise ValueError(f"scales must be [{out}], got {tuple(sw.shape)}")
-    if y.shape != (1, out) or y.dtype != torch.float32 or not y.is_contiguous():
-        raise ValueError(f"y must be float32 [1, {out}] contiguous")
-    if offsets is not None and (offsets.shape != (1, out) or offsets.dtype != torch.int64
-                                or not offsets.is_contiguous()):
-        raise ValueError(f"offsets must be int64 [1, {out}] contiguous")
+    _require(y, "y", torch.float32, (1, out))
+    _require(offsets, "offsets", torch.int64, (1, out))
     u_addr, u_plane = pad.batch.u_at
     if check is not None and (check.out_features != out or out > MAX_WIDTH):
         _vector(check, "s", out)                                     # raises, naming both widths
@@ -204,6 +192,15 @@ def output_side(check: CheckVectors, offsets: torch.Tensor) -> torch.Tensor:
     _fastpath.output_side(offsets.data_ptr(), *_vector(check, "s", out), side.data_ptr(), check.prime,
                           check.constant, T, out, _threads(T))
     return side
+
+
+def _require(t: torch.Tensor | None, name: str, dtype: torch.dtype, shape: tuple[int, ...]) -> None:
+    """An output buffer the C loops write through its address: exactly this dtype and shape, contiguous
+    (None: not asked for)."""
+    if t is not None and (t.dtype != dtype or tuple(t.shape) != shape or not t.is_contiguous()):
+        dims = ", ".join(map(str, shape))
+        raise ValueError(f"{name} must be {str(dtype).removeprefix('torch.')} [{dims}] contiguous, "
+                         f"got {t.dtype} {tuple(t.shape)}")
 
 
 def _vector(check: CheckVectors | None, name: str, width: int) -> tuple[int, int]:
