@@ -17,9 +17,8 @@ import zmq
 
 from conftest import short_endpoint
 from test_hostile_runner import as_user, other_user, their_dir  # noqa: F401 (a fixture)
+from test_runner_queue import bind, tiny_server_and_router
 from tsqp import weights as W
-from tsqp.untrusted.compute import Compute
-from tsqp.untrusted.server import Server
 from tsqp.wire import protocol as P
 from tsqp.wire.client import Budget, RemoteError, RemoteOffload
 from tsqp.wire.hello import Expected
@@ -38,11 +37,7 @@ class MultiFrameServer(threading.Thread):
 
     def __init__(self, endpoint: str, curve: bool):
         super().__init__(daemon=True)
-        cfg, weights = W.load("random:tiny", torch.float32, "cpu")
-        self.server = Server(Compute(cfg, weights, "cpu"), W.norm_weights(weights), "ipc:///nonexistent/x.ipc",
-                             "random:tiny", max_sessions=8)
-        self.sock = zmq.Context.instance().socket(zmq.ROUTER)
-        self.sock.setsockopt(zmq.LINGER, 0)
+        self.server, self.sock = tiny_server_and_router()
         heartbeat(self.sock)                   # as `tsqp serve` on tcp: its PINGs reach the runner too
         self.curve = None
         if curve:
@@ -52,11 +47,7 @@ class MultiFrameServer(threading.Thread):
             self.sock.setsockopt(zmq.CURVE_PUBLICKEY, public)
             self.sock.setsockopt(zmq.CURVE_SECRETKEY, secret)
             self.curve = ClientCurve(public, client_public, client_secret)
-        if endpoint.endswith(":0"):
-            endpoint = endpoint[:-1] + str(self.sock.bind_to_random_port(endpoint.rsplit(":", 1)[0]))
-        else:
-            self.sock.bind(endpoint)
-        self.endpoint, self.stopping, self.peer = endpoint, threading.Event(), None
+        self.endpoint, self.stopping, self.peer = bind(self.sock, endpoint), threading.Event(), None
         self.attacks, self.sent = threading.Event(), 0
         self.answer_calls = True               # False: the next call is answered by the attack alone
         self.junk = zmq.Frame(bytes(CAP - 64))     # under the cap with CurveZMQ's 33 bytes a frame
@@ -117,17 +108,22 @@ def attack_while_idle(endpoint: str, curve: bool) -> tuple[RemoteOffload, int, M
     return remote, (rss_kib("VmHWM") - before) * 1024, server
 
 
+def assert_cut(remote: RemoteOffload, grown: int, slack: int, errors=ServerTimeout) -> None:
+    """The watch named the server hostile, the runner grew at most its bound + slack, and the next call fails."""
+    watch = remote.link.watch
+    assert watch.violation is not None and "hostile" in watch.violation, f"grew {grown / MiB:.0f} MiB"
+    assert grown <= watch.limit + slack, \
+        f"grew {grown / MiB:.0f} MiB, bound {watch.limit / MiB:.0f} MiB (+ {slack / MiB:.0f} MiB of slack)"
+    with pytest.raises(errors, match="hostile"):
+        remote.submit("lm_head", None, torch.zeros(1, remote.cfg.hidden_size)).result()
+
+
 def test_one_message_of_a_thousand_frames_over_tcp_with_curve_is_cut_at_the_bound():
     remote, grown, server = attack_while_idle("tcp://127.0.0.1:0", curve=True)
     try:
-        watch = remote.link.watch
         assert server.sent == 1
-        assert watch.violation is not None, f"no violation seen; the runner grew {grown / MiB:.0f} MiB"
-        assert "hostile" in watch.violation and server.endpoint in watch.violation
-        assert grown <= watch.limit + 64 * MiB, \
-            f"grew {grown / MiB:.0f} MiB, bound {watch.limit / MiB:.0f} MiB (+ 64 MiB of slack at link rate)"
-        with pytest.raises((RemoteError, ServerTimeout), match="hostile"):
-            remote.submit("lm_head", None, torch.zeros(1, remote.cfg.hidden_size)).result()
+        assert server.endpoint in (remote.link.watch.violation or "")
+        assert_cut(remote, grown, slack=64 * MiB, errors=(RemoteError, ServerTimeout))   # 64 MiB: the link's rate
     finally:
         remote.close()
         server.close()
@@ -147,11 +143,7 @@ def test_a_call_in_flight_answered_by_a_thousand_frames_fails_at_once_naming_the
             pending.result()
         took, grown = time.monotonic() - t0, (rss_kib("VmHWM") - before) * 1024     # the kernel's peak
         assert took < 3.0 and "while waiting for op lm_head" in str(e.value), (took, str(e.value))
-        watch = remote.link.watch
-        assert watch.violation is not None and "hostile" in watch.violation, f"grew {grown / MiB:.0f} MiB"
-        assert grown <= watch.limit + 16 * MiB, f"grew {grown / MiB:.0f} MiB, bound {watch.limit / MiB:.0f} MiB"
-        with pytest.raises(ServerTimeout, match="hostile"):
-            remote.submit("lm_head", None, torch.zeros(1, remote.cfg.hidden_size)).result()
+        assert_cut(remote, grown, slack=16 * MiB)
     finally:
         remote.close()
         server.close()
@@ -188,11 +180,7 @@ def test_one_message_of_a_thousand_frames_over_ipc_is_cut_at_the_bound():
     """Over ipc the runner's relay counts what it takes from the server (relay.py): cut strictly at the bound."""
     remote, grown, server = attack_while_idle(short_endpoint("mf"), curve=False)
     try:
-        watch = remote.link.watch
-        assert watch.violation is not None and "hostile" in watch.violation, f"grew {grown / MiB:.0f} MiB"
-        assert grown <= watch.limit + 16 * MiB, f"grew {grown / MiB:.0f} MiB, bound {watch.limit / MiB:.0f} MiB"
-        with pytest.raises(ServerTimeout, match="hostile"):
-            remote.submit("lm_head", None, torch.zeros(1, remote.cfg.hidden_size)).result()
+        assert_cut(remote, grown, slack=16 * MiB)
     finally:
         remote.close()
         server.close()

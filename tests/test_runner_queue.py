@@ -25,23 +25,35 @@ FRAME = 24 * MiB
 FLOOD = 64
 
 
+def tiny_server_and_router() -> tuple[Server, zmq.Socket]:
+    """An honest server's handler for random:tiny, and a ROUTER socket (not bound yet) for a test to serve it
+    on as it likes (a hostile peer in all but its answers)."""
+    cfg, weights = W.load("random:tiny", torch.float32, "cpu")
+    server = Server(Compute(cfg, weights, "cpu"), W.norm_weights(weights), "ipc:///nonexistent/x.ipc",
+                    "random:tiny", max_sessions=8)
+    sock = zmq.Context.instance().socket(zmq.ROUTER)
+    sock.setsockopt(zmq.LINGER, 0)
+    return server, sock
+
+
+def bind(sock: zmq.Socket, endpoint: str) -> str:
+    """Bind, a tcp port 0 to a free port; the endpoint bound."""
+    if endpoint.endswith(":0"):
+        host = endpoint.rsplit(":", 1)[0]
+        return f"{host}:{sock.bind_to_random_port(host)}"
+    sock.bind(endpoint)
+    return endpoint
+
+
 class Flooder(threading.Thread):
     """Answers honestly, and right after each welcome sends FLOOD unsolicited frames of FRAME bytes (one
     buffer, sent without copies: the flood costs this side nothing)."""
 
     def __init__(self, endpoint: str):
         super().__init__(daemon=True)
-        cfg, weights = W.load("random:tiny", torch.float32, "cpu")
-        self.server = Server(Compute(cfg, weights, "cpu"), W.norm_weights(weights), "ipc:///nonexistent/x.ipc",
-                             "random:tiny", max_sessions=8)
-        self.sock = zmq.Context.instance().socket(zmq.ROUTER)
-        self.sock.setsockopt(zmq.LINGER, 0)
+        self.server, self.sock = tiny_server_and_router()
         self.sock.setsockopt(zmq.SNDHWM, FLOOD + 8)
-        if endpoint.endswith(":0"):
-            port = self.sock.bind_to_random_port(endpoint.rsplit(":", 1)[0])
-            endpoint = endpoint.rsplit(":", 1)[0] + f":{port}"
-        else:
-            self.sock.bind(endpoint)
+        endpoint = bind(self.sock, endpoint)
         self.endpoint, self.stopping, self.sent = endpoint, threading.Event(), 0
         self.junk = zmq.Frame(bytes(FRAME))
 

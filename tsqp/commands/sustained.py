@@ -52,6 +52,7 @@ def int8_peak(weights: dict, rows: int, repeat: int) -> tuple[float, float, tupl
     strided slice) and a cache-sized square: (per wall second, per CPU second, (m, k, n) of the wall best)."""
     top, top_cpu, where = 0.0, 0.0, SQUARE
     shapes = {(w.in_features, fast.block_columns(rows, w.out_features)): w for w in weights.values()}
+    # timing operands only, never pads (the pool's R comes from pads.PadSource's ChaCha20 keyed by os.urandom)
     cases = [(torch.randint(-128, 128, (ring.LIMBS * rows, k), dtype=torch.int8), w.wt[:, :n])
              for (k, n), w in shapes.items()]
     m, k, n = SQUARE
